@@ -1,0 +1,1 @@
+"""Model backends. Import submodules explicitly: importing this package loads no native library."""

@@ -1,0 +1,719 @@
+"""GgufEngine: continuous batching over the llama.cpp C API (llama-cpp-python low-level bindings).
+
+One llama.cpp context per model with ``n_seq_max = n_slots`` and a unified KV cache of
+``n_ctx * n_slots`` cells, so every slot can hold a full ``n_ctx`` sequence and finished
+sequences can share cells with new ones (prefix reuse via ``llama_memory_seq_cp``). One decode
+thread owns the context. Each :meth:`GgufEngine.step` builds one batch (one token for every
+decoding sequence plus at most ``prefill_chunk`` prompt tokens of admitted sequences), calls
+``llama_decode`` once and samples each sequence with its own C sampler chain, reading logits
+only inside C.
+
+Threading: ``submit``/``cancel``/``preempt``/``free_slots`` may be called from any thread; they
+only touch a command queue under a lock. Everything else runs on the decode thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infernod.backends.base import EngineSink, GenerationRequest, SamplingParams
+from infernod.backends.textstream import TextStream
+from infernod.protocol.errors import CODES, InfernoError
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5
+_NS_PER_MS = 1e6
+
+
+def _llama() -> Any:
+    """Import the native bindings lazily: importing this module must stay cheap."""
+    import llama_cpp.llama_cpp as llama
+
+    return llama
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux), used to measure what a load really costs."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _quiet_llama_logs() -> None:
+    """llama.cpp logs every tensor at load; keep only its errors."""
+    try:
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)
+    except ImportError:  # pragma: no cover - layout of the bindings changed
+        pass
+
+
+@dataclass
+class _Run:
+    """One request occupying a slot, from admission to finish."""
+
+    req: GenerationRequest
+    submit_ns: int
+    tokens: list[int]  # prompt + resume tokens: the context to evaluate before sampling
+    n_resume: int
+    sampler: Any
+    text: TextStream
+    n_done: int = 0  # how many of ``tokens`` are in the KV cache
+    cached: int = 0
+    generated: list[int] = field(default_factory=list)
+    pending: int | None = None  # sampled, delivered, not yet in the KV cache
+    unsent_tokens: int = 0
+    tokenize_ns: int = 0
+    admit_ns: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    detok_ns: int = 0
+    itl_ns: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Slot:
+    """A llama.cpp sequence id; ``kv`` mirrors exactly the tokens whose cells it holds."""
+
+    seq_id: int
+    kv: list[int] = field(default_factory=list)
+    run: _Run | None = None
+    released_ns: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class GgufEngine:
+    """Continuous-batching engine for one GGUF model. See docs/architecture.md for the contract."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int = 4096,
+        n_slots: int = 8,
+        n_threads: int = 2,
+        n_threads_batch: int = 2,
+        n_gpu_layers: int = 0,
+        swa_full: bool = False,
+        prefill_chunk: int = 256,
+        sink: EngineSink | None = None,
+        flash_attn: bool = False,
+    ) -> None:
+        if n_slots < 1 or n_ctx < 16 or prefill_chunk < 1:
+            raise InfernoError("config_error", "need n_slots >= 1, n_ctx >= 16, prefill_chunk >= 1")
+        self.path = Path(path)
+        self.n_ctx = n_ctx
+        self.n_slots = n_slots
+        self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
+        self.n_gpu_layers = n_gpu_layers
+        self.swa_full = swa_full
+        self.prefill_chunk = prefill_chunk
+        self.flash_attn = flash_attn
+        self.sink = sink
+        self.supports_gpu_offload = False
+        self.n_swa = 0
+        self._model: Any = None
+        self._ctx: Any = None
+        self._mem: Any = None
+        self._vocab: Any = None
+        self._batch: Any = None
+        self._n_batch = prefill_chunk + n_slots
+        self._n_vocab = 0
+        self._memory: dict[str, int] = {}
+        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._waiting: deque[tuple[GenerationRequest, int]] = deque()
+        self._cond = threading.Condition()
+        self._commands: deque[tuple[str, Any]] = deque()
+        self._reserved = 0  # submitted and not yet finished (guarded by _cond)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # ---- public, thread-safe -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model and context (blocking) and start the decode thread."""
+        self._load()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"decode-{self.path.stem}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; it is admitted on the next step that has a free slot."""
+        with self._cond:
+            self._reserved += 1
+            self._commands.append(("submit", (request, time.perf_counter_ns())))
+            self._cond.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its slot and KV cells are freed within one step."""
+        self._command("cancel", request_id)
+
+    def preempt(self, request_id: str) -> None:
+        """Finish a request with reason "preempted"; stats carry ``generated_tokens``."""
+        self._command("preempt", request_id)
+
+    def free_slots(self) -> int:
+        """Slots not taken by running or queued requests."""
+        with self._cond:
+            return max(0, self.n_slots - self._reserved)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Measured memory after load: weights, context (KV + compute buffers) and total."""
+        return dict(self._memory)
+
+    def slot_state(self) -> list[dict[str, Any]]:
+        """Per-slot diagnostics: request, cached tokens and the KV positions llama.cpp holds.
+        A snapshot without locking: exact only while the engine is idle."""
+        llama = _llama()
+        return [
+            {
+                "seq_id": s.seq_id,
+                "request_id": s.run.req.request_id if s.run is not None else None,
+                "kv_tokens": len(s.kv),
+                "pos_min": int(llama.llama_memory_seq_pos_min(self._mem, s.seq_id)),
+                "pos_max": int(llama.llama_memory_seq_pos_max(self._mem, s.seq_id)),
+            }
+            for s in self._slots
+        ]
+
+    def close(self) -> None:
+        """Stop the decode thread, abort what is running, free the native objects."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._abort_all("engine closed")
+        self._free_native()
+
+    def _command(self, kind: str, arg: Any) -> None:
+        with self._cond:
+            self._commands.append((kind, arg))
+            self._cond.notify()
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """Load weights, create the context and measure what both cost."""
+        llama = _llama()
+        _quiet_llama_logs()
+        llama.llama_backend_init()
+        self.supports_gpu_offload = bool(llama.llama_supports_gpu_offload())
+        if not self.path.is_file():
+            raise InfernoError("unknown_model", f"model file not found: {self.path}")
+        try:
+            self._model = self._load_model(llama)
+            self._vocab = llama.llama_model_get_vocab(self._model)
+            self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
+            self.n_swa = int(llama.llama_model_n_swa(self._model))
+            rss0 = _rss_bytes()
+            self._ctx = self._create_context(llama)
+            self._mem = llama.llama_get_memory(self._ctx)
+            self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
+            self._warm_up(llama)
+            context_bytes = max(0, _rss_bytes() - rss0)
+        except InfernoError:
+            self._free_native()
+            raise
+        except Exception as e:
+            self._free_native()
+            raise InfernoError("internal", f"loading {self.path.name} failed: {e}") from e
+        model_bytes = int(llama.llama_model_size(self._model))
+        self._memory = {
+            "model_bytes": model_bytes,
+            "context_bytes": context_bytes,
+            "total_bytes": model_bytes + context_bytes,
+        }
+
+    def _load_model(self, llama: Any) -> Any:
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = self.n_gpu_layers
+        model = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not model:
+            raise InfernoError(
+                "internal",
+                f"llama.cpp could not load {self.path.name}",
+                "check that the file is a complete GGUF model",
+            )
+        return model
+
+    def _create_context(self, llama: Any) -> Any:
+        """One context for all slots: unified KV of n_ctx per slot, outputs capped at one per
+        slot (the logits buffer for a full prompt batch of a 262k vocab would be ~250 MiB)."""
+        p = llama.llama_context_default_params()
+        p.n_ctx = self.n_ctx * self.n_slots
+        p.n_seq_max = self.n_slots
+        p.n_batch = self._n_batch
+        p.n_ubatch = self._n_batch
+        p.n_outputs_max = self.n_slots
+        p.n_threads = self.n_threads
+        p.n_threads_batch = self.n_threads_batch
+        p.kv_unified = True
+        p.swa_full = self.swa_full
+        p.no_perf = True
+        p.flash_attn_type = (
+            llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if self.flash_attn
+            else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx = llama.llama_init_from_model(self._model, p)
+        if not ctx:
+            raise InfernoError(
+                "insufficient_memory",
+                f"llama.cpp could not create a context of {p.n_ctx} cells",
+                "lower n_ctx or n_slots for this model",
+            )
+        return ctx
+
+    def _warm_up(self, llama: Any) -> None:
+        """Run one full batch so compute buffers are touched (and measured) before serving."""
+        bos = int(llama.llama_vocab_bos(self._vocab))
+        n = self._n_batch
+        for i in range(n):
+            self._put(i, bos, i, 0, i == n - 1)
+        self._batch.n_tokens = n
+        rc = llama.llama_decode(self._ctx, self._batch)
+        llama.llama_memory_clear(self._mem, True)
+        if rc != 0:
+            raise InfernoError("internal", f"warm-up decode failed (llama_decode returned {rc})")
+
+    def _free_native(self) -> None:
+        llama = _llama()
+        for slot in self._slots:
+            if slot.run is not None:
+                llama.llama_sampler_free(slot.run.sampler)
+                slot.run = None
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama.llama_model_free(self._model)
+            self._model = None
+
+    # ---- decode thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._commands and not self._has_work() and not self._stopping:
+                    self._cond.wait(_IDLE_WAIT_S)
+                if self._stopping:
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            try:
+                self._apply(commands)
+                if self._has_work():
+                    self.step()
+            except Exception:  # keep serving other requests; the failing ones got on_error
+                log.exception("decode step failed")
+                self._abort_all("internal error in the decode thread (see the daemon log)")
+
+    def _has_work(self) -> bool:
+        return any(s.run is not None for s in self._slots) or (
+            bool(self._waiting) and self._free_slot_exists()
+        )
+
+    def _free_slot_exists(self) -> bool:
+        return any(s.run is None for s in self._slots)
+
+    def _apply(self, commands: list[tuple[str, Any]]) -> None:
+        for kind, arg in commands:
+            if kind == "submit":
+                self._waiting.append(arg)
+            elif kind in ("cancel", "preempt"):
+                self._stop_request(arg, "cancelled" if kind == "cancel" else "preempted")
+        while self._waiting and self._free_slot_exists():
+            req, submit_ns = self._waiting.popleft()
+            self._admit(req, submit_ns)
+
+    def _stop_request(self, request_id: str, reason: str) -> None:
+        for slot in self._slots:
+            if slot.run is not None and slot.run.req.request_id == request_id:
+                self._finish(slot, reason)
+                return
+        for item in list(self._waiting):
+            if item[0].request_id == request_id:
+                self._waiting.remove(item)
+                run_stats = {
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "generated_tokens": list(item[0].resume_tokens),
+                }
+                self._release_reservation()
+                self._emit("on_finished", request_id, reason, run_stats)
+                return
+
+    # ---- admission and prefix reuse ------------------------------------------------------------
+
+    def _admit(self, req: GenerationRequest, submit_ns: int) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            prompt = self._prompt_tokens(req)
+        except InfernoError as e:
+            self._reject(req, e.code, e.message, e.hint)
+            return
+        tokens = prompt + list(req.resume_tokens)
+        tokenize_ns = time.perf_counter_ns() - t0
+        if len(tokens) >= self.n_ctx or not tokens:
+            msg = (
+                (
+                    f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
+                    "(one token must stay free for the reply)"
+                )
+                if tokens
+                else "empty prompt"
+            )
+            code = "context_exceeded" if tokens else "bad_request"
+            self._reject(req, code, msg, None)
+            return
+        slot, cached = self._pick_slot(tokens)
+        run = _Run(
+            req=req,
+            submit_ns=submit_ns,
+            tokens=tokens,
+            n_resume=len(req.resume_tokens),
+            sampler=self._make_sampler(req.sampling, tokens),
+            text=TextStream(req.stop),
+            n_done=cached,
+            cached=cached,
+            tokenize_ns=tokenize_ns,
+            admit_ns=time.perf_counter_ns(),
+        )
+        if req.resume_tokens:
+            run.text.seed(b"".join(self._piece(t) for t in req.resume_tokens))
+        slot.run = run
+        self._emit(
+            "on_started",
+            req.request_id,
+            {
+                "prompt_tokens": len(tokens),
+                "cached_tokens": cached,
+                "tokenize_ms": tokenize_ns / _NS_PER_MS,
+                "slot": slot.seq_id,
+            },
+        )
+
+    def _reject(self, req: GenerationRequest, code: str, message: str, hint: str | None) -> None:
+        self._release_reservation()
+        self._emit_error(req.request_id, code, message, hint)
+
+    def _pick_slot(self, tokens: list[int]) -> tuple[_Slot, int]:
+        """Choose a free slot and make its KV hold the longest reusable prefix of ``tokens``.
+
+        Candidates are every slot's cells (free slots keep theirs as a cache; running slots
+        can lend their prompt). At least one token is always left to evaluate, so the last
+        prompt position produces logits. With a sliding-window cache the prefix is only usable
+        if the window before it is still there (``llama_memory_seq_pos_min``).
+        """
+        llama = _llama()
+        free = [s for s in self._slots if s.run is None]
+        best_src, best_n = None, 0
+        for s in self._slots:
+            n = min(common_prefix(s.kv, tokens), len(tokens) - 1)
+            if n > best_n and self._prefix_usable(s, n):
+                best_src, best_n = s, n
+        if best_src is not None and best_src.run is None:
+            dst = best_src
+            if not llama.llama_memory_seq_rm(self._mem, dst.seq_id, best_n, -1):
+                llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
+                best_n = 0
+        else:
+            dst = min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))
+            llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
+            if best_src is not None:
+                llama.llama_memory_seq_cp(self._mem, best_src.seq_id, dst.seq_id, 0, best_n)
+        dst.kv = tokens[:best_n]
+        return dst, best_n
+
+    def _prefix_usable(self, slot: _Slot, n: int) -> bool:
+        """Can the first n cells of this slot be reused? With a trimmed SWA cache the cells
+        that the next token's window needs may already have been dropped."""
+        if self.swa_full or self.n_swa <= 0:
+            return True
+        pos_min = int(_llama().llama_memory_seq_pos_min(self._mem, slot.seq_id))
+        return 0 <= pos_min <= max(0, n - self.n_swa)
+
+    def _prompt_tokens(self, req: GenerationRequest) -> list[int]:
+        if req.prompt_tokens is not None:
+            return list(req.prompt_tokens)
+        if req.prompt is None:
+            raise InfernoError("bad_request", "request has neither prompt nor prompt_tokens")
+        return self.tokenize(req.prompt, add_bos=req.add_bos)
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Tokenize with the model's vocabulary (read-only, safe from any thread after start)."""
+        llama = _llama()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama.llama_token * cap)()
+        n = llama.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            cap = -n
+            buf = (llama.llama_token * cap)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
+        return list(buf[:n])
+
+    def _make_sampler(self, sp: SamplingParams, context: list[int]) -> Any:
+        """A C sampler chain for one request: greedy when temperature is 0, else penalties ->
+        top_k -> top_p -> min_p -> temperature -> seeded dist. Penalties see the prompt tail."""
+        llama = _llama()
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        add = llama.llama_sampler_chain_add
+        penal = (
+            sp.repeat_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+        )
+        if penal:
+            add(
+                chain,
+                llama.llama_sampler_init_penalties(
+                    self._n_vocab,
+                    sp.repeat_last_n,
+                    sp.repeat_penalty,
+                    sp.frequency_penalty,
+                    sp.presence_penalty,
+                ),
+            )
+        if sp.temperature <= 0.0:
+            add(chain, llama.llama_sampler_init_greedy())
+        else:
+            if sp.top_k > 0:
+                add(chain, llama.llama_sampler_init_top_k(sp.top_k))
+            if sp.top_p < 1.0:
+                add(chain, llama.llama_sampler_init_top_p(sp.top_p, 1))
+            if sp.min_p > 0.0:
+                add(chain, llama.llama_sampler_init_min_p(sp.min_p, 1))
+            add(chain, llama.llama_sampler_init_temp(sp.temperature))
+            seed = llama.LLAMA_DEFAULT_SEED if sp.seed is None else sp.seed & 0xFFFFFFFF
+            add(chain, llama.llama_sampler_init_dist(seed))
+        if penal:
+            for tok in context[-max(sp.repeat_last_n, 0) :] if sp.repeat_last_n else []:
+                llama.llama_sampler_accept(chain, tok)
+        return chain
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Build one batch (decode tokens + prompt chunks), decode it once, sample outputs."""
+        llama = _llama()
+        outputs = self._fill_batch()
+        if not outputs and self._batch.n_tokens == 0:
+            return
+        rc = llama.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            self._fail_batch(outputs, rc)
+            return
+        now = time.perf_counter_ns()
+        for idx, slot in outputs:
+            run = slot.run
+            assert run is not None
+            token = int(llama.llama_sampler_sample(run.sampler, self._ctx, idx))
+            self._on_token(slot, run, token, now)
+
+    def _fill_batch(self) -> list[tuple[int, _Slot]]:
+        """Put every pending token and prompt chunks (within the budget) into the batch.
+        Returns (batch index, slot) for each position that produces logits."""
+        outputs: list[tuple[int, _Slot]] = []
+        n = 0
+        for slot in self._slots:
+            run = slot.run
+            if run is not None and run.pending is not None:
+                self._put(n, run.pending, len(slot.kv), slot.seq_id, True)
+                slot.kv.append(run.pending)
+                run.pending = None
+                outputs.append((n, slot))
+                n += 1
+        budget = self.prefill_chunk
+        for slot, run in self._runs_by_age():
+            if budget <= 0:
+                break
+            todo = len(run.tokens) - run.n_done
+            if todo <= 0:
+                continue
+            take = min(todo, budget)
+            for i in range(run.n_done, run.n_done + take):
+                last = i == len(run.tokens) - 1
+                self._put(n, run.tokens[i], i, slot.seq_id, last)
+                if last:
+                    outputs.append((n, slot))
+                n += 1
+            slot.kv.extend(run.tokens[run.n_done : run.n_done + take])
+            run.n_done += take
+            budget -= take
+        self._batch.n_tokens = n
+        return outputs
+
+    def _runs_by_age(self) -> list[tuple[_Slot, _Run]]:
+        """Running slots, oldest admission first: prompts are prefilled first come, first served."""
+        runs = [(s, s.run) for s in self._slots if s.run is not None]
+        return sorted(runs, key=lambda sr: sr[1].admit_ns)
+
+    def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self._batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+
+    def _fail_batch(self, outputs: list[tuple[int, _Slot]], rc: int) -> None:
+        """llama_decode failed: the cells of this batch are undefined, drop the affected runs."""
+        msg = f"llama_decode returned {rc}"
+        log.error("decode failed: %s", msg)
+        for slot in self._slots:
+            if slot.run is not None:
+                self._error(slot, "internal", msg)
+
+    # ---- per token -------------------------------------------------------------------------
+
+    def _on_token(self, slot: _Slot, run: _Run, token: int, now: int) -> None:
+        if run.first_ns == 0:
+            run.first_ns = now
+        else:
+            run.itl_ns.append(now - run.last_ns)
+        run.last_ns = now
+        llama = _llama()
+        if not run.req.ignore_eos and llama.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, "eos")
+            return
+        run.generated.append(token)
+        run.unsent_tokens += 1
+        t0 = time.perf_counter_ns()
+        text = run.text.push(self._piece(token))
+        run.detok_ns += time.perf_counter_ns() - t0
+        if text:
+            self._emit("on_tokens", run.req.request_id, text, run.unsent_tokens)
+            run.unsent_tokens = 0
+        if run.text.stopped:
+            self._finish(slot, "stop")
+        elif run.n_resume + len(run.generated) >= run.req.max_tokens:
+            self._finish(slot, "length")
+        elif len(slot.kv) + 1 >= self.n_ctx:
+            self._finish(slot, "length")
+        else:
+            run.pending = token
+
+    def token_bytes(self, token: int) -> bytes:
+        """Bytes of one token (special tokens render as nothing). Decode thread only (or
+        while idle): it reuses one buffer."""
+        return self._piece(token)
+
+    def _piece(self, token: int) -> bytes:
+        llama = _llama()
+        buf = self._piece_buf
+        n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            self._piece_buf = buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    # ---- finishing -------------------------------------------------------------------------
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        """End a run: flush text, free its sampler, keep (or drop) its cells, report stats."""
+        run = slot.run
+        assert run is not None
+        if reason in ("length", "eos"):
+            tail = run.text.flush()
+        elif reason == "preempted":
+            tail = run.text.flush_stop_holdback()
+        else:
+            tail = ""
+        if tail:
+            self._emit("on_tokens", run.req.request_id, tail, run.unsent_tokens)
+        self._release(slot, keep_cells=reason != "cancelled")
+        stats = self._stats(run, reason)
+        self._emit("on_finished", run.req.request_id, reason, stats)
+
+    def _error(self, slot: _Slot, code: str, message: str) -> None:
+        run = slot.run
+        assert run is not None
+        self._release(slot, keep_cells=False)
+        self._emit_error(run.req.request_id, code, message, None)
+
+    def _release(self, slot: _Slot, keep_cells: bool) -> None:
+        llama = _llama()
+        run = slot.run
+        assert run is not None
+        llama.llama_sampler_free(run.sampler)
+        slot.run = None
+        slot.released_ns = time.perf_counter_ns()
+        if not keep_cells:
+            llama.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            slot.kv = []
+        self._release_reservation()
+
+    def _release_reservation(self) -> None:
+        """Free the slot count before the sink hears of the finish, so a scheduler reacting
+        to on_finished already sees the slot as free."""
+        with self._cond:
+            self._reserved = max(0, self._reserved - 1)
+
+    def _abort_all(self, message: str) -> None:
+        for slot in self._slots:
+            if slot.run is not None:
+                self._error(slot, "aborted", message)
+        while self._waiting:
+            req, _ = self._waiting.popleft()
+            self._reject(req, "aborted", message, None)
+
+    def _stats(self, run: _Run, reason: str) -> dict[str, Any]:
+        end = run.last_ns or time.perf_counter_ns()
+        n = len(run.generated)
+        itl = sorted(run.itl_ns)
+        decode_ns = (run.last_ns - run.first_ns) if run.first_ns else 0
+        stats: dict[str, Any] = {
+            "finish_reason": reason,
+            "prompt_tokens": len(run.tokens),
+            "prompt_cached_tokens": run.cached,
+            "completion_tokens": n,
+            "tokenize_ms": run.tokenize_ns / _NS_PER_MS,
+            "prefill_ms": ((run.first_ns or end) - run.admit_ns) / _NS_PER_MS,
+            "decode_ms": decode_ns / _NS_PER_MS,
+            "detokenize_ms": run.detok_ns / _NS_PER_MS,
+            "ttft_ms": (run.first_ns - run.submit_ns) / _NS_PER_MS if run.first_ns else None,
+            "itl_ms": {
+                "mean": sum(itl) / len(itl) / _NS_PER_MS if itl else None,
+                "p50": itl[len(itl) // 2] / _NS_PER_MS if itl else None,
+                "max": itl[-1] / _NS_PER_MS if itl else None,
+            },
+            "tokens_per_s": (len(itl) / (decode_ns / 1e9)) if decode_ns > 0 else None,
+        }
+        # Resume tokens included: a preempted request is resubmitted with exactly this list.
+        stats["generated_tokens"] = list(run.req.resume_tokens) + run.generated
+        return stats
+
+    def _emit_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
+        self._emit("on_error", request_id, code, message, hint if hint is not None else CODES[code])
+
+    def _emit(self, method: str, *args: Any) -> None:
+        """Call the sink; a failing sink must not kill the decode thread."""
+        if self.sink is None:
+            return
+        try:
+            getattr(self.sink, method)(*args)
+        except Exception:
+            log.exception("sink.%s failed for request %s", method, args[0])

@@ -1,0 +1,763 @@
+"""ONNX models on onnxruntime: embedding encoders and generic graphs.
+
+Two entry points, for two callers:
+
+* :func:`inspect_onnx` is for the registry. It reads a model's signature (inputs, outputs,
+  opset, metadata) straight from the protobuf header with a few dozen lines of wire-format
+  parsing over an ``mmap``: weights are skipped, never read or allocated, so scanning a
+  directory of multi-GB graphs stays cheap, and neither ``onnx`` nor ``onnxruntime`` is
+  imported (the ``onnx`` package is not a runtime dependency).
+* :class:`OnnxModel` is for the server. It owns one ``InferenceSession`` (and, for text
+  models, a ``tokenizers`` tokenizer). ``embed`` and ``infer`` block: call them from a worker
+  thread. onnxruntime's ``run`` is thread-safe, so one model may serve several threads.
+
+A model is either a ``.onnx`` file (generic) or a directory holding ``model.onnx`` and, for
+text models, ``tokenizer.json``. Tensors cross the wire as ``{"dtype", "shape", "data"}``
+dicts (:func:`encode_array` / :func:`decode_array`) so they travel in msgpack unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from infernod.protocol.errors import InfernoError
+
+if TYPE_CHECKING:  # imported lazily at run time: the registry must not pay for them
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+# metadata_props key written by infernod.convert_onnx: the max sequence length the model was
+# trained/evaluated with (sentence-transformers' max_seq_length), which beats any guess.
+MAX_LENGTH_KEY = "inferno.max_length"
+DEFAULT_MAX_LENGTH = 512  # BERT's position-embedding limit, when nothing better is known
+
+_EMBEDDING_REQUIRED = ("input_ids", "attention_mask")
+_EMBEDDING_OPTIONAL = ("token_type_ids",)
+_UNKNOWN_DIM = "?"  # a dimension with neither a size nor a name: accepts any size
+
+# ONNX TensorProto.DataType -> numpy dtype name (names the wire format uses too)
+_ONNX_DTYPES: dict[int, str] = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+    8: "string", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
+    14: "complex64", 15: "complex128", 16: "bfloat16",
+}  # fmt: skip
+# onnxruntime NodeArg.type -> the same names
+_ORT_DTYPES: dict[str, str] = {
+    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16", "tensor(int8)": "int8", "tensor(int16)": "int16",
+    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16", "tensor(uint32)": "uint32", "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool", "tensor(string)": "string", "tensor(complex64)": "complex64",
+    "tensor(complex128)": "complex128",
+}  # fmt: skip
+# numpy kinds a wire array may have: bool, signed/unsigned int, float, complex
+_WIRE_KINDS = frozenset("biufc")
+
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+_PROVIDER_ALIASES = {
+    "CUDA": "CUDAExecutionProvider",
+    "CPU": "CPUExecutionProvider",
+    "TENSORRT": "TensorrtExecutionProvider",
+    "ROCM": "ROCMExecutionProvider",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# wire arrays
+
+
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    """Turn an array into the msgpack-friendly ``{"dtype", "shape", "data"}`` dict.
+
+    ``data`` is the C-order raw bytes in the array's (native, little-endian) byte order.
+    Object, string and structured dtypes are refused: they have no fixed-size byte layout.
+    """
+    arr = np.asarray(array)
+    _check_wire_dtype(arr.dtype, "array")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return {"dtype": arr.dtype.name, "shape": [int(d) for d in arr.shape], "data": arr.tobytes()}
+
+
+def decode_array(obj: Mapping[str, Any], name: str = "array") -> np.ndarray:
+    """Rebuild an array from a wire dict, checking every field; ``name`` goes into errors.
+
+    The result is a read-only view on ``data`` (no copy): onnxruntime only reads its inputs.
+    """
+    if not isinstance(obj, Mapping):
+        raise InfernoError(
+            "bad_request",
+            f"{name}: expected a map with dtype, shape and data, got {type(obj).__name__}",
+        )
+    missing = [k for k in ("dtype", "shape", "data") if k not in obj]
+    if missing:
+        raise InfernoError("bad_request", f"{name}: missing field(s) {', '.join(missing)}")
+    dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if not isinstance(dtype_name, str):
+        raise InfernoError(
+            "bad_request", f"{name}: dtype must be a string such as 'float32', got {dtype_name!r}"
+        )
+    try:
+        dtype = np.dtype(dtype_name)
+    except TypeError as e:
+        raise InfernoError("bad_request", f"{name}: unknown dtype {dtype_name!r}") from e
+    _check_wire_dtype(dtype, name)
+    if not dtype.isnative:
+        raise InfernoError(
+            "bad_request",
+            f"{name}: dtype {dtype_name!r} is not in native byte order; send little-endian data",
+        )
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InfernoError(
+            "bad_request", f"{name}: shape must be a list of non-negative integers, got {shape!r}"
+        )
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InfernoError("bad_request", f"{name}: data must be bytes, got {type(data).__name__}")
+    expected = math.prod(shape) * dtype.itemsize
+    got = memoryview(data).nbytes
+    if got != expected:
+        raise InfernoError(
+            "bad_request",
+            f"{name}: data has {got} bytes but shape {list(shape)} of {dtype.name} needs {expected}",
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _check_wire_dtype(dtype: np.dtype, name: str) -> None:
+    if dtype.kind not in _WIRE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise InfernoError(
+            "bad_request",
+            f"{name}: dtype {dtype.name!r} cannot travel as raw bytes; use a numeric or bool dtype",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# model location and cheap inspection
+
+
+def resolve_model(path: str | Path) -> tuple[Path, Path | None]:
+    """Return ``(graph file, tokenizer.json or None)`` for a model file or directory."""
+    p = Path(path)
+    if p.is_dir():
+        graph = p / MODEL_FILE
+        if not graph.is_file():
+            raise InfernoError("unknown_model", f"{p}: directory has no {MODEL_FILE}")
+        tok = p / TOKENIZER_FILE
+        return graph, tok if tok.is_file() else None
+    if p.is_file():
+        return p, None
+    raise InfernoError("unknown_model", f"{p}: no such ONNX model file or directory")
+
+
+def inspect_onnx(path: str | Path) -> dict[str, Any]:
+    """Describe an ONNX model without loading its weights: what the registry lists.
+
+    Returns ``{"path", "graph_path", "format": "onnx", "kind": "embedding"|"generic",
+    "inputs", "outputs", "opset", "opsets", "ir_version", "producer", "metadata",
+    "size_bytes", "tokenizer", "max_length", "dim"}``. Each input/output is
+    ``{"name", "dtype", "shape"}`` with ``shape`` a list of ints (fixed sizes) and strings
+    (symbolic dims, ``"?"`` when unnamed), or ``None`` when the rank is unknown.
+    ``kind`` is ``"embedding"`` only when the graph looks like a BERT-style encoder *and* a
+    tokenizer.json sits beside it, i.e. when ``OnnxModel.embed`` can serve it.
+    ``size_bytes`` counts the graph, its external-data files and the tokenizer.
+    Raises ``InfernoError`` ``unknown_model`` (nothing there) or ``not_supported`` (not a
+    readable ONNX file).
+    """
+    graph_path, tok_path = resolve_model(path)
+    try:
+        header = _read_header(graph_path)
+    except (ValueError, IndexError, UnicodeDecodeError, OSError) as e:
+        raise InfernoError("not_supported", f"{graph_path}: not a readable ONNX model ({e})") from e
+
+    size = graph_path.stat().st_size
+    for loc in sorted(header["external"]):
+        ext = graph_path.parent / loc
+        if ext.is_file():
+            size += ext.stat().st_size
+    if tok_path is not None:
+        size += tok_path.stat().st_size
+
+    inputs, outputs = header["inputs"], header["outputs"]
+    signature = _embedding_signature(inputs, outputs)
+    kind = "embedding" if signature is not None and tok_path is not None else "generic"
+    max_length = dim = None
+    if signature is not None and tok_path is not None:
+        max_length = _max_length(header["metadata"], tok_path)
+        last = outputs[signature]["shape"]
+        dim = last[-1] if isinstance(last[-1], int) else None
+    return {
+        "path": str(Path(path)),
+        "graph_path": str(graph_path),
+        "format": "onnx",
+        "kind": kind,
+        "inputs": inputs,
+        "outputs": outputs,
+        "opset": header["opsets"].get("", header["opsets"].get("ai.onnx")),
+        "opsets": header["opsets"],
+        "ir_version": header["ir_version"],
+        "producer": header["producer"],
+        "metadata": header["metadata"],
+        "size_bytes": size,
+        "tokenizer": str(tok_path) if tok_path is not None else None,
+        "max_length": max_length,
+        "dim": dim,
+    }
+
+
+def _embedding_signature(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> int | None:
+    """Index of the output to pool if the graph is a BERT-style encoder, else None.
+
+    Inputs must be input_ids + attention_mask (+ token_type_ids), integer-typed; the output
+    is the first float one of rank 3 (token states, mean-pooled) or rank 2 (already pooled).
+    """
+    names = {i["name"] for i in inputs}
+    allowed = set(_EMBEDDING_REQUIRED) | set(_EMBEDDING_OPTIONAL)
+    if not set(_EMBEDDING_REQUIRED) <= names or not names <= allowed:
+        return None
+    if not all(str(i["dtype"]).startswith(("int", "uint")) for i in inputs):
+        return None
+    preferred = ("last_hidden_state", "token_embeddings", "sentence_embedding")
+    candidates = [
+        n
+        for n, o in enumerate(outputs)
+        if str(o["dtype"]).startswith("float")
+        and o["shape"] is not None
+        and len(o["shape"]) in (2, 3)
+    ]
+    for want in preferred:
+        for n in candidates:
+            if outputs[n]["name"] == want:
+                return n
+    return candidates[0] if candidates else None
+
+
+def _max_length(metadata: Mapping[str, str], tok_path: Path | None) -> int:
+    """The sequence length to truncate to: converter metadata, else tokenizer.json, else 512."""
+    if MAX_LENGTH_KEY in metadata:
+        try:
+            return int(metadata[MAX_LENGTH_KEY])
+        except ValueError:
+            log.warning("ignoring non-integer %s=%r", MAX_LENGTH_KEY, metadata[MAX_LENGTH_KEY])
+    if tok_path is not None:
+        try:
+            trunc = json.loads(tok_path.read_text(encoding="utf-8")).get("truncation") or {}
+            if isinstance(trunc.get("max_length"), int) and trunc["max_length"] > 0:
+                return int(trunc["max_length"])
+        except (OSError, ValueError):
+            pass
+    return DEFAULT_MAX_LENGTH
+
+
+# Minimal protobuf wire-format reader for the ModelProto fields we list. Field numbers are
+# from onnx.proto (stable since IR v3): ModelProto 1 ir_version, 2 producer_name,
+# 3 producer_version, 7 graph, 8 opset_import, 14 metadata_props; GraphProto 5 initializer,
+# 11 input, 12 output; ValueInfoProto 1 name, 2 type; TypeProto 1 tensor_type; Tensor
+# 1 elem_type, 2 shape; TensorShapeProto 1 dim; Dimension 1 dim_value, 2 dim_param;
+# TensorProto 8 name, 13 external_data; StringStringEntryProto 1 key, 2 value.
+
+
+def _read_header(graph_path: Path) -> dict[str, Any]:
+    with graph_path.open("rb") as f:
+        if graph_path.stat().st_size == 0:
+            raise ValueError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                return _parse_model(buf)
+            finally:
+                buf.release()
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
+    """Yield (field number, wire type, value): an int for varints, (start, end) for bytes."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value = (pos, pos + length)
+            pos += length
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 5:
+            value, pos = None, pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated protobuf")
+        yield field, wire, value
+
+
+def _text(buf: memoryview, span: tuple[int, int]) -> str:
+    return bytes(buf[span[0] : span[1]]).decode("utf-8")
+
+
+def _entry(buf: memoryview, span: tuple[int, int]) -> tuple[str, str]:
+    key = value = ""
+    for field, wire, v in _fields(buf, *span):
+        if wire == 2 and field == 1:
+            key = _text(buf, v)
+        elif wire == 2 and field == 2:
+            value = _text(buf, v)
+    return key, value
+
+
+def _parse_model(buf: memoryview) -> dict[str, Any]:
+    ir_version = None
+    producer = ""
+    producer_version = ""
+    graph_span = None
+    opsets: dict[str, int] = {}
+    metadata: dict[str, str] = {}
+    for field, wire, v in _fields(buf, 0, len(buf)):
+        if field == 1 and wire == 0:
+            ir_version = v
+        elif field == 2 and wire == 2:
+            producer = _text(buf, v)
+        elif field == 3 and wire == 2:
+            producer_version = _text(buf, v)
+        elif field == 7 and wire == 2:
+            graph_span = v
+        elif field == 8 and wire == 2:
+            domain, version = "", 0
+            for f2, w2, v2 in _fields(buf, *v):
+                if f2 == 1 and w2 == 2:
+                    domain = _text(buf, v2)
+                elif f2 == 2 and w2 == 0:
+                    version = v2
+            opsets[domain] = version
+        elif field == 14 and wire == 2:
+            k, val = _entry(buf, v)
+            metadata[k] = val
+    if ir_version is None or graph_span is None:
+        raise ValueError("no ir_version or graph: not an ONNX ModelProto")
+
+    inputs: list[dict[str, Any]] = []
+    outputs: list[dict[str, Any]] = []
+    initializers: set[str] = set()
+    external: set[str] = set()
+    for field, wire, v in _fields(buf, *graph_span):
+        if wire != 2:
+            continue
+        if field == 11:
+            inputs.append(_value_info(buf, v))
+        elif field == 12:
+            outputs.append(_value_info(buf, v))
+        elif field == 5:  # initializer: only its name and external-data location, never data
+            for f2, w2, v2 in _fields(buf, *v):
+                if f2 == 8 and w2 == 2:
+                    initializers.add(_text(buf, v2))
+                elif f2 == 13 and w2 == 2:
+                    k, val = _entry(buf, v2)
+                    if k == "location":
+                        external.add(val)
+    # IR < 4 lists initializers among the inputs; they are weights, not things a caller feeds
+    inputs = [i for i in inputs if i["name"] not in initializers]
+    producer_full = f"{producer} {producer_version}".strip()
+    return {
+        "ir_version": ir_version,
+        "producer": producer_full,
+        "opsets": opsets,
+        "metadata": metadata,
+        "inputs": inputs,
+        "outputs": outputs,
+        "external": external,
+    }
+
+
+def _value_info(buf: memoryview, span: tuple[int, int]) -> dict[str, Any]:
+    name = ""
+    dtype = "unknown"
+    shape: list[int | str] | None = None
+    for field, wire, v in _fields(buf, *span):
+        if field == 1 and wire == 2:
+            name = _text(buf, v)
+        elif field == 2 and wire == 2:
+            for tf, tw, tv in _fields(buf, *v):  # TypeProto
+                if tw != 2:
+                    continue
+                if tf != 1:
+                    dtype = {4: "sequence", 5: "map", 8: "sparse_tensor", 9: "optional"}.get(
+                        tf, "unknown"
+                    )
+                    continue
+                for f3, w3, v3 in _fields(buf, *tv):  # TypeProto.Tensor
+                    if f3 == 1 and w3 == 0:
+                        dtype = _ONNX_DTYPES.get(v3, f"onnx_type_{v3}")
+                    elif f3 == 2 and w3 == 2:
+                        shape = []
+                        for f4, w4, v4 in _fields(buf, *v3):  # TensorShapeProto
+                            if f4 == 1 and w4 == 2:
+                                shape.append(_dimension(buf, v4))
+    return {"name": name, "dtype": dtype, "shape": shape}
+
+
+def _dimension(buf: memoryview, span: tuple[int, int]) -> int | str:
+    dim: int | str = _UNKNOWN_DIM
+    for field, wire, v in _fields(buf, *span):
+        if field == 1 and wire == 0:
+            dim = v - (1 << 64) if v >= 1 << 63 else v
+        elif field == 2 and wire == 2:
+            dim = _text(buf, v) or _UNKNOWN_DIM
+    return dim
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class OnnxModel:
+    """One loaded ONNX model: an InferenceSession, plus a tokenizer for embedding models.
+
+    Construction blocks (it loads the weights): run it in the default executor. Afterwards
+    ``provider`` is the execution provider that actually runs, ``providers`` the session's
+    full list, and ``fallback_reason`` says why a preferred provider is not in use (also
+    logged), or is None.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        providers_pref: Sequence[str] = ("CUDA", "CPU"),
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+        graph_optimization_level: str = "all",
+        session_config: Mapping[str, str] | None = None,
+        max_length: int | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        """Load the model. Thread counts of 0 let onnxruntime choose; ``session_config``
+        entries go to ``SessionOptions.add_session_config_entry``; ``max_length`` overrides
+        the truncation length found in the model; ``batch_size`` caps texts per run."""
+        import onnxruntime as ort
+
+        if graph_optimization_level not in _OPT_LEVELS:
+            raise InfernoError(
+                "config_error",
+                f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}, got {graph_optimization_level!r}",
+            )
+        if batch_size < 1:
+            raise InfernoError("config_error", f"batch_size must be >= 1, got {batch_size}")
+        self.info = inspect_onnx(path)
+        self.name = Path(path).name
+        self.kind: str = self.info["kind"]
+        self.batch_size = batch_size
+        graph_path = Path(self.info["graph_path"])
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[graph_optimization_level]
+        for key, value in (session_config or {}).items():
+            opts.add_session_config_entry(str(key), str(value))
+
+        requested, reasons = _pick_providers(providers_pref, ort.get_available_providers())
+        self._session = self._open_session(ort, graph_path, opts, requested, reasons)
+        self.providers: list[str] = list(self._session.get_providers())
+        self.provider: str = self.providers[0]
+        for p in requested:
+            if p not in self.providers and not any(p in r for r in reasons):
+                reasons.append(
+                    f"{p} was requested but onnxruntime did not enable it (no usable GPU or driver/CUDA libraries?)"
+                )
+                log.warning("onnx model %s: %s", self.name, reasons[-1])
+        self.fallback_reason: str | None = "; ".join(reasons) or None
+
+        self.inputs = [_node_arg(a) for a in self._session.get_inputs()]
+        self.outputs = [_node_arg(a) for a in self._session.get_outputs()]
+        self._inputs_by_name = {i["name"]: i for i in self.inputs}
+
+        self._tokenizer: Tokenizer | None = None
+        self.max_length: int | None = None
+        self._pool_output: str | None = None
+        self.dim: int | str | None = None  # embedding width, once known
+        if self.kind == "embedding":
+            self._setup_embedding(max_length)
+        log.info(
+            "onnx model %s loaded: kind=%s provider=%s inputs=%s",
+            self.name, self.kind, self.provider, [i["name"] for i in self.inputs],
+        )  # fmt: skip
+
+    @staticmethod
+    def _open_session(
+        ort: Any, graph_path: Path, opts: Any, requested: list[str], reasons: list[str]
+    ) -> onnxruntime.InferenceSession:
+        """Create the session; if a non-CPU provider makes creation fail, retry on CPU."""
+        try:
+            return ort.InferenceSession(str(graph_path), sess_options=opts, providers=requested)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises bare RuntimeError subclasses
+            if requested == ["CPUExecutionProvider"]:
+                raise InfernoError(
+                    "not_supported", f"{graph_path}: onnxruntime cannot load it: {e}"
+                ) from e
+            reasons.append(
+                f"session with {requested} failed ({e}); retried on CPUExecutionProvider"
+            )
+            log.warning("onnx model %s: %s", graph_path, reasons[-1])
+        try:
+            return ort.InferenceSession(
+                str(graph_path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # noqa: BLE001
+            raise InfernoError(
+                "not_supported", f"{graph_path}: onnxruntime cannot load it: {e}"
+            ) from e
+
+    def _setup_embedding(self, max_length: int | None) -> None:
+        from tokenizers import Tokenizer
+
+        tok_path = self.info["tokenizer"]
+        try:
+            tok = Tokenizer.from_file(tok_path)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise InfernoError("not_supported", f"{tok_path}: cannot read tokenizer ({e})") from e
+        self.max_length = max_length or int(self.info["max_length"])
+        tok.no_padding()  # we pad per batch to its longest text, not to a fixed length
+        tok.enable_truncation(self.max_length)
+        pad = tok.token_to_id("[PAD]")
+        self._pad_id = pad if pad is not None else 0
+        self._tokenizer = tok
+        index = _embedding_signature(self.inputs, self.outputs)
+        if index is None:  # session disagrees with the header scan: refuse rather than guess
+            raise InfernoError("not_supported", f"{self.name}: no float output to pool")
+        self._pool_output = self.outputs[index]["name"]
+        self.dim = self.outputs[index]["shape"][-1]
+
+    def describe(self) -> dict[str, Any]:
+        """What the server reports about a loaded model (models event, load reply)."""
+        return {
+            "kind": self.kind,
+            "provider": self.provider,
+            "providers": self.providers,
+            "fallback_reason": self.fallback_reason,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "max_length": self.max_length,
+            "opset": self.info["opset"],
+            "size_bytes": self.info["size_bytes"],
+        }
+
+    # ---------------------------------------------------------------------------- embed
+
+    def embed(
+        self, texts: Sequence[str], normalize: bool = True
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Embed texts: float32 ``[n, dim]`` plus ``{"truncated", "tokens", "max_length",
+        "tokenize_ms", "run_ms"}``. ``tokens[i]`` counts the tokens text ``i`` was run with
+        (after truncation, special tokens included); ``truncated[i]`` says text ``i`` was cut.
+
+        Texts run in batches of ``batch_size``, sorted by length so padding stays small;
+        padded positions are masked out of the mean, so the result does not depend on
+        which texts share a batch.
+        """
+        if self._tokenizer is None or self._pool_output is None:
+            raise InfernoError(
+                "not_supported",
+                f"{self.name} is a {self.kind} model; embed needs an encoder with input_ids/attention_mask and a tokenizer.json",
+            )
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InfernoError("bad_request", "texts must be a list of strings")
+        t0 = time.perf_counter()
+        encodings = self._tokenizer.encode_batch(list(texts))
+        t1 = time.perf_counter()
+        tokens = [len(e.ids) for e in encodings]
+        truncated = [bool(e.overflowing) for e in encodings]
+        n = len(encodings)
+        out = np.zeros((n, self.dim if isinstance(self.dim, int) else 0), dtype=np.float32)
+        order = sorted(range(n), key=tokens.__getitem__)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            vectors = self._embed_batch([encodings[i] for i in idx])
+            if out.shape[1] != vectors.shape[1]:  # dim not declared in the graph
+                out = np.zeros((n, vectors.shape[1]), dtype=np.float32)  # only on first batch
+            out[idx] = vectors
+        if normalize and n:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out /= np.maximum(norms, 1e-12)
+        t2 = time.perf_counter()
+        info = {
+            "truncated": truncated,
+            "tokens": tokens,
+            "max_length": self.max_length,
+            "tokenize_ms": (t1 - t0) * 1e3,
+            "run_ms": (t2 - t1) * 1e3,
+        }
+        return out, info
+
+    def _embed_batch(self, encodings: list[Any]) -> np.ndarray:
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            k = len(e.ids)
+            ids[row, :k] = e.ids
+            mask[row, :k] = 1
+            types[row, :k] = e.type_ids
+        columns = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feeds = {
+            name: columns[name].astype(spec["dtype"], copy=False)
+            for name, spec in self._inputs_by_name.items()
+        }
+        (hidden,) = self._run([self._pool_output], feeds)
+        hidden = np.asarray(hidden, dtype=np.float32)
+        if hidden.ndim == 2:  # the graph pools itself
+            return hidden
+        weights = mask.astype(np.float32)[:, :, None]
+        summed = (hidden * weights).sum(axis=1)
+        return summed / np.maximum(weights.sum(axis=1), 1e-9)
+
+    # ---------------------------------------------------------------------------- infer
+
+    def validate_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Decode wire inputs and check them against the graph's declared inputs.
+
+        Checks names (unknown, missing), dtypes and shapes (fixed dims must match; a
+        symbolic dim takes any size, but the same name must have the same size in every
+        input), so the caller gets a ``bad_request`` naming the input instead of an
+        onnxruntime error.
+        """
+        if not isinstance(inputs, Mapping):
+            raise InfernoError("bad_request", "inputs must be a map of input name to array")
+        declared = list(self._inputs_by_name)
+        unknown = [n for n in inputs if n not in self._inputs_by_name]
+        if unknown:
+            raise InfernoError(
+                "bad_request",
+                f"unknown input(s) {', '.join(map(repr, unknown))}; {self.name} takes {', '.join(map(repr, declared))}",
+            )
+        missing = [n for n in declared if n not in inputs]
+        if missing:
+            raise InfernoError(
+                "bad_request",
+                f"missing input(s) {', '.join(map(repr, missing))}; {self.name} takes {', '.join(map(repr, declared))}",
+            )
+        arrays: dict[str, np.ndarray] = {}
+        symbols: dict[str, tuple[int, str]] = {}
+        for name in declared:
+            spec = self._inputs_by_name[name]
+            arr = decode_array(inputs[name], name=f"input {name!r}")
+            if arr.dtype.name != spec["dtype"]:
+                raise InfernoError(
+                    "bad_request",
+                    f"input {name!r}: expected dtype {spec['dtype']}, got {arr.dtype.name}",
+                )
+            _check_shape(name, spec["shape"], list(arr.shape), symbols)
+            arrays[name] = arr
+        return arrays
+
+    def infer(self, inputs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Run the graph on wire arrays (see :func:`decode_array`); return wire arrays."""
+        arrays = self.validate_inputs(inputs)
+        names = [o["name"] for o in self.outputs]
+        results = self._run(names, arrays)
+        return {
+            name: encode_array(np.asarray(value))
+            for name, value in zip(names, results, strict=True)
+        }
+
+    def _run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[Any]:
+        """The one place onnxruntime errors become InfernoErrors."""
+        try:
+            return self._session.run(names, feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's pybind exceptions share no base
+            code = "bad_request" if type(e).__name__ == "InvalidArgument" else "internal"
+            raise InfernoError(code, f"onnxruntime failed on {self.name}: {e}") from e
+
+
+def _check_shape(
+    name: str, declared: list[int | str] | None, got: list[int], symbols: dict[str, tuple[int, str]]
+) -> None:
+    if declared is None:  # rank unknown: anything goes
+        return
+    shown = "[" + ", ".join(str(d) for d in declared) + "]"
+    if len(declared) != len(got):
+        raise InfernoError(
+            "bad_request",
+            f"input {name!r}: expected shape {shown} (rank {len(declared)}), got {got} (rank {len(got)})",
+        )
+    for axis, (want, size) in enumerate(zip(declared, got, strict=True)):
+        if isinstance(want, int) and want >= 0:
+            if want != size:
+                raise InfernoError(
+                    "bad_request",
+                    f"input {name!r}: dimension {axis} must be {want} (shape {shown}), got {size} (shape {got})",
+                )
+        elif isinstance(want, str) and want != _UNKNOWN_DIM:
+            seen = symbols.setdefault(want, (size, name))
+            if seen[0] != size:
+                raise InfernoError(
+                    "bad_request",
+                    f"input {name!r}: dimension {axis} ({want!r}) is {size} but input {seen[1]!r} gave {want!r} = {seen[0]}",
+                )
+
+
+def _pick_providers(pref: Sequence[str], available: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Map preference names ("CUDA", "CPU" or full names) to available providers.
+
+    Returns the providers to request (CPU always last as the safety net) and the reasons
+    for each preferred one left out, each logged: a fallback is never silent.
+    """
+    requested: list[str] = []
+    reasons: list[str] = []
+    for raw in pref:
+        full = _PROVIDER_ALIASES.get(raw.upper(), raw)
+        if full in requested:
+            continue
+        if full in available:
+            requested.append(full)
+            continue
+        hint = " (install onnxruntime-gpu)" if full == "CUDAExecutionProvider" else ""
+        reasons.append(
+            f"{full} is not available in this onnxruntime build{hint}; available: {', '.join(available)}"
+        )
+        # a CPU-only build is a normal install, so info; anything else is a misconfiguration
+        level = logging.INFO if full == "CUDAExecutionProvider" else logging.WARNING
+        log.log(level, "onnx: %s", reasons[-1])
+    if "CPUExecutionProvider" not in requested:
+        requested.append("CPUExecutionProvider")
+    return requested, reasons
+
+
+def _node_arg(arg: Any) -> dict[str, Any]:
+    shape = arg.shape
+    if shape is not None:
+        shape = [d if isinstance(d, int) else (d or _UNKNOWN_DIM) for d in shape]
+    return {"name": arg.name, "dtype": _ORT_DTYPES.get(arg.type, arg.type), "shape": shape}

@@ -3,6 +3,7 @@ sleeps, no clocks."""
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -280,3 +281,4 @@ def test_profile_to_dict_has_every_field():
     ):
         assert key in d
     assert d["request_id"] == "r3" and d["energy_j"] is None and d["ttft_ms"] == 28.0
+    assert msgpack.unpackb(msgpack.packb(d)) == d

@@ -15,6 +15,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+import msgpack
 import numpy as np
 import pynvml
 import pytest
@@ -210,7 +211,8 @@ def test_energy_is_the_trapezoid_integral_of_power(trace, system):
     assert sampler.energy_j(0) == pytest.approx(expected, rel=1e-9)
     assert sampler.energy_j() == pytest.approx(expected, rel=1e-9)
     assert 5000 < expected < 15000  # ~12 s at ~690 W plus idle: joules, not millijoules
-    assert sampler.latest()["energy_j"] == {0: pytest.approx(expected, rel=1e-9)}
+    assert sampler.latest()["energy_j"] == {"0": pytest.approx(expected, rel=1e-9)}
+    msgpack.unpackb(msgpack.packb(sampler.latest()))  # the sample travels on the wire as is
 
 
 def test_gpu_memory_used_helper_reads_latest_sample(trace, system):

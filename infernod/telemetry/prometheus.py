@@ -83,7 +83,7 @@ class InfernoCollector(Collector):
             if summary is not None:
                 yield from self._stats(summary)
 
-    def _gpu(self, gpu: dict[str, Any], energy: dict[int, float]) -> Iterator[Metric]:
+    def _gpu(self, gpu: dict[str, Any], energy: dict[str, float]) -> Iterator[Metric]:
         available = GaugeMetricFamily("inferno_gpu_available", "1 when NVML answers, else 0")
         available.add_metric([], 1.0 if gpu.get("available") else 0.0)
         yield available
@@ -100,8 +100,10 @@ class InfernoCollector(Collector):
             "inferno_gpu_energy_joules", "GPU energy since daemon start", labels=labels
         )
         for g in gpus:
-            if g["index"] in energy:
-                joules.add_metric([str(g["index"]), str(g.get("name"))], float(energy[g["index"]]))
+            if str(g["index"]) in energy:
+                joules.add_metric(
+                    [str(g["index"]), str(g.get("name"))], float(energy[str(g["index"])])
+                )
         yield joules
 
     def _system(self, system: dict[str, Any]) -> Iterator[Metric]:

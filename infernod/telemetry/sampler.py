@@ -34,7 +34,8 @@ class TelemetrySampler:
     """Samples system and GPU telemetry in a daemon thread and calls ``on_sample(sample)``.
 
     Sample: ``{"ts": wall-clock seconds, "system": SystemReader.sample(),
-    "gpu": NvmlReader.sample(), "energy_j": {gpu_index: joules since start}}``.
+    "gpu": NvmlReader.sample(), "energy_j": {str(gpu_index): joules since start}}`` (string keys: msgpack
+    decoders refuse integer map keys by default).
     Readers passed in belong to the caller; readers the sampler creates are closed by
     :meth:`stop`.
     """
@@ -141,7 +142,7 @@ class TelemetrySampler:
                     log.debug("telemetry on_sample callback failed again", exc_info=True)
         return sample
 
-    def _integrate(self, gpu: dict[str, Any], clock: float) -> dict[int, float]:
+    def _integrate(self, gpu: dict[str, Any], clock: float) -> dict[str, float]:
         """Trapezoid rule over consecutive power readings; a missing reading breaks the chain
         (no energy is invented across a gap in the data)."""
         with self._lock:
@@ -156,7 +157,7 @@ class TelemetrySampler:
                 if prev is not None and clock > prev[0]:
                     self._energy_j[index] += 0.5 * (prev[1] + watts) * (clock - prev[0])
                 self._last_power[index] = (clock, float(watts))
-            return dict(self._energy_j)
+            return {str(i): j for i, j in self._energy_j.items()}
 
     # ----------------------------------------------------------------- readers
     def latest(self) -> dict[str, Any] | None:

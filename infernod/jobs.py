@@ -119,9 +119,21 @@ class Job:
 
     def to_wire(self) -> dict[str, Any]:
         """Plain dict for a reply (msgpack-friendly)."""
-        body = {k: getattr(self, k) for k in (
-            "id", "client", "model", "priority", "params", "idempotency_key", "state",
-            "created_at", "updated_at", "counts")}
+        body = {
+            k: getattr(self, k)
+            for k in (
+                "id",
+                "client",
+                "model",
+                "priority",
+                "params",
+                "idempotency_key",
+                "state",
+                "created_at",
+                "updated_at",
+                "counts",
+            )
+        }
         body["items"] = [asdict(it) for it in self.items]
         return body
 
@@ -156,8 +168,11 @@ class JobStore:
         self._db.execute("PRAGMA busy_timeout = 5000")
         mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise InfernoError("config_error", f"{self.path}: cannot enable WAL (got {mode})",
-                               "put the state directory on a local filesystem")
+            raise InfernoError(
+                "config_error",
+                f"{self.path}: cannot enable WAL (got {mode})",
+                "put the state directory on a local filesystem",
+            )
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")
         self._migrate()
@@ -208,8 +223,11 @@ class JobStore:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InfernoError("bad_request", "a job needs a non-empty list of string prompts")
         if priority not in PRIORITIES:
-            raise InfernoError("bad_request", f"unknown priority {priority!r}",
-                               f"use one of {', '.join(PRIORITIES)}")
+            raise InfernoError(
+                "bad_request",
+                f"unknown priority {priority!r}",
+                f"use one of {', '.join(PRIORITIES)}",
+            )
         try:
             params_json = json.dumps(params, sort_keys=True, separators=(",", ":"))
         except (TypeError, ValueError) as e:
@@ -238,8 +256,7 @@ class JobStore:
                 "INSERT INTO jobs (id, client, model, priority, params, idempotency_key,"
                 " request_hash, state, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                (job_id, client, model, priority, params_json, idempotency_key, digest, now,
-                 now),
+                (job_id, client, model, priority, params_json, idempotency_key, digest, now, now),
             )
             db.executemany(
                 "INSERT INTO job_items (job_id, idx, prompt, state) VALUES (?, ?, ?, 'queued')",
@@ -251,15 +268,20 @@ class JobStore:
         """A queued item got a slot. False (nothing changed) if it is not queued any more,
         e.g. the job was cancelled while the item waited: the server should not run it."""
         return self._transition(
-            job_id, index, ("queued",),
-            "state = 'running', attempts = attempts + 1, started_at = ?", (self._clock(),),
+            job_id,
+            index,
+            ("queued",),
+            "state = 'running', attempts = attempts + 1, started_at = ?",
+            (self._clock(),),
         )
 
     def complete_item(self, job_id: str, index: int, text: str, stats: dict[str, Any]) -> bool:
         """Store an item's result with its stats. The first result wins: a duplicate run after
         recovery, or a result for a cancelled item, changes nothing and returns False."""
         return self._transition(
-            job_id, index, ("queued", "running"),
+            job_id,
+            index,
+            ("queued", "running"),
             "state = 'done', text = ?, stats = ?, finished_at = ?",
             (text, json.dumps(stats, default=str), self._clock()),
         )
@@ -267,7 +289,9 @@ class JobStore:
     def fail_item(self, job_id: str, index: int, code: str, message: str) -> bool:
         """Record an item's error (an InfernoError code). Same first-outcome-wins rule."""
         return self._transition(
-            job_id, index, ("queued", "running"),
+            job_id,
+            index,
+            ("queued", "running"),
             "state = 'failed', error_code = ?, error_message = ?, finished_at = ?",
             (code, message, self._clock()),
         )
@@ -278,16 +302,25 @@ class JobStore:
         now = self._clock()
         with self._tx() as db:
             self._require(job_id)
-            active = [r[0] for r in db.execute(
-                "SELECT idx FROM job_items WHERE job_id = ? AND state IN ('queued', 'running')"
-                " ORDER BY idx", (job_id,))]
+            active = [
+                r[0]
+                for r in db.execute(
+                    "SELECT idx FROM job_items WHERE job_id = ? AND state IN ('queued', 'running')"
+                    " ORDER BY idx",
+                    (job_id,),
+                )
+            ]
             db.execute(
                 "UPDATE job_items SET state = 'cancelled', finished_at = ?"
-                " WHERE job_id = ? AND state IN ('queued', 'running')", (now, job_id))
+                " WHERE job_id = ? AND state IN ('queued', 'running')",
+                (now, job_id),
+            )
             state = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
             if state not in TERMINAL:
-                db.execute("UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE id = ?",
-                           (now, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE id = ?",
+                    (now, job_id),
+                )
             return active
 
     def recover(self) -> builtins.list[tuple[str, int]]:
@@ -295,8 +328,10 @@ class JobStore:
         queued items of live jobs are returned in submission order for the scheduler."""
         now = self._clock()
         with self._tx() as db:
-            stale = [r[0] for r in db.execute(
-                "SELECT DISTINCT job_id FROM job_items WHERE state = 'running'")]
+            stale = [
+                r[0]
+                for r in db.execute("SELECT DISTINCT job_id FROM job_items WHERE state = 'running'")
+            ]
             db.execute("UPDATE job_items SET state = 'queued' WHERE state = 'running'")
             for job_id in stale:
                 self._refresh_state(job_id, now)
@@ -307,21 +342,29 @@ class JobStore:
             return [(r[0], r[1]) for r in rows]
 
     def _transition(
-        self, job_id: str, index: int, from_states: tuple[str, ...], assignments: str,
+        self,
+        job_id: str,
+        index: int,
+        from_states: tuple[str, ...],
+        assignments: str,
         args: tuple[Any, ...],
     ) -> bool:
         now = self._clock()
         with self._tx() as db:
             row = db.execute(
                 "SELECT i.state, j.state FROM job_items i JOIN jobs j ON j.id = i.job_id"
-                " WHERE i.job_id = ? AND i.idx = ?", (job_id, index)).fetchone()
+                " WHERE i.job_id = ? AND i.idx = ?",
+                (job_id, index),
+            ).fetchone()
             if row is None:
                 self._require(job_id)
                 raise InfernoError("bad_request", f"job {job_id} has no item {index}")
             if row[0] not in from_states or row[1] == "cancelled":
                 return False
-            db.execute(f"UPDATE job_items SET {assignments} WHERE job_id = ? AND idx = ?",
-                       (*args, job_id, index))
+            db.execute(
+                f"UPDATE job_items SET {assignments} WHERE job_id = ? AND idx = ?",
+                (*args, job_id, index),
+            )
             self._refresh_state(job_id, now)
             return True
 
@@ -329,8 +372,9 @@ class JobStore:
         counts = self._counts(job_id)
         row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         state = job_state(counts, cancelled=row[0] == "cancelled")
-        self._db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
-                         (state, now, job_id))
+        self._db.execute(
+            "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?", (state, now, job_id)
+        )
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: str) -> Job:
@@ -342,8 +386,12 @@ class JobStore:
             raise InfernoError("unknown_job", f"no job {job_id!r}")
 
     def _counts(self, job_id: str) -> dict[str, int]:
-        return {r[0]: r[1] for r in self._db.execute(
-            "SELECT state, COUNT(*) FROM job_items WHERE job_id = ? GROUP BY state", (job_id,))}
+        return {
+            r[0]: r[1]
+            for r in self._db.execute(
+                "SELECT state, COUNT(*) FROM job_items WHERE job_id = ? GROUP BY state", (job_id,)
+            )
+        }
 
     def _load(self, job_id: str, *, items: bool) -> Job:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -353,19 +401,33 @@ class JobStore:
         if items:
             loaded = tuple(
                 JobItem(
-                    index=r["idx"], prompt=r["prompt"], state=r["state"], attempts=r["attempts"],
-                    text=r["text"], stats=json.loads(r["stats"]) if r["stats"] else None,
-                    error_code=r["error_code"], error_message=r["error_message"],
-                    started_at=r["started_at"], finished_at=r["finished_at"],
+                    index=r["idx"],
+                    prompt=r["prompt"],
+                    state=r["state"],
+                    attempts=r["attempts"],
+                    text=r["text"],
+                    stats=json.loads(r["stats"]) if r["stats"] else None,
+                    error_code=r["error_code"],
+                    error_message=r["error_message"],
+                    started_at=r["started_at"],
+                    finished_at=r["finished_at"],
                 )
                 for r in self._db.execute(
-                    "SELECT * FROM job_items WHERE job_id = ? ORDER BY idx", (job_id,))
+                    "SELECT * FROM job_items WHERE job_id = ? ORDER BY idx", (job_id,)
+                )
             )
         return Job(
-            id=row["id"], client=row["client"], model=row["model"], priority=row["priority"],
-            params=json.loads(row["params"]), idempotency_key=row["idempotency_key"],
-            state=row["state"], created_at=row["created_at"], updated_at=row["updated_at"],
-            counts=self._counts(job_id), items=loaded,
+            id=row["id"],
+            client=row["client"],
+            model=row["model"],
+            priority=row["priority"],
+            params=json.loads(row["params"]),
+            idempotency_key=row["idempotency_key"],
+            state=row["state"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            counts=self._counts(job_id),
+            items=loaded,
         )
 
     def list(
@@ -379,8 +441,9 @@ class JobStore:
         """Jobs newest first, filtered by state, model, client and creation time (wall clock,
         ``created_at >= since``); at most ``limit`` (1..1000). Items are not loaded."""
         if state is not None and state not in STATES:
-            raise InfernoError("bad_request", f"unknown job state {state!r}",
-                               f"use one of {', '.join(STATES)}")
+            raise InfernoError(
+                "bad_request", f"unknown job state {state!r}", f"use one of {', '.join(STATES)}"
+            )
         where: builtins.list[str] = []
         args: builtins.list[Any] = []
         for column, value in (("state", state), ("model", model), ("client", client)):

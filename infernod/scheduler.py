@@ -248,12 +248,14 @@ class Scheduler:
             slots = mq.slots or 1
             plan_wait = sum(self._service(mq, e.item) or 0.0 for e in ahead) / slots
             earlier = [
-                e for e in mq.entries.values()
+                e
+                for e in mq.entries.values()
                 if e.item.deadline is not None and now < e.item.deadline < item.deadline
             ]
-            crit_wait = max(0.0, left - self._critical_s) + sum(
-                self._service(mq, e.item) or 0.0 for e in earlier
-            ) / slots
+            crit_wait = (
+                max(0.0, left - self._critical_s)
+                + sum(self._service(mq, e.item) or 0.0 for e in earlier) / slots
+            )
             wait = min(plan_wait, crit_wait)
             if wait + own <= left:
                 return
@@ -281,7 +283,9 @@ class Scheduler:
         """Remove and return every item whose deadline has passed, oldest deadline first."""
         with self._lock:
             gone = [
-                e.item for mq in self._models.values() for e in mq.entries.values()
+                e.item
+                for mq in self._models.values()
+                for e in mq.entries.values()
                 if e.item.deadline is not None and e.item.deadline <= now
             ]
             gone.sort(key=lambda it: it.deadline or 0.0)
@@ -335,7 +339,12 @@ class Scheduler:
         return cls, critical
 
     def _order(
-        self, mq: _ModelQueue, entries: list[_Entry], now: float, limit: int | None, *,
+        self,
+        mq: _ModelQueue,
+        entries: list[_Entry],
+        now: float,
+        limit: int | None,
+        *,
         commit: bool,
     ) -> list[_Entry]:
         """The next ``limit`` picks (all when None). ``commit`` advances the fairness state;
@@ -368,8 +377,11 @@ class Scheduler:
             clients = groups[cls]
             client = min(
                 clients,
-                key=lambda cl: (served.get((cls, cl), -1), clients[cl][0].item.submitted_at,
-                                clients[cl][0].seq),
+                key=lambda cl: (
+                    served.get((cls, cl), -1),
+                    clients[cl][0].item.submitted_at,
+                    clients[cl][0].seq,
+                ),
             )
             out.append(clients[client].popleft())
             if not clients[client]:
@@ -400,7 +412,8 @@ class Scheduler:
             if mq is None or (mq.slots is not None and len(running) < mq.slots):
                 return None
             vip_waiting = sum(
-                1 for e in mq.entries.values()
+                1
+                for e in mq.entries.values()
                 if (e.item.deadline is None or e.item.deadline > now)
                 and self._effective(e.item, now)[0] == VIP
             )
@@ -434,23 +447,26 @@ class Scheduler:
             for model, mq in self._models.items():
                 order = self._order(mq, list(mq.entries.values()), now, None, commit=False)
                 pos = {e.item.request_id: i for i, e in enumerate(order, 1)}
-                for e in sorted(mq.entries.values(), key=lambda e: pos.get(e.item.request_id,
-                                                                            math.inf)):
+                for e in sorted(
+                    mq.entries.values(), key=lambda e: pos.get(e.item.request_id, math.inf)
+                ):
                     it = e.item
                     cls, crit = self._effective(it, now)
                     expired = it.deadline is not None and it.deadline <= now
-                    rows.append({
-                        "id": it.request_id,
-                        "client": it.client,
-                        "class": it.priority,
-                        "effective_class": PRIORITIES[cls],
-                        "critical": crit,
-                        "model": model,
-                        "age_s": max(0.0, now - it.submitted_at),
-                        "deadline_in_s": None if it.deadline is None else it.deadline - now,
-                        "position": pos.get(it.request_id),
-                        "state": "expired" if expired else "queued",
-                    })
+                    rows.append(
+                        {
+                            "id": it.request_id,
+                            "client": it.client,
+                            "class": it.priority,
+                            "effective_class": PRIORITIES[cls],
+                            "critical": crit,
+                            "model": model,
+                            "age_s": max(0.0, now - it.submitted_at),
+                            "deadline_in_s": None if it.deadline is None else it.deadline - now,
+                            "position": pos.get(it.request_id),
+                            "state": "expired" if expired else "queued",
+                        }
+                    )
             return rows
 
     def depth(self, model: str | None = None) -> int:
@@ -516,8 +532,7 @@ class Scheduler:
 
     def _retry_after_ms(self, model: str | None) -> int:
         """How long until one queue place frees: one request's service time over the slots."""
-        queues = [self._models[model]] if model else [m for m in self._models.values() if
-                                                       m.entries]
+        queues = [self._models[model]] if model else [m for m in self._models.values() if m.entries]
         waits = [mq.service_s / (mq.slots or 1) for mq in queues if mq.service_s]
         if not waits:
             return _DEFAULT_RETRY_MS

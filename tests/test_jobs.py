@@ -60,12 +60,16 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 def test_submit_creates_one_item_per_prompt(store: JobStore) -> None:
-    job, created = store.submit("alice", "gemma", ["a", "b", "c"], {"max_tokens": 8}, "low",
-                                None, 100.0)
+    job, created = store.submit(
+        "alice", "gemma", ["a", "b", "c"], {"max_tokens": 8}, "low", None, 100.0
+    )
     assert created and job.state == "queued" and job.priority == "low"
     assert job.params == {"max_tokens": 8} and job.created_at == 100.0
     assert [(it.index, it.prompt, it.state) for it in job.items] == [
-        (0, "a", "queued"), (1, "b", "queued"), (2, "c", "queued")]
+        (0, "a", "queued"),
+        (1, "b", "queued"),
+        (2, "c", "queued"),
+    ]
     assert job.counts == {"queued": 3}
     assert store.get(job.id) == job
     assert job.to_wire()["items"][1]["prompt"] == "b"
@@ -81,12 +85,10 @@ def test_bad_submissions(store: JobStore) -> None:
 
 def test_idempotency_key_returns_the_same_job(store: JobStore) -> None:
     first, created = store.submit("alice", "gemma", ["a", "b"], {"t": 1}, "normal", "k1", 1.0)
-    again, created_again = store.submit("alice", "gemma", ["a", "b"], {"t": 1}, "normal", "k1",
-                                        2.0)
+    again, created_again = store.submit("alice", "gemma", ["a", "b"], {"t": 1}, "normal", "k1", 2.0)
     assert created and not created_again
     assert again.id == first.id and len(store.list()) == 1
-    other_client, created = store.submit("bob", "gemma", ["a", "b"], {"t": 1}, "normal", "k1",
-                                         3.0)
+    other_client, created = store.submit("bob", "gemma", ["a", "b"], {"t": 1}, "normal", "k1", 3.0)
     assert created and other_client.id != first.id  # keys are per client
     no_key_1, _ = store.submit("alice", "gemma", ["a"], {}, "normal", None, 4.0)
     no_key_2, _ = store.submit("alice", "gemma", ["a"], {}, "normal", None, 5.0)
@@ -116,7 +118,10 @@ def test_item_lifecycle_results_and_job_state(store: JobStore, clock: Clock) -> 
     assert (it0.text, it0.stats, it0.attempts) == ("hello", {"tokens": 5, "tokens_per_s": 40.0}, 1)
     assert (it0.started_at, it0.finished_at) == (10.0, 12.0)
     assert (it1.state, it1.error_code, it1.error_message) == (
-        "failed", "context_exceeded", "prompt too long")
+        "failed",
+        "context_exceeded",
+        "prompt too long",
+    )
     assert it2.text == "bye"
     ok, _ = store.submit("alice", "gemma", ["x"], {}, "normal", None, 1.0)
     store.mark_running(ok.id, 0)
@@ -141,10 +146,13 @@ def test_cancel(store: JobStore) -> None:
 
 
 def test_unknown_job(store: JobStore) -> None:
-    for call in (lambda: store.get("job-nope"), lambda: store.cancel("job-nope"),
-                 lambda: store.mark_running("job-nope", 0),
-                 lambda: store.complete_item("job-nope", 0, "x", {}),
-                 lambda: store.fail_item("job-nope", 0, "internal", "x")):
+    for call in (
+        lambda: store.get("job-nope"),
+        lambda: store.cancel("job-nope"),
+        lambda: store.mark_running("job-nope", 0),
+        lambda: store.complete_item("job-nope", 0, "x", {}),
+        lambda: store.fail_item("job-nope", 0, "internal", "x"),
+    ):
         with pytest.raises(InfernoError) as ei:
             call()
         assert ei.value.code == "unknown_job"
@@ -223,8 +231,9 @@ while True:  # write until killed: every kill lands in or between transactions
 
 def test_recover_after_sigkill_mid_write(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(REPO)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path), str(REPO)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         ready = proc.stdout.readline().split()
@@ -245,8 +254,12 @@ def test_recover_after_sigkill_mid_write(tmp_path: Path) -> None:
         assert recovered[:2] == [(job_id, 0), (job_id, 1)]  # submission order, running first
         assert len(recovered) == len(set(recovered))
         # each transaction is all-or-nothing: every bulk job has all 50 items
-        sizes = {r[0] for r in s._db.execute(
-            "SELECT COUNT(*) FROM job_items GROUP BY job_id HAVING job_id != ?", (job_id,))}
+        sizes = {
+            r[0]
+            for r in s._db.execute(
+                "SELECT COUNT(*) FROM job_items GROUP BY job_id HAVING job_id != ?", (job_id,)
+            )
+        }
         assert sizes <= {50}
         assert not s._db.execute("SELECT 1 FROM job_items WHERE state = 'running'").fetchall()
         again, created = s.submit("alice", "gemma", ["p0", "p1"], {}, "normal", "key-1", 3.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from collections import Counter
 
@@ -15,8 +16,16 @@ M = "gemma"
 _ids = itertools.count()
 
 
-def item(priority: str = "normal", client: str = "c", t: float = 0.0, *, model: str = M,
-         deadline: float | None = None, est_tokens: int = 0, rid: str | None = None) -> QueueItem:
+def item(
+    priority: str = "normal",
+    client: str = "c",
+    t: float = 0.0,
+    *,
+    model: str = M,
+    deadline: float | None = None,
+    est_tokens: int = 0,
+    rid: str | None = None,
+) -> QueueItem:
     return QueueItem(rid or f"r{next(_ids)}", client, model, priority, t, deadline, est_tokens)
 
 
@@ -185,15 +194,26 @@ def test_ewma_follows_recent_measurements() -> None:
 
 
 # ---------------------------------------------------------------- backpressure
-def test_per_model_bound_under_16_threads() -> None:
-    s = Scheduler(max_queue_per_model=100, max_queue_total=10_000)
+class _SlowAdmission(Scheduler):
+    """Widens the window between the bound check and the insert (deadline admission runs
+    there), so a check-then-act race would show up in nearly every round."""
+
+    def _admit_deadline(self, mq, item, now):  # type: ignore[no-untyped-def]
+        sum(range(2000))  # bytecode-heavy: the interpreter switches threads in here
+        return super()._admit_deadline(mq, item, now)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_per_model_bound_under_16_threads(round_: int) -> None:
+    s = _SlowAdmission(max_queue_per_model=100, max_queue_total=10_000)
     accepted, rejected = _hammer(s, lambda t, i: M)
     assert accepted == 100 and rejected == 16 * 50 - 100
     assert s.depth(M) == 100
 
 
-def test_global_bound_under_16_threads() -> None:
-    s = Scheduler(max_queue_per_model=10_000, max_queue_total=137)
+@pytest.mark.parametrize("round_", range(3))
+def test_global_bound_under_16_threads(round_: int) -> None:
+    s = _SlowAdmission(max_queue_per_model=10_000, max_queue_total=137)
     accepted, _ = _hammer(s, lambda t, i: f"m{(t + i) % 5}")
     assert accepted == 137 and s.depth() == 137
 
@@ -207,7 +227,9 @@ def _hammer(s: Scheduler, model_of) -> tuple[int, int]:
         barrier.wait()
         for i in range(50):
             try:
-                s.submit(item(client=f"t{t}", model=model_of(t, i), rid=f"t{t}-{i}"), 0.0)
+                s.submit(
+                    item(client=f"t{t}", model=model_of(t, i), rid=f"t{t}-{i}", deadline=1e9), 0.0
+                )
                 out = "ok"
             except InfernoError as e:
                 out = e.code
@@ -215,10 +237,15 @@ def _hammer(s: Scheduler, model_of) -> tuple[int, int]:
                 results.append(out)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible to provoke races
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+    finally:
+        sys.setswitchinterval(old_interval)
     assert set(results) <= {"ok", "overloaded"}
     return results.count("ok"), results.count("overloaded")
 
@@ -327,8 +354,14 @@ def test_should_preempt_picks_lowest_class_and_never_a_vip() -> None:
     assert s.should_preempt(M, running, 5.0) == "l2"  # lowest class, least work lost
     assert s.should_preempt(M, running[:3], 5.0) is None  # a slot is free
     assert s.should_preempt(M, [("v", "vip", 0.0)] * 4, 5.0) is None
-    assert s.should_preempt(M, [("v", "vip", 0.0), ("h", "high", 0.0),
-                                ("n", "normal", 0.0), ("v2", "vip", 0.0)], 5.0) == "n"
+    assert (
+        s.should_preempt(
+            M,
+            [("v", "vip", 0.0), ("h", "high", 0.0), ("n", "normal", 0.0), ("v2", "vip", 0.0)],
+            5.0,
+        )
+        == "n"
+    )
 
 
 def test_aged_item_does_not_preempt() -> None:
@@ -351,7 +384,8 @@ def test_positions_and_snapshot() -> None:
     pos = s.positions(4.0)
     assert pos == {"vp": (1, 0.0), "nm": (2, 1.0), "lo": (3, 3.5)}  # (2 + 50/10) / 2 slots
     rows = s.snapshot(11.0)
-    assert [r["id"] for r in rows] == ["vp", "lo", "nm"]  # lo aged to normal (nm not yet); lo is older
+    # lo aged to normal (nm not yet) and is older than nm
+    assert [r["id"] for r in rows] == ["vp", "lo", "nm"]
     lo = rows[1]
     assert lo["class"] == "low" and lo["effective_class"] == "normal"
     assert lo["age_s"] == 11.0 and lo["deadline_in_s"] is None and lo["state"] == "queued"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _default_model_path() -> Path:
@@ -25,3 +28,36 @@ def _default_model_path() -> Path:
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     return _default_model_path()
+
+
+@pytest.fixture(scope="session")
+def models_dir(default_model_path: Path) -> Path:
+    from daemon_harness import test_models_dir
+
+    return test_models_dir(default_model_path)
+
+
+@pytest.fixture
+def daemon_factory(models_dir: Path):
+    """Start real daemons with extra config; every one is stopped at the end of the test."""
+    from daemon_harness import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def make(config: dict | None = None, *, start: bool = True, **kw) -> DaemonProcess:
+        cfg = {"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 4}}
+        for section, values in (config or {}).items():
+            cfg.setdefault(section, {}).update(values)
+        d = DaemonProcess(cfg, **kw)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        d.cleanup()
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    """One real daemon with the default model available (not loaded)."""
+    return daemon_factory()

@@ -1,0 +1,399 @@
+"""`inferno`: the command line for people and scripts.
+
+Exit codes: 0 success, 1 the request failed, 2 usage or config error, 3 daemon unavailable.
+Every read command takes --json and then prints exactly one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from infernod.client import Client, CurveKeys
+from infernod.protocol.errors import DaemonUnavailable, InfernoError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable:
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable:
+        COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _err(msg: str) -> None:
+    print(f"inferno: {msg}", file=sys.stderr)
+
+
+def _client(args: argparse.Namespace, **kw: Any) -> Client:
+    curve = None
+    if getattr(args, "server_key", None) or getattr(args, "client_key", None):
+        if not (args.server_key and args.client_key):
+            raise InfernoError("bad_request", "--server-key and --client-key go together")
+        curve = CurveKeys.from_files(args.server_key, args.client_key)
+    return Client(args.endpoint, timeout=args.timeout, name="inferno-cli", curve=curve, **kw)
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _mib(n: Any) -> str:
+    return f"{n / 2**20:,.0f} MiB" if isinstance(n, (int, float)) and n else "-"
+
+
+# -- commands -------------------------------------------------------------------------------
+@command("status")
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.status()
+    if args.json:
+        _print_json(st)
+        return EXIT_OK
+    con = _console()
+    con.print(f"[bold]infernod {st['version']}[/] pid {st['pid']} up {st['uptime_s']:.0f}s "
+              f"on {st['endpoints']['control']}")
+    q = st["queue"]
+    con.print(f"queue: {q['running']} running, {q['queued']} waiting ({q['level']}); "
+              f"loop lag {st['loop_lag_ms']:.1f} ms")
+    loaded = st["models_loaded"]
+    if loaded:
+        for m in loaded:
+            con.print(f"  {m['name']}: {m['state']}, {_mib(m['memory_bytes'])}, "
+                      f"{m['running']} running")
+    else:
+        con.print("no model loaded (try: inferno load gemma3-270m)")
+    return EXIT_OK
+
+
+@command("models")
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        models = c.models()
+    if args.json:
+        _print_json(models)
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table("name", "kind", "arch", "params", "quant", "size", "ctx", "state")
+    for m in models:
+        params = m.get("param_count")
+        table.add_row(m["name"], str(m.get("kind", "")), str(m.get("architecture", "")),
+                      f"{params / 1e6:.0f}M" if isinstance(params, (int, float)) else "-",
+                      str(m.get("quantization") or "-"), _mib(m.get("size_bytes")),
+                      str(m.get("context_length") or "-"), m.get("state", ""))
+    _console().print(table)
+    return EXIT_OK
+
+
+@command("show")
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        info = c.show(args.model)
+    if args.json:
+        _print_json(info)
+    else:
+        for k, v in info.items():
+            if k not in ("metadata", "chat_template"):
+                print(f"{k:22} {v}")
+    return EXIT_OK
+
+
+@command("load")
+def cmd_load(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        r = c.load(args.model, keep_alive=args.keep_alive)
+    if args.json:
+        _print_json(r)
+    else:
+        print(f"loaded {r['model']} in {r['load_s']:.2f}s ({_mib(r['memory_bytes'])})")
+    return EXIT_OK
+
+
+@command("unload")
+def cmd_unload(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        r = c.unload(args.model)
+    print(json.dumps(r) if args.json else f"unloaded {r['model']}")
+    return EXIT_OK
+
+
+@command("import")
+def cmd_import(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"path": str(Path(args.path).resolve()), "link": args.link}
+    if args.name:
+        body["name"] = args.name
+    with _client(args) as c:
+        r = c.request("models.import", body, timeout=3600)
+    print(json.dumps(r) if args.json else f"imported {r['model']} ({r['path']})")
+    return EXIT_OK
+
+
+@command("remove")
+def cmd_remove(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        r = c.request("models.remove", {"model": args.model})
+    print(json.dumps(r) if args.json else f"removed {r['model']}")
+    return EXIT_OK
+
+
+def _gen_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature,
+            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+            "stop": args.stop or None, "priority": args.priority}
+
+
+@command("run")
+def cmd_run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    with _client(args) as c:
+        stream = c.generate(args.model, prompt, **_gen_params(args))
+        try:
+            for text in stream:
+                if not args.json:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.cancel()
+            raise
+    if args.json:
+        _print_json({"request_id": stream.request_id, "text": stream.text,
+                     "stats": stream.stats})
+    else:
+        sys.stdout.write("\n")
+        if args.verbose and stream.stats:
+            s = stream.stats
+            print(f"[{s.get('completion_tokens')} tokens, {s.get('tokens_per_s', 0):.1f} tok/s, "
+                  f"ttft {s.get('ttft_ms', 0):.0f} ms, {s.get('finish_reason')}]",
+                  file=sys.stderr)
+    return EXIT_OK
+
+
+@command("chat")
+def cmd_chat(args: argparse.Namespace) -> int:
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"chatting with {args.model}; empty line or Ctrl-D to quit", file=sys.stderr)
+    with _client(args) as c:
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            stream = c.generate(args.model, messages=messages, **_gen_params(args))
+            try:
+                for text in stream:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                stream.cancel()
+                print("\n[stopped]")
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": stream.text})
+    return EXIT_OK
+
+
+@command("cancel")
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        r = c.cancel(args.request_id)
+    print(json.dumps(r) if args.json else f"{r['request_id']}: {r['state']}")
+    return EXIT_OK
+
+
+@command("watch")
+def cmd_watch(args: argparse.Namespace) -> int:
+    topics = tuple(args.topic or ("heartbeat", "metrics", "models", "queue", "stats",
+                                  "profiles", "tokens."))
+    with _client(args, topics=topics) as c:
+        c.wait_welcome()
+        end = time.monotonic() + args.duration if args.duration else None
+        while end is None or time.monotonic() < end:
+            c._check_alive()
+            c._pump(0.2)
+            while c.events:
+                ev = c.events.popleft()
+                if args.json:
+                    print(json.dumps({"topic": ev.topic, "type": ev.type, "seq": ev.seq,
+                                      "ts": ev.ts, "body": ev.body}, default=str), flush=True)
+                else:
+                    print(f"{ev.topic:10} #{ev.seq:<6} {ev.type:12} {_brief(ev.body)}",
+                          flush=True)
+            for q in list(c._streams.values()):
+                while q:
+                    ev = q.popleft()
+                    line = {"topic": ev.topic, "type": ev.type, "seq": ev.seq, "body": ev.body}
+                    print(json.dumps(line, default=str) if args.json else
+                          f"{ev.topic} #{ev.seq} {ev.type} {_brief(ev.body)}", flush=True)
+    return EXIT_OK
+
+
+def _brief(body: dict[str, Any]) -> str:
+    text = json.dumps(body, default=str)
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+@command("config")
+def cmd_config(args: argparse.Namespace) -> int:
+    from infernod import config as cfgmod
+
+    if args.action == "get":
+        if args.local:
+            cfg = cfgmod.load(args.config)
+            value = cfgmod.get_key(cfg, args.key) if args.key else cfg.to_dict()
+        else:
+            with _client(args) as c:
+                r = c.config_get(args.key)
+            value = r.get("value") if args.key else r.get("config")
+        if args.json or not args.key:
+            _print_json(value)
+        else:
+            print(value)
+        return EXIT_OK
+    if args.action == "keys":
+        rows = cfgmod.describe()
+        if args.json:
+            _print_json(rows)
+        else:
+            for r in rows:
+                print(f"{r['key']:34} {r['default']!r:>12}  {r['doc']}")
+        return EXIT_OK
+    # set: validate with the daemon's own rules, then write valid TOML atomically
+    if args.key is None or args.value is None:
+        _err("usage: inferno config set KEY VALUE")
+        return EXIT_USAGE
+    return config_set(args.config, args.key, args.value)
+
+
+def config_set(explicit: str | None, key: str, text: str) -> int:
+    import os
+    import tomllib
+
+    import tomli_w
+
+    from infernod import config as cfgmod
+
+    value = cfgmod.check_value(key, cfgmod.parse_cli_value(key, text))
+    path = Path(explicit) if explicit else (cfgmod.find_config() or cfgmod.user_config_path())
+    data: dict[str, Any] = {}
+    if path.exists():
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    section, _, name = key.partition(".")
+    data.setdefault(section, {})[name] = value
+    cfgmod.from_dict(data, path)  # the whole file must still be valid
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.tmp")
+    with open(tmp, "wb") as fh:
+        tomli_w.dump(data, fh)
+    os.replace(tmp, path)
+    spec = cfgmod.key_spec(key)[1]
+    note = "restart infernod to apply" if spec.metadata["restart"] else \
+        "send SIGHUP (systemctl reload infernod) to apply"
+    print(f"{key} = {value!r} written to {path}; {note}")
+    return EXIT_OK
+
+
+# -- argument parsing -----------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inferno", description="Inferno command line")
+    p.add_argument("--endpoint", help="ipc://DIR/control.sock or tcp://host:port "
+                   "(default: $INFERNO_ENDPOINT or the local daemon)")
+    p.add_argument("--server-key", help="server public key file (tcp:// with CURVE)")
+    p.add_argument("--client-key", help="client secret key file (tcp:// with CURVE)")
+    p.add_argument("--timeout", type=float, default=10.0, help="request timeout, seconds")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    add("status", "daemon status")
+    add("models", "list models")
+    add("show", "show one model's details").add_argument("model")
+    sp = add("load", "load a model")
+    sp.add_argument("model")
+    sp.add_argument("--keep-alive", type=float, help="idle seconds before unload; -1 pins")
+    add("unload", "unload a model").add_argument("model")
+    sp = add("import", "import a model file into the daemon's model directory")
+    sp.add_argument("path")
+    sp.add_argument("--name")
+    sp.add_argument("--link", action="store_true", help="symlink instead of copying")
+    add("remove", "delete an imported model").add_argument("model")
+    for name, help_ in (("run", "generate from a prompt ('-' reads stdin)"),
+                        ("chat", "interactive chat")):
+        sp = add(name, help_)
+        sp.add_argument("model")
+        if name == "run":
+            sp.add_argument("prompt")
+            sp.add_argument("-v", "--verbose", action="store_true", help="print stats")
+        else:
+            sp.add_argument("--system", help="system prompt")
+        sp.add_argument("--max-tokens", type=int, default=256)
+        sp.add_argument("--temperature", type=float)
+        sp.add_argument("--top-p", type=float)
+        sp.add_argument("--top-k", type=int)
+        sp.add_argument("--seed", type=int)
+        sp.add_argument("--stop", action="append", help="stop string (repeatable)")
+        sp.add_argument("--priority", choices=("vip", "high", "normal", "low"))
+    add("cancel", "cancel a request").add_argument("request_id")
+    sp = add("watch", "print events as they arrive")
+    sp.add_argument("--topic", action="append", help="topic prefix (repeatable)")
+    sp.add_argument("--duration", type=float, help="stop after this many seconds")
+    sp = add("config", "read or change infernod.toml")
+    sp.add_argument("action", choices=("get", "set", "keys"))
+    sp.add_argument("key", nargs="?")
+    sp.add_argument("value", nargs="?")
+    sp.add_argument("--config", help="config file to read/write")
+    sp.add_argument("--local", action="store_true", help="read the file, not the daemon")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from infernod import config as cfgmod
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else EXIT_OK
+    try:
+        return COMMANDS[args.cmd](args)
+    except DaemonUnavailable as e:
+        _err(f"{e.message} ({e.hint})")
+        return EXIT_UNAVAILABLE
+    except InfernoError as e:
+        _err(f"{e.code}: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else ""))
+        return EXIT_FAILED
+    except cfgmod.ConfigError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Generation requests from admission to the last token, on the event loop.
+
+The scheduler decides who runs next; the engines decode; this module moves requests between
+them and turns engine events into stream events on ``tokens.<request_id>``:
+
+    queued* -> start -> token* -> done | error
+
+Engines call the sink from their decode threads; ``LoopSink`` hops every call onto the loop
+with ``call_soon_threadsafe``, so all state here is touched by one thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from infernod.backends.base import GenerationRequest, SamplingParams
+from infernod.protocol.errors import InfernoError
+from infernod.scheduler import QueueItem
+
+log = logging.getLogger("infernod.generation")
+
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                  "frequency_penalty", "presence_penalty", "repeat_last_n", "seed")
+
+
+@dataclass
+class Gen:
+    request_id: str
+    session: str
+    model: str
+    prompt: str
+    body: dict[str, Any]
+    priority: str
+    submitted: float
+    deadline: float | None
+    timeout_s: float
+    stall_timeout_s: float
+    topic: str
+    client: str = ""
+    job: tuple[str, int] | None = None
+    state: str = "queued"  # queued | running | done
+    admitted_at: float | None = None
+    load_wait_s: float = 0.0
+    first_token_at: float | None = None
+    last_event_at: float | None = None
+    n_tokens: int = 0
+    abort: tuple[str, str] | None = None
+    resume_tokens: list[int] = field(default_factory=list)
+    on_done: Callable[[Gen, str, dict], None] | None = None
+
+
+class LoopSink:
+    """EngineSink for one model: forwards every callback onto the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, service: GenerationService) -> None:
+        self.loop = loop
+        self.service = service
+
+    def on_started(self, request_id: str, info: dict[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self.service.on_started, request_id, info)
+
+    def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
+        self.loop.call_soon_threadsafe(self.service.on_tokens, request_id, text, n_tokens)
+
+    def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self.service.on_finished, request_id, reason, stats)
+
+    def on_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
+        self.loop.call_soon_threadsafe(self.service.on_error, request_id, code, message, hint)
+
+
+class GenerationService:
+    def __init__(self, cfg: Any, models: Any, scheduler: Any, publisher: Any,
+                 on_profile: Callable[[Gen, str, dict], None] | None = None) -> None:
+        self.cfg = cfg
+        self.models = models
+        self.scheduler = scheduler
+        self.publisher = publisher
+        self.on_profile = on_profile
+        self.gens: dict[str, Gen] = {}
+        self.accepting = True
+        models.on_unloaded.append(self._model_unloaded)
+
+    # -- admission --------------------------------------------------------------------------
+    def submit(self, gen: Gen) -> None:
+        if not self.accepting:
+            raise InfernoError("shutting_down", "the daemon is stopping and admits no new work")
+        if gen.request_id in self.gens:
+            raise InfernoError("conflict", f"request id {gen.request_id} is already in use",
+                               "use a fresh message id per request")
+        self.scheduler.submit(self._item(gen), time.monotonic())
+        self.gens[gen.request_id] = gen
+        self.publisher.open_stream(gen.request_id, gen.session)
+        asyncio.get_running_loop().create_task(self._admit(gen))
+
+    @staticmethod
+    def _item(gen: Gen) -> QueueItem:
+        return QueueItem(request_id=gen.request_id, client=gen.client or gen.session,
+                         model=gen.model, priority=gen.priority, submitted_at=gen.submitted,
+                         deadline=gen.deadline, est_tokens=gen.body.get("max_tokens") or 256,
+                         payload=gen)
+
+    async def _admit(self, gen: Gen) -> None:
+        t0 = time.monotonic()
+        try:
+            await self.models.ensure_loaded(gen.model, gen.body.get("keep_alive"))
+        except InfernoError as e:
+            self.scheduler.cancel(gen.request_id)
+            self._fail(gen, e.code, e.message, e.hint)
+            return
+        except Exception as e:  # the load path already logged the cause
+            self.scheduler.cancel(gen.request_id)
+            self._fail(gen, "internal", f"loading {gen.model} failed: {e}", None)
+            return
+        gen.load_wait_s = time.monotonic() - t0
+        self.dispatch(gen.model)
+
+    def dispatch(self, model: str) -> None:
+        """Fill free slots of ``model`` from the scheduler."""
+        lm = self.models.loaded.get(model)
+        if lm is None or lm.state != "loaded" or lm.engine is None:
+            return
+        now = time.monotonic()
+        free = lm.engine.free_slots()
+        if free <= 0:
+            return
+        for item in self.scheduler.pop_ready(model, free, now):
+            gen = item.payload
+            if gen.request_id not in self.gens or gen.state != "queued":
+                continue
+            gen.state = "running"
+            gen.admitted_at = now
+            gen.last_event_at = now
+            lm.running.add(gen.request_id)
+            lm.last_used = now
+            lm.engine.submit(self._engine_request(gen))
+        self.publish_queue()
+
+    def _engine_request(self, gen: Gen) -> GenerationRequest:
+        b = gen.body
+        sampling = SamplingParams(**{k: b[k] for k in _SAMPLING_KEYS if b.get(k) is not None})
+        return GenerationRequest(
+            request_id=gen.request_id, prompt=gen.prompt,
+            max_tokens=b.get("max_tokens") or 256, stop=list(b.get("stop") or []),
+            sampling=sampling, add_bos=True, resume_tokens=list(gen.resume_tokens),
+        )
+
+    # -- engine events (on the loop) --------------------------------------------------------
+    def on_started(self, request_id: str, info: dict[str, Any]) -> None:
+        gen = self.gens.get(request_id)
+        if gen is None:
+            return
+        gen.last_event_at = time.monotonic()
+        self.publisher.publish(gen.topic, "start", {"request_id": request_id, **info})
+
+    def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
+        gen = self.gens.get(request_id)
+        if gen is None or gen.state != "running":
+            return
+        now = time.monotonic()
+        if gen.first_token_at is None:
+            gen.first_token_at = now
+        gen.last_event_at = now
+        gen.n_tokens += n_tokens
+        self.publisher.publish(gen.topic, "token", {"text": text, "n": n_tokens})
+
+    def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None:
+        gen = self.gens.get(request_id)
+        if gen is None:
+            return
+        self._release(gen)
+        if reason == "preempted":
+            gen.resume_tokens = list(stats.get("generated_tokens") or [])
+            gen.state = "queued"
+            self.scheduler.requeue(self._item(gen), time.monotonic())
+            self.publisher.publish(gen.topic, "preempted", {"tokens_so_far": gen.n_tokens})
+            return
+        if gen.abort is not None and gen.abort[0] != "cancelled":
+            code, message = gen.abort
+            self._fail(gen, code, message, None, stats=stats)
+        else:
+            self._done(gen, reason, stats)
+        self.dispatch(gen.model)
+
+    def on_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
+        gen = self.gens.get(request_id)
+        if gen is None:
+            return
+        self._release(gen)
+        self._fail(gen, code, message, hint)
+        self.dispatch(gen.model)
+
+    def _release(self, gen: Gen) -> None:
+        lm = self.models.loaded.get(gen.model)
+        if lm is not None:
+            lm.running.discard(gen.request_id)
+            lm.last_used = time.monotonic()
+
+    def _final_stats(self, gen: Gen, reason: str, stats: dict[str, Any]) -> dict[str, Any]:
+        now = time.monotonic()
+        out = dict(stats)
+        out.pop("generated_tokens", None)
+        out.update(
+            finish_reason=reason,
+            model=gen.model,
+            priority=gen.priority,
+            queue_wait_ms=round(((gen.admitted_at or now) - gen.submitted) * 1000, 3),
+            load_wait_ms=round(gen.load_wait_s * 1000, 3),
+            total_ms=round((now - gen.submitted) * 1000, 3),
+            completion_tokens=out.get("completion_tokens", gen.n_tokens),
+        )
+        return out
+
+    def _done(self, gen: Gen, reason: str, stats: dict[str, Any]) -> None:
+        final = self._final_stats(gen, reason, stats)
+        gen.state = "done"
+        self.publisher.publish(gen.topic, "done", final)
+        self._finish(gen, reason, final)
+
+    def _fail(self, gen: Gen, code: str, message: str, hint: str | None,
+              stats: dict[str, Any] | None = None) -> None:
+        if gen.state == "done":
+            return
+        err = InfernoError(code, message, hint)
+        final = self._final_stats(gen, code, stats or {})
+        gen.state = "done"
+        self.publisher.publish(gen.topic, "error", {**err.to_wire(), "stats": final})
+        self._finish(gen, code, final)
+
+    def _finish(self, gen: Gen, reason: str, final: dict[str, Any]) -> None:
+        self.gens.pop(gen.request_id, None)
+        self.publisher.close_stream(gen.request_id)
+        if self.on_profile is not None:
+            self.on_profile(gen, reason, final)
+        if gen.on_done is not None:
+            gen.on_done(gen, reason, final)
+        self.publish_queue()
+
+    # -- control ----------------------------------------------------------------------------
+    def cancel(self, request_id: str, code: str = "cancelled",
+               message: str = "cancelled by request") -> str:
+        gen = self.gens.get(request_id)
+        if gen is None:
+            raise InfernoError("unknown_request", f"no active request {request_id}")
+        if gen.state == "queued":
+            self.scheduler.cancel(request_id)
+            if code == "cancelled":  # the caller asked for it: a normal end, not an error
+                self._done(gen, "cancelled", {"completion_tokens": 0})
+            else:
+                self._fail(gen, code, message, None)
+            return "cancelled"
+        gen.abort = (code, message)
+        lm = self.models.loaded.get(gen.model)
+        if lm is not None and lm.engine is not None:
+            lm.engine.cancel(request_id)
+        return "cancelling"
+
+    def _model_unloaded(self, model: str) -> None:
+        for gen in list(self.gens.values()):
+            if gen.model == model and gen.state == "running":
+                self._release(gen)
+                self._fail(gen, "aborted", f"model {model} was unloaded", None)
+
+    def tick(self, now: float) -> None:
+        """Timeouts, stalls and deadline expiry; called a few times a second."""
+        for item in self.scheduler.expire(now):
+            gen = self.gens.get(item.request_id)
+            if gen is not None:
+                self._fail(gen, "deadline_exceeded",
+                           "the deadline passed while the request was queued", None)
+        for gen in list(self.gens.values()):
+            if gen.state != "running" or gen.abort is not None:
+                continue
+            if now - (gen.admitted_at or now) > gen.timeout_s:
+                self.cancel(gen.request_id, "timeout",
+                            f"inference ran past its {gen.timeout_s:.0f}s limit")
+            elif gen.last_event_at is not None and now - gen.last_event_at > gen.stall_timeout_s:
+                self.cancel(gen.request_id, "timeout",
+                            f"no token for {gen.stall_timeout_s:.0f}s (stall timeout)")
+            elif gen.deadline is not None and now > gen.deadline:
+                self.cancel(gen.request_id, "deadline_exceeded",
+                            "the deadline passed during generation")
+
+    def abort_all(self, code: str, message: str) -> None:
+        for gen in list(self.gens.values()):
+            if gen.state == "queued":
+                self.scheduler.cancel(gen.request_id)
+                self._fail(gen, code, message, None)
+            elif gen.state == "running":
+                self.cancel(gen.request_id, code, message)
+
+    def running_count(self) -> int:
+        return sum(1 for g in self.gens.values() if g.state == "running")
+
+    def queued_count(self) -> int:
+        return sum(1 for g in self.gens.values() if g.state == "queued")
+
+    def publish_queue(self) -> None:
+        self.publisher.publish("queue", "queue", self.queue_snapshot())
+
+    def queue_snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        items = []
+        for g in self.gens.values():
+            items.append({
+                "request_id": g.request_id, "client": g.client or g.session,
+                "session": g.session, "model": g.model, "priority": g.priority,
+                "state": g.state, "age_s": round(now - g.submitted, 3),
+                "deadline_in_s": None if g.deadline is None else round(g.deadline - now, 3),
+                "tokens": g.n_tokens, "job": g.job[0] if g.job else None,
+            })
+        return {"items": items, "running": self.running_count(),
+                "queued": self.queued_count()}

@@ -1,0 +1,229 @@
+"""Loaded models: load, unload, keep-alive, memory budget and LRU eviction.
+
+Lives on the event loop. The slow parts (reading weights, creating the llama.cpp context,
+closing it) run in the default executor; the loop only awaits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from infernod.config import Config
+from infernod.protocol.errors import InfernoError
+
+log = logging.getLogger("infernod.models")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    info: Any
+    engine: Any = None
+    state: str = "loading"  # loading | loaded | unloading
+    loaded_at: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+    keep_alive_s: float = 300.0
+    memory_bytes: int = 0
+    running: set[str] = field(default_factory=set)
+    ready: asyncio.Future | None = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.keep_alive_s < 0
+
+    def keep_alive_left_s(self, now: float) -> float | None:
+        if self.pinned or self.running:
+            return None
+        return max(0.0, self.keep_alive_s - (now - self.last_used))
+
+    def to_wire(self, now: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "memory_bytes": self.memory_bytes,
+            "keep_alive_s": self.keep_alive_s,
+            "keep_alive_left_s": self.keep_alive_left_s(now),
+            "pinned": self.pinned,
+            "running": len(self.running),
+            "idle_s": round(now - self.last_used, 1),
+            "slots": getattr(self.engine, "n_slots", None),
+        }
+
+
+class ModelManager:
+    """Owns every loaded engine. Only the event-loop thread calls into it."""
+
+    def __init__(self, cfg: Config, registry: Any, *, sink_factory: Callable[[str], Any],
+                 publish: Callable[[str, str, dict], Any], notifier: Any) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.sink_factory = sink_factory
+        self.publish = publish
+        self.notifier = notifier
+        self.loaded: dict[str, LoadedModel] = {}
+        self.on_unloaded: list[Callable[[str], None]] = []
+
+    # -- budget -----------------------------------------------------------------------------
+    def budget_bytes(self) -> int:
+        configured = self.cfg.models.memory_budget_bytes
+        return configured or int(psutil.virtual_memory().total * 0.75)
+
+    def _estimate(self, info: Any) -> int:
+        m = self.cfg.models
+        est = self.registry.estimate_memory(info, n_ctx=m.n_ctx, n_slots=m.slots,
+                                            swa_full=m.swa_full)
+        return int(est.total_bytes)
+
+    def _plan(self, name: str, need: int) -> list[tuple[str, str]]:
+        from infernod.registry import LoadedModel as LoadedModelRef
+        from infernod.registry import plan_load
+
+        now = time.monotonic()
+        refs = [LoadedModelRef(name=lm.name, bytes=lm.memory_bytes, pinned=lm.pinned,
+                               busy=bool(lm.running) or lm.state != "loaded",
+                               last_used_s=lm.last_used)
+                for lm in self.loaded.values()]
+        plan = plan_load(name, need, self.budget_bytes(), refs, now)
+        return list(zip(plan.evict, plan.messages, strict=True))
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def models_event(self, event: str, name: str, **extra: Any) -> None:
+        now = time.monotonic()
+        body = {"event": event, "model": name,
+                "loaded": [lm.to_wire(now) for lm in self.loaded.values()], **extra}
+        self.publish("models", "models", body)
+
+    async def ensure_loaded(self, name: str, keep_alive_s: float | None = None) -> LoadedModel:
+        lm = self.loaded.get(name)
+        if lm is not None:
+            if keep_alive_s is not None:
+                lm.keep_alive_s = keep_alive_s
+            if lm.state == "loading" and lm.ready is not None:
+                await asyncio.shield(lm.ready)
+            if lm.state != "loaded":
+                raise InfernoError("model_busy", f"model {name} is {lm.state}")
+            lm.last_used = time.monotonic()
+            return lm
+        return await self._load(name, keep_alive_s)
+
+    async def _load(self, name: str, keep_alive_s: float | None) -> LoadedModel:
+        info = self.registry.get(name)
+        if getattr(info, "kind", "gguf") != "gguf":
+            raise InfernoError("not_supported", f"{name} is a {info.kind} model",
+                               "use 'embed' or 'infer' for ONNX models")
+        need = self._estimate(info)
+        for victim, reason in self._plan(name, need):
+            log.info(reason)
+            await self.unload(victim, reason=reason)
+        loop = asyncio.get_running_loop()
+        lm = LoadedModel(name=name, info=info,
+                         keep_alive_s=(keep_alive_s if keep_alive_s is not None
+                                       else self.cfg.models.keep_alive_s),
+                         memory_bytes=need, ready=loop.create_future())
+        self.loaded[name] = lm
+        self.models_event("loading", name, estimate_bytes=need)
+        self.notifier.extend_timeout(120)
+        self.notifier.status(f"loading {name}")
+        t0 = time.monotonic()
+        try:
+            engine = await loop.run_in_executor(None, self._create_engine, name, info)
+        except BaseException as e:
+            del self.loaded[name]
+            lm.ready.set_exception(e)
+            lm.ready.exception()  # mark retrieved
+            self.models_event("load_failed", name, error=str(e))
+            if isinstance(e, InfernoError):
+                raise
+            raise InfernoError("internal", f"loading {name} failed: {e}") from e
+        lm.engine = engine
+        lm.state = "loaded"
+        lm.loaded_at = time.monotonic()
+        lm.last_used = lm.loaded_at
+        measured = getattr(engine, "memory_bytes", None)
+        if callable(measured):
+            try:
+                lm.memory_bytes = int(measured()["total_bytes"])
+                self.registry.record_measured(name, lm.memory_bytes)
+            except Exception as e:  # measuring is best effort; the estimate stands
+                log.warning("could not measure memory of %s: %s", name, e)
+        lm.ready.set_result(lm)
+        load_s = time.monotonic() - t0
+        self.models_event("loaded", name, load_s=round(load_s, 3))
+        self.notifier.status(self.status_line())
+        log.info("loaded %s in %.2fs (%d MiB)", name, load_s, lm.memory_bytes // 2**20)
+        return lm
+
+    def _create_engine(self, name: str, info: Any) -> Any:
+        from infernod.backends.gguf import GgufEngine
+
+        m = self.cfg.models
+        cores = os.cpu_count() or 1
+        engine = GgufEngine(
+            str(info.path), n_ctx=m.n_ctx, n_slots=m.slots,
+            n_threads=m.threads or cores, n_threads_batch=m.threads_batch or cores,
+            n_gpu_layers=m.n_gpu_layers, swa_full=m.swa_full, prefill_chunk=m.prefill_chunk,
+            sink=self.sink_factory(name),
+        )
+        engine.start()
+        return engine
+
+    async def unload(self, name: str, reason: str = "unloaded by request") -> None:
+        lm = self.loaded.get(name)
+        if lm is None:
+            raise InfernoError("model_not_loaded", f"model {name} is not loaded")
+        if lm.state == "loading" and lm.ready is not None:
+            try:
+                await asyncio.shield(lm.ready)
+            except Exception:
+                return
+        lm.state = "unloading"
+        for cb in self.on_unloaded:
+            cb(name)
+        engine, lm.engine = lm.engine, None
+        if engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        self.loaded.pop(name, None)
+        self.models_event("unloaded", name, reason=reason)
+        self.notifier.status(self.status_line())
+        log.info("unloaded %s: %s", name, reason)
+
+    async def expire_idle(self) -> None:
+        now = time.monotonic()
+        for lm in list(self.loaded.values()):
+            left = lm.keep_alive_left_s(now)
+            if lm.state == "loaded" and left is not None and left <= 0:
+                await self.unload(lm.name, reason=f"idle for {lm.keep_alive_s:.0f}s")
+
+    async def close(self) -> None:
+        for name in list(self.loaded):
+            try:
+                await self.unload(name, reason="daemon stopping")
+            except InfernoError:
+                pass
+
+    def status_line(self) -> str:
+        names = [n for n, lm in self.loaded.items() if lm.state == "loaded"]
+        return f"serving; models loaded: {', '.join(names) or 'none'}"
+
+    def list_models(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        out = []
+        for info in self.registry.scan():
+            d = info.to_dict()
+            lm = self.loaded.get(info.name)
+            d.update(lm.to_wire(now) if lm else {"state": "available"})
+            d["name"] = info.name
+            out.append(d)
+        return out
+
+    def model_dirs(self, state_dir: Path) -> list[Path]:
+        return [state_dir / "models", *(Path(p) for p in self.cfg.models.dirs)]

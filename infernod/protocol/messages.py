@@ -1,0 +1,197 @@
+"""Request schemas: every request body is validated here before a handler sees it.
+
+A schema is a dict of field name -> :class:`F`. Unknown fields are refused (a typo such as
+``max_token`` must not be silently ignored). The same tables generate the field lists in
+docs/protocol.md, so the doc and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from infernod.protocol.errors import InfernoError
+
+PRIORITIES = ("vip", "high", "normal", "low")
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class F:
+    """One field: its type(s), whether it is required, and bounds."""
+
+    types: tuple[type, ...]
+    required: bool = False
+    min: float | None = None
+    max: float | None = None
+    max_len: int | None = None
+    choices: tuple[Any, ...] | None = None
+    items: type | None = None
+    doc: str = ""
+
+
+NUM = (int, float)
+STR = (str,)
+BOOL = (bool,)
+INT = (int,)
+LIST = (list,)
+MAP = (dict,)
+
+HEADER: dict[str, F] = {
+    "id": F(STR, True, max_len=64, doc="message id chosen by the client, unique per session"),
+    "type": F(STR, True, max_len=64, doc="request type, e.g. 'generate'"),
+    "session": F(STR, True, max_len=64, doc="client session id (random, per connection)"),
+    "ts": F(NUM, False, doc="client wall-clock time, seconds since the epoch"),
+    "deadline": F(NUM, False, doc="absolute wall-clock deadline, seconds since the epoch"),
+    "idem": F(STR, False, max_len=128, doc="idempotency key (jobs.submit)"),
+}
+
+_SAMPLING: dict[str, F] = {
+    "max_tokens": F(INT, min=1, max=131072, doc="tokens to generate at most (default 256)"),
+    "temperature": F(NUM, min=0, max=5, doc="0 = greedy (default 0.8)"),
+    "top_k": F(INT, min=0, max=100000, doc="0 = off (default 40)"),
+    "top_p": F(NUM, min=0, max=1, doc="default 0.95"),
+    "min_p": F(NUM, min=0, max=1, doc="default 0.05"),
+    "repeat_penalty": F(NUM, min=0, max=10, doc="default 1.0 (off)"),
+    "frequency_penalty": F(NUM, min=-2, max=2, doc="default 0"),
+    "presence_penalty": F(NUM, min=-2, max=2, doc="default 0"),
+    "repeat_last_n": F(INT, min=0, max=8192, doc="window for penalties (default 64)"),
+    "seed": F(INT, min=0, max=2**32 - 1, doc="sampling seed"),
+    "stop": F(LIST, max_len=16, items=str, doc="stop strings (never emitted)"),
+}
+
+SCHEMAS: dict[str, dict[str, F]] = {
+    "hello": {
+        "client": F(STR, max_len=64, doc="client program name"),
+        "version": F(STR, max_len=32, doc="client program version"),
+    },
+    "ping": {},
+    "status": {},
+    "config.get": {"key": F(STR, max_len=128, doc="dotted key; omit for the whole config")},
+    "models.list": {},
+    "models.show": {"model": F(STR, True, max_len=64)},
+    "models.load": {
+        "model": F(STR, True, max_len=64),
+        "keep_alive": F(NUM, min=-1, max=10**7, doc="seconds idle before unload; -1 pins"),
+    },
+    "models.unload": {"model": F(STR, True, max_len=64)},
+    "models.import": {
+        "path": F(STR, True, max_len=4096, doc="absolute path of a .gguf/.onnx on the daemon host"),
+        "name": F(STR, max_len=64),
+        "link": F(BOOL, doc="symlink instead of copy"),
+    },
+    "models.remove": {"model": F(STR, True, max_len=64)},
+    "generate": {
+        "model": F(STR, True, max_len=64),
+        "prompt": F(STR, max_len=4 * 1024 * 1024, doc="raw completion prompt"),
+        "messages": F(LIST, max_len=1024, items=dict, doc="chat: [{role, content}]"),
+        "priority": F(STR, choices=PRIORITIES, doc="default 'normal'"),
+        "keep_alive": F(NUM, min=-1, max=10**7),
+        "timeout_s": F(NUM, min=0.1, max=86400, doc="total inference timeout"),
+        "stall_timeout_s": F(NUM, min=0.1, max=3600, doc="max time between tokens"),
+        **_SAMPLING,
+    },
+    "cancel": {"request_id": F(STR, True, max_len=128)},
+    "stream.fetch": {
+        "request_id": F(STR, True, max_len=128),
+        "from_seq": F(INT, min=0, max=2**53, doc="first token-event seq wanted (default 0)"),
+    },
+}
+
+
+def _check(name: str, value: Any, spec: F, where: str) -> None:
+    if isinstance(value, bool) and bool not in spec.types:
+        ok = False
+    else:
+        ok = isinstance(value, spec.types)
+    if not ok:
+        want = "/".join(t.__name__ for t in spec.types)
+        raise InfernoError(
+            "bad_request", f"{where}.{name} must be {want}, got {type(value).__name__}"
+        )
+    if spec.choices is not None and value not in spec.choices:
+        raise InfernoError(
+            "bad_request",
+            f"{where}.{name} = {value!r} is not one of {', '.join(map(str, spec.choices))}",
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:  # NaN
+            raise InfernoError("bad_request", f"{where}.{name} is NaN")
+        if spec.min is not None and value < spec.min:
+            raise InfernoError("bad_request", f"{where}.{name} = {value} is below {spec.min}")
+        if spec.max is not None and value > spec.max:
+            raise InfernoError("bad_request", f"{where}.{name} = {value} is above {spec.max}")
+    if spec.max_len is not None and isinstance(value, (str, list)) and len(value) > spec.max_len:
+        raise InfernoError(
+            "bad_request", f"{where}.{name} has {len(value)} items/chars, limit {spec.max_len}"
+        )
+    if spec.items is not None and isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, spec.items):
+                raise InfernoError(
+                    "bad_request",
+                    f"{where}.{name}[{i}] must be {spec.items.__name__}, "
+                    f"got {type(item).__name__}",
+                )
+
+
+def validate(fields: dict[str, Any], schema: dict[str, F], where: str) -> dict[str, Any]:
+    for name, spec in schema.items():
+        if spec.required and name not in fields:
+            raise InfernoError("bad_request", f"{where}.{name} is required")
+    for name, value in fields.items():
+        spec = schema.get(name)
+        if spec is None:
+            known = ", ".join(sorted(schema)) or "none"
+            raise InfernoError(
+                "bad_request", f"unknown field {where}.{name}", f"known fields: {known}"
+            )
+        if value is None and not spec.required:
+            continue
+        _check(name, value, spec, where)
+    return fields
+
+
+def validate_header(header: dict[str, Any]) -> dict[str, Any]:
+    validate(header, HEADER, "header")
+    for key in ("id", "session"):
+        if not _ID_RE.match(header[key]):
+            raise InfernoError(
+                "bad_request", f"header.{key} may only hold A-Z a-z 0-9 . _ : - (1-64 chars)"
+            )
+    return header
+
+
+def validate_body(type_: str, body: dict[str, Any], schemas: dict[str, dict[str, F]]) -> dict:
+    schema = schemas.get(type_)
+    if schema is None:
+        raise InfernoError(
+            "unknown_type",
+            f"unknown request type {type_!r}",
+            f"supported: {', '.join(sorted(schemas))}",
+        )
+    validate(body, schema, type_)
+    if type_ == "generate":
+        _validate_generate(body)
+    return body
+
+
+def _validate_generate(body: dict[str, Any]) -> None:
+    has_prompt = body.get("prompt") is not None
+    has_messages = body.get("messages") is not None
+    if has_prompt == has_messages:
+        raise InfernoError(
+            "bad_request",
+            "generate needs exactly one of 'prompt' (completion) or 'messages' (chat)",
+        )
+    for i, msg in enumerate(body.get("messages") or []):
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise InfernoError(
+                "bad_request",
+                f"generate.messages[{i}] must be {{role: system|user|assistant, content: str}}",
+            )
+    for i, s in enumerate(body.get("stop") or []):
+        if not s or len(s) > 256:
+            raise InfernoError("bad_request", f"generate.stop[{i}] must be 1-256 characters")

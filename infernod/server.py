@@ -1,0 +1,339 @@
+"""The daemon: one asyncio loop that owns the sockets and dispatches requests.
+
+Sockets (both owned by the loop thread):
+  control  ROUTER  requests in, replies out (ROUTER_MANDATORY, MAXMSGSIZE)
+  events   XPUB    tokens.*, heartbeat, metrics, models, queue, stats, welcome.*
+
+The dispatcher is the only broad ``except`` in the daemon: every handler raises
+``InfernoError`` (or a bug), and the client gets ``{code, message, hint}`` either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from infernod import __version__
+from infernod import config as config_mod
+from infernod.config import Config
+from infernod.paths import Endpoints, runtime_dir, state_dir
+from infernod.protocol import codec
+from infernod.protocol.errors import InfernoError
+from infernod.protocol.messages import SCHEMAS, validate_body, validate_header
+from infernod.publisher import Publisher
+from infernod.systemd import Notifier
+
+log = logging.getLogger("infernod")
+
+ROLES = {"none": 0, "monitor": 1, "operator": 2}
+
+
+@dataclass
+class Request:
+    identity: bytes
+    header: dict[str, Any]
+    body: dict[str, Any]
+    role: str
+    received: float
+
+    @property
+    def session(self) -> str:
+        return self.header["session"]
+
+    @property
+    def type(self) -> str:
+        return self.header["type"]
+
+
+Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+
+
+class LockError(Exception):
+    pass
+
+
+class SingleInstanceLock:
+    """flock on <runtime dir>/infernod.lock: a second daemon must not steal the endpoint.
+
+    Binding an ipc:// path unlinks whatever socket file was there, silently cutting off
+    the running daemon's clients; the lock is taken *before* binding.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LockError(
+                f"another infernod (pid {holder}) already serves {self.path.parent}") from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def prepare_runtime_dir(path: Path, group: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if group:
+        import grp
+
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o750)
+    else:
+        os.chmod(path, 0o700)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, endpoints: Endpoints | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.boot_id = uuid.uuid4().hex
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self.runtime_dir = runtime_dir(cfg.daemon.runtime_dir)
+        self.state_dir = state_dir(cfg.daemon.state_dir)
+        self.endpoints = endpoints or Endpoints.in_dir(self.runtime_dir)
+        self.notifier = notifier or Notifier()
+        self.handlers: dict[str, tuple[Handler, str]] = {}
+        self.stopping = asyncio.Event()
+        self.loop_lag_ms = 0.0
+        self.requests_served = 0
+        self.errors_logged = 0
+        self._tasks: list[asyncio.Task] = []
+        self._lock = SingleInstanceLock(self.runtime_dir / "infernod.lock")
+        self.ctx: zmq.asyncio.Context | None = None
+
+    # -- handler table ----------------------------------------------------------------------
+    def route(self, type_: str, role: str = "operator") -> Callable[[Handler], Handler]:
+        def deco(fn: Handler) -> Handler:
+            self.handlers[type_] = (fn, role)
+            return fn
+        return deco
+
+    # -- sockets ----------------------------------------------------------------------------
+    def bind(self) -> None:
+        prepare_runtime_dir(self.runtime_dir, self.cfg.daemon.socket_group)
+        self._lock.acquire()
+        self.ctx = zmq.asyncio.Context()
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.MAXMSGSIZE, self.cfg.daemon.max_message_bytes)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.SNDHWM, 10000)
+        self.control.setsockopt(zmq.RCVHWM, 10000)
+        self.events = self.ctx.socket(zmq.XPUB)
+        self.events.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.setsockopt(zmq.SNDHWM, 100000)
+        self.events.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions only
+        old = os.umask(0o077 if not self.cfg.daemon.socket_group else 0o007)
+        try:
+            self.control.bind(self.endpoints.control)
+            self.events.bind(self.endpoints.events)
+        finally:
+            os.umask(old)
+        self.publisher = Publisher(self.events, self.boot_id,
+                                   stream_limit=self.cfg.daemon.stream_buffer_tokens,
+                                   stream_retention_s=self.cfg.daemon.stream_retention_s)
+
+    async def _control_loop(self) -> None:
+        while True:
+            try:
+                frames = await self.control.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as e:
+                if e.errno == zmq.ETERM:
+                    return
+                self._log_error("recv failed: %s", e)
+                continue
+            # Handlers run as tasks so a slow one (a model load) never blocks the others.
+            task = asyncio.get_running_loop().create_task(self._handle(frames))
+            task.add_done_callback(_consume)
+
+    async def _handle(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        received = time.monotonic()
+        header: dict[str, Any] = {}
+        role = self.role_of(frames[-1]) if len(frames) > 1 else "none"
+        try:
+            header, body = codec.decode_request([f.bytes for f in frames[1:]],
+                                                max_body_bytes=self.cfg.daemon.max_message_bytes)
+            validate_header(header)
+            handler, need = self._lookup(header["type"])
+            validate_body(header["type"], body, SCHEMAS)
+            if ROLES[role] < ROLES[need]:
+                raise InfernoError("forbidden", f"'{header['type']}' needs the {need} role; "
+                                                f"you are {role}", "ask an operator")
+            req = Request(identity, header, body, role, received)
+            self.on_request(req)
+            result = await handler(req)
+            await self._reply(identity, header, "reply", result)
+        except InfernoError as e:
+            if e.code == "internal":
+                self._log_error("request %s failed: %s", header.get("id"), e)
+            await self._reply(identity, header, "error", e.to_wire())
+        except Exception as e:  # the one broad except: a bug must not kill the daemon
+            log.exception("handler for %s crashed", header.get("type"))
+            err = InfernoError("internal", f"{type(e).__name__}: {e}")
+            await self._reply(identity, header, "error", err.to_wire())
+        self.requests_served += 1
+
+    def on_request(self, req: Request) -> None:
+        """Hook for per-request bookkeeping (client liveness)."""
+
+    def role_of(self, frame: zmq.Frame) -> str:
+        return "operator"
+
+    def _lookup(self, type_: str) -> tuple[Handler, str]:
+        entry = self.handlers.get(type_)
+        if entry is None or type_ not in SCHEMAS:
+            raise InfernoError("unknown_type", f"unknown request type {type_!r}",
+                               f"supported: {', '.join(sorted(self.handlers))}")
+        return entry
+
+    async def _reply(self, identity: bytes, req_header: dict[str, Any], kind: str,
+                     body: dict[str, Any]) -> None:
+        header = {"re": req_header.get("id") if isinstance(req_header, dict) else None,
+                  "type": kind, "ts": time.time(), "boot_id": self.boot_id}
+        try:
+            await self.control.send_multipart([identity, codec.MAGIC, codec.packb(header),
+                                               codec.packb(body)])
+        except zmq.ZMQError as e:  # EHOSTUNREACH: the client left before its answer
+            log.debug("reply to vanished peer dropped: %s", e)
+
+    def _log_error(self, fmt: str, *args: Any) -> None:
+        """Rate-limited error logging: a flood of bad input must not fill the journal."""
+        self.errors_logged += 1
+        if self.errors_logged <= 20 or self.errors_logged % 1000 == 0:
+            suffix = f" ({self.errors_logged} errors so far)" if self.errors_logged > 20 else ""
+            log.warning(fmt + suffix, *args)
+
+    async def _events_loop(self) -> None:
+        while True:
+            try:
+                frame = await self.events.recv()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as e:
+                if e.errno == zmq.ETERM:
+                    return
+                continue
+            self.publisher.on_subscription(frame)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.cfg.daemon.heartbeat_interval_s
+        watchdog_usec = self.notifier.watchdog_usec()
+        loop = asyncio.get_running_loop()
+        expected = loop.time() + interval
+        while True:
+            await asyncio.sleep(max(0.0, expected - loop.time()))
+            now = loop.time()
+            self.loop_lag_ms = max(0.0, (now - expected) * 1000)
+            expected = max(expected + interval, now)
+            self.publisher.publish("heartbeat", "heartbeat", self.heartbeat_body())
+            # Watchdog only while the loop really runs on time: a wedged loop stops pinging.
+            if watchdog_usec and self.loop_lag_ms < watchdog_usec / 2000:
+                self.notifier.watchdog()
+
+    def heartbeat_body(self) -> dict[str, Any]:
+        return {"uptime_s": round(time.monotonic() - self.started, 3),
+                "loop_lag_ms": round(self.loop_lag_ms, 3),
+                "interval_s": self.cfg.daemon.heartbeat_interval_s}
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task.add_done_callback(self._task_died)
+        self._tasks.append(task)
+        return task
+
+    def _task_died(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task %s died: %r", task.get_name(), exc, exc_info=exc)
+            self.stopping.set()
+
+    async def start(self) -> None:
+        """Bind, start the background tasks. Subclasses extend."""
+        self.bind()
+        self.spawn(self._control_loop(), "control")
+        self.spawn(self._events_loop(), "events")
+        self.spawn(self._heartbeat_loop(), "heartbeat")
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.ctx is not None:
+            self.control.close(0)
+            self.events.close(0)
+            self.ctx.term()
+        self._lock.release()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
+        self.notifier.ready(f"serving on {self.endpoints.control}")
+        log.info("infernod %s ready on %s (boot %s)", __version__, self.endpoints.control,
+                 self.boot_id[:8])
+        await self.stopping.wait()
+        self.notifier.stopping("draining")
+        await self.drain()
+        await self.shutdown()
+        log.info("infernod stopped")
+        return 0
+
+    async def drain(self) -> None:
+        """Subclasses finish or abort running work here."""
+
+    def reload(self) -> None:
+        try:
+            new = config_mod.load(self.cfg.source if self.cfg.source.endswith(".toml")
+                                  else None)
+        except config_mod.ConfigError as e:
+            log.error("SIGHUP: config not reloaded, %s", e)
+            return
+        self.cfg, applied, restart = config_mod.reload_diff(self.cfg, new)
+        log.info("SIGHUP: applied %s; needs restart: %s", ", ".join(applied) or "nothing",
+                 ", ".join(restart) or "nothing")
+        self.publisher.publish("models", "config_reloaded",
+                               {"applied": applied, "restart_required": restart})
+
+
+def _consume(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("request task failed: %r", task.exception())
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
+                        format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,285 @@
+"""InfernoDaemon: the server core wired to the registry, models, scheduler and streams.
+
+Each request type is one small handler below, registered with its minimum role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import time
+from typing import Any
+
+from infernod import __version__
+from infernod import config as config_mod
+from infernod.generation import Gen, GenerationService, LoopSink
+from infernod.models import ModelManager
+from infernod.protocol.codec import PROTOCOL_VERSION
+from infernod.protocol.errors import InfernoError
+from infernod.scheduler import Scheduler
+from infernod.server import Daemon, Request
+
+log = logging.getLogger("infernod")
+
+
+class InfernoDaemon(Daemon):
+    async def start(self) -> None:
+        from infernod.registry import Registry
+
+        await super().start()
+        self.loop = loop = asyncio.get_running_loop()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        s = self.cfg.scheduler
+        self.scheduler = Scheduler(max_queue_per_model=s.max_queue_per_model,
+                                   max_queue_total=s.max_queue_total,
+                                   aging_interval_s=s.aging_interval_s)
+        dirs = [self.state_dir / "models", *(p for p in map(_path, self.cfg.models.dirs))]
+        (self.state_dir / "models").mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(dirs, self.state_dir)
+        self.models = ModelManager(self.cfg, self.registry,
+                                   sink_factory=lambda name: LoopSink(loop, self.gen),
+                                   publish=self.publisher.publish, notifier=self.notifier)
+        self.gen = GenerationService(self.cfg, self.models, self.scheduler, self.publisher)
+        self.last_seen: dict[str, float] = {}
+        self.scanned = asyncio.Event()
+        self._register()
+        self.spawn(self._tick_loop(), "tick")
+        self.spawn(self._startup_models(), "startup-models")
+
+    async def _startup_models(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.registry.scan)
+        finally:
+            self.scanned.set()
+        if self.cfg.models.install_default:
+            try:
+                await loop.run_in_executor(None, self.registry.ensure_default_model,
+                                           self._default_progress)
+            except InfernoError as e:
+                log.warning("default model not installed: %s (%s)", e.message, e.hint)
+        for name in self.cfg.models.preload:
+            try:
+                await self.models.ensure_loaded(name)
+            except InfernoError as e:
+                log.error("preload of %s failed: %s", name, e)
+        self.models.models_event("ready", "")
+
+    def _default_progress(self, done: int, total: int, message: str) -> None:
+        self.notifier.extend_timeout(60)
+        self.loop_call(self.publisher.publish, "models", "progress",
+                       {"event": "progress", "model": "gemma3-270m", "done_bytes": done,
+                        "total_bytes": total, "message": message})
+
+    async def lookup(self, name: str) -> Any:
+        """The model's info; a file dropped into a model dir since the last scan is found."""
+        await asyncio.wait_for(self.scanned.wait(), 60)
+        try:
+            return self.registry.get(name)
+        except InfernoError as e:
+            if e.code != "unknown_model":
+                raise
+        await asyncio.get_running_loop().run_in_executor(None, self.registry.scan)
+        return self.registry.get(name)
+
+    def loop_call(self, fn: Any, *args: Any) -> None:
+        """Run fn(*args) on the event loop; safe from any thread."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    async def _tick_loop(self) -> None:
+        lease = self.cfg.scheduler.client_lease_s
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            self.gen.tick(now)
+            for gen in list(self.gen.gens.values()):
+                if gen.job is None and now - self.last_seen.get(gen.session, now) > lease:
+                    self.gen.cancel(gen.request_id, "aborted",
+                                    f"client silent for {lease:.0f}s (lease expired)")
+            await self.models.expire_idle()
+            self.publisher.expire_streams(now)
+            for change in self.scheduler.poll_level_changes():
+                self.publisher.publish("queue", "backpressure", {
+                    "model": change.model, "level": change.new, "previous": change.old,
+                    "depth": change.depth, "limit": change.limit})
+
+    def on_request(self, req: Request) -> None:
+        self.last_seen[req.session] = time.monotonic()
+
+    async def drain(self) -> None:
+        self.gen.accepting = False
+        for gen in list(self.gen.gens.values()):
+            if gen.state == "queued":
+                self.scheduler.cancel(gen.request_id)
+                self.gen._fail(gen, "aborted", "daemon stopping: queued work not started",
+                               "resubmit when the daemon is back (jobs are kept)")
+        deadline = time.monotonic() + self.cfg.daemon.drain_timeout_s
+        while self.gen.running_count() and time.monotonic() < deadline:
+            self.notifier.status(f"draining {self.gen.running_count()} requests")
+            await asyncio.sleep(0.1)
+        self.gen.abort_all("aborted", "daemon stopping: drain timeout reached")
+        await asyncio.sleep(0.05)  # let the abort events leave the socket
+        await self.models.close()
+
+    # -- handlers ---------------------------------------------------------------------------
+    def _register(self) -> None:
+        r = self.route
+        r("hello", "monitor")(self.h_hello)
+        r("ping", "monitor")(self.h_ping)
+        r("status", "monitor")(self.h_status)
+        r("config.get", "monitor")(self.h_config_get)
+        r("models.list", "monitor")(self.h_models_list)
+        r("models.show", "monitor")(self.h_models_show)
+        r("models.load", "operator")(self.h_models_load)
+        r("models.unload", "operator")(self.h_models_unload)
+        r("models.import", "operator")(self.h_models_import)
+        r("models.remove", "operator")(self.h_models_remove)
+        r("generate", "operator")(self.h_generate)
+        r("cancel", "monitor")(self.h_cancel)
+        r("stream.fetch", "monitor")(self.h_stream_fetch)
+
+    async def h_hello(self, req: Request) -> dict[str, Any]:
+        return {"protocol": PROTOCOL_VERSION, "server": "infernod", "version": __version__,
+                "boot_id": self.boot_id, "role": req.role, "session": req.session,
+                "capabilities": sorted(self.handlers),
+                "heartbeat_interval_s": self.cfg.daemon.heartbeat_interval_s,
+                "max_message_bytes": self.cfg.daemon.max_message_bytes}
+
+    async def h_ping(self, req: Request) -> dict[str, Any]:
+        return {"pong": True, "ts": time.time()}
+
+    async def h_status(self, req: Request) -> dict[str, Any]:
+        import llama_cpp  # already imported by the engine once a model loads
+
+        now = time.monotonic()
+        return {
+            "version": __version__, "boot_id": self.boot_id, "pid": os.getpid(),
+            "uptime_s": round(now - self.started, 3), "started_at": self.started_wall,
+            "endpoints": {"control": self.endpoints.control, "events": self.endpoints.events},
+            "config_source": self.cfg.source, "state_dir": str(self.state_dir),
+            "models_loaded": [lm.to_wire(now) for lm in self.models.loaded.values()],
+            "queue": {"queued": self.gen.queued_count(), "running": self.gen.running_count(),
+                      "level": self.scheduler.level()},
+            "loop_lag_ms": round(self.loop_lag_ms, 3),
+            "requests_served": self.requests_served,
+            "versions": {"python": platform.python_version(),
+                         "llama_cpp_python": llama_cpp.__version__},
+            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+        }
+
+    async def h_config_get(self, req: Request) -> dict[str, Any]:
+        key = req.body.get("key")
+        if key:
+            try:
+                return {"key": key, "value": config_mod.get_key(self.cfg, key)}
+            except config_mod.ConfigError as e:
+                raise InfernoError("bad_request", str(e)) from e
+        return {"config": self.cfg.to_dict(), "source": self.cfg.source}
+
+    async def h_models_list(self, req: Request) -> dict[str, Any]:
+        await asyncio.wait_for(self.scanned.wait(), 60)
+        loop = asyncio.get_running_loop()
+        models = await loop.run_in_executor(None, self.models.list_models)
+        return {"models": models}
+
+    async def h_models_show(self, req: Request) -> dict[str, Any]:
+        from infernod import templates
+
+        info = await self.lookup(req.body["model"])
+        out = info.to_dict(include_template=True)
+        out["chat_template_name"] = templates.template_name_for(info)
+        lm = self.models.loaded.get(info.name)
+        out.update(lm.to_wire(time.monotonic()) if lm else {"state": "available"})
+        return out
+
+    async def h_models_load(self, req: Request) -> dict[str, Any]:
+        t0 = time.monotonic()
+        await self.lookup(req.body["model"])
+        lm = await self.models.ensure_loaded(req.body["model"], req.body.get("keep_alive"))
+        return {"model": lm.name, "state": lm.state, "load_s": round(time.monotonic() - t0, 3),
+                "memory_bytes": lm.memory_bytes}
+
+    async def h_models_unload(self, req: Request) -> dict[str, Any]:
+        await self.models.unload(req.body["model"])
+        return {"model": req.body["model"], "state": "unloaded"}
+
+    async def h_models_import(self, req: Request) -> dict[str, Any]:
+        from pathlib import Path
+
+        b = req.body
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int, message: str) -> None:
+            self.loop_call(self.publisher.publish, "models", "progress",
+                           {"event": "progress", "model": b.get("name") or "", "done_bytes": done,
+                            "total_bytes": total, "message": message})
+
+        info = await loop.run_in_executor(None, lambda: self.registry.import_model(
+            Path(b["path"]), b.get("name"), bool(b.get("link")), progress))
+        self.models.models_event("imported", info.name)
+        return {"model": info.name, "path": str(info.path)}
+
+    async def h_models_remove(self, req: Request) -> dict[str, Any]:
+        name = req.body["model"]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.registry.remove, name, set(self.models.loaded))
+        self.models.models_event("removed", name)
+        return {"model": name, "state": "removed"}
+
+    async def h_generate(self, req: Request) -> dict[str, Any]:
+        from infernod import templates
+
+        b = req.body
+        info = await self.lookup(b["model"])
+        template = None
+        if b.get("messages") is not None:
+            prompt, template = templates.render_chat(info, b["messages"])
+        else:
+            prompt = b["prompt"]
+        s = self.cfg.scheduler
+        timeout_s = min(b.get("timeout_s") or s.timeout_s, s.max_timeout_s)
+        stall_s = min(b.get("stall_timeout_s") or s.stall_timeout_s, s.max_stall_timeout_s)
+        now = time.monotonic()
+        deadline = req.header.get("deadline")
+        deadline_mono = None if deadline is None else now + (deadline - time.time())
+        if deadline_mono is not None and deadline_mono <= now:
+            raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
+        request_id = f"{req.session}.{req.header['id']}"
+        gen = Gen(request_id=request_id, session=req.session, model=info.name, prompt=prompt,
+                  body=b, priority=b.get("priority") or "normal", submitted=now,
+                  deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
+                  topic=f"tokens.{request_id}")
+        self.gen.submit(gen)
+        return {"request_id": request_id, "topic": gen.topic, "model": info.name,
+                "chat_template": template}
+
+    async def h_cancel(self, req: Request) -> dict[str, Any]:
+        rid = req.body["request_id"]
+        gen = self.gen.gens.get(rid)
+        if gen is None:
+            raise InfernoError("unknown_request", f"no active request {rid}")
+        if gen.session != req.session and req.role != "operator":
+            raise InfernoError("forbidden", "only the request's owner or an operator may "
+                                            "cancel it", "ask an operator")
+        return {"request_id": rid, "state": self.gen.cancel(rid)}
+
+    async def h_stream_fetch(self, req: Request) -> dict[str, Any]:
+        rid = req.body["request_id"]
+        stream = self.publisher.fetch(rid, 0)
+        if stream is None:
+            raise InfernoError("unknown_request", f"no stream {rid} (finished more than "
+                               f"{self.cfg.daemon.stream_retention_s:.0f}s ago, or never existed)")
+        from_seq = req.body.get("from_seq") or 0
+        events = [{"seq": seq, "type": h["type"], "body": body}
+                  for seq, h, body in stream.events if seq >= from_seq][:4096]
+        return {"request_id": rid, "events": events, "first_seq": stream.dropped_before,
+                "finished": stream.finished_at is not None,
+                "more": bool(events) and events[-1]["seq"] < stream.events[-1][0]}
+
+
+def _path(p: str) -> Any:
+    from pathlib import Path
+
+    return Path(p).expanduser()

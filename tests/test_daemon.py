@@ -1,0 +1,294 @@
+"""The real daemon as a subprocess, driven through the client library."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import zmq
+
+from infernod.client import Client
+from infernod.protocol import codec
+from infernod.protocol.errors import DaemonUnavailable, InfernoError
+
+
+def test_hello_ping_status_config(daemon):
+    with daemon.client() as c:
+        hello = c.hello()
+        assert hello["protocol"] == 1
+        assert hello["role"] == "operator"
+        assert "generate" in hello["capabilities"]
+        assert len(hello["boot_id"]) == 32
+        assert c.ping()["pong"] is True
+        st = c.status()
+        assert st["boot_id"] == hello["boot_id"]
+        assert st["pid"] == daemon.pid
+        assert st["models_loaded"] == []
+        assert st["queue"]["level"] == "healthy"
+        assert c.config_get("models.slots")["value"] == 4
+        whole = c.config_get()
+        assert whole["config"]["daemon"]["runtime_dir"] == str(daemon.runtime)
+        with pytest.raises(InfernoError) as e:
+            c.config_get("models.nope")
+        assert e.value.code == "bad_request"
+
+
+def test_runtime_dir_is_private(daemon):
+    assert (daemon.runtime.stat().st_mode & 0o777) == 0o700
+
+
+def test_models_list_show_and_unknown(daemon):
+    with daemon.client() as c:
+        names = {m["name"]: m for m in c.models()}
+        assert names["gemma3-270m"]["architecture"] == "gemma3"
+        assert names["gemma3-270m"]["state"] == "available"
+        show = c.show("gemma3-270m")
+        assert show["chat_template_name"] != ""
+        with pytest.raises(InfernoError) as e:
+            c.show("no-such-model")
+        assert e.value.code == "unknown_model"
+        with pytest.raises(InfernoError) as e:
+            c.generate("no-such-model", "hi")
+        assert e.value.code == "unknown_model"
+
+
+@pytest.mark.model
+def test_load_generate_unload_round_trip(daemon):
+    with daemon.client() as c:
+        r = c.load("gemma3-270m")
+        assert r["state"] == "loaded" and r["memory_bytes"] > 100 * 2**20
+        assert [m["name"] for m in c.status()["models_loaded"]] == ["gemma3-270m"]
+        stream = c.generate("gemma3-270m", "The capital of France is", max_tokens=12,
+                            temperature=0)
+        pieces = list(stream)
+        assert "".join(pieces) == stream.text and "France" in stream.text
+        s = stream.stats
+        assert s["finish_reason"] == "length"
+        assert s["completion_tokens"] == 12
+        assert s["prompt_tokens"] > 3
+        for key in ("ttft_ms", "queue_wait_ms", "total_ms", "tokens_per_s"):
+            assert s[key] >= 0, key
+        chat = c.generate("gemma3-270m", messages=[{"role": "user", "content": "Say hi"}],
+                          max_tokens=4, temperature=0)
+        assert chat.reply["chat_template"]
+        list(chat)
+        assert chat.stats["completion_tokens"] <= 4
+        assert c.unload("gemma3-270m")["state"] == "unloaded"
+        assert c.status()["models_loaded"] == []
+        with pytest.raises(InfernoError) as e:
+            c.unload("gemma3-270m")
+        assert e.value.code == "model_not_loaded"
+
+
+@pytest.mark.model
+def test_cancel_stops_stream(daemon):
+    with daemon.client() as c:
+        c.load("gemma3-270m")
+        stream = c.generate("gemma3-270m", "Once upon a time", max_tokens=400, temperature=0)
+        it = iter(stream)
+        next(it)
+        assert c.cancel(stream.request_id)["state"] in ("cancelling", "cancelled")
+        rest = list(it)
+        assert stream.stats["finish_reason"] == "cancelled"
+        assert stream.stats["completion_tokens"] < 400
+        assert len(rest) < 400
+        with pytest.raises(InfernoError) as e:
+            c.cancel(stream.request_id)
+        assert e.value.code == "unknown_request"
+
+
+@pytest.mark.model
+def test_subscriber_receives_every_token_from_seq_0(daemon):
+    """A brand-new client that sends generate at once receives seq 0, 1, 2, ... live (no
+    slow-joiner loss: no gap had to be fetched), and stream.fetch returns the same events."""
+    with daemon.client() as warm:
+        warm.load("gemma3-270m")
+    for _ in range(3):
+        with daemon.client() as c:
+            stream = c.generate("gemma3-270m", "Hello", max_tokens=8, temperature=0)
+            text = "".join(stream)
+            assert stream.fetches == 0
+            assert stream.state.start is not None  # the seq-0 'start' event arrived live
+            fetched = c.request("stream.fetch", {"request_id": stream.request_id})
+            events = fetched["events"]
+            assert [e["seq"] for e in events] == list(range(stream.state.next_seq))
+            assert events[0]["type"] == "start" and events[-1]["type"] == "done"
+            assert "".join(e["body"].get("text", "") for e in events) == text
+            assert fetched["finished"] is True
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[models]\nslots = 0\n")
+    r = subprocess.run([sys.executable, "-m", "infernod", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "models.slots" in r.stderr and "0" in r.stderr and "1 .. 256" in r.stderr
+    cfg.write_text("[models]\nslots = 'eight'\n")
+    r = subprocess.run([sys.executable, "-m", "infernod", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "models.slots" in r.stderr
+    cfg.write_text("[scheduler]\nagin_interval_s = 3\n")
+    r = subprocess.run([sys.executable, "-m", "infernod", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "scheduler.agin_interval_s" in r.stderr
+    cfg.write_text("[daemon\n")
+    r = subprocess.run([sys.executable, "-m", "infernod", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "syntax" in r.stderr
+
+
+def test_second_daemon_refuses_and_first_keeps_serving(daemon, daemon_factory):
+    from daemon_harness import DaemonProcess
+
+    with daemon.client() as c:
+        boot = c.hello()["boot_id"]
+        second = DaemonProcess(base=daemon.base)
+        second.start(wait=False)
+        assert second.proc.wait(30) == 1
+        assert "another infernod" in second.log()
+        assert c.ping()["pong"]
+        assert c.hello()["boot_id"] == boot
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def _ping_ms(c: Client) -> float:
+    t0 = time.perf_counter()
+    c.ping()
+    return (time.perf_counter() - t0) * 1000
+
+
+def test_garbage_leaves_daemon_serving(daemon):
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(daemon.endpoint)
+    hdr = codec.packb({"id": "1", "type": "ping", "session": "raw"})
+    huge_map = b"\xdf\xff\xff\xff\xff"  # map32 claiming 2^32-1 entries
+    cases = [
+        [b"garbage"],
+        [codec.MAGIC, b"\xc1", b"\x80"],  # 0xc1 is never valid msgpack
+        [codec.MAGIC, hdr[:-3], b"\x80"],  # truncated header
+        [codec.MAGIC, huge_map, b"\x80"],
+        [codec.MAGIC, hdr, huge_map],
+        [codec.MAGIC, hdr, b"\x91" * 2000 + b"\x80"],  # nesting 2,000 deep
+        [codec.MAGIC, hdr, b"\xc7\x01\x05a"],  # ext type
+        [codec.MAGIC, hdr, codec.packb({1: 2})],  # non-string key
+        [codec.MAGIC, codec.packb({"id": "1", "type": "nope", "session": "raw"}), b"\x80"],
+        [b"XXXX", hdr, b"\x80"],
+        [codec.MAGIC, hdr, b"\x80", b"extra"],
+    ]
+    with daemon.client() as c:
+        rss0 = _rss(daemon.pid)
+        for i in range(1000):
+            raw.send_multipart(cases[i % len(cases)])
+        replies, codes = 0, set()
+        while raw.poll(1000):  # every case that has a parseable header gets an error reply
+            frames = raw.recv_multipart()
+            body = codec.unpackb(frames[2], max_bytes=1 << 20)
+            codes.add(body.get("code"))
+            replies += 1
+        assert replies >= 500
+        for _ in range(5):  # oversized: MAXMSGSIZE drops the connection before parsing
+            raw.send_multipart([codec.MAGIC, hdr, b"\x00" * (5 * 1024 * 1024)])
+        assert codes <= {"bad_request", "unknown_type"} and "bad_request" in codes
+        samples = sorted(_ping_ms(c) for _ in range(20))
+        assert samples[len(samples) // 2] < 50, samples
+        assert c.ping()["pong"]
+        grown = _rss(daemon.pid) - rss0
+        assert grown < 10 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB"
+    raw.close(0)
+
+
+def test_oversized_frame_drops_connection_not_daemon(daemon):
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(daemon.endpoint)
+    raw.send_multipart([codec.MAGIC, b"\x80", b"\x00" * (8 * 1024 * 1024)])
+    with daemon.client() as c:
+        assert _ping_ms(c) < 1000
+        assert c.ping()["pong"]
+    raw.close(0)
+
+
+def test_notify_socket_ready_and_stopping(daemon_factory, tmp_path):
+    path = f"/tmp/inf-notify-{os.getpid()}.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    try:
+        d = daemon_factory(start=False, env={"NOTIFY_SOCKET": path})
+        d.start(wait=False)
+        msg = sock.recv(4096).decode()
+        assert "READY=1" in msg
+        # READY is only sent once the sockets are bound: the socket file exists already.
+        assert (d.runtime / "control.sock").exists()
+        with d.client() as c:
+            assert c.ping()["pong"]
+        d.proc.send_signal(signal.SIGTERM)
+        msgs = []
+        while not any("STOPPING=1" in m for m in msgs):
+            msgs.append(sock.recv(4096).decode())
+        assert d.proc.wait(30) == 0
+    finally:
+        sock.close()
+        os.unlink(path)
+
+
+def test_abstract_notify_socket(daemon_factory):
+    name = f"inferno-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(30)
+    try:
+        d = daemon_factory(start=False, env={"NOTIFY_SOCKET": "@" + name})
+        d.start(wait=False)
+        assert "READY=1" in sock.recv(4096).decode()
+    finally:
+        sock.close()
+
+
+def test_unavailable_is_fast_when_nothing_listens(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable):
+        Client(f"ipc://{tmp_path}/control.sock", timeout=5).ping()
+    assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.model
+def test_kill_9_mid_stream_raises_within_3s(daemon):
+    with daemon.client() as c:
+        c.load("gemma3-270m")
+        stream = c.generate("gemma3-270m", "Once upon a time", max_tokens=2000,
+                            temperature=0.7, seed=1)
+        it = iter(stream)
+        next(it)
+        os.kill(daemon.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnavailable):
+            for _ in it:
+                pass
+        assert time.monotonic() - t0 < 3.2
+        daemon.proc.wait(5)
+        old_boot = c.boot_id
+        # Restart on the same directory: the same client reconnects by itself.
+        daemon.start()
+        end = time.monotonic() + 10
+        while True:
+            try:
+                hello = c.hello()
+                break
+            except DaemonUnavailable:
+                assert time.monotonic() < end
+        assert hello["boot_id"] != old_boot
+        assert c.restarted

@@ -27,7 +27,8 @@ class ConfigError(Exception):
 
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-        choices: tuple | None = None, restart: bool = False, items: type | None = None) -> Any:
+        choices: tuple | None = None, restart: bool = False,
+        items: type | tuple | None = None) -> Any:
     meta = {"doc": doc, "min": min, "max": max, "choices": choices, "restart": restart,
             "items": items}
     if isinstance(default, list):
@@ -117,8 +118,9 @@ class TelemetryConfig:
 @dataclass(frozen=True)
 class SecurityConfig:
     operators: list = opt([], "uids (ints) or user names with the operator role; the daemon's "
-                              "own uid is always operator", restart=False)
-    monitors: list = opt([], "uids or user names with the read-only monitor role")
+                              "own uid is always operator", items=(int, str))
+    monitors: list = opt([], "uids or user names with the read-only monitor role",
+                         items=(int, str))
     default_role: str = opt("monitor", "role of any other local uid that can reach the socket",
                             choices=("none", "monitor", "operator"))
     tcp_endpoint: str = opt("", "optional tcp://host:port (CURVE required)", restart=True)
@@ -182,7 +184,10 @@ def _expected_type(f: Any) -> type:
 
 def check_value(key: str, value: Any, path: Path | None = None) -> Any:
     """Validate one value for a dotted key; return it normalised (int -> float where needed)."""
-    _, f = key_spec(key)
+    try:
+        _, f = key_spec(key)
+    except ConfigError as e:
+        raise ConfigError(key, str(e).split(f"{key}: ", 1)[-1], path) from None
     meta = f.metadata
     want = _expected_type(f)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -198,8 +203,7 @@ def check_value(key: str, value: Any, path: Path | None = None) -> Any:
         if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(key, f"{value!r} is out of range; allowed {lo} .. {hi}", path)
     if isinstance(value, list) and meta["items"] is not None:
-        allowed = (meta["items"],) if key != "security.operators" and \
-            key != "security.monitors" else (int, str)
+        allowed = meta["items"] if isinstance(meta["items"], tuple) else (meta["items"],)
         for item in value:
             if not isinstance(item, allowed) or isinstance(item, bool):
                 raise ConfigError(key, f"item {item!r} must be "
@@ -315,3 +319,35 @@ def describe() -> list[dict[str, Any]]:
                         "min": m["min"], "max": m["max"], "choices": m["choices"],
                         "restart": m["restart"]})
     return out
+
+
+def _fmt_bound(x: float) -> str:
+    return f"{int(x):,}".replace(",", "_") if float(x).is_integer() else f"{x:g}"
+
+
+def example_toml() -> str:
+    """The fully commented default config (etc/infernod.toml is this, a test checks)."""
+    import tomli_w
+
+    lines = ["# infernod.toml: every key with its default. Uncomment and change what you need.",
+             "# Lookup order: --config, $INFERNO_CONFIG, /etc/infernod/infernod.toml,",
+             "# $XDG_CONFIG_HOME/inferno/infernod.toml, built-in defaults.",
+             "# Check a file without starting it: infernod --check-config --config FILE",
+             "# Keys marked (restart) need a restart; the others apply on SIGHUP",
+             "# (systemctl reload infernod). 'inferno config set KEY VALUE' edits a file.", ""]
+    section = None
+    for k in describe():
+        s, _, name = k["key"].partition(".")
+        if s != section:
+            lines.append(f"[{s}]")
+            section = s
+        rng = ""
+        if k["choices"]:
+            rng = " One of: " + ", ".join(map(str, k["choices"])) + "."
+        elif k["min"] is not None:
+            rng = f" Range {_fmt_bound(k['min'])} .. {_fmt_bound(k['max'])}."
+        lines.append(f"# {k['doc'][0].upper()}{k['doc'][1:]}.{rng}"
+                     f"{' (restart)' if k['restart'] else ''}")
+        lines.append(f"# {name} = {tomli_w.dumps({'x': k['default']}).strip()[4:]}")
+        lines.append("")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from infernod.protocol.errors import InfernoError
 
 PRIORITIES = ("vip", "high", "normal", "low")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': it separates topic parts
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,12 @@ def validate(fields: dict[str, Any], schema: dict[str, F], where: str) -> dict[s
 
 def validate_header(header: dict[str, Any]) -> dict[str, Any]:
     validate(header, HEADER, "header")
-    for key in ("id", "session"):
-        if not _ID_RE.match(header[key]):
-            raise InfernoError(
-                "bad_request", f"header.{key} may only hold A-Z a-z 0-9 . _ : - (1-64 chars)"
-            )
+    if not _ID_RE.match(header["id"]):
+        raise InfernoError("bad_request", "header.id may only hold A-Z a-z 0-9 . _ : - "
+                                          "(1-64 chars)")
+    if not _SESSION_RE.match(header["session"]):
+        raise InfernoError("bad_request", "header.session may only hold A-Z a-z 0-9 _ - "
+                                          "(1-64 chars)")
     return header
 
 

@@ -95,15 +95,20 @@ class SingleInstanceLock:
             self.fd = None
 
 
+def shared_with_group(group: str) -> bool:
+    """Sockets are group-accessible with a configured group, or under systemd, where
+    RuntimeDirectory= already belongs to the service's group."""
+    return bool(group) or bool(os.environ.get("RUNTIME_DIRECTORY"))
+
+
 def prepare_runtime_dir(path: Path, group: str) -> None:
+    """0700 for a user daemon; 0750 (owner + group) for a shared service."""
     path.mkdir(parents=True, exist_ok=True)
     if group:
         import grp
 
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        os.chmod(path, 0o750)
-    else:
-        os.chmod(path, 0o700)
+    os.chmod(path, 0o750 if shared_with_group(group) else 0o700)
 
 
 class Daemon:
@@ -149,7 +154,7 @@ class Daemon:
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.setsockopt(zmq.SNDHWM, 100000)
         self.events.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions only
-        old = os.umask(0o077 if not self.cfg.daemon.socket_group else 0o007)
+        old = os.umask(0o007 if shared_with_group(self.cfg.daemon.socket_group) else 0o077)
         try:
             self.control.bind(self.endpoints.control)
             self.events.bind(self.endpoints.events)

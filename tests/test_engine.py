@@ -204,8 +204,8 @@ def test_cancel_stops_within_one_step_and_frees_the_slot(engine: Any, sink: Reco
     assert len(seen) == cancelled_at[0]  # not a single token after the cancel
     assert stats["completion_tokens"] <= 4
     assert engine.free_slots() == 8
-    slot = next(s for s in engine.slot_state() if s["kv_tokens"] == 0 and s["pos_max"] == -1)
-    assert slot["request_id"] is None  # its KV cells are gone
+    slot = engine.slot_state()[sink.started("cancel-me")["slot"]]
+    assert (slot["request_id"], slot["kv_tokens"], slot["pos_max"]) == (None, 0, -1)  # cells gone
     _, stats2 = run(engine, sink, "after-cancel", prompt=PROMPT, max_tokens=3)
     assert stats2["completion_tokens"] == 3
 
@@ -342,3 +342,27 @@ def test_sliding_window_reuse_only_while_window_cells_exist(
         assert stats["generated_tokens"] == llama_greedy(reference, follow, 6)
     finally:
         eng.close()
+
+
+@pytest.mark.model
+def test_seeded_sampling_repeats_and_penalties_change_the_output(
+    engine: Any, sink: Recorder
+) -> None:
+    hot = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.0, seed=1234)
+    _, a = run(engine, sink, "seed-a", prompt=PROMPT, max_tokens=10, sampling=hot)
+    _, b = run(engine, sink, "seed-b", prompt=PROMPT, max_tokens=10, sampling=hot)
+    assert a["generated_tokens"] == b["generated_tokens"]
+    # greedy repeats the pattern; a strong presence penalty must break the repetition
+    _, plain = run(engine, sink, "rep-plain", prompt="ꙮ " * 6, max_tokens=8)
+    penalised = SamplingParams(temperature=0.0, presence_penalty=5.0, repeat_last_n=64)
+    _, pen = run(engine, sink, "rep-pen", prompt="ꙮ " * 6, max_tokens=8, sampling=penalised)
+    assert pen["generated_tokens"] != plain["generated_tokens"]
+
+
+@pytest.mark.model
+def test_engine_reports_memory_and_offload_support(engine: Any) -> None:
+    mem = engine.memory_bytes()
+    assert mem["model_bytes"] > 100 * 2**20  # the 270M Q4_K_M weights
+    assert mem["context_bytes"] > 0
+    assert mem["total_bytes"] == mem["model_bytes"] + mem["context_bytes"]
+    assert isinstance(engine.supports_gpu_offload, bool)

@@ -358,14 +358,20 @@ class GgufEngine:
         for item in list(self._waiting):
             if item[0].request_id == request_id:
                 self._waiting.remove(item)
-                run_stats = {
-                    "prompt_tokens": 0,
-                    "completion_tokens": 0,
-                    "generated_tokens": list(item[0].resume_tokens),
-                }
-                self._release_reservation()
-                self._emit("on_finished", request_id, reason, run_stats)
+                self._finish_without_slot(item[0], reason)
                 return
+
+    def _finish_without_slot(self, req: GenerationRequest, reason: str) -> None:
+        """Finish a request that never ran (stopped while queued, or nothing left to do)."""
+        stats = {
+            "finish_reason": reason,
+            "prompt_tokens": 0,
+            "prompt_cached_tokens": 0,
+            "completion_tokens": 0,
+            "generated_tokens": list(req.resume_tokens),
+        }
+        self._release_reservation()
+        self._emit("on_finished", req.request_id, reason, stats)
 
     # ---- admission and prefix reuse ------------------------------------------------------------
 
@@ -389,6 +395,9 @@ class GgufEngine:
             )
             code = "context_exceeded" if tokens else "bad_request"
             self._reject(req, code, msg, None)
+            return
+        if req.max_tokens <= len(req.resume_tokens):
+            self._finish_without_slot(req, "length")
             return
         slot, cached = self._pick_slot(tokens)
         run = _Run(

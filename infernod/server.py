@@ -328,10 +328,15 @@ class Daemon:
             log.error("SIGHUP: config not reloaded, %s", e)
             return
         self.cfg, applied, restart = config_mod.reload_diff(self.cfg, new)
+        self.apply_config(self.cfg)
         log.info("SIGHUP: applied %s; needs restart: %s", ", ".join(applied) or "nothing",
                  ", ".join(restart) or "nothing")
         self.publisher.publish("models", "config_reloaded",
                                {"applied": applied, "restart_required": restart})
+
+
+    def apply_config(self, cfg: Config) -> None:
+        """Hand a reloaded config to the parts that keep a reference; subclasses extend."""
 
 
 def _consume(task: asyncio.Task) -> None:

@@ -292,3 +292,36 @@ def test_kill_9_mid_stream_raises_within_3s(daemon):
                 assert time.monotonic() < end
         assert hello["boot_id"] != old_boot
         assert c.restarted
+
+
+def test_sighup_reloads_runtime_keys_and_reports_restart_keys(daemon):
+    import tomllib
+
+    import tomli_w
+
+    cfg = tomllib.loads(daemon.config_path.read_text())
+    cfg.setdefault("scheduler", {})["aging_interval_s"] = 2.5
+    cfg["models"]["slots"] = 2  # needs a restart
+    daemon.config_path.write_text(tomli_w.dumps(cfg))
+    with daemon.client(topics=("models",)) as c:
+        c.wait_welcome()
+        os.kill(daemon.pid, signal.SIGHUP)
+        end = time.monotonic() + 10
+        reloaded = None
+        while reloaded is None and time.monotonic() < end:
+            c._pump(0.2)
+            reloaded = next((e for e in c.events if e.type == "config_reloaded"), None)
+        assert reloaded is not None
+        assert reloaded.body["applied"] == ["scheduler.aging_interval_s"]
+        assert reloaded.body["restart_required"] == ["models.slots"]
+        assert c.config_get("scheduler.aging_interval_s")["value"] == 2.5
+        assert c.config_get("models.slots")["value"] == 4
+
+
+def test_sighup_with_bad_config_keeps_running(daemon):
+    daemon.config_path.write_text("[models]\nslots = -3\n")
+    os.kill(daemon.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    with daemon.client() as c:
+        assert c.config_get("models.slots")["value"] == 4
+    assert "config not reloaded" in daemon.log() and "models.slots" in daemon.log()

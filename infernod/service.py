@@ -89,10 +89,10 @@ class InfernoDaemon(Daemon):
         self.loop.call_soon_threadsafe(fn, *args)
 
     async def _tick_loop(self) -> None:
-        lease = self.cfg.scheduler.client_lease_s
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
+            lease = self.cfg.scheduler.client_lease_s
             self.gen.tick(now)
             for gen in list(self.gen.gens.values()):
                 if gen.job is None and now - self.last_seen.get(gen.session, now) > lease:
@@ -104,6 +104,14 @@ class InfernoDaemon(Daemon):
                 self.publisher.publish("queue", "backpressure", {
                     "model": change.model, "level": change.new, "previous": change.old,
                     "depth": change.depth, "limit": change.limit})
+
+    def apply_config(self, cfg: config_mod.Config) -> None:
+        self.models.cfg = cfg
+        self.gen.cfg = cfg
+        s = cfg.scheduler
+        self.scheduler.reconfigure(max_queue_per_model=s.max_queue_per_model,
+                                   max_queue_total=s.max_queue_total,
+                                   aging_interval_s=s.aging_interval_s)
 
     def on_request(self, req: Request) -> None:
         self.last_seen[req.session] = time.monotonic()

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infernod.backends import llama_native as native
 from infernod.backends.base import EngineSink, GenerationRequest, SamplingParams
+from infernod.backends.runstate import Run, Slot, common_prefix
 from infernod.backends.textstream import TextStream
 from infernod.protocol.errors import CODES, InfernoError
 
@@ -32,71 +32,6 @@ log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
 _NS_PER_MS = 1e6
-
-
-def _llama() -> Any:
-    """Import the native bindings lazily: importing this module must stay cheap."""
-    import llama_cpp.llama_cpp as llama
-
-    return llama
-
-
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux), used to measure what a load really costs."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _quiet_llama_logs() -> None:
-    """llama.cpp logs every tensor at load; keep only its errors."""
-    try:
-        from llama_cpp import _logger
-
-        _logger.set_verbose(False)
-    except ImportError:  # pragma: no cover - layout of the bindings changed
-        pass
-
-
-@dataclass
-class _Run:
-    """One request occupying a slot, from admission to finish."""
-
-    req: GenerationRequest
-    submit_ns: int
-    tokens: list[int]  # prompt + resume tokens: the context to evaluate before sampling
-    n_resume: int
-    sampler: Any
-    text: TextStream
-    n_done: int = 0  # how many of ``tokens`` are in the KV cache
-    cached: int = 0
-    generated: list[int] = field(default_factory=list)
-    pending: int | None = None  # sampled, delivered, not yet in the KV cache
-    unsent_tokens: int = 0
-    tokenize_ns: int = 0
-    admit_ns: int = 0
-    first_ns: int = 0
-    last_ns: int = 0
-    detok_ns: int = 0
-    itl_ns: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _Slot:
-    """A llama.cpp sequence id; ``kv`` mirrors exactly the tokens whose cells it holds."""
-
-    seq_id: int
-    kv: list[int] = field(default_factory=list)
-    run: _Run | None = None
-    released_ns: int = 0
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class GgufEngine:
@@ -137,7 +72,7 @@ class GgufEngine:
         self._n_batch = prefill_chunk + n_slots
         self._n_vocab = 0
         self._memory: dict[str, int] = {}
-        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._slots = [Slot(i) for i in range(n_slots)]
         self._waiting: deque[tuple[GenerationRequest, int]] = deque()
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, Any]] = deque()
@@ -183,7 +118,7 @@ class GgufEngine:
     def slot_state(self) -> list[dict[str, Any]]:
         """Per-slot diagnostics: request, cached tokens and the KV positions llama.cpp holds.
         A snapshot without locking: exact only while the engine is idle."""
-        llama = _llama()
+        llama = native.bindings()
         return [
             {
                 "seq_id": s.seq_id,
@@ -215,8 +150,8 @@ class GgufEngine:
 
     def _load(self) -> None:
         """Load weights, create the context and measure what both cost."""
-        llama = _llama()
-        _quiet_llama_logs()
+        llama = native.bindings()
+        native.quiet_logs()
         llama.llama_backend_init()
         self.supports_gpu_offload = bool(llama.llama_supports_gpu_offload())
         if not self.path.is_file():
@@ -226,12 +161,12 @@ class GgufEngine:
             self._vocab = llama.llama_model_get_vocab(self._model)
             self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
             self.n_swa = int(llama.llama_model_n_swa(self._model))
-            rss0 = _rss_bytes()
+            rss0 = native.rss_bytes()
             self._ctx = self._create_context(llama)
             self._mem = llama.llama_get_memory(self._ctx)
             self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
             self._warm_up(llama)
-            context_bytes = max(0, _rss_bytes() - rss0)
+            context_bytes = max(0, native.rss_bytes() - rss0)
         except InfernoError:
             self._free_native()
             raise
@@ -298,7 +233,7 @@ class GgufEngine:
             raise InfernoError("internal", f"warm-up decode failed (llama_decode returned {rc})")
 
     def _free_native(self) -> None:
-        llama = _llama()
+        llama = native.bindings()
         for slot in self._slots:
             if slot.run is not None:
                 llama.llama_sampler_free(slot.run.sampler)
@@ -400,7 +335,7 @@ class GgufEngine:
             self._finish_without_slot(req, "length")
             return
         slot, cached = self._pick_slot(tokens)
-        run = _Run(
+        run = Run(
             req=req,
             submit_ns=submit_ns,
             tokens=tokens,
@@ -430,7 +365,7 @@ class GgufEngine:
         self._release_reservation()
         self._emit_error(req.request_id, code, message, hint)
 
-    def _pick_slot(self, tokens: list[int]) -> tuple[_Slot, int]:
+    def _pick_slot(self, tokens: list[int]) -> tuple[Slot, int]:
         """Choose a free slot and make its KV hold the longest reusable prefix of ``tokens``.
 
         Candidates are every slot's cells (free slots keep theirs as a cache; running slots
@@ -438,7 +373,7 @@ class GgufEngine:
         prompt position produces logits. With a sliding-window cache the prefix is only usable
         if the window before it is still there (``llama_memory_seq_pos_min``).
         """
-        llama = _llama()
+        llama = native.bindings()
         free = [s for s in self._slots if s.run is None]
         best_src, best_n = None, 0
         for s in self._slots:
@@ -458,12 +393,12 @@ class GgufEngine:
         dst.kv = tokens[:best_n]
         return dst, best_n
 
-    def _prefix_usable(self, slot: _Slot, n: int) -> bool:
+    def _prefix_usable(self, slot: Slot, n: int) -> bool:
         """Can the first n cells of this slot be reused? With a trimmed SWA cache the cells
         that the next token's window needs may already have been dropped."""
         if self.swa_full or self.n_swa <= 0:
             return True
-        pos_min = int(_llama().llama_memory_seq_pos_min(self._mem, slot.seq_id))
+        pos_min = int(native.bindings().llama_memory_seq_pos_min(self._mem, slot.seq_id))
         return 0 <= pos_min <= max(0, n - self.n_swa)
 
     def _prompt_tokens(self, req: GenerationRequest) -> list[int]:
@@ -475,59 +410,16 @@ class GgufEngine:
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
         """Tokenize with the model's vocabulary (read-only, safe from any thread after start)."""
-        llama = _llama()
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (llama.llama_token * cap)()
-        n = llama.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
-        if n < 0:
-            cap = -n
-            buf = (llama.llama_token * cap)()
-            n = llama.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
-        return list(buf[:n])
+        return native.tokenize(self._vocab, text, add_bos, special)
 
     def _make_sampler(self, sp: SamplingParams, context: list[int]) -> Any:
-        """A C sampler chain for one request: greedy when temperature is 0, else penalties ->
-        top_k -> top_p -> min_p -> temperature -> seeded dist. Penalties see the prompt tail."""
-        llama = _llama()
-        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        add = llama.llama_sampler_chain_add
-        penal = (
-            sp.repeat_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
-        )
-        if penal:
-            add(
-                chain,
-                llama.llama_sampler_init_penalties(
-                    self._n_vocab,
-                    sp.repeat_last_n,
-                    sp.repeat_penalty,
-                    sp.frequency_penalty,
-                    sp.presence_penalty,
-                ),
-            )
-        if sp.temperature <= 0.0:
-            add(chain, llama.llama_sampler_init_greedy())
-        else:
-            if sp.top_k > 0:
-                add(chain, llama.llama_sampler_init_top_k(sp.top_k))
-            if sp.top_p < 1.0:
-                add(chain, llama.llama_sampler_init_top_p(sp.top_p, 1))
-            if sp.min_p > 0.0:
-                add(chain, llama.llama_sampler_init_min_p(sp.min_p, 1))
-            add(chain, llama.llama_sampler_init_temp(sp.temperature))
-            seed = llama.LLAMA_DEFAULT_SEED if sp.seed is None else sp.seed & 0xFFFFFFFF
-            add(chain, llama.llama_sampler_init_dist(seed))
-        if penal:
-            for tok in context[-max(sp.repeat_last_n, 0) :] if sp.repeat_last_n else []:
-                llama.llama_sampler_accept(chain, tok)
-        return chain
+        return native.make_sampler(self._n_vocab, sp, context)
 
     # ---- one step --------------------------------------------------------------------------
 
     def step(self) -> None:
         """Build one batch (decode tokens + prompt chunks), decode it once, sample outputs."""
-        llama = _llama()
+        llama = native.bindings()
         outputs = self._fill_batch()
         if not outputs and self._batch.n_tokens == 0:
             return
@@ -542,10 +434,10 @@ class GgufEngine:
             token = int(llama.llama_sampler_sample(run.sampler, self._ctx, idx))
             self._on_token(slot, run, token, now)
 
-    def _fill_batch(self) -> list[tuple[int, _Slot]]:
+    def _fill_batch(self) -> list[tuple[int, Slot]]:
         """Put every pending token and prompt chunks (within the budget) into the batch.
         Returns (batch index, slot) for each position that produces logits."""
-        outputs: list[tuple[int, _Slot]] = []
+        outputs: list[tuple[int, Slot]] = []
         n = 0
         for slot in self._slots:
             run = slot.run
@@ -575,7 +467,7 @@ class GgufEngine:
         self._batch.n_tokens = n
         return outputs
 
-    def _runs_by_age(self) -> list[tuple[_Slot, _Run]]:
+    def _runs_by_age(self) -> list[tuple[Slot, Run]]:
         """Running slots, oldest admission first: prompts are prefilled first come, first served."""
         runs = [(s, s.run) for s in self._slots if s.run is not None]
         return sorted(runs, key=lambda sr: sr[1].admit_ns)
@@ -588,7 +480,7 @@ class GgufEngine:
         b.seq_id[i][0] = seq_id
         b.logits[i] = logits
 
-    def _fail_batch(self, outputs: list[tuple[int, _Slot]], rc: int) -> None:
+    def _fail_batch(self, outputs: list[tuple[int, Slot]], rc: int) -> None:
         """llama_decode failed: the cells of this batch are undefined, drop the affected runs."""
         msg = f"llama_decode returned {rc}"
         log.error("decode failed: %s", msg)
@@ -598,13 +490,13 @@ class GgufEngine:
 
     # ---- per token -------------------------------------------------------------------------
 
-    def _on_token(self, slot: _Slot, run: _Run, token: int, now: int) -> None:
+    def _on_token(self, slot: Slot, run: Run, token: int, now: int) -> None:
         if run.first_ns == 0:
             run.first_ns = now
         else:
             run.itl_ns.append(now - run.last_ns)
         run.last_ns = now
-        llama = _llama()
+        llama = native.bindings()
         if not run.req.ignore_eos and llama.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "eos")
             return
@@ -631,7 +523,7 @@ class GgufEngine:
         return self._piece(token)
 
     def _piece(self, token: int) -> bytes:
-        llama = _llama()
+        llama = native.bindings()
         buf = self._piece_buf
         n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         if n < 0:
@@ -641,7 +533,7 @@ class GgufEngine:
 
     # ---- finishing -------------------------------------------------------------------------
 
-    def _finish(self, slot: _Slot, reason: str) -> None:
+    def _finish(self, slot: Slot, reason: str) -> None:
         """End a run: flush text, free its sampler, keep (or drop) its cells, report stats."""
         run = slot.run
         assert run is not None
@@ -654,17 +546,17 @@ class GgufEngine:
         if tail:
             self._emit("on_tokens", run.req.request_id, tail, run.unsent_tokens)
         self._release(slot, keep_cells=reason != "cancelled")
-        stats = self._stats(run, reason)
+        stats = run.stats(reason)
         self._emit("on_finished", run.req.request_id, reason, stats)
 
-    def _error(self, slot: _Slot, code: str, message: str) -> None:
+    def _error(self, slot: Slot, code: str, message: str) -> None:
         run = slot.run
         assert run is not None
         self._release(slot, keep_cells=False)
         self._emit_error(run.req.request_id, code, message, None)
 
-    def _release(self, slot: _Slot, keep_cells: bool) -> None:
-        llama = _llama()
+    def _release(self, slot: Slot, keep_cells: bool) -> None:
+        llama = native.bindings()
         run = slot.run
         assert run is not None
         llama.llama_sampler_free(run.sampler)
@@ -688,32 +580,6 @@ class GgufEngine:
         while self._waiting:
             req, _ = self._waiting.popleft()
             self._reject(req, "aborted", message, None)
-
-    def _stats(self, run: _Run, reason: str) -> dict[str, Any]:
-        end = run.last_ns or time.perf_counter_ns()
-        n = len(run.generated)
-        itl = sorted(run.itl_ns)
-        decode_ns = (run.last_ns - run.first_ns) if run.first_ns else 0
-        stats: dict[str, Any] = {
-            "finish_reason": reason,
-            "prompt_tokens": len(run.tokens),
-            "prompt_cached_tokens": run.cached,
-            "completion_tokens": n,
-            "tokenize_ms": run.tokenize_ns / _NS_PER_MS,
-            "prefill_ms": ((run.first_ns or end) - run.admit_ns) / _NS_PER_MS,
-            "decode_ms": decode_ns / _NS_PER_MS,
-            "detokenize_ms": run.detok_ns / _NS_PER_MS,
-            "ttft_ms": (run.first_ns - run.submit_ns) / _NS_PER_MS if run.first_ns else None,
-            "itl_ms": {
-                "mean": sum(itl) / len(itl) / _NS_PER_MS if itl else None,
-                "p50": itl[len(itl) // 2] / _NS_PER_MS if itl else None,
-                "max": itl[-1] / _NS_PER_MS if itl else None,
-            },
-            "tokens_per_s": (len(itl) / (decode_ns / 1e9)) if decode_ns > 0 else None,
-        }
-        # Resume tokens included: a preempted request is resubmitted with exactly this list.
-        stats["generated_tokens"] = list(run.req.resume_tokens) + run.generated
-        return stats
 
     def _emit_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
         self._emit("on_error", request_id, code, message, hint if hint is not None else CODES[code])

@@ -1,0 +1,85 @@
+"""Thin helpers over llama-cpp-python's low-level bindings (``llama_cpp.llama_cpp``).
+
+Everything that builds native objects for the GGUF engine and is not about scheduling lives
+here, so gguf.py reads as the batching loop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from infernod.backends.base import SamplingParams
+
+
+def bindings() -> Any:
+    """Import the native bindings lazily: importing this module must stay cheap."""
+    import llama_cpp.llama_cpp as llama
+
+    return llama
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux), used to measure what a load really costs."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def quiet_logs() -> None:
+    """llama.cpp logs every tensor at load; keep only its errors."""
+    try:
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)
+    except ImportError:  # pragma: no cover - layout of the bindings changed
+        pass
+
+
+def tokenize(vocab: Any, text: str, add_bos: bool, special: bool) -> list[int]:
+    """Tokenize text; the vocabulary is read-only, so any thread may call this."""
+    llama = bindings()
+    data = text.encode("utf-8")
+    cap = len(data) + 8
+    buf = (llama.llama_token * cap)()
+    n = llama.llama_tokenize(vocab, data, len(data), buf, cap, add_bos, special)
+    if n < 0:
+        cap = -n
+        buf = (llama.llama_token * cap)()
+        n = llama.llama_tokenize(vocab, data, len(data), buf, cap, add_bos, special)
+    return list(buf[:n])
+
+
+def make_sampler(n_vocab: int, sp: SamplingParams, context: list[int]) -> Any:
+    """A C sampler chain for one request: greedy when temperature is 0, else penalties ->
+    top_k -> top_p -> min_p -> temperature -> seeded dist. Penalties see the prompt tail."""
+    llama = bindings()
+    chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+    add = llama.llama_sampler_chain_add
+    penal = sp.repeat_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+    if penal:
+        add(
+            chain,
+            llama.llama_sampler_init_penalties(
+                n_vocab,
+                sp.repeat_last_n,
+                sp.repeat_penalty,
+                sp.frequency_penalty,
+                sp.presence_penalty,
+            ),
+        )
+    if sp.temperature <= 0.0:
+        add(chain, llama.llama_sampler_init_greedy())
+    else:
+        if sp.top_k > 0:
+            add(chain, llama.llama_sampler_init_top_k(sp.top_k))
+        if sp.top_p < 1.0:
+            add(chain, llama.llama_sampler_init_top_p(sp.top_p, 1))
+        if sp.min_p > 0.0:
+            add(chain, llama.llama_sampler_init_min_p(sp.min_p, 1))
+        add(chain, llama.llama_sampler_init_temp(sp.temperature))
+        seed = llama.LLAMA_DEFAULT_SEED if sp.seed is None else sp.seed & 0xFFFFFFFF
+        add(chain, llama.llama_sampler_init_dist(seed))
+    if penal:
+        for tok in context[-max(sp.repeat_last_n, 0) :] if sp.repeat_last_n else []:
+            llama.llama_sampler_accept(chain, tok)
+    return chain

@@ -52,6 +52,8 @@ class Gen:
     abort: tuple[str, str] | None = None
     resume_tokens: list[int] = field(default_factory=list)
     on_done: Callable[[Gen, str, dict], None] | None = None
+    on_start: Callable[[Gen], None] | None = None  # each time an engine starts (or resumes) it
+    text: list[str] | None = None  # when a list, every text delta is kept (job results)
 
 
 class LoopSink:
@@ -118,6 +120,9 @@ class GenerationService:
             self._fail(gen, "internal", f"loading {gen.model} failed: {e}", None)
             return
         gen.load_wait_s = time.monotonic() - t0
+        lm = self.models.loaded.get(gen.model)
+        if lm is not None and lm.engine is not None:
+            self.scheduler.set_slots(gen.model, lm.engine.n_slots)
         self.dispatch(gen.model)
 
     def dispatch(self, model: str) -> None:
@@ -157,6 +162,8 @@ class GenerationService:
             return
         gen.last_event_at = time.monotonic()
         self.publisher.publish(gen.topic, "start", {"request_id": request_id, **info})
+        if gen.on_start is not None:
+            gen.on_start(gen)
 
     def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
         gen = self.gens.get(request_id)
@@ -167,6 +174,8 @@ class GenerationService:
             gen.first_token_at = now
         gen.last_event_at = now
         gen.n_tokens += n_tokens
+        if gen.text is not None:
+            gen.text.append(text)
         self.publisher.publish(gen.topic, "token", {"text": text, "n": n_tokens})
 
     def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None:
@@ -174,12 +183,21 @@ class GenerationService:
         if gen is None:
             return
         self._release(gen)
-        if reason == "preempted":
+        if reason == "preempted" and gen.abort is None:
             gen.resume_tokens = list(stats.get("generated_tokens") or [])
             gen.state = "queued"
             self.scheduler.requeue(self._item(gen), time.monotonic())
             self.publisher.publish(gen.topic, "preempted", {"tokens_so_far": gen.n_tokens})
+            self.dispatch(gen.model)  # the slot it freed goes to whoever the policy picks
             return
+        if reason == "preempted":  # cancelled while being preempted
+            reason = "cancelled"
+        if gen.resume_tokens and "completion_tokens" in stats:  # count the whole answer
+            stats = {**stats, "completion_tokens": len(gen.resume_tokens)
+                     + stats["completion_tokens"]}
+        if reason in ("length", "stop", "eos") and gen.admitted_at and not gen.resume_tokens:
+            tokens = stats.get("completion_tokens", gen.n_tokens)
+            self.scheduler.record_service(gen.model, time.monotonic() - gen.admitted_at, tokens)
         if gen.abort is not None and gen.abort[0] != "cancelled":
             code, message = gen.abort
             self._fail(gen, code, message, None, stats=stats)

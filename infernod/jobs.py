@@ -381,6 +381,10 @@ class JobStore:
         """A job with every item and result. ``unknown_job`` if there is no such id."""
         return self._load(job_id, items=True)
 
+    def summary(self, job_id: str) -> Job:
+        """A job with its item counts but without items (cheap for progress events)."""
+        return self._load(job_id, items=False)
+
     def _require(self, job_id: str) -> None:
         if self._db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
             raise InfernoError("unknown_job", f"no job {job_id!r}")

@@ -60,6 +60,7 @@ _SAMPLING: dict[str, F] = {
     "repeat_last_n": F(INT, min=0, max=8192, doc="window for penalties (default 64)"),
     "seed": F(INT, min=0, max=2**32 - 1, doc="sampling seed"),
     "stop": F(LIST, max_len=16, items=str, doc="stop strings (never emitted)"),
+    "ignore_eos": F(BOOL, doc="keep generating past end-of-generation tokens (benchmarks)"),
 }
 
 SCHEMAS: dict[str, dict[str, F]] = {

@@ -366,3 +366,32 @@ def test_engine_reports_memory_and_offload_support(engine: Any) -> None:
     assert mem["context_bytes"] > 0
     assert mem["total_bytes"] == mem["model_bytes"] + mem["context_bytes"]
     assert isinstance(engine.supports_gpu_offload, bool)
+
+
+@pytest.mark.model
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode(
+    engine: Any, sink: Recorder
+) -> None:
+    """prefill_chunk is 64: a 200-token prompt takes 4 steps, and the running stream gets a
+    token in each of them instead of waiting for the whole prompt."""
+    got_tokens = threading.Event()
+    sink.on_token_hook = lambda rid, text, n: rid == "runner" and got_tokens.set()
+    try:
+        engine.submit(
+            GenerationRequest(
+                "runner", prompt=PROMPT, max_tokens=40, sampling=GREEDY, ignore_eos=True
+            )
+        )
+        assert got_tokens.wait(WAIT_S)
+        long_prompt = engine.tokenize(LONG_TEXT * 8)[:200]
+        engine.submit(
+            GenerationRequest("chunked", prompt_tokens=long_prompt, max_tokens=2, sampling=GREEDY)
+        )
+        sink.wait("runner", "chunked")
+    finally:
+        sink.on_token_hook = None
+    events = [e for e in sink.events if e[1] in ("runner", "chunked")]
+    start = next(i for i, e in enumerate(events) if e[0] == "started" and e[1] == "chunked")
+    first = next(i for i, e in enumerate(events) if e[0] == "tokens" and e[1] == "chunked")
+    runner_tokens = sum(e[3] for e in events[start:first] if e[0] == "tokens")
+    assert runner_tokens >= 3  # one per prefill step (4 chunks of <= 64 tokens)

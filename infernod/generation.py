@@ -54,6 +54,7 @@ class Gen:
     on_done: Callable[[Gen, str, dict], None] | None = None
     on_start: Callable[[Gen], None] | None = None  # each time an engine starts (or resumes) it
     text: list[str] | None = None  # when a list, every text delta is kept (job results)
+    itl_gaps_ms: list[float] | None = None  # the engine's raw inter-token gaps (profiles)
 
 
 class LoopSink:
@@ -84,6 +85,7 @@ class GenerationService:
         self.scheduler = scheduler
         self.publisher = publisher
         self.on_profile = on_profile
+        self.on_run_start: Callable[[Gen], None] | None = None  # service-wide, like on_profile
         self.gens: dict[str, Gen] = {}
         self.accepting = True
         models.on_unloaded.append(self._model_unloaded)
@@ -163,6 +165,8 @@ class GenerationService:
             return
         gen.last_event_at = time.monotonic()
         self.publisher.publish(gen.topic, "start", {"request_id": request_id, **info})
+        if self.on_run_start is not None:
+            self.on_run_start(gen)
         if gen.on_start is not None:
             gen.on_start(gen)
 
@@ -224,6 +228,9 @@ class GenerationService:
         now = time.monotonic()
         out = dict(stats)
         out.pop("generated_tokens", None)
+        gaps = out.pop("itl_gaps_ms", None)  # for the profile only, not the done event
+        if gaps is not None:
+            gen.itl_gaps_ms = list(gaps)
         out.update(
             finish_reason=reason,
             model=gen.model,

@@ -59,6 +59,8 @@ class Run:
                 "max": itl[-1] / _NS_PER_MS if itl else None,
             },
             "tokens_per_s": (len(itl) / (decode_ns / 1e9)) if decode_ns > 0 else None,
+            # Every gap in order, for the daemon's profiler (token-weighted ITL percentiles).
+            "itl_gaps_ms": [g / _NS_PER_MS for g in self.itl_ns],
         }
         # Resume tokens included: a preempted request is resubmitted with exactly this list.
         stats["generated_tokens"] = list(self.req.resume_tokens) + self.generated

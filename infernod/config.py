@@ -100,6 +100,12 @@ class SchedulerConfig:
                                      min=1, max=86400)
     client_lease_s: float = opt(10.0, "a running generation whose client is silent this long "
                                       "is aborted", min=1, max=3600)
+    deadline_critical_s: float = opt(10.0, "a waiting request whose deadline is this close goes "
+                                           "before everything (earliest deadline first)",
+                                     min=0, max=86400, restart=True)
+    deadline_urgent_s: float = opt(30.0, "a waiting request whose deadline is this close is "
+                                         "treated as at least 'high'", min=0, max=86400,
+                                   restart=True)
 
 
 @dataclass(frozen=True)

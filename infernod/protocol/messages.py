@@ -14,6 +14,7 @@ from typing import Any
 from infernod.protocol.errors import InfernoError
 
 PRIORITIES = ("vip", "high", "normal", "low")
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': it separates topic parts
 
@@ -95,10 +96,39 @@ SCHEMAS: dict[str, dict[str, F]] = {
         **_SAMPLING,
     },
     "cancel": {"request_id": F(STR, True, max_len=128)},
+    "queue.list": {"model": F(STR, max_len=64, doc="only this model's requests")},
+    "reprioritize": {
+        "request_id": F(STR, True, max_len=128),
+        "priority": F(STR, True, choices=PRIORITIES, doc="new requested class"),
+    },
+    "jobs.submit": {
+        "model": F(STR, True, max_len=64),
+        "prompts": F(LIST, True, max_len=10000, items=str, doc="one item per prompt"),
+        "priority": F(STR, choices=PRIORITIES, doc="default 'low'"),
+        "client": F(STR, max_len=64, doc="idempotency scope with header.idem (default 'local')"),
+        "chat": F(BOOL, doc="wrap each prompt as one user message in the chat template"),
+        "timeout_s": F(NUM, min=0.1, max=86400, doc="total inference timeout per item"),
+        "stall_timeout_s": F(NUM, min=0.1, max=3600, doc="max time between tokens"),
+        **_SAMPLING,
+    },
+    "jobs.get": {"job_id": F(STR, True, max_len=64)},
+    "jobs.list": {
+        "state": F(STR, choices=JOB_STATES),
+        "model": F(STR, max_len=64),
+        "client": F(STR, max_len=64),
+        "since": F(NUM, min=0, max=1e11, doc="created at or after (wall clock, epoch seconds)"),
+        "limit": F(INT, min=1, max=1000, doc="newest first (default 100)"),
+    },
+    "jobs.cancel": {"job_id": F(STR, True, max_len=64)},
     "stream.fetch": {
         "request_id": F(STR, True, max_len=128),
         "from_seq": F(INT, min=0, max=2**53, doc="first token-event seq wanted (default 0)"),
     },
+    "stats": {},
+    "profiles.recent": {
+        "n": F(INT, min=1, max=1_000_000, doc="how many of the latest profiles (default 20)"),
+    },
+    "metrics.get": {},
 }
 
 

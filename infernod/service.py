@@ -12,12 +12,14 @@ import platform
 import time
 from typing import Any
 
-from infernod import __version__
+from infernod import __version__, jobs_service, queueing
 from infernod import config as config_mod
 from infernod.generation import Gen, GenerationService, LoopSink
+from infernod.jobs_service import JobService
 from infernod.models import ModelManager
 from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
+from infernod.queueing import QueueService
 from infernod.scheduler import Scheduler
 from infernod.server import Daemon, Request
 
@@ -34,7 +36,9 @@ class InfernoDaemon(Daemon):
         s = self.cfg.scheduler
         self.scheduler = Scheduler(max_queue_per_model=s.max_queue_per_model,
                                    max_queue_total=s.max_queue_total,
-                                   aging_interval_s=s.aging_interval_s)
+                                   aging_interval_s=s.aging_interval_s,
+                                   deadline_critical_s=s.deadline_critical_s,
+                                   deadline_urgent_s=s.deadline_urgent_s)
         dirs = [self.state_dir / "models", *(p for p in map(_path, self.cfg.models.dirs))]
         (self.state_dir / "models").mkdir(parents=True, exist_ok=True)
         self.registry = Registry(dirs, self.state_dir)
@@ -42,11 +46,25 @@ class InfernoDaemon(Daemon):
                                    sink_factory=lambda name: LoopSink(loop, self.gen),
                                    publish=self.publisher.publish, notifier=self.notifier)
         self.gen = GenerationService(self.cfg, self.models, self.scheduler, self.publisher)
+        self.queue = QueueService(self.gen, self.scheduler, self.models, self.publisher)
+        self.jobs = JobService(self.state_dir / "jobs.sqlite3", self.gen, self.publisher,
+                               self.cfg, self._render_user_prompt)
         self.last_seen: dict[str, float] = {}
         self.scanned = asyncio.Event()
         self._register()
         self.spawn(self._tick_loop(), "tick")
         self.spawn(self._startup_models(), "startup-models")
+        self.spawn(self._start_jobs(), "jobs-start")
+
+    async def _start_jobs(self) -> None:
+        await self.scanned.wait()  # recovered items name models: the registry must know them
+        await self.jobs.start()
+
+    def _render_user_prompt(self, model: str, text: str) -> str:
+        from infernod import templates
+
+        return templates.render_chat(self.registry.get(model),
+                                     [{"role": "user", "content": text}])[0]
 
     async def _startup_models(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,6 +112,7 @@ class InfernoDaemon(Daemon):
             now = time.monotonic()
             lease = self.cfg.scheduler.client_lease_s
             self.gen.tick(now)
+            self.queue.tick(now)
             for gen in list(self.gen.gens.values()):
                 if gen.job is None and now - self.last_seen.get(gen.session, now) > lease:
                     self.gen.cancel(gen.request_id, "aborted",
@@ -108,6 +127,7 @@ class InfernoDaemon(Daemon):
     def apply_config(self, cfg: config_mod.Config) -> None:
         self.models.cfg = cfg
         self.gen.cfg = cfg
+        self.jobs.cfg = cfg
         s = cfg.scheduler
         self.scheduler.reconfigure(max_queue_per_model=s.max_queue_per_model,
                                    max_queue_total=s.max_queue_total,
@@ -118,10 +138,15 @@ class InfernoDaemon(Daemon):
 
     async def drain(self) -> None:
         self.gen.accepting = False
+        self.jobs.stopping = True  # queued job items stay queued in SQLite (the checkpoint)
         for gen in list(self.gen.gens.values()):
             if gen.state == "queued":
                 self.scheduler.cancel(gen.request_id)
-                self.gen._fail(gen, "aborted", "daemon stopping: queued work not started",
+                if gen.job is not None:
+                    msg = "daemon stopping: job item checkpointed, it runs after the restart"
+                else:
+                    msg = "daemon stopping: this request was still queued and is not kept"
+                self.gen._fail(gen, "aborted", msg,
                                "resubmit when the daemon is back (jobs are kept)")
         deadline = time.monotonic() + self.cfg.daemon.drain_timeout_s
         while self.gen.running_count() and time.monotonic() < deadline:
@@ -130,9 +155,12 @@ class InfernoDaemon(Daemon):
         self.gen.abort_all("aborted", "daemon stopping: drain timeout reached")
         await asyncio.sleep(0.05)  # let the abort events leave the socket
         await self.models.close()
+        await self.jobs.close()
 
     # -- handlers ---------------------------------------------------------------------------
     def _register(self) -> None:
+        jobs_service.register(self)
+        queueing.register(self)
         r = self.route
         r("hello", "monitor")(self.h_hello)
         r("ping", "monitor")(self.h_ping)
@@ -260,6 +288,7 @@ class InfernoDaemon(Daemon):
                   deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
                   topic=f"tokens.{request_id}")
         self.gen.submit(gen)
+        self.queue.admitted(gen.model)
         return {"request_id": request_id, "topic": gen.topic, "model": info.name,
                 "chat_template": template}
 

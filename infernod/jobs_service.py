@@ -1,0 +1,320 @@
+"""JobService: persistent jobs (``jobs.*`` requests) wired to the scheduler and the engines.
+
+The :class:`~infernod.jobs.JobStore` lives in ONE dedicated thread, a single-worker
+``ThreadPoolExecutor`` owned here: the store is created in it and every call runs in it, in
+submission order, so an item's ``mark_running`` always lands before its ``complete_item``.
+The event loop only awaits (or chains callbacks on) the futures.
+
+Flow of one item (request id ``<job_id>:<index>``):
+
+    jobs.submit -> store (thread) -> backlog of its model -> GenerationService.submit (the same
+    scheduler as interactive work, the job's own class, default ``low``) -> start: mark_running
+    -> done: complete_item(text, stats) | fail_item(code, message) -> progress on ``jobs``
+
+Only ``queue_share`` of a model's bounded queue is ever held by job items; the rest of a job
+waits in the backlog (it is in SQLite anyway) and is fed as items finish, so a batch of 500
+prompts neither bypasses the queue bound nor crowds out interactive requests.
+
+Restart and crash: :meth:`JobService.start` calls ``recover()`` (running items go back to
+queued: at-least-once; the first stored result wins, so each item has exactly one result).
+On drain nothing more is fed; queued items stay queued in SQLite (the checkpoint) and items
+the drain had to abort stay ``running`` there, so the next start requeues both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infernod.generation import Gen
+from infernod.jobs import Job, JobStore
+from infernod.protocol.errors import InfernoError
+
+log = logging.getLogger("infernod.jobs")
+
+MAX_BACKLOG_ITEMS = 100_000  # job items waiting outside the scheduler, over all models
+_SUCCESS = ("length", "stop", "eos")
+_CHECKPOINTED = ("aborted", "shutting_down")  # while stopping: left for recover()
+_PARAM_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+               "frequency_penalty", "presence_penalty", "repeat_last_n", "seed", "stop",
+               "timeout_s", "stall_timeout_s", "chat")
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A job item waiting in the backlog (not yet handed to the scheduler)."""
+
+    job_id: str
+    index: int
+    client: str
+    model: str
+    priority: str
+    prompt: str
+    params: dict[str, Any]
+
+    @property
+    def request_id(self) -> str:
+        return f"{self.job_id}:{self.index}"
+
+
+def _pending(job: Job, index: int, prompt: str) -> _Pending:
+    return _Pending(job.id, index, job.client, job.model, job.priority, prompt, job.params)
+
+
+class JobService:
+    """Owns the job-store thread and the job items in flight. Event-loop thread only."""
+
+    def __init__(self, path: Path, gen: Any, publisher: Any, cfg: Any,
+                 render_chat: Callable[[str, str], str]) -> None:
+        self.path = path
+        self.gen = gen
+        self.publisher = publisher
+        self.cfg = cfg
+        self.render_chat = render_chat  # (model, user text) -> prompt in the chat template
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
+        self._store: JobStore | None = None
+        self.ready = asyncio.Event()
+        self.backlog: dict[str, deque[_Pending]] = {}
+        self.active: dict[str, Gen] = {}  # request id -> job items handed to generation
+        self._started: set[str] = set()
+        self._pending_writes: set[asyncio.Future] = set()
+        self.stopping = False
+
+    # -- the store thread -------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Run fn(*args) in the store thread; submitted now, so calls keep their order."""
+        fut: Future = self._pool.submit(fn, *args)
+        afut = asyncio.wrap_future(fut)
+        self._pending_writes.add(afut)
+        afut.add_done_callback(self._pending_writes.discard)
+        return afut
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise InfernoError("unavailable", "the job store is not open yet", "retry shortly")
+        return self._store
+
+    async def start(self) -> None:
+        """Open the store (in its thread), requeue what had not finished, start feeding."""
+        self._store = await self._call(JobStore, self.path)
+        pending = await self._call(self._recover)
+        for p in pending:
+            self._to_backlog(p)
+        self.ready.set()
+        if pending:
+            log.info("jobs: recovered %d unfinished items", len(pending))
+            self.publisher.publish("jobs", "recovered", {"items": len(pending)})
+        self.feed()
+
+    def _recover(self) -> list[_Pending]:  # store thread
+        store = self.store
+        jobs: dict[str, Job] = {}
+        out = []
+        for job_id, index in store.recover():
+            job = jobs.get(job_id) or jobs.setdefault(job_id, store.get(job_id))
+            prompt = next(it.prompt for it in job.items if it.index == index)
+            out.append(_pending(job, index, prompt))
+        return out
+
+    async def close(self) -> None:
+        """After the drain: let pending writes land, close the database, end the thread."""
+        self.stopping = True
+        if self._pending_writes:
+            await asyncio.gather(*list(self._pending_writes), return_exceptions=True)
+        if self._store is not None:
+            await self._call(self._store.close)
+            self._store = None
+        self._pool.shutdown(wait=False)
+
+    # -- requests ---------------------------------------------------------------------------
+    async def submit(self, client: str, model: str, prompts: list[str], params: dict[str, Any],
+                     priority: str, idem: str | None) -> tuple[Job, bool]:
+        await asyncio.wait_for(self.ready.wait(), 60)
+        if self.stopping:
+            raise InfernoError("shutting_down", "the daemon is stopping and admits no new jobs")
+        if self.backlog_size() + len(prompts) > MAX_BACKLOG_ITEMS:
+            raise InfernoError("overloaded", f"more than {MAX_BACKLOG_ITEMS} job items wait",
+                               retry_after_ms=60_000)
+        job, created = await self._call(self.store.submit, client, model, prompts, params,
+                                        priority, idem)
+        if created:
+            for it in job.items:
+                self._to_backlog(_pending(job, it.index, it.prompt))
+            self.publisher.publish("jobs", "submitted", {
+                "job_id": job.id, "client": client, "model": model, "priority": priority,
+                "items": len(job.items)})
+            self.feed()
+        return job, created
+
+    async def get(self, job_id: str) -> Job:
+        await asyncio.wait_for(self.ready.wait(), 60)
+        return await self._call(self.store.get, job_id)
+
+    async def list(self, **filters: Any) -> list[Job]:
+        await asyncio.wait_for(self.ready.wait(), 60)
+        return await self._call(lambda: self.store.list(**filters))
+
+    async def cancel(self, job_id: str) -> tuple[Job, int]:
+        await asyncio.wait_for(self.ready.wait(), 60)
+        active = await self._call(self.store.cancel, job_id)
+        for model, q in self.backlog.items():
+            self.backlog[model] = deque(p for p in q if p.job_id != job_id)
+        for index in active:
+            rid = f"{job_id}:{index}"
+            if rid in self.gen.gens:
+                self.gen.cancel(rid)
+        job = await self._call(self.store.summary, job_id)
+        self.publisher.publish("jobs", "cancelled", {"job_id": job_id, "state": job.state,
+                                                     "counts": job.counts})
+        self.feed()
+        return job, len(active)
+
+    # -- feeding the scheduler --------------------------------------------------------------
+    def backlog_size(self) -> int:
+        return sum(len(q) for q in self.backlog.values())
+
+    def _to_backlog(self, p: _Pending) -> None:
+        self.backlog.setdefault(p.model, deque()).append(p)
+
+    def queue_share(self) -> int:
+        """Most job items one model's queue may hold: half of the tighter bound."""
+        s = self.cfg.scheduler
+        return max(1, min(s.max_queue_per_model, s.max_queue_total) // 2)
+
+    def feed(self) -> None:
+        """Hand backlog items to the scheduler while their model's job share has room."""
+        if self.stopping or not self.ready.is_set():
+            return
+        share = self.queue_share()
+        for model, q in self.backlog.items():
+            queued = sum(1 for g in self.active.values() if g.model == model
+                         and g.state == "queued")
+            while q and queued < share:
+                p = q.popleft()
+                try:
+                    self._launch(p)
+                except InfernoError as e:
+                    if e.code in ("overloaded", "shutting_down"):
+                        q.appendleft(p)  # stays in SQLite as queued; retried on the next feed
+                        break
+                    log.warning("job item %s not started: %s", p.request_id, e)
+                    self._write(p.job_id, p.index, "failed", self.store.fail_item,
+                                p.job_id, p.index, e.code, e.message)
+                    continue
+                queued += 1
+
+    def _launch(self, p: _Pending) -> None:
+        rid = p.request_id
+        if rid in self.gen.gens:
+            return
+        params = dict(p.params)
+        chat = bool(params.pop("chat", False))
+        prompt = self.render_chat(p.model, p.prompt) if chat else p.prompt
+        s = self.cfg.scheduler
+        now = time.monotonic()
+        gen = Gen(request_id=rid, session=p.client, client=p.client, model=p.model,
+                  prompt=prompt, body=params, priority=p.priority, submitted=now, deadline=None,
+                  timeout_s=min(params.get("timeout_s") or s.timeout_s, s.max_timeout_s),
+                  stall_timeout_s=min(params.get("stall_timeout_s") or s.stall_timeout_s,
+                                      s.max_stall_timeout_s),
+                  topic=f"tokens.{rid}", job=(p.job_id, p.index), text=[],
+                  on_start=self._on_start, on_done=self._on_done)
+        self.gen.submit(gen)
+        self.active[rid] = gen
+
+    # -- item events (from GenerationService, on the loop) ----------------------------------
+    def _on_start(self, gen: Gen) -> None:
+        if gen.request_id in self._started:  # resumed after a preemption
+            return
+        self._started.add(gen.request_id)
+        job_id, index = gen.job or ("", 0)
+        fut = self._call(self.store.mark_running, job_id, index)
+
+        def started(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None and not f.result() \
+                    and gen.request_id in self.gen.gens:
+                self.gen.cancel(gen.request_id)  # the job was cancelled while it waited
+
+        fut.add_done_callback(started)
+
+    def _on_done(self, gen: Gen, reason: str, final: dict[str, Any]) -> None:
+        rid = gen.request_id
+        self.active.pop(rid, None)
+        self._started.discard(rid)
+        job_id, index = gen.job or ("", 0)
+        if reason in _SUCCESS:
+            self._write(job_id, index, "done", self.store.complete_item, job_id, index,
+                        "".join(gen.text or []), final)
+        elif reason == "cancelled" or (self.stopping and reason in _CHECKPOINTED):
+            pass  # cancelled: the store knows already; stopping: recover() requeues it
+        else:
+            message = gen.abort[1] if gen.abort else reason
+            self._write(job_id, index, "failed", self.store.fail_item, job_id, index, reason,
+                        message)
+        self.feed()
+
+    def _write(self, job_id: str, index: int, item_state: str, fn: Callable[..., bool],
+               *args: Any) -> None:
+        def write_and_summarise() -> tuple[bool, Job]:  # store thread
+            changed = fn(*args)
+            return changed, self.store.summary(job_id)
+
+        fut = self._call(write_and_summarise)
+
+        def written(f: asyncio.Future) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                log.error("job %s item %d: store write failed: %r", job_id, index,
+                          f.exception())
+                return
+            changed, job = f.result()
+            self.publisher.publish("jobs", "progress", {
+                "job_id": job_id, "index": index, "item_state": item_state,
+                "recorded": changed, "state": job.state, "counts": job.counts})
+
+        fut.add_done_callback(written)
+
+
+# -- request handlers -------------------------------------------------------------------------
+def register(daemon: Any) -> None:
+    """Add the jobs.* request handlers to ``daemon`` (an InfernoDaemon)."""
+    jobs: JobService = daemon.jobs
+
+    async def h_jobs_submit(req: Any) -> dict[str, Any]:
+        b = req.body
+        info = await daemon.lookup(b["model"])
+        params = {k: b[k] for k in _PARAM_KEYS if b.get(k) is not None}
+        job, created = await jobs.submit(b.get("client") or "local", info.name, b["prompts"],
+                                         params, b.get("priority") or "low",
+                                         req.header.get("idem"))
+        return {"job_id": job.id, "created": created, "state": job.state,
+                "items": len(job.items), "model": job.model, "priority": job.priority}
+
+    async def h_jobs_get(req: Any) -> dict[str, Any]:
+        return (await jobs.get(req.body["job_id"])).to_wire()
+
+    async def h_jobs_list(req: Any) -> dict[str, Any]:
+        b = req.body
+        found = await jobs.list(state=b.get("state"), model=b.get("model"),
+                                client=b.get("client"), since=b.get("since"),
+                                limit=b.get("limit") or 100)
+        return {"jobs": [j.to_wire() for j in found]}
+
+    async def h_jobs_cancel(req: Any) -> dict[str, Any]:
+        job, n = await jobs.cancel(req.body["job_id"])
+        return {"job_id": job.id, "state": job.state, "cancelled_items": n,
+                "counts": job.counts}
+
+    daemon.route("jobs.submit", "operator")(h_jobs_submit)
+    daemon.route("jobs.get", "monitor")(h_jobs_get)
+    daemon.route("jobs.list", "monitor")(h_jobs_list)
+    daemon.route("jobs.cancel", "operator")(h_jobs_cancel)

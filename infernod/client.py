@@ -110,6 +110,8 @@ class _StreamState:
     stats: dict[str, Any] | None = None
     start: dict[str, Any] | None = None
     text: list[str] = field(default_factory=list)
+    queued: dict[str, Any] | None = None  # last 'queued' event: position, eta_s (until start)
+    preemptions: int = 0
 
     def offer(self, ev: Event) -> list[Event]:
         """Accept an event in any order; return the ones now deliverable in order."""
@@ -132,7 +134,11 @@ class _StreamState:
             text = ev.body.get("text", "")
             self.text.append(text)
             return text
-        if ev.type == "start":
+        if ev.type == "queued":
+            self.queued = ev.body
+        elif ev.type == "preempted":
+            self.preemptions += 1
+        elif ev.type == "start":
             self.start = ev.body
         elif ev.type == "done":
             self.done = True
@@ -392,6 +398,29 @@ class Client(_Base):
 
     def config_get(self, key: str | None = None) -> dict[str, Any]:
         return self.request("config.get", {"key": key} if key else {})
+
+    def queue_list(self, model: str | None = None) -> dict[str, Any]:
+        return self.request("queue.list", {"model": model} if model else {})
+
+    def reprioritize(self, request_id: str, priority: str) -> dict[str, Any]:
+        return self.request("reprioritize", {"request_id": request_id, "priority": priority})
+
+    def jobs_submit(self, model: str, prompts: list[str], *, idem: str | None = None,
+                    **params: Any) -> dict[str, Any]:
+        """Store a job; with ``idem`` a retried submit returns the same ``job_id``."""
+        body = {"model": model, "prompts": prompts,
+                **{k: v for k, v in params.items() if v is not None}}
+        return self.request("jobs.submit", body, idem=idem, timeout=max(self.timeout, 30))
+
+    def jobs_get(self, job_id: str) -> dict[str, Any]:
+        return self.request("jobs.get", {"job_id": job_id})
+
+    def jobs_list(self, **filters: Any) -> list[dict[str, Any]]:
+        body = {k: v for k, v in filters.items() if v is not None}
+        return self.request("jobs.list", body)["jobs"]
+
+    def jobs_cancel(self, job_id: str) -> dict[str, Any]:
+        return self.request("jobs.cancel", {"job_id": job_id})
 
     def generate(self, model: str, prompt: str | None = None, *,
                  messages: list[dict[str, str]] | None = None, deadline: float | None = None,

@@ -98,6 +98,9 @@ class ModelInfo:
     chat_template: str | None = None
     weights_bytes: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    # ONNX only: {"kind": "embedding"|"generic", "inputs", "outputs", "opset", "ir_version",
+    # "producer", "max_length", "dim", "tokenizer"} from backends.onnx.inspect_onnx
+    onnx: dict[str, Any] | None = None
 
     @property
     def has_chat_template(self) -> bool:
@@ -308,16 +311,27 @@ def read_gguf_info(name: str, path: Path) -> ModelInfo:
     )  # fmt: skip
 
 
-def read_onnx_info(name: str, path: Path) -> ModelInfo:
-    """Minimal ONNX entry (a .onnx file or a directory holding model.onnx).
+_ONNX_FIELDS = ("kind", "inputs", "outputs", "opset", "ir_version", "producer", "max_length", "dim",
+                "tokenizer")  # fmt: skip
 
-    The ONNX backend owner extends this with inputs/outputs/opset; keep ONNX details here.
+
+def read_onnx_info(name: str, path: Path) -> ModelInfo:
+    """ONNX entry (a .onnx file or a directory holding model.onnx and maybe tokenizer.json).
+
+    Signature, opset and kind come from ``inspect_onnx``, which parses the protobuf header
+    only: no weights read, no onnx/onnxruntime import, so a scan stays cheap.
     """
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    from infernod.backends.onnx import inspect_onnx
+
     st = path.stat()
-    size = sum(p.stat().st_size for p in files)
-    return ModelInfo(name=name, kind="onnx", path=path, size_bytes=size, mtime=st.st_mtime,
-                     linked=path.is_symlink(), weights_bytes=size)  # fmt: skip
+    spec = inspect_onnx(path)
+    onnx = {k: spec[k] for k in _ONNX_FIELDS}
+    return ModelInfo(name=name, kind="onnx", path=path, size_bytes=spec["size_bytes"],
+                     mtime=st.st_mtime, linked=path.is_symlink(),
+                     architecture=f"onnx-{spec['kind']}", context_length=spec["max_length"],
+                     embedding_length=spec["dim"] if isinstance(spec["dim"], int) else None,
+                     weights_bytes=spec["size_bytes"], metadata=dict(spec["metadata"]),
+                     onnx=onnx)  # fmt: skip
 
 
 def _entry_kind(path: Path) -> str | None:

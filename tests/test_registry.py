@@ -10,6 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from onnx_graphs import generic_graph, tiny_encoder
 
 from infernod.protocol.errors import InfernoError
 from infernod.registry import (
@@ -105,9 +106,9 @@ def test_scan_names_kinds_cache_and_broken_files(dirs: tuple[Path, Path]) -> Non
     models, state = dirs
     write_gguf(models / "Tiny-Model.GGUF")
     (models / "broken.gguf").write_bytes(b"GGUF" + b"\xff" * 20)
-    (models / "net.onnx").write_bytes(b"\x08\x07")
-    (models / "vision").mkdir()
-    (models / "vision" / "model.onnx").write_bytes(b"\x08\x07")
+    generic_graph(models / "net.onnx")
+    tiny_encoder(models / "vision")
+    (models / "junk.onnx").write_bytes(b"\x08\x07")  # ir_version, then nothing: not a model
     (models / "notes.txt").write_text("not a model")
     (models / ".hidden.gguf.partial").write_bytes(b"GGUF")
     reg = Registry([models], state)
@@ -115,7 +116,12 @@ def test_scan_names_kinds_cache_and_broken_files(dirs: tuple[Path, Path]) -> Non
     assert set(names) == {"tiny-model", "net", "vision"}
     assert names["tiny-model"].kind == "gguf" and names["net"].kind == "onnx"
     assert names["vision"].kind == "onnx"
+    assert names["net"].onnx["kind"] == "generic" and names["vision"].onnx["kind"] == "embedding"
+    assert [i["name"] for i in names["net"].onnx["inputs"]] == ["X", "Y"]
+    assert names["net"].onnx["opset"] == 17 and names["tiny-model"].onnx is None
+    assert names["net"].size_bytes == (models / "net.onnx").stat().st_size
     assert any("broken.gguf" in p for p in reg.errors)
+    assert any("junk.onnx" in p for p in reg.errors)
     first = reg.get("tiny-model")
     reg.scan()
     assert reg.get("tiny-model") == first

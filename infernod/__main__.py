@@ -8,6 +8,7 @@ import sys
 
 from infernod import __version__
 from infernod import config as config_mod
+from infernod.auth import SecurityError
 from infernod.server import LockError, setup_logging
 
 
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infernod: {e}; refusing to start a second daemon on the same endpoint",
               file=sys.stderr)
         return 1
+    except SecurityError as e:
+        print(f"infernod: {e}" + (f" ({e.hint})" if e.hint else ""), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -55,6 +55,12 @@ class DaemonConfig:
                                     min=16, max=10_000_000)
     stream_retention_s: float = opt(300.0, "how long a finished stream stays fetchable",
                                     min=0, max=86400)
+    subscriber_hwm: int = opt(20000, "events queued per subscriber before the daemon drops "
+                                     "that subscriber's events (it re-fetches token gaps)",
+                              min=1, max=10_000_000, restart=True)
+    subscriber_sndbuf_bytes: int = opt(0, "kernel send buffer per subscriber connection; 0 = "
+                                          "the OS default", min=0, max=64 * 1024 * 1024,
+                                       restart=True)
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,11 @@ class SecurityConfig:
     rate_limit_per_s: float = opt(200.0, "requests per second per client; 0 = unlimited",
                                   min=0, max=1_000_000)
     rate_limit_burst: int = opt(400, "burst allowance per client", min=1, max=10_000_000)
+    rate_limit_peer_per_s: float = opt(1000.0, "requests per second per peer (local uid or "
+                                               "remote key) over all its sessions; 0 = "
+                                               "unlimited", min=0, max=1_000_000)
+    rate_limit_peer_burst: int = opt(2000, "burst allowance per peer", min=1,
+                                     max=10_000_000)
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,9 @@ class OnnxConfig:
                                   choices=("disable", "basic", "extended", "all"),
                                   restart=True)
     max_batch: int = opt(32, "texts embedded per batch", min=1, max=4096)
+    providers: list = opt(["CUDA", "CPU"], "onnxruntime execution providers in order of "
+                                           "preference (CPU is always the last resort)",
+                          items=str, restart=True)
 
 
 @dataclass(frozen=True)

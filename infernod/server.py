@@ -28,12 +28,15 @@ import zmq.asyncio
 
 from infernod import __version__
 from infernod import config as config_mod
+from infernod.auth import Security
 from infernod.config import Config
+from infernod.keys import keys_dir
 from infernod.paths import Endpoints, runtime_dir, state_dir
 from infernod.protocol import codec
 from infernod.protocol.errors import InfernoError
 from infernod.protocol.messages import SCHEMAS, validate_body, validate_header
 from infernod.publisher import Publisher
+from infernod.ratelimit import RateLimiter
 from infernod.systemd import Notifier
 
 log = logging.getLogger("infernod")
@@ -130,6 +133,9 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._lock = SingleInstanceLock(self.runtime_dir / "infernod.lock")
         self.ctx: zmq.asyncio.Context | None = None
+        self.security = Security(lambda: self.cfg.security, keys_dir(self.state_dir),
+                                 self._log_error)
+        self.limiter = RateLimiter(lambda: self.cfg.security)
 
     # -- handler table ----------------------------------------------------------------------
     def route(self, type_: str, role: str = "operator") -> Callable[[Handler], Handler]:
@@ -143,6 +149,7 @@ class Daemon:
         prepare_runtime_dir(self.runtime_dir, self.cfg.daemon.socket_group)
         self._lock.acquire()
         self.ctx = zmq.asyncio.Context()
+        self.security.start_zap(self.ctx)  # before any bind: no handshake skips ZAP
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.MAXMSGSIZE, self.cfg.daemon.max_message_bytes)
@@ -152,14 +159,22 @@ class Daemon:
         self.events = self.ctx.socket(zmq.XPUB)
         self.events.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.events.setsockopt(zmq.LINGER, 0)
-        self.events.setsockopt(zmq.SNDHWM, 100000)
+        # Per subscriber: a paused one loses events past this (and re-fetches token gaps).
+        self.events.setsockopt(zmq.SNDHWM, self.cfg.daemon.subscriber_hwm)
+        if self.cfg.daemon.subscriber_sndbuf_bytes:
+            self.events.setsockopt(zmq.SNDBUF, self.cfg.daemon.subscriber_sndbuf_bytes)
         self.events.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions only
         old = os.umask(0o007 if shared_with_group(self.cfg.daemon.socket_group) else 0o077)
         try:
+            for sock in (self.control, self.events):
+                self.security.protect_ipc(sock)
             self.control.bind(self.endpoints.control)
             self.events.bind(self.endpoints.events)
         finally:
             os.umask(old)
+        if self.cfg.security.tcp_endpoint:  # CURVE or nothing (SecurityError: no start)
+            self.tcp_endpoints = self.security.bind_tcp(self.control, self.events,
+                                                        self.cfg.security.tcp_endpoint)
         self.publisher = Publisher(self.events, self.boot_id,
                                    stream_limit=self.cfg.daemon.stream_buffer_tokens,
                                    stream_retention_s=self.cfg.daemon.stream_retention_s)
@@ -184,10 +199,16 @@ class Daemon:
         received = time.monotonic()
         header: dict[str, Any] = {}
         role = self.role_of(frames[-1]) if len(frames) > 1 else "none"
+        # Charged before parsing: a flood of garbage uses up its sender's allowance too.
+        peer_wait = self.limiter.peer(self.security.principal_of(frames[-1]) or
+                                      identity.hex(), received)
         try:
             header, body = codec.decode_request([f.bytes for f in frames[1:]],
                                                 max_body_bytes=self.cfg.daemon.max_message_bytes)
             validate_header(header)
+            wait = max(peer_wait, self.limiter.session(header["session"], received))
+            if wait:
+                raise self.rate_limited(wait)
             handler, need = self._lookup(header["type"])
             validate_body(header["type"], body, SCHEMAS)
             if ROLES[role] < ROLES[need]:
@@ -211,7 +232,12 @@ class Daemon:
         """Hook for per-request bookkeeping (client liveness)."""
 
     def role_of(self, frame: zmq.Frame) -> str:
-        return "operator"
+        return self.security.role_of(frame)
+
+    def rate_limited(self, wait_s: float) -> InfernoError:
+        ms = int(wait_s * 1000) + 1
+        return InfernoError("rate_limited", f"too many requests; retry in {ms} ms",
+                            retry_after_ms=ms)
 
     def _lookup(self, type_: str) -> tuple[Handler, str]:
         entry = self.handlers.get(type_)
@@ -287,6 +313,7 @@ class Daemon:
     async def start(self) -> None:
         """Bind, start the background tasks. Subclasses extend."""
         self.bind()
+        self.spawn(self.security.serve(), "zap")
         self.spawn(self._control_loop(), "control")
         self.spawn(self._events_loop(), "events")
         self.spawn(self._heartbeat_loop(), "heartbeat")
@@ -298,6 +325,7 @@ class Daemon:
         if self.ctx is not None:
             self.control.close(0)
             self.events.close(0)
+            self.security.close()
             self.ctx.term()
         self._lock.release()
 

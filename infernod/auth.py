@@ -1,0 +1,222 @@
+"""Who is at the other end of a connection, and which role that gives them.
+
+Every handshake on the daemon's sockets goes through ZAP (ZeroMQ RFC 27): libzmq sends a
+request to the socket bound at ``inproc://zeromq.zap.01`` and completes the connection only
+if that answers 200. Our handler is one ROUTER socket owned by the event loop.
+
+* ``ipc://`` (NULL mechanism, domain ``ipc``): libzmq reads ``SO_PEERCRED`` of the accepted
+  Unix socket and puts ``localhost:UID:GID:PID`` in the request's address frame. The kernel
+  fills those in, so the peer cannot lie about them. The uid maps to a role from
+  ``[security]``; role ``none`` is refused.
+* ``tcp://`` (CURVE, domain ``tcp``): the request carries the client's public key, looked up
+  in the allow-list directory (``keys.AllowList``); unknown keys are refused.
+
+An accepted connection gets a ZAP user id (``uid:1000`` or ``key:alice``) that libzmq
+attaches to every message as ``User-Id`` metadata. The dispatcher maps it to a role *per
+request* (``Security.role_of``), so a SIGHUP'd role list or a revoked key applies to
+connections that are already open, not only to new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from infernod.keys import AllowList, KeyStoreError, load_server
+from infernod.paths import Endpoints
+
+log = logging.getLogger("infernod.auth")
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ROLE_RANK = {"none": 0, "monitor": 1, "operator": 2}
+
+
+class SecurityError(Exception):
+    """The daemon must not start (e.g. tcp:// configured without CURVE keys)."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def parse_ipc_peer(address: str) -> int | None:
+    """The uid from libzmq's ipc peer address ``HOST:UID:GID:PID``; None if absent."""
+    parts = address.rsplit(":", 3)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+        return None
+    return int(parts[1])
+
+
+def _uids(entries: list[Any], what: str) -> set[int]:
+    out = set()
+    for e in entries:
+        if isinstance(e, int):
+            out.add(e)
+            continue
+        try:
+            out.add(pwd.getpwnam(e).pw_uid)
+        except KeyError:
+            log.warning("security.%s: no user named %r; ignored", what, e)
+    return out
+
+
+class RolePolicy:
+    """uid -> role, from one ``SecurityConfig`` (pure apart from the user-name lookup)."""
+
+    def __init__(self, security: Any, daemon_uid: int) -> None:
+        self.daemon_uid = daemon_uid
+        self.operators = _uids(security.operators, "operators")
+        self.monitors = _uids(security.monitors, "monitors")
+        self.default_role = security.default_role
+
+    def role_for_uid(self, uid: int) -> str:
+        if uid == self.daemon_uid or uid in self.operators:
+            return "operator"
+        if uid in self.monitors:
+            return "monitor"
+        return self.default_role
+
+
+class Security:
+    """The ZAP handler plus the dispatcher's questions: who sent this, with which role."""
+
+    def __init__(self, get_security: Callable[[], Any], keys_dir: Path,
+                 log_refusal: Callable[..., None] | None = None) -> None:
+        self._get_security = get_security  # re-read on every decision: SIGHUP applies
+        self.keys_dir = keys_dir
+        self.allow = AllowList(keys_dir / "clients")
+        self.daemon_uid = os.getuid()
+        self._policy: tuple[int, RolePolicy] | None = None
+        self._log_refusal = log_refusal or log.warning
+        self.zap: Any = None
+        self.accepted = 0
+        self.refused = 0
+
+    # -- sockets ----------------------------------------------------------------------------
+    def start_zap(self, ctx: zmq.Context) -> None:
+        """Bind the ZAP handler; must happen before the daemon's sockets bind."""
+        self.zap = ctx.socket(zmq.ROUTER)
+        self.zap.setsockopt(zmq.LINGER, 0)
+        self.zap.bind(ZAP_ENDPOINT)
+
+    @staticmethod
+    def protect_ipc(sock: zmq.Socket) -> None:
+        """Call before binding an ipc endpoint: every handshake then asks ZAP."""
+        sock.zap_domain = b"ipc"
+
+    def curve_server(self) -> Any:
+        """The server certificate; SecurityError if tcp:// cannot be secured."""
+        try:
+            cert = load_server(self.keys_dir)
+        except KeyStoreError as e:
+            raise SecurityError(f"security.tcp_endpoint is set but {e}", e.hint) from e
+        len(self.allow)  # read it now, so problems show at start
+        for err in self.allow.errors:
+            log.warning("allow-list: %s", err)
+        return cert
+
+    def bind_tcp(self, control: zmq.Socket, events: zmq.Socket, endpoint: str) -> Endpoints:
+        """Bind both sockets on tcp:// with CURVE (options are per listener in libzmq)."""
+        try:
+            eps = Endpoints.from_control(endpoint)
+        except ValueError as e:
+            raise SecurityError(f"security.tcp_endpoint: {e}") from e
+        if not eps.control.startswith("tcp://"):
+            raise SecurityError(f"security.tcp_endpoint must be tcp://host:port, got {endpoint!r}")
+        cert = self.curve_server()
+        from zmq.utils import z85
+
+        secret = z85.decode(cert.secret)
+        for sock, ep in ((control, eps.control), (events, eps.events)):
+            sock.curve_server = True
+            sock.curve_secretkey = secret
+            sock.zap_domain = b"tcp"
+            try:
+                sock.bind(ep)
+            except zmq.ZMQError as e:
+                raise SecurityError(f"cannot bind {ep}: {e}") from e
+            sock.curve_server = False  # later binds (none today) default to NULL + ipc rules
+            sock.zap_domain = b"ipc"
+        log.info("remote access on %s (CURVE, %d allowed keys)", eps.control, len(self.allow))
+        return eps
+
+    def close(self) -> None:
+        if self.zap is not None and not self.zap.closed:
+            self.zap.close(0)
+
+    # -- decisions --------------------------------------------------------------------------
+    def policy(self) -> RolePolicy:
+        sec = self._get_security()
+        if self._policy is None or self._policy[0] != id(sec):
+            self._policy = (id(sec), RolePolicy(sec, self.daemon_uid))
+        return self._policy[1]
+
+    def decide(self, domain: str, address: str, mechanism: str,
+               credentials: list[bytes]) -> tuple[str, str, str]:
+        """(status code, status text, user id) for one ZAP request."""
+        if domain == "ipc" and mechanism == "NULL":
+            uid = parse_ipc_peer(address)
+            if uid is None:
+                return "400", "no peer credentials on this ipc connection", ""
+            role = self.policy().role_for_uid(uid)
+            if ROLE_RANK.get(role, 0) == 0:
+                return "400", f"uid {uid} has no role", ""
+            return "200", "OK", f"uid:{uid}"
+        if domain == "tcp" and mechanism == "CURVE" and len(credentials) == 1:
+            entry = self.allow.lookup(credentials[0])
+            if entry is None:
+                return "400", "unknown client key", ""
+            return "200", "OK", f"key:{entry.name}"
+        return "400", f"mechanism {mechanism} not allowed on domain {domain!r}", ""
+
+    async def serve(self) -> None:
+        """Answer ZAP requests forever (a task on the loop that owns ``self.zap``)."""
+        while True:
+            try:
+                msg = await self.zap.recv_multipart()
+            except zmq.ZMQError as e:
+                if e.errno == zmq.ETERM:
+                    return
+                raise
+            if len(msg) < 8 or msg[1] != b"":
+                continue
+            rid, version, request_id = msg[0], msg[2], msg[3]
+            domain = msg[4].decode(errors="replace")
+            address = msg[5].decode(errors="replace")
+            mechanism = msg[7].decode(errors="replace")
+            if version != b"1.0":
+                code, text, user = "400", "unsupported ZAP version", ""
+            else:
+                code, text, user = self.decide(domain, address, mechanism, msg[8:])
+            if code == "200":
+                self.accepted += 1
+            else:
+                self.refused += 1
+                self._log_refusal("refused %s connection from %s: %s", domain, address, text)
+            await self.zap.send_multipart([rid, b"", b"1.0", request_id, code.encode(),
+                                           text.encode(), user.encode(), b""])
+
+    @staticmethod
+    def principal_of(frame: zmq.Frame) -> str:
+        """``uid:N`` or ``key:NAME`` as ZAP set it; '' if the message carries none."""
+        try:
+            return frame.get("User-Id") or ""
+        except (zmq.ZMQError, AttributeError):
+            return ""
+
+    def role_of(self, frame: zmq.Frame) -> str:
+        """The role of a message's sender, evaluated now (reloads and revocations apply)."""
+        principal = self.principal_of(frame)
+        kind, _, name = principal.partition(":")
+        if kind == "uid" and name.isdigit():
+            return self.policy().role_for_uid(int(name))
+        if kind == "key":
+            entry = self.allow.by_name(name)
+            return entry.role if entry is not None else "none"
+        return "none"  # no ZAP identity: fail closed

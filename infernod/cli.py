@@ -155,7 +155,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def _gen_params(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-            "stop": args.stop or None, "priority": args.priority}
+            "stop": args.stop or None, "priority": args.priority,
+            "deadline": time.time() + args.deadline if args.deadline else None}
 
 
 @command("run")
@@ -357,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int)
         sp.add_argument("--stop", action="append", help="stop string (repeatable)")
         sp.add_argument("--priority", choices=("vip", "high", "normal", "low"))
+        sp.add_argument("--deadline", type=float, metavar="SECONDS",
+                        help="fail with deadline_exceeded unless done within SECONDS")
     add("cancel", "cancel a request").add_argument("request_id")
     sp = add("watch", "print events as they arrive")
     sp.add_argument("--topic", action="append", help="topic prefix (repeatable)")
@@ -367,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("value", nargs="?")
     sp.add_argument("--config", help="config file to read/write")
     sp.add_argument("--local", action="store_true", help="read the file, not the daemon")
+    from infernod import cli_jobs  # jobs, queue, reprioritize
+
+    cli_jobs.add_parsers(add)
+    COMMANDS.update(sys.modules["infernod.cli"].COMMANDS)  # also when run as __main__
     return p
 
 

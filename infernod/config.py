@@ -7,6 +7,7 @@ set`` and the SIGHUP reload all read the same declarations.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -368,6 +369,9 @@ def example_toml() -> str:
             rng = f" Range {_fmt_bound(k['min'])} .. {_fmt_bound(k['max'])}."
         lines.append(f"# {k['doc'][0].upper()}{k['doc'][1:]}.{rng}"
                      f"{' (restart)' if k['restart'] else ''}")
-        lines.append(f"# {name} = {tomli_w.dumps({'x': k['default']}).strip()[4:]}")
+        value = k["default"]  # lists inline (tomli_w splits them over lines): one commented line
+        shown = (json.dumps(value) if isinstance(value, list)
+                 else tomli_w.dumps({"x": value}).strip()[4:])
+        lines.append(f"# {name} = {shown}")
         lines.append("")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from infernod.protocol.errors import InfernoError
 from infernod.queueing import QueueService
 from infernod.scheduler import Scheduler
 from infernod.server import Daemon, Request
+from infernod.telemetry_service import TelemetryService
 
 log = logging.getLogger("infernod")
 
@@ -49,12 +50,17 @@ class InfernoDaemon(Daemon):
         self.queue = QueueService(self.gen, self.scheduler, self.models, self.publisher)
         self.jobs = JobService(self.state_dir / "jobs.sqlite3", self.gen, self.publisher,
                                self.cfg, self._render_user_prompt)
+        self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
+        self.gen.on_profile = self.telemetry.on_profile
+        self.gen.on_run_start = self.telemetry.on_run_start
         self.last_seen: dict[str, float] = {}
         self.scanned = asyncio.Event()
         self._register()
         self.spawn(self._tick_loop(), "tick")
         self.spawn(self._startup_models(), "startup-models")
         self.spawn(self._start_jobs(), "jobs-start")
+        self.spawn(self.telemetry.run_stats_loop(), "stats")
+        await self.telemetry.start()
 
     async def _start_jobs(self) -> None:
         await self.scanned.wait()  # recovered items name models: the registry must know them
@@ -128,6 +134,7 @@ class InfernoDaemon(Daemon):
         self.models.cfg = cfg
         self.gen.cfg = cfg
         self.jobs.cfg = cfg
+        self.telemetry.apply_config(cfg)
         s = cfg.scheduler
         self.scheduler.reconfigure(max_queue_per_model=s.max_queue_per_model,
                                    max_queue_total=s.max_queue_total,
@@ -156,11 +163,13 @@ class InfernoDaemon(Daemon):
         await asyncio.sleep(0.05)  # let the abort events leave the socket
         await self.models.close()
         await self.jobs.close()
+        await self.telemetry.close()
 
     # -- handlers ---------------------------------------------------------------------------
     def _register(self) -> None:
         jobs_service.register(self)
         queueing.register(self)
+        self.telemetry.register(self.route)
         r = self.route
         r("hello", "monitor")(self.h_hello)
         r("ping", "monitor")(self.h_ping)

@@ -97,11 +97,20 @@ class TelemetrySampler:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def set_rate(self, rate_hz: float) -> None:
+        """Change the rate (config reload); the running thread uses it from its next tick."""
+        if not MIN_RATE_HZ <= rate_hz <= MAX_RATE_HZ:
+            raise ValueError(
+                f"rate_hz must be within [{MIN_RATE_HZ}, {MAX_RATE_HZ}], got {rate_hz}"
+            )
+        self.rate_hz = float(rate_hz)
+        self.period_s = 1.0 / self.rate_hz
+
     def _run(self) -> None:
-        period = self.period_s
         next_due = time.monotonic()
         while not self._stop.is_set():
             self.sample_once()
+            period = self.period_s
             next_due += period
             now = time.monotonic()
             if now - next_due > period:  # fell behind by more than a tick: skip, don't burst

@@ -399,6 +399,18 @@ class Client(_Base):
     def config_get(self, key: str | None = None) -> dict[str, Any]:
         return self.request("config.get", {"key": key} if key else {})
 
+    def stats(self) -> dict[str, Any]:
+        """Latency percentiles computed in the daemon (see docs/protocol.md, ``stats``)."""
+        return self.request("stats")
+
+    def profiles(self, n: int = 20) -> list[dict[str, Any]]:
+        """The latest ``n`` request profiles, oldest first."""
+        return self.request("profiles.recent", {"n": n})["profiles"]
+
+    def metrics(self) -> dict[str, Any] | None:
+        """The latest system/GPU sample (None before the first)."""
+        return self.request("metrics.get")["sample"]
+
     def queue_list(self, model: str | None = None) -> dict[str, Any]:
         return self.request("queue.list", {"model": model} if model else {})
 
@@ -674,6 +686,15 @@ class AsyncClient(_Base):
 
     async def config_get(self, key: str | None = None) -> dict[str, Any]:
         return await self.request("config.get", {"key": key} if key else {})
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.request("stats")
+
+    async def profiles(self, n: int = 20) -> list[dict[str, Any]]:
+        return (await self.request("profiles.recent", {"n": n}))["profiles"]
+
+    async def metrics(self) -> dict[str, Any] | None:
+        return (await self.request("metrics.get"))["sample"]
 
     async def generate(self, model: str, prompt: str | None = None, *,
                        messages: list[dict[str, str]] | None = None,

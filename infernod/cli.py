@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infernod.client import Client, CurveKeys
+from infernod.client import Client
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -40,12 +40,11 @@ def _err(msg: str) -> None:
 
 
 def _client(args: argparse.Namespace, **kw: Any) -> Client:
-    curve = None
-    if getattr(args, "server_key", None) or getattr(args, "client_key", None):
-        if not (args.server_key and args.client_key):
-            raise InfernoError("bad_request", "--server-key and --client-key go together")
-        curve = CurveKeys.from_files(args.server_key, args.client_key)
-    return Client(args.endpoint, timeout=args.timeout, name="inferno-cli", curve=curve, **kw)
+    from infernod.client_config import resolve  # flags, $INFERNO_ENDPOINT, client.toml
+
+    endpoint, curve = resolve(args.endpoint, getattr(args, "server_key", None),
+                              getattr(args, "client_key", None))
+    return Client(endpoint, timeout=args.timeout, name="inferno-cli", curve=curve, **kw)
 
 
 def _print_json(obj: Any) -> None:
@@ -373,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     from infernod import cli_jobs  # jobs, queue, reprioritize
 
     cli_jobs.add_parsers(add)
+    from infernod import cli_keys  # keys init/add/list/revoke
+
+    cli_keys.add_parser(sub)
+    COMMANDS["keys"] = cli_keys.cmd_keys
     COMMANDS.update(sys.modules["infernod.cli"].COMMANDS)  # also when run as __main__
     return p
 

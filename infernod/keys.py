@@ -157,14 +157,15 @@ def add_client(kdir: Path, name: str, role: str, out_dir: Path, *,
                             "revoke it first, pick another name, or pass --force")
     public, secret = zmq.curve_keypair()
     out_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(out_dir, 0o700)  # it holds a secret key
     paths = {
         "client_secret": write_cert(out_dir / f"{name}.key_secret", public, secret,
                                     {"name": name, "role": role}, overwrite=force),
         "client_public": write_cert(out_dir / f"{name}.key", public,
-                                    {"name": name, "role": role}, overwrite=True),
+                                    metadata={"name": name, "role": role}, overwrite=True),
         "server_public": write_cert(out_dir / SERVER_PUBLIC, server.public, overwrite=True),
     }
-    paths["allowed"] = write_cert(allowed, public, {"name": name, "role": role},
+    paths["allowed"] = write_cert(allowed, public, metadata={"name": name, "role": role},
                                   overwrite=force)
     return paths
 

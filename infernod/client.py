@@ -461,6 +461,7 @@ class Stream:
         self.reply = reply
         self.state = _StreamState(request_id, client.boot_id or "")
         self._last_ping = time.monotonic()
+        self._seq_at_ping = -1
         self.fetches = 0  # how often a gap had to be filled from the daemon's buffer
         self.client.last_heartbeat = time.monotonic()
 
@@ -475,12 +476,13 @@ class Stream:
     def cancel(self) -> dict[str, Any]:
         return self.client.cancel(self.request_id)
 
-    def fetch_missing(self) -> list[str]:
+    def fetch_missing(self, timeout: float | None = None) -> list[str]:
         """Ask the daemon for every event from the next expected seq (gap or reattach)."""
         out: list[str] = []
         self.fetches += 1
         reply = self.client.request("stream.fetch", {"request_id": self.request_id,
-                                                     "from_seq": self.state.next_seq})
+                                                     "from_seq": self.state.next_seq},
+                                    timeout=timeout)
         for e in reply["events"]:
             ev = Event(f"tokens.{self.request_id}", e["type"], e["seq"],
                        self.client.boot_id or "", e["body"])
@@ -509,7 +511,13 @@ class Stream:
                 now = time.monotonic()
                 if now - self._last_ping > LEASE_PING_S:  # keeps our lease on the slot
                     self._last_ping = now
-                    client.try_send("ping")
+                    if self.state.next_seq == self._seq_at_ping:
+                        # Nothing for a while: the tail (even 'done') may have been dropped
+                        # at our HWM while we were paused, and no later seq shows the gap.
+                        yield from self.fetch_missing(timeout=client._lost_after())
+                    else:
+                        client.try_send("ping")
+                    self._seq_at_ping = self.state.next_seq
                 client._pump(0.1)
         finally:
             client._streams.pop(self.request_id, None)
@@ -717,6 +725,7 @@ class AsyncStream:
         self.reply = reply
         self.state = _StreamState(request_id, client.boot_id or "")
         self._last_ping = time.monotonic()
+        self._seq_at_ping = -1
         self.fetches = 0
         client.last_heartbeat = time.monotonic()
 
@@ -731,11 +740,12 @@ class AsyncStream:
     async def cancel(self) -> dict[str, Any]:
         return await self.client.cancel(self.request_id)
 
-    async def fetch_missing(self) -> list[str]:
+    async def fetch_missing(self, timeout: float | None = None) -> list[str]:
         out: list[str] = []
         self.fetches += 1
         reply = await self.client.request("stream.fetch", {"request_id": self.request_id,
-                                                           "from_seq": self.state.next_seq})
+                                                           "from_seq": self.state.next_seq},
+                                          timeout=timeout)
         for e in reply["events"]:
             ev = Event(f"tokens.{self.request_id}", e["type"], e["seq"],
                        self.client.boot_id or "", e["body"])
@@ -768,7 +778,12 @@ class AsyncStream:
                 now = time.monotonic()
                 if now - self._last_ping > LEASE_PING_S:
                     self._last_ping = now
-                    await client.try_send("ping")
+                    if self.state.next_seq == self._seq_at_ping:  # see Stream.__iter__
+                        for text in await self.fetch_missing(timeout=client._lost_after()):
+                            yield text
+                    else:
+                        await client.try_send("ping")
+                    self._seq_at_ping = self.state.next_seq
                 await client.next_event_batch(0.1)
         finally:
             client._streams.pop(self.request_id, None)

@@ -119,16 +119,34 @@ class InfernoDaemon(Daemon):
             lease = self.cfg.scheduler.client_lease_s
             self.gen.tick(now)
             self.queue.tick(now)
-            for gen in list(self.gen.gens.values()):
-                if gen.job is None and now - self.last_seen.get(gen.session, now) > lease:
-                    self.gen.cancel(gen.request_id, "aborted",
-                                    f"client silent for {lease:.0f}s (lease expired)")
+            self._expire_leases(now, lease)
             await self.models.expire_idle()
             self.publisher.expire_streams(now)
             for change in self.scheduler.poll_level_changes():
                 self.publisher.publish("queue", "backpressure", {
                     "model": change.model, "level": change.new, "previous": change.old,
                     "depth": change.depth, "limit": change.limit})
+
+    def _expire_leases(self, now: float, lease: float) -> None:
+        """Abort the work of clients silent past the lease; forget sessions gone idle."""
+        gap = now - getattr(self, "_last_tick", now)
+        self._last_tick = now
+        if gap > 1.0:  # the daemon itself stood still (SIGSTOP, suspend): not the clients'
+            for session in self.last_seen:  # fault; their pings are only now arriving
+                self.last_seen[session] += gap
+        active = set()
+        for gen in list(self.gen.gens.values()):
+            active.add(gen.session)
+            if gen.job is None and gen.abort is None and \
+                    now - self.last_seen.get(gen.session, now) > lease:
+                self.gen.cancel(gen.request_id, "aborted",
+                                f"client silent for {lease:.0f}s (lease expired)")
+        for session in [s for s, t in self.last_seen.items()
+                        if s not in active and now - t > lease]:
+            del self.last_seen[session]
+        if now - getattr(self, "_last_prune", 0.0) > 10:
+            self._last_prune = now
+            self.limiter.prune(now)
 
     def apply_config(self, cfg: config_mod.Config) -> None:
         self.models.cfg = cfg

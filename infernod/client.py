@@ -167,6 +167,7 @@ class _Base:
         self.events: deque[Event] = deque(maxlen=100_000)
         self._streams: dict[str, deque[Event]] = {}
         self.restarted = False
+        self._last_pump = time.monotonic()
 
     def _setup(self, dealer: zmq.Socket, sub: zmq.Socket, topics: tuple[str, ...]) -> None:
         if not self.endpoints.control.startswith("tcp://"):
@@ -245,6 +246,14 @@ class _Base:
         else:
             self.events.append(ev)
 
+    def _note_pump(self) -> None:
+        """Called each time we listen: if *we* stood still (SIGSTOP, a long pause between
+        calls), the daemon's silence meanwhile proves nothing; give it a fresh window."""
+        now = time.monotonic()
+        if now - self._last_pump > self._lost_after():
+            self.last_heartbeat = now
+        self._last_pump = now
+
     def _lost_after(self) -> float:
         return self.heartbeat_interval_s * HEARTBEAT_MISSES
 
@@ -302,7 +311,9 @@ class Client(_Base):
     # -- plumbing ---------------------------------------------------------------------------
     def _pump(self, timeout_s: float) -> list[bytes] | None:
         """Wait up to timeout for anything; handle events; return control frames if any."""
+        self._note_pump()
         socks = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
+        self._note_pump()
         if self.sub in socks:
             for _ in range(1000):
                 try:
@@ -568,7 +579,9 @@ class AsyncClient(_Base):
         poller.register(self.dealer, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
         while True:
+            self._note_pump()
             socks = dict(await poller.poll(500))
+            self._note_pump()
             if self.sub in socks:
                 for _ in range(1000):
                     try:

@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_keys.add_parser(sub)
     COMMANDS["keys"] = cli_keys.cmd_keys
+    from infernod import cli_telemetry  # stats, metrics, bench
+
+    cli_telemetry.add_parsers(add)
     COMMANDS.update(sys.modules["infernod.cli"].COMMANDS)  # also when run as __main__
     return p
 

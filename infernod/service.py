@@ -74,16 +74,19 @@ class InfernoDaemon(Daemon):
 
     async def _startup_models(self) -> None:
         loop = asyncio.get_running_loop()
+        # Requests that name a model wait for `scanned`: on a first start that includes
+        # assembling the default model (a few seconds), so `inferno run gemma3-270m` works
+        # right after `make run` instead of failing with unknown_model.
         try:
             await loop.run_in_executor(None, self.registry.scan)
+            if self.cfg.models.install_default:
+                try:
+                    await loop.run_in_executor(None, self.registry.ensure_default_model,
+                                               self._default_progress)
+                except InfernoError as e:
+                    log.warning("default model not installed: %s (%s)", e.message, e.hint)
         finally:
             self.scanned.set()
-        if self.cfg.models.install_default:
-            try:
-                await loop.run_in_executor(None, self.registry.ensure_default_model,
-                                           self._default_progress)
-            except InfernoError as e:
-                log.warning("default model not installed: %s (%s)", e.message, e.hint)
         for name in self.cfg.models.preload:
             try:
                 await self.models.ensure_loaded(name)

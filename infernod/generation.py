@@ -85,6 +85,8 @@ class GenerationService:
         self.scheduler = scheduler
         self.publisher = publisher
         self.on_profile = on_profile
+        # scheduler items expired by tick() that are not generations (the scheduler is shared)
+        self.on_foreign_expired: Callable[[QueueItem], None] | None = None
         self.on_run_start: Callable[[Gen], None] | None = None  # service-wide, like on_profile
         self.gens: dict[str, Gen] = {}
         self.accepting = True
@@ -94,6 +96,7 @@ class GenerationService:
     def submit(self, gen: Gen) -> None:
         if not self.accepting:
             raise InfernoError("shutting_down", "the daemon is stopping and admits no new work")
+        self.models.check_generate(gen.model)  # not_supported for ONNX models
         if gen.request_id in self.gens:
             raise InfernoError("conflict", f"request id {gen.request_id} is already in use",
                                "use a fresh message id per request")
@@ -127,13 +130,15 @@ class GenerationService:
             self.scheduler.set_slots(gen.model, lm.engine.n_slots)
         self.dispatch(gen.model)
 
-    def dispatch(self, model: str) -> None:
-        """Fill free slots of ``model`` from the scheduler."""
+    def dispatch(self, model: str, extra: int = 0) -> None:
+        """Fill free slots of ``model`` from the scheduler. ``extra`` counts slots being
+        freed by a preemption just sent: the engine applies its commands in order, so the
+        next pick is admitted in the same step that pauses the victim."""
         lm = self.models.loaded.get(model)
         if lm is None or lm.state != "loaded" or lm.engine is None:
             return
         now = time.monotonic()
-        free = lm.engine.free_slots()
+        free = lm.engine.free_slots() + extra
         if free <= 0:
             return
         for item in self.scheduler.pop_ready(model, free, now):
@@ -299,6 +304,8 @@ class GenerationService:
             if gen is not None:
                 self._fail(gen, "deadline_exceeded",
                            "the deadline passed while the request was queued", None)
+            elif self.on_foreign_expired is not None:  # another service's item (ONNX)
+                self.on_foreign_expired(item)
         for gen in list(self.gens.values()):
             if gen.state != "running" or gen.abort is not None:
                 continue

@@ -89,6 +89,7 @@ class QueueService:
             self.preemptions += 1
             log.info("preempting %s on %s for a waiting vip request", victim, model)
             lm.engine.preempt(victim)
+            self.gen.dispatch(model, extra=1)
 
     # -- queue.list / reprioritize ----------------------------------------------------------
     def snapshot(self, now: float, model: str | None = None) -> list[dict[str, Any]]:

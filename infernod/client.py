@@ -410,6 +410,23 @@ class Client(_Base):
     def config_get(self, key: str | None = None) -> dict[str, Any]:
         return self.request("config.get", {"key": key} if key else {})
 
+    def embed(self, model: str, texts: list[str], *, normalize: bool = True,
+              priority: str | None = None, deadline: float | None = None,
+              timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
+        """Embed ``texts`` with an ONNX embedding model: ``(float32 array [n, dim], info)``,
+        ``info`` being the reply without ``vectors`` (dim, truncated, tokens, stats)."""
+        reply = self.request("embed", _embed_body(model, texts, normalize, priority),
+                             deadline=deadline, timeout=timeout or max(self.timeout, 120))
+        return _embed_result(reply)
+
+    def infer(self, model: str, inputs: dict[str, Any], *, priority: str | None = None,
+              deadline: float | None = None, timeout: float | None = None
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run an ONNX model on named numpy arrays: ``({output name: array}, stats)``."""
+        reply = self.request("infer", _infer_body(model, inputs, priority), deadline=deadline,
+                             timeout=timeout or max(self.timeout, 120))
+        return _infer_result(reply)
+
     def stats(self) -> dict[str, Any]:
         """Latency percentiles computed in the daemon (see docs/protocol.md, ``stats``)."""
         return self.request("stats")
@@ -708,6 +725,22 @@ class AsyncClient(_Base):
     async def config_get(self, key: str | None = None) -> dict[str, Any]:
         return await self.request("config.get", {"key": key} if key else {})
 
+    async def embed(self, model: str, texts: list[str], *, normalize: bool = True,
+                    priority: str | None = None, deadline: float | None = None,
+                    timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
+        """As :meth:`Client.embed`."""
+        reply = await self.request("embed", _embed_body(model, texts, normalize, priority),
+                                   deadline=deadline, timeout=timeout or max(self.timeout, 120))
+        return _embed_result(reply)
+
+    async def infer(self, model: str, inputs: dict[str, Any], *, priority: str | None = None,
+                    deadline: float | None = None, timeout: float | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """As :meth:`Client.infer`."""
+        reply = await self.request("infer", _infer_body(model, inputs, priority),
+                                   deadline=deadline, timeout=timeout or max(self.timeout, 120))
+        return _infer_result(reply)
+
     async def stats(self) -> dict[str, Any]:
         return await self.request("stats")
 
@@ -800,6 +833,51 @@ class AsyncStream:
                 await client.next_event_batch(0.1)
         finally:
             client._streams.pop(self.request_id, None)
+
+
+def to_wire_array(array: Any) -> dict[str, Any]:
+    """A numpy array as the wire's ``{dtype, shape, data}`` (C order, little-endian bytes)."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(array)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def from_wire_array(obj: dict[str, Any]) -> Any:
+    """A wire ``{dtype, shape, data}`` as a (writable) numpy array."""
+    import numpy as np
+
+    return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+
+
+def _embed_body(model: str, texts: list[str], normalize: bool,
+                priority: str | None) -> dict[str, Any]:
+    if isinstance(texts, str):
+        raise InfernoError("bad_request", "texts must be a list of strings, not one string")
+    body: dict[str, Any] = {"model": model, "texts": list(texts), "normalize": normalize}
+    if priority is not None:
+        body["priority"] = priority
+    return body
+
+
+def _embed_result(reply: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    info = {k: v for k, v in reply.items() if k != "vectors"}
+    return from_wire_array(reply["vectors"]), info
+
+
+def _infer_body(model: str, inputs: dict[str, Any], priority: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model,
+                            "inputs": {name: to_wire_array(a) for name, a in inputs.items()}}
+    if priority is not None:
+        body["priority"] = priority
+    return body
+
+
+def _infer_result(reply: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    outputs = {name: from_wire_array(a) for name, a in reply["outputs"].items()}
+    return outputs, reply.get("stats") or {}
 
 
 def default_client_name() -> str:

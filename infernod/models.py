@@ -56,7 +56,13 @@ class LoadedModel:
             "running": len(self.running),
             "idle_s": round(now - self.last_used, 1),
             "slots": getattr(self.engine, "n_slots", None),
+            **self.engine_info(),
         }
+
+    def engine_info(self) -> dict[str, Any]:
+        """Backend details of a loaded engine (ONNX: provider actually used, fallback reason)."""
+        wire_info = getattr(self.engine, "wire_info", None)
+        return wire_info() if callable(wire_info) else {}
 
 
 class ModelManager:
@@ -117,9 +123,6 @@ class ModelManager:
 
     async def _load(self, name: str, keep_alive_s: float | None) -> LoadedModel:
         info = self.registry.get(name)
-        if getattr(info, "kind", "gguf") != "gguf":
-            raise InfernoError("not_supported", f"{name} is a {info.kind} model",
-                               "use 'embed' or 'infer' for ONNX models")
         need = self._estimate(info)
         for victim, reason in self._plan(name, need):
             log.info(reason)
@@ -157,12 +160,27 @@ class ModelManager:
                 log.warning("could not measure memory of %s: %s", name, e)
         lm.ready.set_result(lm)
         load_s = time.monotonic() - t0
-        self.models_event("loaded", name, load_s=round(load_s, 3))
+        self.models_event("loaded", name, load_s=round(load_s, 3), **lm.engine_info())
         self.notifier.status(self.status_line())
         log.info("loaded %s in %.2fs (%d MiB)", name, load_s, lm.memory_bytes // 2**20)
         return lm
 
+    def check_generate(self, name: str) -> None:
+        """Refuse generation on a model that cannot generate (ONNX); unknown names pass here
+        and fail where the load looks them up."""
+        try:
+            info = self.registry.get(name)
+        except InfernoError:
+            return
+        if getattr(info, "kind", "gguf") != "gguf":
+            raise InfernoError("not_supported", f"{name} is a {info.kind} model: it cannot "
+                               "generate text", "use 'embed' or 'infer' for ONNX models")
+
     def _create_engine(self, name: str, info: Any) -> Any:
+        if getattr(info, "kind", "gguf") == "onnx":
+            from infernod.onnx_service import create_engine
+
+            return create_engine(self.cfg, info)  # memory: the registry's file-size estimate
         from infernod.backends.gguf import GgufEngine
 
         m = self.cfg.models

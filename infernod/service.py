@@ -17,6 +17,7 @@ from infernod import config as config_mod
 from infernod.generation import Gen, GenerationService, LoopSink
 from infernod.jobs_service import JobService
 from infernod.models import ModelManager
+from infernod.onnx_service import OnnxService
 from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
 from infernod.queueing import QueueService
@@ -53,6 +54,10 @@ class InfernoDaemon(Daemon):
         self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
         self.gen.on_profile = self.telemetry.on_profile
         self.gen.on_run_start = self.telemetry.on_run_start
+        self.onnx = OnnxService(self.cfg, self.models, self.scheduler,
+                                on_profile=self.telemetry.on_profile,
+                                on_run_start=self.telemetry.on_run_start)
+        self.gen.on_foreign_expired = self.onnx.expired  # one scheduler, one expiry pass
         self.last_seen: dict[str, float] = {}
         self.scanned = asyncio.Event()
         self._register()
@@ -154,6 +159,7 @@ class InfernoDaemon(Daemon):
     def apply_config(self, cfg: config_mod.Config) -> None:
         self.models.cfg = cfg
         self.gen.cfg = cfg
+        self.onnx.cfg = cfg
         self.jobs.cfg = cfg
         self.telemetry.apply_config(cfg)
         s = cfg.scheduler
@@ -166,6 +172,7 @@ class InfernoDaemon(Daemon):
 
     async def drain(self) -> None:
         self.gen.accepting = False
+        self.onnx.abort_queued("daemon stopping: this request was still queued and is not kept")
         self.jobs.stopping = True  # queued job items stay queued in SQLite (the checkpoint)
         for gen in list(self.gen.gens.values()):
             if gen.state == "queued":
@@ -203,6 +210,8 @@ class InfernoDaemon(Daemon):
         r("models.import", "operator")(self.h_models_import)
         r("models.remove", "operator")(self.h_models_remove)
         r("generate", "operator")(self.h_generate)
+        r("embed", "operator")(self.h_embed)
+        r("infer", "operator")(self.h_infer)
         r("cancel", "monitor")(self.h_cancel)
         r("stream.fetch", "monitor")(self.h_stream_fetch)
 
@@ -265,7 +274,13 @@ class InfernoDaemon(Daemon):
         await self.lookup(req.body["model"])
         lm = await self.models.ensure_loaded(req.body["model"], req.body.get("keep_alive"))
         return {"model": lm.name, "state": lm.state, "load_s": round(time.monotonic() - t0, 3),
-                "memory_bytes": lm.memory_bytes}
+                "memory_bytes": lm.memory_bytes, **lm.engine_info()}
+
+    async def h_embed(self, req: Request) -> dict[str, Any]:
+        return await self.onnx.handle("embed", req, await self.lookup(req.body["model"]))
+
+    async def h_infer(self, req: Request) -> dict[str, Any]:
+        return await self.onnx.handle("infer", req, await self.lookup(req.body["model"]))
 
     async def h_models_unload(self, req: Request) -> dict[str, Any]:
         await self.models.unload(req.body["model"])

@@ -1,0 +1,463 @@
+"""ONNX requests (``embed``, ``infer``) from admission to the reply, under the one scheduler.
+
+    handler -> OnnxService.run(job) -> Scheduler.submit -> ensure_loaded -> dispatch
+            -> OnnxEngine worker thread (owns the session) -> loop: reply future resolved
+
+Embed and infer are request/reply, not streams: the handler awaits the job's future. They
+queue in the same :class:`~infernod.scheduler.Scheduler` as generation, so priorities, aging,
+deadlines and backpressure (``overloaded``, ``would_miss_deadline``) are the same. Each loaded
+ONNX model has one worker thread (:class:`OnnxEngine`) that owns its session, one run at a
+time; nothing here runs onnxruntime on the event loop. When several ``embed`` requests for a
+model wait, the next run takes them together (in the scheduler's pick order, up to
+``onnx.max_batch`` texts), so a burst of small requests costs one forward pass per batch.
+
+Everything on this side runs on the event loop; the worker hands results back with
+``call_soon_threadsafe``. Final stats have generation's shape (``queue_wait_ms``,
+``load_wait_ms``, ``total_ms``, ``finish_reason``, ...) and go to the same ``on_profile`` /
+``on_run_start`` hooks, with the job standing in for a ``Gen``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infernod.protocol.codec import MAX_BIN_LEN
+from infernod.protocol.errors import InfernoError
+from infernod.scheduler import QueueItem
+
+log = logging.getLogger("infernod.onnx")
+
+# The codec refuses any single bin object over MAX_BIN_LEN: an array that large could be sent
+# but no client could read it, so it is refused with a clear error instead.
+EMBED_HINT = ("embed needs an ONNX embedding model (a directory with model.onnx and "
+              "tokenizer.json); 'inferno models convert-onnx' exports all-MiniLM-L6-v2")
+
+
+# --------------------------------------------------------------------------------------------
+# the worker side (its own thread)
+
+
+class OnnxEngine:
+    """One loaded ONNX model and the thread that owns its session.
+
+    Built in the default executor (the constructor loads the weights); ``submit`` queues a
+    function of the model, which the worker thread runs, then calls ``on_done(result,
+    error)`` from that thread. Duck-types the bits of a GGUF engine the rest of the daemon
+    reads: ``n_slots``, ``free_slots()``, ``preempt()``, ``close()``.
+    """
+
+    n_slots = 1
+
+    def __init__(self, path: str | Path, *, providers: list[str], intra_op_threads: int,
+                 inter_op_threads: int, graph_optimization: str, max_batch: int) -> None:
+        from infernod.backends.onnx import OnnxModel
+
+        self.model = OnnxModel(path, providers_pref=tuple(providers),
+                               intra_op_threads=intra_op_threads,
+                               inter_op_threads=inter_op_threads,
+                               graph_optimization_level=graph_optimization,
+                               batch_size=max_batch)
+        self.busy = False  # a run is in flight (set and cleared by the loop side only)
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=f"onnx-{self.model.name}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, fn: Callable[[Any], Any], on_done: Callable[[Any, BaseException | None],
+                                                                   None]) -> None:
+        self._work.put((fn, on_done))
+
+    def _main(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            fn, on_done = item
+            try:
+                result, error = fn(self.model), None
+            except BaseException as e:  # noqa: BLE001 - handed to the loop, which translates
+                result, error = None, e
+            try:
+                on_done(result, error)
+            except Exception:  # the loop is gone (daemon stopping): nothing to tell
+                log.debug("onnx result dropped", exc_info=True)
+
+    def free_slots(self) -> int:
+        return 0 if self.busy else 1
+
+    def preempt(self, request_id: str) -> None:
+        """ONNX runs are short and not resumable: nothing to pause."""
+
+    def wire_info(self) -> dict[str, Any]:
+        """What load replies, models.show and ``models`` events add for a loaded ONNX model."""
+        m = self.model
+        return {"backend": "onnx", "onnx_kind": m.kind, "provider": m.provider,
+                "providers": list(m.providers), "fallback_reason": m.fallback_reason}
+
+    def close(self) -> None:
+        """Stop the worker after its current run; blocking (call from the executor)."""
+        self._work.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+
+
+def embed_batch(model: Any, requests: list[tuple[list[str], bool]]) -> dict[str, Any]:
+    """Worker side: embed every request's texts in one ``embed`` call, split per request.
+
+    Runs unnormalised and normalises per request, so requests with and without
+    ``normalize`` can share a batch; padding is masked, so sharing never changes a vector.
+    """
+    import numpy as np
+
+    from infernod.backends.onnx import encode_array
+
+    texts = [t for texts, _ in requests for t in texts]
+    vectors, info = model.embed(texts, normalize=False)
+    dim = int(vectors.shape[1])
+    out, pos = [], 0
+    for req_texts, normalize in requests:
+        n = len(req_texts)
+        v = vectors[pos:pos + n]
+        if normalize and n:
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        if v.nbytes > MAX_BIN_LEN:
+            raise InfernoError("bad_request", f"{n} vectors of {dim} floats are {v.nbytes} bytes;"
+                               f" one reply array may hold {MAX_BIN_LEN}",
+                               "send fewer texts per request")
+        out.append({"vectors": encode_array(v), "dim": dim,
+                    "truncated": info["truncated"][pos:pos + n],
+                    "tokens": info["tokens"][pos:pos + n]})
+        pos += n
+    return {"results": out, "tokenize_ms": info["tokenize_ms"], "run_ms": info["run_ms"],
+            "max_length": info["max_length"], "texts": len(texts)}
+
+
+def infer_one(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Worker side: validate (names, dtypes, shapes: bad_request) and run one infer."""
+    t0 = time.perf_counter()
+    outputs = model.infer(inputs)
+    for name, arr in outputs.items():
+        if len(arr["data"]) > MAX_BIN_LEN:
+            raise InfernoError("bad_request", f"output {name!r} is {len(arr['data'])} bytes; one "
+                               f"reply array may hold {MAX_BIN_LEN}", "send a smaller batch")
+    return {"outputs": outputs, "run_ms": (time.perf_counter() - t0) * 1000}
+
+
+# --------------------------------------------------------------------------------------------
+# the loop side
+
+
+@dataclass
+class OnnxJob:
+    """One embed or infer request. Has the fields of a ``Gen`` that profile hooks read."""
+
+    request_id: str
+    session: str
+    model: str
+    op: str  # "embed" | "infer"
+    body: dict[str, Any]
+    priority: str
+    submitted: float
+    deadline: float | None
+    timeout_s: float
+    future: asyncio.Future
+    client: str = ""
+    state: str = "queued"  # queued | running | done
+    admitted_at: float | None = None
+    load_wait_s: float = 0.0
+    first_token_at: float | None = None  # profile hooks read these generation fields
+    itl_gaps_ms: list[float] = field(default_factory=list)
+
+    @property
+    def n_texts(self) -> int:
+        return len(self.body.get("texts") or ()) if self.op == "embed" else 0
+
+
+class OnnxService:
+    """Owned by the event-loop thread, like the GenerationService beside it."""
+
+    def __init__(self, cfg: Any, models: Any, scheduler: Any,
+                 on_profile: Callable[[OnnxJob, str, dict], None] | None = None,
+                 on_run_start: Callable[[OnnxJob], None] | None = None) -> None:
+        self.cfg = cfg
+        self.models = models
+        self.scheduler = scheduler
+        self.on_profile = on_profile
+        self.on_run_start = on_run_start
+        self.jobs: dict[str, OnnxJob] = {}
+        self.accepting = True
+        self.batches = 0  # runs started (a batch of embeds counts once)
+        models.on_unloaded.append(self._model_unloaded)
+
+    # -- requests ---------------------------------------------------------------------------
+    async def handle(self, op: str, req: Any, info: Any) -> dict[str, Any]:
+        """The body of the ``embed`` / ``infer`` handlers, for a model the registry knows."""
+        b = req.body
+        onnx = getattr(info, "onnx", None)
+        if info.kind != "onnx" or onnx is None:
+            hint = EMBED_HINT if op == "embed" else "use 'generate' for GGUF language models"
+            raise InfernoError("not_supported", f"{info.name} is a {info.kind} model; {op} "
+                               "runs ONNX models", hint)
+        if op == "embed" and onnx.get("kind") != "embedding":
+            raise InfernoError("not_supported", f"{info.name} is a generic ONNX model (inputs "
+                               f"{', '.join(i['name'] for i in onnx['inputs'])}), not a text "
+                               "encoder with a tokenizer", "use 'infer' with named arrays")
+        s = self.cfg.scheduler
+        now = time.monotonic()
+        deadline = req.header.get("deadline")
+        deadline_mono = None if deadline is None else now + (deadline - time.time())
+        if deadline_mono is not None and deadline_mono <= now:
+            raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
+        job = OnnxJob(request_id=f"{req.session}.{req.header['id']}", session=req.session,
+                      model=info.name, op=op, body=b, priority=b.get("priority") or "normal",
+                      submitted=now, deadline=deadline_mono,
+                      timeout_s=min(b.get("timeout_s") or s.timeout_s, s.max_timeout_s),
+                      future=asyncio.get_running_loop().create_future())
+        return await self.run(job)
+
+    async def run(self, job: OnnxJob) -> dict[str, Any]:
+        """Queue ``job`` and wait for its reply (admission errors raise at once)."""
+        if not self.accepting:
+            raise InfernoError("shutting_down", "the daemon is stopping and admits no new work")
+        if job.request_id in self.jobs:
+            raise InfernoError("conflict", f"request id {job.request_id} is already in use",
+                               "use a fresh message id per request")
+        self.scheduler.submit(self._item(job), time.monotonic())
+        self.jobs[job.request_id] = job
+        asyncio.get_running_loop().create_task(self._admit(job))
+        limit, code = job.timeout_s, "timeout"
+        if job.deadline is not None and job.deadline - time.monotonic() < limit:
+            limit, code = max(0.0, job.deadline - time.monotonic()), "deadline_exceeded"
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), limit)
+        except TimeoutError:
+            if job.state == "queued":
+                self.scheduler.cancel(job.request_id)
+            what = "deadline passed" if code == "deadline_exceeded" else \
+                f"{job.op} ran past its {job.timeout_s:.0f}s limit"
+            self._fail(job, code, f"{what} ({job.state})", None)
+            return await job.future  # raises the error just set
+        except asyncio.CancelledError:  # the handler task died (daemon stopping)
+            if job.state == "queued":
+                self.scheduler.cancel(job.request_id)
+            self._fail(job, "aborted", "request abandoned", None)
+            raise
+
+    @staticmethod
+    def _item(job: OnnxJob) -> QueueItem:
+        return QueueItem(request_id=job.request_id, client=job.client or job.session,
+                         model=job.model, priority=job.priority, submitted_at=job.submitted,
+                         deadline=job.deadline, est_tokens=0, payload=job)
+
+    async def _admit(self, job: OnnxJob) -> None:
+        t0 = time.monotonic()
+        try:
+            await self.models.ensure_loaded(job.model, job.body.get("keep_alive"))
+        except InfernoError as e:
+            self.scheduler.cancel(job.request_id)
+            self._fail(job, e.code, e.message, e.hint)
+            return
+        except Exception as e:  # the load path already logged the cause
+            self.scheduler.cancel(job.request_id)
+            self._fail(job, "internal", f"loading {job.model} failed: {e}", None)
+            return
+        job.load_wait_s = time.monotonic() - t0
+        self.scheduler.set_slots(job.model, 1)
+        self.dispatch(job.model)
+
+    # -- dispatch: one run per model at a time ----------------------------------------------
+    def dispatch(self, model: str) -> None:
+        """Start the next run of ``model`` if its worker is idle and something waits."""
+        lm = self.models.loaded.get(model)
+        if lm is None or lm.state != "loaded" or not isinstance(lm.engine, OnnxEngine):
+            return
+        engine = lm.engine
+        if engine.busy:
+            return
+        batch = self._pick(model)
+        if not batch:
+            return
+        now = time.monotonic()
+        for job in batch:
+            job.state = "running"
+            job.admitted_at = now
+            lm.running.add(job.request_id)
+            if self.on_run_start is not None:
+                self.on_run_start(job)
+        lm.last_used = now
+        engine.busy = True
+        self.batches += 1
+        loop = asyncio.get_running_loop()
+
+        def done(result: Any, error: BaseException | None) -> None:  # worker thread
+            loop.call_soon_threadsafe(self._finished, model, batch, now, result, error)
+
+        if batch[0].op == "embed":
+            requests = [(list(j.body.get("texts") or []), j.body.get("normalize", True) is not False)
+                        for j in batch]
+            engine.submit(lambda m: embed_batch(m, requests), done)
+        else:
+            inputs = batch[0].body["inputs"]
+            engine.submit(lambda m: infer_one(m, inputs), done)
+
+    def _pick(self, model: str) -> list[OnnxJob]:
+        """The next run: one infer, or embeds in pick order up to ``onnx.max_batch`` texts.
+
+        Items are taken one at a time so the scheduler's order decides; the first one that
+        cannot join (an infer, or too many texts) is put back with ``requeue``, which keeps
+        its age and so its place at the head.
+        """
+        now = time.monotonic()
+        batch: list[OnnxJob] = []
+        texts = 0
+        limit = self.cfg.onnx.max_batch
+        while True:
+            items = self.scheduler.pop_ready(model, 1, now)
+            if not items:
+                return batch
+            job = items[0].payload
+            if not isinstance(job, OnnxJob) or self.jobs.get(job.request_id) is not job \
+                    or job.state != "queued":
+                continue  # stale (already failed): drop it
+            if not batch:
+                batch.append(job)
+                texts = job.n_texts
+                if job.op != "embed":
+                    return batch
+                continue
+            if job.op != "embed" or texts + job.n_texts > limit:
+                self.scheduler.requeue(items[0], now)
+                return batch
+            batch.append(job)
+            texts += job.n_texts
+
+    def _finished(self, model: str, batch: list[OnnxJob], started: float, result: Any,
+                  error: BaseException | None) -> None:
+        """On the loop: a run ended; answer its jobs and start the next run."""
+        now = time.monotonic()
+        lm = self.models.loaded.get(model)
+        if lm is not None:
+            for job in batch:
+                lm.running.discard(job.request_id)
+            lm.last_used = now
+            if isinstance(lm.engine, OnnxEngine):
+                lm.engine.busy = False
+        if error is None:
+            self.scheduler.record_service(model, now - started)
+        for i, job in enumerate(batch):
+            if job.state == "done":  # timed out or aborted meanwhile: its caller is gone
+                continue
+            if error is not None:
+                if isinstance(error, InfernoError):
+                    self._fail(job, error.code, error.message, error.hint)
+                else:
+                    log.error("onnx %s on %s failed: %r", job.op, model, error)
+                    self._fail(job, "internal", f"{job.op} on {model} failed: {error}", None)
+                continue
+            self._done(job, self._reply(job, i, batch, result, lm))
+        self.dispatch(model)
+
+    def _reply(self, job: OnnxJob, i: int, batch: list[OnnxJob], result: dict[str, Any],
+               lm: Any) -> dict[str, Any]:
+        stats: dict[str, Any] = {"run_ms": round(result["run_ms"], 3)}
+        provider = lm.engine.model.provider if lm is not None and lm.engine is not None else None
+        if job.op == "embed":
+            r = result["results"][i]
+            stats.update(tokenize_ms=round(result["tokenize_ms"], 3),
+                         prefill_ms=round(result["run_ms"], 3),
+                         prompt_tokens=sum(r["tokens"]), batch_requests=len(batch),
+                         batch_texts=result["texts"])
+            reply = {"model": job.model, "dim": r["dim"], "vectors": r["vectors"],
+                     "truncated": r["truncated"], "tokens": r["tokens"],
+                     "max_length": result["max_length"],
+                     "normalized": job.body.get("normalize", True) is not False}
+        else:
+            reply = {"model": job.model, "outputs": result["outputs"]}
+        stats["provider"] = provider
+        reply["stats"] = stats
+        return reply
+
+    # -- endings ----------------------------------------------------------------------------
+    def _final_stats(self, job: OnnxJob, reason: str, stats: dict[str, Any]) -> dict[str, Any]:
+        """Generation's final-stats shape, so one profiler reads both."""
+        now = time.monotonic()
+        out = dict(stats)
+        out.update(finish_reason=reason, model=job.model, priority=job.priority, op=job.op,
+                   queue_wait_ms=round(((job.admitted_at or now) - job.submitted) * 1000, 3),
+                   load_wait_ms=round(job.load_wait_s * 1000, 3),
+                   total_ms=round((now - job.submitted) * 1000, 3),
+                   prompt_tokens=out.get("prompt_tokens", 0), completion_tokens=0)
+        return out
+
+    def _done(self, job: OnnxJob, reply: dict[str, Any]) -> None:
+        reply["stats"] = self._final_stats(job, "done", reply.get("stats") or {})
+        job.state = "done"
+        self._finish(job, "done", reply["stats"])
+        if not job.future.done():
+            job.future.set_result(reply)
+
+    def _fail(self, job: OnnxJob, code: str, message: str, hint: str | None) -> None:
+        if job.state == "done":
+            return
+        final = self._final_stats(job, code, {})
+        job.state = "done"
+        self._finish(job, code, final)
+        if not job.future.done():
+            job.future.set_exception(InfernoError(code, message, hint))
+            job.future.exception()  # retrieved: nobody may be waiting any more
+
+    def _finish(self, job: OnnxJob, reason: str, final: dict[str, Any]) -> None:
+        self.jobs.pop(job.request_id, None)
+        if self.on_profile is not None:
+            try:
+                self.on_profile(job, reason, final)
+            except Exception:  # a profiling bug must not lose the reply
+                log.exception("onnx profile hook failed for %s", job.request_id)
+
+    # -- hooks from the daemon --------------------------------------------------------------
+    def expired(self, item: QueueItem) -> None:
+        """The scheduler dropped a queued item whose deadline passed (from the tick)."""
+        job = self.jobs.get(item.request_id)
+        if job is not None and job.state == "queued":
+            self._fail(job, "deadline_exceeded", "the deadline passed while the request was "
+                       "queued", None)
+
+    def _model_unloaded(self, model: str) -> None:
+        for job in list(self.jobs.values()):
+            if job.model == model and job.state == "running":
+                self._fail(job, "aborted", f"model {model} was unloaded", None)
+
+    def abort_queued(self, message: str) -> None:
+        """Daemon stopping: refuse new work, fail what has not started."""
+        self.accepting = False
+        for job in list(self.jobs.values()):
+            if job.state == "queued":
+                self.scheduler.cancel(job.request_id)
+                self._fail(job, "aborted", message, "resubmit when the daemon is back")
+
+    def running_count(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.state == "running")
+
+    def queued_count(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.state == "queued")
+
+
+def create_engine(cfg: Any, info: Any) -> OnnxEngine:
+    """ModelManager's loader for ONNX models (blocking: runs in the default executor)."""
+    o = cfg.onnx
+    engine = OnnxEngine(str(info.path), providers=list(o.providers),
+                        intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads,
+                        graph_optimization=o.graph_optimization, max_batch=o.max_batch)
+    engine.start()
+    return engine

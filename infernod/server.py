@@ -105,12 +105,18 @@ def shared_with_group(group: str) -> bool:
 
 
 def prepare_runtime_dir(path: Path, group: str) -> None:
-    """0700 for a user daemon; 0750 (owner + group) for a shared service."""
+    """0700 for a user daemon; 0750 (owner + group) for a shared service.
+
+    With a configured group the directory is also setgid (2750), so the socket files
+    created in it belong to that group too; otherwise they would carry the daemon's own
+    group and the group's members could not connect."""
     path.mkdir(parents=True, exist_ok=True)
     if group:
         import grp
 
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o2750)
+        return
     os.chmod(path, 0o750 if shared_with_group(group) else 0o700)
 
 

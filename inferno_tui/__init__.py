@@ -1,0 +1,4 @@
+"""inferno-tui: the Textual operations console for infernod.
+
+Talks to the daemon only through ``infernod.client`` (never imports backend code).
+"""

@@ -1,0 +1,1 @@
+"""One screen per concern; each lays out widgets and hands them snapshots."""

@@ -1,0 +1,58 @@
+"""What every screen shares: the status bar, the footer, readonly action hiding."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from inferno_tui.state import Snapshot
+from inferno_tui.widgets.status import StatusBar
+
+if TYPE_CHECKING:
+    from inferno_tui.app import InfernoApp
+
+
+class InfernoScreen(Screen[None]):
+    MODE: ClassVar[str] = ""
+    # Actions that change daemon state or local data: hidden in --readonly / monitor role.
+    MUTATING: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def inferno(self) -> InfernoApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        yield from self.compose_body()
+        yield Footer()
+
+    def compose_body(self) -> ComposeResult:
+        yield from ()
+
+    def on_screen_resume(self) -> None:
+        self.show(self.inferno.snapshot)
+
+    def show(self, snap: Snapshot) -> None:
+        """Render the app's latest snapshot (called at most REDRAW_HZ times a second)."""
+        self.query_one(StatusBar).show(snap, self.MODE, self.inferno.readonly)
+        self.render_snapshot(snap)
+
+    def render_snapshot(self, snap: Snapshot) -> None:
+        pass
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.MUTATING and self.inferno.readonly:
+            return False
+        return True
+
+    def notify_error(self, e: BaseException) -> None:
+        """Show a refusal clearly: the daemon's message and its hint."""
+        message = getattr(e, "message", None) or str(e)
+        hint = getattr(e, "hint", None)
+        code = getattr(e, "code", None)
+        title = f"refused: {code}" if code else "error"
+        self.notify(f"{message}\n{hint}" if hint else message, title=title,
+                    severity="error", timeout=8)

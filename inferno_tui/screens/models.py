@@ -1,0 +1,220 @@
+"""Models: the table of available and loaded models, a detail pane, and model actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import DataTable, ProgressBar, Static
+
+from inferno_tui import fmt
+from inferno_tui.screens.base import InfernoScreen
+from inferno_tui.screens.dialogs import AskText, Confirm
+from inferno_tui.state import Progress, Snapshot
+from inferno_tui.views import ModelRow
+
+# 62 columns of content + 2 padding per column = 80 (the table fits an 80x24 terminal).
+COLUMNS = (("name", "Name", 14), ("state", "State", 7), ("arch", "Arch", 7),
+           ("params", "Par.", 4), ("quant", "Quant", 6), ("size", "Size", 5),
+           ("ctx", "Ctx", 5), ("mem", "Mem", 5), ("ka", "Idle", 6))
+STATE_STYLE = {"loaded": "bold green", "loading": "yellow", "unloading": "yellow",
+               "available": "dim"}
+
+
+def model_cells(r: ModelRow) -> tuple[Any, ...]:
+    if r.pinned:
+        ka = "pinned"
+    elif r.running:
+        ka = f"busy {r.running}"
+    else:
+        ka = fmt.secs(r.keep_alive_left_s)
+    params = r.size_label or fmt.count(r.param_count)
+    state = Text("avail" if r.state == "available" else r.state[:7],
+                 STATE_STYLE.get(r.state, ""))
+    name = r.name if r.kind in (None, "gguf") else f"{r.name} ({r.kind})"
+    return (name, state, fmt.text(r.architecture), params, fmt.text(r.quantization),
+            fmt.size_short(r.size_bytes), fmt.count(r.context_length),
+            fmt.size_short(r.memory_bytes) if r.loaded else "", ka if r.loaded else "")
+
+
+def detail_text(info: dict[str, Any] | None, row: ModelRow | None) -> Text:
+    if row is None:
+        return Text("no model selected", "dim")
+    t = Text()
+    t.append(row.name, "bold")
+    if info is None:
+        t.append("  (details loading...)", "dim")
+        return t
+    fields = (("kind", info.get("kind")), ("file", info.get("path")),
+              ("name", info.get("display_name")),
+              ("layers", info.get("n_layer")), ("heads", info.get("n_head")),
+              ("kv heads", info.get("n_head_kv")), ("embd", info.get("embedding_length")),
+              ("vocab", info.get("vocab_size")), ("swa", info.get("sliding_window")),
+              ("weights", fmt.size(info.get("weights_bytes"))),
+              ("template", info.get("chat_template_name")),
+              ("chat", "yes" if info.get("has_chat_template") else "no (base model)"))
+    for key, value in fields:
+        t.append(f"\n{key:>9} ", "cyan")
+        t.append(fmt.text(value))
+    meta = info.get("metadata")
+    if isinstance(meta, dict):
+        for key in sorted(meta)[:40]:
+            value = str(meta[key])
+            t.append(f"\n  {key} ", "dim cyan")
+            t.append(value if len(value) < 60 else value[:57] + "...")
+    return t
+
+
+class ModelsScreen(InfernoScreen):
+    MODE = "models"
+    MUTATING = frozenset({"load", "unload", "pin", "import_model", "remove"})
+    BINDINGS = [
+        Binding("l", "load", "Load"),
+        Binding("u", "unload", "Unload"),
+        Binding("p", "pin", "Pin"),
+        Binding("i", "import_model", "Import"),
+        Binding("x", "remove", "Remove"),
+        Binding("r", "refresh", "Refresh"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows: tuple[ModelRow, ...] = ()
+        self._details: dict[str, dict[str, Any]] = {}
+        self._selected: str | None = None
+
+    def compose_body(self) -> ComposeResult:
+        table: DataTable[Any] = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        for key, label, width in COLUMNS:
+            table.add_column(label, key=key, width=width)
+        yield table
+        with Vertical(id="models-progress"):
+            yield Static("", id="models-notice")
+            yield ProgressBar(id="models-bar", show_eta=False)
+        yield Static(detail_text(None, None), id="models-detail")
+
+    def on_mount(self) -> None:
+        self.query_one("#models-bar").display = False
+
+    def render_snapshot(self, snap: Snapshot) -> None:
+        if snap.models != self._rows:
+            self._rows = snap.models
+            table = self.query_one(DataTable)
+            cursor = table.cursor_row
+            table.clear()
+            for row in snap.models:
+                table.add_row(*model_cells(row), key=row.name)
+            if snap.models:
+                table.move_cursor(row=min(cursor, len(snap.models) - 1))
+            self._details.clear()
+            self._show_detail()
+        self._render_progress(snap)
+
+    def _render_progress(self, snap: Snapshot) -> None:
+        bar = self.query_one("#models-bar", ProgressBar)
+        notice = self.query_one("#models-notice", Static)
+        p: Progress | None = next(iter(snap.progress.values()), None)
+        if p is None:
+            bar.display = False
+            notice.update(Text(snap.notice, "italic"))
+            return
+        bar.display = True
+        if p.action == "importing" and p.total_bytes:
+            bar.update(total=p.total_bytes, progress=p.done_bytes or 0)
+        else:
+            bar.update(total=None)
+        what = f"{p.action} {p.model}"
+        if p.action == "loading" and p.total_bytes:
+            what += f" (~{fmt.size(p.total_bytes)})"
+        notice.update(Text(f"{what} {p.message}", "bold yellow"))
+
+    # -- selection and detail ---------------------------------------------------------------
+    def selected(self) -> ModelRow | None:
+        table = self.query_one(DataTable)
+        if not self._rows or table.cursor_row < 0 or table.cursor_row >= len(self._rows):
+            return None
+        return self._rows[table.cursor_row]
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._show_detail()
+
+    def _show_detail(self) -> None:
+        row = self.selected()
+        detail = self.query_one("#models-detail", Static)
+        if row is None:
+            detail.update(detail_text(None, None))
+            return
+        detail.update(detail_text(self._details.get(row.name), row))
+        if row.name not in self._details and self.inferno.snapshot.connection == "connected":
+            self.fetch_detail(row.name)
+
+    @work(exclusive=True, group="models-show", exit_on_error=False)
+    async def fetch_detail(self, name: str) -> None:
+        try:
+            info = await self.inferno.connection.request("models.show", {"model": name})
+        except Exception as e:
+            info = {"kind": f"n/a ({getattr(e, 'message', e)})"}
+        self._details[name] = info
+        if (row := self.selected()) is not None and row.name == name:
+            self.query_one("#models-detail", Static).update(detail_text(info, row))
+
+    def show_detail_for_test(self, name: str, info: dict[str, Any]) -> None:
+        self._details[name] = info
+        self._show_detail()
+
+    # -- actions ----------------------------------------------------------------------------
+    def action_load(self) -> None:
+        if (row := self.selected()) is not None:
+            self.model_request("models.load", {"model": row.name}, f"loading {row.name}")
+
+    def action_pin(self) -> None:
+        if (row := self.selected()) is not None:
+            self.model_request("models.load", {"model": row.name, "keep_alive": -1},
+                               f"pinning {row.name}")
+
+    def action_unload(self) -> None:
+        if (row := self.selected()) is not None:
+            self.model_request("models.unload", {"model": row.name}, f"unloading {row.name}")
+
+    def action_import_model(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                self.model_request("models.import", {"path": path}, f"importing {path}")
+
+        self.app.push_screen(AskText("Import a .gguf/.onnx file (absolute path on the daemon "
+                                     "host):", placeholder="/path/to/model.gguf"), done)
+
+    def action_remove(self) -> None:
+        row = self.selected()
+        if row is None:
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.model_request("models.remove", {"model": row.name},
+                                   f"removing {row.name}")
+
+        self.app.push_screen(Confirm(f"Remove {row.name} from the model directory?"), done)
+
+    def action_refresh(self) -> None:
+        self._details.clear()
+        self.inferno.refresh_models()
+
+    @work(group="model-actions", exit_on_error=False)
+    async def model_request(self, type_: str, body: dict[str, Any], what: str) -> None:
+        self.notify(what + "...", timeout=3)
+        try:
+            reply = await self.inferno.connection.request(type_, body, timeout=600)
+        except Exception as e:
+            self.notify_error(e)
+            self.inferno.update_snapshot(notice=f"{what} refused: "
+                                                f"{getattr(e, 'message', None) or e}")
+            return
+        state = reply.get("state") or "done"
+        self.inferno.update_snapshot(notice=f"{reply.get('model', '')}: {state}")
+        self.inferno.refresh_models()

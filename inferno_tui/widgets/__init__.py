@@ -1,0 +1,1 @@
+"""Widgets: each renders an immutable snapshot handed to it (``show(...)``)."""

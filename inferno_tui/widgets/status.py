@@ -1,0 +1,43 @@
+"""The one-line bar at the top of every screen: screen tabs and the connection state."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from inferno_tui.state import Snapshot
+
+TABS = (("models", "m", "Models"), ("gpu", "g", "GPU"), ("chat", "c", "Chat"),
+        ("queue", "q", "Queue"))
+STATE_STYLE = {"connected": "bold green", "connecting": "bold yellow",
+               "disconnected": "bold red"}
+
+
+def status_text(snap: Snapshot, current: str, readonly: bool, width: int = 80) -> Text:
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append(" inferno ", "bold reverse")
+    for mode, key, label in TABS:
+        style = "bold reverse" if mode == current else "dim"
+        t.append(" ")
+        t.append(f"{key}:{label}", style)
+    t.append("  ")
+    t.append("● " + snap.connection, STATE_STYLE.get(snap.connection, "bold"))
+    if snap.connection == "connected":
+        loaded = [r.name for r in snap.models if r.state == "loaded"]
+        if snap.role:
+            t.append(f" {snap.role}", "cyan")
+        if loaded:
+            t.append(f" [{', '.join(loaded)}]", "dim")
+    elif snap.detail:
+        t.append(f" {snap.detail}", "dim")
+    if readonly:
+        t.append(" RO", "bold magenta")
+    t.truncate(width, overflow="ellipsis")
+    return t
+
+
+class StatusBar(Static):
+    DEFAULT_CSS = "StatusBar { height: 1; background: $panel; }"
+
+    def show(self, snap: Snapshot, current: str, readonly: bool) -> None:
+        self.update(status_text(snap, current, readonly, max(20, self.size.width or 80)))

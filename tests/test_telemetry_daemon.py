@@ -79,6 +79,9 @@ def test_profiles_stats_and_recent(daemon_factory):
         recent = c.request("profiles.recent", {"n": 2})
         pushed = _collect(c, "stats", 1)[0].body
     by_id = {p["request_id"]: p for p in profiles}
+    # The first request waited for the model to load (a fresh daemon), the others did not.
+    assert profiles[0]["load_wait_ms"] > 10 * max(p["load_wait_ms"] for p in profiles[1:])
+    assert profiles[0]["queue_wait_ms"] >= profiles[0]["load_wait_ms"]
     assert len(by_id) == n
     for p, stats in zip(profiles, done, strict=True):
         assert p["model"] == MODEL and p["priority"] == "normal" and p["client"]

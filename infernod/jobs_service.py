@@ -44,7 +44,7 @@ _SUCCESS = ("length", "stop", "eos")
 _CHECKPOINTED = ("aborted", "shutting_down")  # while stopping: left for recover()
 _PARAM_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                "frequency_penalty", "presence_penalty", "repeat_last_n", "seed", "stop",
-               "timeout_s", "stall_timeout_s", "chat")
+               "ignore_eos", "timeout_s", "stall_timeout_s", "chat")
 
 
 @dataclass(frozen=True)

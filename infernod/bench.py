@@ -352,7 +352,7 @@ def write_html(report: dict[str, Any], path: str | Path, baseline: dict[str, Any
         return [r.get(key) if stat is None else (r.get(key) or {}).get(stat) for r in rows]
 
     charts = []
-    thr = [("this run", col("aggregate_tokens_per_s", None), False),
+    thr = [("aggregate", col("aggregate_tokens_per_s", None), False),
            ("per client", col("per_client_tokens_per_s", None), False)]
     if baseline:
         thr.append(("baseline", col("aggregate_tokens_per_s", None, base), True))

@@ -50,7 +50,8 @@ class MessageView(Vertical):
         t = Text(self.role, "bold cyan" if self.role == "user" else "bold green")
         line = status or (format_stats(self._stats) if self._stats else "")
         if line:
-            t.append(f"  {line}", "dim")
+            t.append("  ")
+            t.append(line, "dim")
         return t
 
     def set_status(self, status: str) -> None:
@@ -144,7 +145,8 @@ class ChatScreen(InfernoScreen):
         s = self.settings
         conv = self.store.get(self.conv_id) if self.store and self.conv_id else None
         t = Text(conv.title if conv else "", "bold")
-        t.append(f"  {s.model} · {s.mode} · T {s.temperature:g} · top_p {s.top_p:g} · "
+        t.append("  ")
+        t.append(f"{s.model} · {s.mode} · T {s.temperature:g} · top_p {s.top_p:g} · "
                  f"max {s.max_tokens} · {s.priority}", "dim")
         self.query_one("#chat-info", Static).update(t)
 

@@ -83,7 +83,7 @@ def system_panel(s: SystemView, h: Histories) -> Group:
         row = Text()
         for i in range(start, min(start + per_line, len(cores))):
             row.append(f"c{i:<3}", "bold")
-            row.append_text(bar(cores[i], 10))
+            row.append_text(bar(cores[i], 8))
             row.append(f" {fmt.pct(cores[i]):>4}  ")
         lines.append(row)
     if not cores:

@@ -19,9 +19,10 @@ from inferno_tui.state import Snapshot
 from inferno_tui.views import PRIORITIES, QueueRow, QueueView, RecentLatency, StatsRow
 from inferno_tui.widgets.graphs import spark
 
-COLUMNS = (("id", "Request", 14), ("state", "State", 8), ("model", "Model", 12),
-           ("prio", "Class", 6), ("client", "Client", 10), ("age", "Age", 6),
-           ("dl", "Deadline", 8), ("tok", "Tokens", 6))
+# 60 columns of content + 2 padding per column = 76 (fits 80 columns with a scrollbar).
+COLUMNS = (("id", "Request", 12), ("state", "State", 8), ("model", "Model", 11),
+           ("prio", "Class", 6), ("client", "Client", 8), ("age", "Age", 4),
+           ("dl", "Dline", 5), ("tok", "Tok", 5))
 LEVEL_STYLE = {"ok": "green", "normal": "green", "none": "green", "soft": "yellow",
                "elevated": "yellow", "high": "red", "hard": "bold red", "critical": "bold red"}
 
@@ -32,7 +33,7 @@ def queue_cells(r: QueueRow) -> tuple[Any, ...]:
     else:
         pos = f"#{r.position}" if r.position is not None else r.state
         state = Text(pos + (f" ~{fmt.secs(r.eta_s)}" if r.eta_s is not None else ""), "yellow")
-    rid = r.request_id if len(r.request_id) <= 14 else "…" + r.request_id[-13:]
+    rid = r.request_id if len(r.request_id) <= 12 else "…" + r.request_id[-11:]
     return (rid, state, fmt.text(r.model), fmt.text(r.priority), fmt.text(r.client),
             fmt.secs(r.age_s), fmt.secs(r.deadline_in_s), fmt.text(r.tokens))
 

@@ -15,7 +15,7 @@ STATE_STYLE = {"connected": "bold green", "connecting": "bold yellow",
 
 def status_text(snap: Snapshot, current: str, readonly: bool, width: int = 80) -> Text:
     t = Text(no_wrap=True, overflow="ellipsis")
-    t.append(" inferno ", "bold reverse")
+    t.append("inferno", "bold reverse")
     for mode, key, label in TABS:
         style = "bold reverse" if mode == current else "dim"
         t.append(" ")
@@ -25,13 +25,17 @@ def status_text(snap: Snapshot, current: str, readonly: bool, width: int = 80) -
     if snap.connection == "connected":
         loaded = [r.name for r in snap.models if r.state == "loaded"]
         if snap.role:
-            t.append(f" {snap.role}", "cyan")
+            t.append(" ")
+            t.append(snap.role, "cyan")
         if loaded:
-            t.append(f" [{', '.join(loaded)}]", "dim")
+            t.append(" ")
+            t.append(f"[{', '.join(loaded)}]", "dim")
     elif snap.detail:
-        t.append(f" {snap.detail}", "dim")
+        t.append(" ")
+        t.append(snap.detail, "dim")
     if readonly:
-        t.append(" RO", "bold magenta")
+        t.append(" ")
+        t.append("RO", "bold magenta")
     t.truncate(width, overflow="ellipsis")
     return t
 

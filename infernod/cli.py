@@ -82,6 +82,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 @command("models")
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.action == "convert-onnx":  # local: exports a model, talks to no daemon
+        from infernod.cli_onnx import convert_onnx
+
+        return convert_onnx(args.rest)
     with _client(args) as c:
         models = c.models()
     if args.json:
@@ -98,6 +102,13 @@ def cmd_models(args: argparse.Namespace) -> int:
                       str(m.get("context_length") or "-"), m.get("state", ""))
     _console().print(table)
     return EXIT_OK
+
+
+@command("embed")
+def cmd_embed(args: argparse.Namespace) -> int:
+    from infernod.cli_onnx import embed
+
+    return embed(args, _client(args))
 
 
 @command("show")
@@ -330,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("status", "daemon status")
-    add("models", "list models")
+    sp = add("models", "list models; 'models convert-onnx [OUT_DIR]' exports all-MiniLM-L6-v2")
+    sp.add_argument("action", nargs="?", choices=("list", "convert-onnx"), default="list")
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="convert-onnx: [OUT_DIR] [--force]")
+    from infernod.cli_onnx import add_embed_parser
+
+    add_embed_parser(add)
     add("show", "show one model's details").add_argument("model")
     sp = add("load", "load a model")
     sp.add_argument("model")

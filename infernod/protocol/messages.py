@@ -95,6 +95,21 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "stall_timeout_s": F(NUM, min=0.1, max=3600, doc="max time between tokens"),
         **_SAMPLING,
     },
+    "embed": {
+        "model": F(STR, True, max_len=64, doc="an ONNX embedding model"),
+        "texts": F(LIST, True, max_len=4096, items=str, doc="texts to embed"),
+        "normalize": F(BOOL, doc="L2-normalise each vector (default true)"),
+        "priority": F(STR, choices=PRIORITIES, doc="default 'normal'"),
+        "keep_alive": F(NUM, min=-1, max=10**7),
+        "timeout_s": F(NUM, min=0.1, max=86400, doc="queue + run time limit"),
+    },
+    "infer": {
+        "model": F(STR, True, max_len=64, doc="an ONNX model"),
+        "inputs": F(MAP, True, doc="{input name: {dtype, shape, data}}"),
+        "priority": F(STR, choices=PRIORITIES, doc="default 'normal'"),
+        "keep_alive": F(NUM, min=-1, max=10**7),
+        "timeout_s": F(NUM, min=0.1, max=86400, doc="queue + run time limit"),
+    },
     "cancel": {"request_id": F(STR, True, max_len=128)},
     "queue.list": {"model": F(STR, max_len=64, doc="only this model's requests")},
     "reprioritize": {

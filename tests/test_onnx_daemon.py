@@ -1,0 +1,202 @@
+"""ONNX models served by the real daemon: embed and infer under the shared scheduler.
+
+The exported MiniLM (cached in ~/.cache/inferno-test/minilm-onnx, see test_onnx.py) and a
+generic graph built with onnx.helper sit in a model directory beside the default GGUF model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx_graphs import GENERIC_W, generic_graph
+from test_onnx import _minilm_dir
+
+from infernod import cli
+from infernod.client import AsyncClient, to_wire_array
+from infernod.protocol.errors import InfernoError
+
+ONNX_CONFIG = {"onnx": {"intra_op_threads": 1, "inter_op_threads": 1, "providers": ["CPU"]}}
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model dir with 'minilm' (a link to the exported directory) and 'generic.onnx'."""
+    d = tmp_path_factory.mktemp("onnx-models")
+    os.symlink(_minilm_dir(), d / "minilm")
+    generic_graph(d / "generic.onnx")
+    return d
+
+
+@pytest.fixture
+def onnx_daemon(daemon_factory, models_dir: Path, onnx_models: Path):
+    return daemon_factory({"models": {"dirs": [str(models_dir), str(onnx_models)]},
+                           **ONNX_CONFIG})
+
+
+def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    want = want / np.linalg.norm(want, axis=1, keepdims=True)
+    return (got * want).sum(axis=1) / np.linalg.norm(got, axis=1)
+
+
+def test_minilm_served_by_the_daemon_matches_reference(onnx_daemon, onnx_models: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    ref = json.loads((onnx_models / "minilm" / "reference.json").read_text())
+    with onnx_daemon.client(timeout=60) as c:
+        listed = {m["name"]: m for m in c.models()}
+        assert listed["minilm"]["kind"] == "onnx" and listed["minilm"]["onnx"]["kind"] == "embedding"
+        assert listed["generic"]["onnx"]["kind"] == "generic"
+        assert [i["name"] for i in listed["generic"]["onnx"]["inputs"]] == ["X", "Y"]
+        assert listed["minilm"]["onnx"]["opset"] >= 17 and listed["minilm"]["size_bytes"] > 10**7
+        assert listed["gemma3-270m"]["kind"] == "gguf"
+
+        loaded = c.load("minilm")
+        assert loaded["provider"] == "CPUExecutionProvider" and loaded["backend"] == "onnx"
+        assert c.show("minilm")["provider"] == "CPUExecutionProvider"
+
+        vectors, info = c.embed("minilm", ref["sentences"])
+        assert vectors.dtype == np.float32 and vectors.shape == (len(ref["sentences"]), 384)
+        cos = _cosines(vectors, np.array(ref["vectors"], dtype=np.float32))
+        assert cos.min() >= 0.999, cos
+        assert info["dim"] == 384 and info["truncated"] == [False] * len(ref["sentences"])
+        assert all(n > 2 for n in info["tokens"])
+        stats = info["stats"]
+        for key in ("queue_wait_ms", "load_wait_ms", "total_ms", "run_ms", "tokenize_ms"):
+            assert stats[key] >= 0, key
+        assert stats["finish_reason"] == "done" and stats["model"] == "minilm"
+
+        v, _ = c.embed("minilm", ["How do I reset my password?",
+                                  "What are the steps to change my login password?",
+                                  "The orchestra played Beethoven's fifth symphony last night."])
+        assert v[0] @ v[1] > v[0] @ v[2] + 0.3, (v[0] @ v[1], v[0] @ v[2])
+
+        raw, info = c.embed("minilm", ["a man is eating food", "x " * 400], normalize=False)
+        assert abs(np.linalg.norm(raw[0]) - 1.0) > 0.01 and info["normalized"] is False
+        assert info["truncated"] == [False, True] and info["tokens"][1] == 256
+
+        with pytest.raises(InfernoError) as e:
+            c.embed("gemma3-270m", ["hello"])
+        assert e.value.code == "not_supported" and "convert-onnx" in (e.value.hint or "")
+        with pytest.raises(InfernoError) as e:
+            c.embed("generic", ["hello"])
+        assert e.value.code == "not_supported" and "infer" in (e.value.hint or "")
+        with pytest.raises(InfernoError) as e:
+            list(c.generate("minilm", "hello", max_tokens=4))
+        assert e.value.code == "not_supported"
+
+    rc = cli.main(["--endpoint", onnx_daemon.endpoint, "embed", "minilm", ref["sentences"][0],
+                   ref["sentences"][2], "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["dim"] == 384 and len(out["vectors"]) == 2
+    got = np.array(out["vectors"], dtype=np.float32)
+    assert _cosines(got, np.array([ref["vectors"][0], ref["vectors"][2]])).min() >= 0.999
+
+
+@pytest.mark.parametrize(
+    ("inputs", "needles"),
+    [
+        ({"X": np.zeros((2, 3), np.float32), "W": np.zeros((2, 3), np.float32)},
+         ["unknown input", "'W'", "'X'", "'Y'"]),
+        ({"X": np.zeros((2, 3), np.int64), "Y": np.zeros((2, 3), np.float32)},
+         ["'X'", "expected dtype float32", "got int64"]),
+        ({"X": np.zeros((2, 4), np.float32), "Y": np.zeros((2, 4), np.float32)},
+         ["'X'", "dimension 1 must be 3", "got 4"]),
+    ],
+    ids=["name", "dtype", "shape"],
+)  # fmt: skip
+def test_generic_graph_through_infer(onnx_daemon, inputs: dict, needles: list[str]) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    y = np.full((4, 3), 0.5, dtype=np.float32)
+    with onnx_daemon.client(timeout=60) as c:
+        outputs, stats = c.infer("generic", {"X": x, "Y": y})
+        assert np.array_equal(outputs["Z"], (x + y) @ GENERIC_W) and outputs["Z"].dtype == np.float32
+        assert np.array_equal(outputs["S"], x + y)
+        assert stats["finish_reason"] == "done" and stats["queue_wait_ms"] >= 0
+        with pytest.raises(InfernoError) as e:
+            c.infer("generic", inputs)
+        assert e.value.code == "bad_request"
+        for needle in needles:
+            assert needle in e.value.message, (needle, e.value.message)
+        # raw wire arrays too: a short data buffer names the input
+        bad = to_wire_array(x)
+        bad["data"] = bad["data"][:-4]
+        with pytest.raises(InfernoError) as e:
+            c.request("infer", {"model": "generic", "inputs": {"X": bad, "Y": to_wire_array(y)}})
+        assert e.value.code == "bad_request" and "'X'" in e.value.message
+        with pytest.raises(InfernoError) as e:
+            c.infer("gemma3-270m", {"X": x})
+        assert e.value.code == "not_supported"
+        # the daemon is still serving the model after the errors
+        outputs, _ = c.infer("generic", {"X": x[:1], "Y": y[:1]})
+        assert np.array_equal(outputs["Z"], ((x + y) @ GENERIC_W)[:1])
+
+
+def test_embeds_interleave_with_generation_and_batch(onnx_daemon) -> None:
+    """A GGUF stream and a flood of embeds on one daemon: the stream completes, pings stay
+    answered, and embeds that waited together ran as one batch."""
+    with onnx_daemon.client(timeout=60) as c:
+        c.load("gemma3-270m")
+        c.load("minilm")
+    stop = threading.Event()
+    pings: list[float] = []
+    errors: list[BaseException] = []
+
+    def ping_loop() -> None:
+        try:
+            with onnx_daemon.client(timeout=10) as pc:
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    pc.ping()
+                    pings.append((time.perf_counter() - t0) * 1000)
+                    time.sleep(0.02)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    async def embed_flood() -> list[dict]:
+        long_texts = [f"sentence number {i} about inference servers and queues " * 20
+                      for i in range(24)]
+        async with AsyncClient(onnx_daemon.endpoint, timeout=60) as ac:
+            first = asyncio.ensure_future(ac.embed("minilm", long_texts))
+            await asyncio.sleep(0.05)  # the long one runs; these wait together behind it
+            small = [ac.embed("minilm", [f"short text {i}"]) for i in range(6)]
+            results = await asyncio.gather(first, *small)
+        return [info for _, info in results]
+
+    streamed: dict = {}
+
+    def generate() -> None:  # consumed in its own thread, so its client keeps its lease
+        try:
+            with onnx_daemon.client(timeout=60) as gc:
+                stream = gc.generate("gemma3-270m", "Once upon a time", max_tokens=48,
+                                     temperature=0, ignore_eos=True)
+                streamed["text"] = "".join(stream)
+                streamed["stats"] = stream.stats
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=ping_loop, daemon=True),
+               threading.Thread(target=generate, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        infos = asyncio.run(embed_flood())
+        threads[1].join(120)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    assert not errors, errors
+    assert streamed["stats"]["finish_reason"] == "length"
+    assert streamed["stats"]["completion_tokens"] == 48 and streamed["text"]
+    assert all(i["dim"] == 384 for i in infos)
+    assert max(i["stats"]["batch_requests"] for i in infos[1:]) > 1, [i["stats"] for i in infos]
+    assert len(pings) >= 5
+    # bounds a blocked loop (an embed run on it would stall pings for its whole duration)
+    assert statistics.median(pings) < 250, sorted(pings)

@@ -117,7 +117,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    sample_hz: float = opt(2.0, "system/GPU samples per second", min=0.1, max=50)
+    sample_hz: float = opt(2.0, "system/GPU samples per second", min=0.1, max=20)
     stats_interval_s: float = opt(5.0, "period of the 'stats' summary event", min=0.5,
                                   max=3600)
     profile_ring: int = opt(1000, "finished request profiles kept", min=10, max=1_000_000,

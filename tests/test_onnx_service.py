@@ -1,0 +1,96 @@
+"""OnnxService with the real scheduler and a real worker engine on a tiny encoder: batching
+limits, backpressure and deadlines, without a daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from onnx_graphs import tiny_encoder, tiny_expected
+
+from infernod.models import LoadedModel
+from infernod.onnx_service import OnnxEngine, OnnxJob, OnnxService
+from infernod.protocol.errors import InfernoError
+from infernod.scheduler import Scheduler
+
+
+class _Models:
+    """The two things OnnxService asks ModelManager: ``loaded`` and ``ensure_loaded``."""
+
+    def __init__(self, engine: OnnxEngine) -> None:
+        self.loaded = {"tiny": LoadedModel(name="tiny", info=None, engine=engine,
+                                           state="loaded")}
+        self.on_unloaded: list = []
+
+    async def ensure_loaded(self, name: str, keep_alive_s: float | None = None) -> LoadedModel:
+        return self.loaded[name]
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    eng = OnnxEngine(tiny_encoder(tmp_path / "tiny"), providers=["CPU"], intra_op_threads=1,
+                     inter_op_threads=1, graph_optimization="all", max_batch=32)
+    eng.start()
+    yield eng
+    eng.close()
+
+
+def _service(engine: OnnxEngine, *, max_batch: int = 32, max_queue: int = 16) -> OnnxService:
+    cfg = SimpleNamespace(onnx=SimpleNamespace(max_batch=max_batch),
+                          scheduler=SimpleNamespace(timeout_s=30, max_timeout_s=60))
+    return OnnxService(cfg, _Models(engine), Scheduler(max_queue_per_model=max_queue))
+
+
+def _job(n: int, texts: list[str], *, deadline_s: float | None = None,
+         normalize: bool = False) -> OnnxJob:
+    now = time.monotonic()
+    return OnnxJob(request_id=f"s.{n}", session="s", model="tiny", op="embed",
+                   body={"texts": texts, "normalize": normalize}, priority="normal",
+                   submitted=now, deadline=None if deadline_s is None else now + deadline_s,
+                   timeout_s=30, future=asyncio.get_running_loop().create_future())
+
+
+async def test_waiting_embeds_share_runs_up_to_max_batch(engine: OnnxEngine) -> None:
+    svc = _service(engine, max_batch=4)
+    engine.busy = True  # hold the worker so everything queues, then let it go
+    texts = [["a"], ["b c"], ["d", "a b"], ["c"], ["a b c d a b c d"]]
+    tasks = [asyncio.ensure_future(svc.run(_job(i, t))) for i, t in enumerate(texts)]
+    await asyncio.sleep(0.05)
+    assert svc.queued_count() == 5
+    engine.busy = False
+    svc.dispatch("tiny")
+    replies = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    # 1 + 1 + 2 texts fill the first run (4); the 4th request starts the second
+    assert [r["stats"]["batch_requests"] for r in replies] == [3, 3, 3, 2, 2]
+    assert [r["stats"]["batch_texts"] for r in replies] == [4, 4, 4, 2, 2]
+    assert svc.batches == 2
+    for r, t in zip(replies, texts, strict=True):  # sharing a run never changes a vector
+        got = np.frombuffer(r["vectors"]["data"], np.float32).reshape(r["vectors"]["shape"])
+        want = np.vstack([tiny_expected(x.split()) for x in t])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert replies[4]["truncated"] == [True]
+
+
+async def test_backpressure_and_queued_deadline(engine: OnnxEngine) -> None:
+    svc = _service(engine, max_queue=2)
+    engine.busy = True
+    late = asyncio.ensure_future(svc.run(_job(1, ["a"], deadline_s=0.2)))
+    other = asyncio.ensure_future(svc.run(_job(2, ["b"])))
+    await asyncio.sleep(0.01)
+    with pytest.raises(InfernoError) as e:  # the model's queue holds 2: refused at once
+        await svc.run(_job(3, ["c"]))
+    assert e.value.code == "overloaded" and e.value.extra.get("retry_after_ms")
+    await asyncio.sleep(0.3)
+    for item in svc.scheduler.expire(time.monotonic()):  # what the daemon's tick does
+        svc.expired(item)
+    with pytest.raises(InfernoError) as e:
+        await asyncio.wait_for(late, 5)
+    assert e.value.code == "deadline_exceeded"
+    engine.busy = False
+    svc.dispatch("tiny")
+    reply = await asyncio.wait_for(other, 30)
+    assert reply["stats"]["batch_requests"] == 1 and reply["stats"]["queue_wait_ms"] >= 300

@@ -37,7 +37,9 @@ class QueueService:
         every waiting client of that model where it stands."""
         now = time.monotonic()
         self.preempt(now, [model])
-        self.publish_positions(now)
+        lm = self.models.loaded.get(model)
+        if lm is None or lm.engine is None or lm.engine.free_slots() == 0:
+            self.publish_positions(now)  # it really waits (a free slot starts it at once)
 
     def tick(self, now: float) -> None:
         self.preempt(now, self.scheduler.waiting_models())

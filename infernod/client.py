@@ -258,6 +258,7 @@ class _Base:
         return self.heartbeat_interval_s * HEARTBEAT_MISSES
 
     def _check_alive(self, state: _StreamState | None = None) -> None:
+        self._note_pump()  # stopped ourselves since we last listened? that is not the daemon
         silent = time.monotonic() - self.last_heartbeat
         if silent > self._lost_after():
             raise DaemonUnavailable(f"daemon lost: no heartbeat for {silent:.1f}s",

@@ -59,8 +59,8 @@ class DaemonConfig:
     subscriber_hwm: int = opt(20000, "events queued per subscriber before the daemon drops "
                                      "that subscriber's events (it re-fetches token gaps)",
                               min=1, max=10_000_000, restart=True)
-    subscriber_sndbuf_bytes: int = opt(0, "kernel send buffer per subscriber connection; 0 = "
-                                          "the OS default", min=0, max=64 * 1024 * 1024,
+    subscriber_sndbuf_bytes: int = opt(0, "kernel send buffer per tcp:// subscriber "
+                                          "connection; 0 = the OS default", min=0, max=64 * 1024 * 1024,
                                        restart=True)
 
 
@@ -106,7 +106,8 @@ class SchedulerConfig:
     max_stall_timeout_s: float = opt(600.0, "largest stall timeout a request may ask for",
                                      min=1, max=86400)
     client_lease_s: float = opt(10.0, "a running generation whose client is silent this long "
-                                      "is aborted", min=1, max=3600)
+                                      "is aborted (clients refresh it every 2 s while they "
+                                      "stream)", min=3, max=3600)
     deadline_critical_s: float = opt(10.0, "a waiting request whose deadline is this close goes "
                                            "before everything (earliest deadline first)",
                                      min=0, max=86400, restart=True)

@@ -347,5 +347,7 @@ class GenerationService:
                 "deadline_in_s": None if g.deadline is None else round(g.deadline - now, 3),
                 "tokens": g.n_tokens, "job": g.job[0] if g.job else None,
             })
+        models = {g.model for g in self.gens.values()}
         return {"items": items, "running": self.running_count(),
-                "queued": self.queued_count()}
+                "queued": self.queued_count(), "level": self.scheduler.level(),
+                "levels": {m: self.scheduler.level(m) for m in sorted(models)}}

@@ -60,6 +60,7 @@ class InfernoDaemon(Daemon):
         self.gen.on_foreign_expired = self.onnx.expired  # one scheduler, one expiry pass
         self.last_seen: dict[str, float] = {}
         self.scanned = asyncio.Event()
+        self.backend_info: dict[str, Any] = {}
         self._register()
         self.spawn(self._tick_loop(), "tick")
         self.spawn(self._startup_models(), "startup-models")
@@ -79,6 +80,8 @@ class InfernoDaemon(Daemon):
 
     async def _startup_models(self) -> None:
         loop = asyncio.get_running_loop()
+        # Loading llama.cpp's shared library takes a moment: never on the loop.
+        self.backend_info = await loop.run_in_executor(None, _backend_info)
         # Requests that name a model wait for `scanned`: on a first start that includes
         # assembling the default model (a few seconds), so `inferno run gemma3-270m` works
         # right after `make run` instead of failing with unknown_model.
@@ -226,8 +229,6 @@ class InfernoDaemon(Daemon):
         return {"pong": True, "ts": time.time()}
 
     async def h_status(self, req: Request) -> dict[str, Any]:
-        import llama_cpp  # already imported by the engine once a model loads
-
         now = time.monotonic()
         return {
             "version": __version__, "boot_id": self.boot_id, "pid": os.getpid(),
@@ -240,8 +241,8 @@ class InfernoDaemon(Daemon):
             "loop_lag_ms": round(self.loop_lag_ms, 3),
             "requests_served": self.requests_served,
             "versions": {"python": platform.python_version(),
-                         "llama_cpp_python": llama_cpp.__version__},
-            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+                         "llama_cpp_python": self.backend_info.get("llama_cpp_python")},
+            "gpu_offload_supported": self.backend_info.get("gpu_offload_supported"),
         }
 
     async def h_config_get(self, req: Request) -> dict[str, Any]:
@@ -291,10 +292,11 @@ class InfernoDaemon(Daemon):
 
         b = req.body
         loop = asyncio.get_running_loop()
+        label = b.get("name") or Path(b["path"]).stem  # for progress events only
 
         def progress(done: int, total: int, message: str) -> None:
             self.loop_call(self.publisher.publish, "models", "progress",
-                           {"event": "progress", "model": b.get("name") or "", "done_bytes": done,
+                           {"event": "progress", "model": label, "done_bytes": done,
                             "total_bytes": total, "message": message})
 
         info = await loop.run_in_executor(None, lambda: self.registry.import_model(
@@ -365,3 +367,10 @@ def _path(p: str) -> Any:
     from pathlib import Path
 
     return Path(p).expanduser()
+
+
+def _backend_info() -> dict[str, Any]:
+    import llama_cpp
+
+    return {"llama_cpp_python": llama_cpp.__version__,
+            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload())}

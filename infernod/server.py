@@ -42,6 +42,7 @@ from infernod.systemd import Notifier
 log = logging.getLogger("infernod")
 
 ROLES = {"none": 0, "monitor": 1, "operator": 2}
+MAX_IN_FLIGHT = 1024  # handlers running at once; beyond, requests wait in ZeroMQ's queue
 
 
 @dataclass
@@ -186,6 +187,12 @@ class Daemon:
                                    stream_retention_s=self.cfg.daemon.stream_retention_s)
 
     async def _control_loop(self) -> None:
+        """Receive, admit (decode, validate, rate-limit, authorise) inline, run handlers as
+        tasks. Bad input is answered without a task; at most MAX_IN_FLIGHT handlers run at
+        once, and a flood yields to the rest of the loop every few messages."""
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        loop = asyncio.get_running_loop()
+        n = 0
         while True:
             try:
                 frames = await self.control.recv_multipart(copy=False)
@@ -196,42 +203,58 @@ class Daemon:
                     return
                 self._log_error("recv failed: %s", e)
                 continue
+            n += 1
+            if n % 64 == 0:
+                await asyncio.sleep(0)  # a burst must not starve heartbeats and replies
+            identity = frames[0].bytes
+            header: dict[str, Any] = {}
+            try:
+                req, handler = self._admit(frames, header)
+            except InfernoError as e:
+                self.requests_served += 1
+                await self._reply(identity, header, "error", e.to_wire())
+                continue
+            await slots.acquire()
             # Handlers run as tasks so a slow one (a model load) never blocks the others.
-            task = asyncio.get_running_loop().create_task(self._handle(frames))
-            task.add_done_callback(_consume)
+            task = loop.create_task(self._run(req, handler))
+            task.add_done_callback(lambda t: (slots.release(), _consume(t)))
 
-    async def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _admit(self, frames: list[zmq.Frame], header: dict[str, Any]) -> tuple[Request, Handler]:
+        """Everything that can refuse a request before its handler runs. Fills ``header``
+        as soon as it parses, so an error reply can still name the request id."""
         identity = frames[0].bytes
         received = time.monotonic()
-        header: dict[str, Any] = {}
         role = self.role_of(frames[-1]) if len(frames) > 1 else "none"
         # Charged before parsing: a flood of garbage uses up its sender's allowance too.
         peer_wait = self.limiter.peer(self.security.principal_of(frames[-1]) or
                                       identity.hex(), received)
+        parsed, body = codec.decode_request([f.bytes for f in frames[1:]],
+                                            max_body_bytes=self.cfg.daemon.max_message_bytes)
+        header.update(parsed)
+        validate_header(header)
+        wait = max(peer_wait, self.limiter.session(header["session"], received))
+        if wait:
+            raise self.rate_limited(wait)
+        handler, need = self._lookup(header["type"])
+        validate_body(header["type"], body, SCHEMAS)
+        if ROLES[role] < ROLES[need]:
+            raise InfernoError("forbidden", f"'{header['type']}' needs the {need} role; "
+                                            f"you are {role}", "ask an operator")
+        return Request(identity, header, body, role, received), handler
+
+    async def _run(self, req: Request, handler: Handler) -> None:
         try:
-            header, body = codec.decode_request([f.bytes for f in frames[1:]],
-                                                max_body_bytes=self.cfg.daemon.max_message_bytes)
-            validate_header(header)
-            wait = max(peer_wait, self.limiter.session(header["session"], received))
-            if wait:
-                raise self.rate_limited(wait)
-            handler, need = self._lookup(header["type"])
-            validate_body(header["type"], body, SCHEMAS)
-            if ROLES[role] < ROLES[need]:
-                raise InfernoError("forbidden", f"'{header['type']}' needs the {need} role; "
-                                                f"you are {role}", "ask an operator")
-            req = Request(identity, header, body, role, received)
             self.on_request(req)
             result = await handler(req)
-            await self._reply(identity, header, "reply", result)
+            await self._reply(req.identity, req.header, "reply", result)
         except InfernoError as e:
             if e.code == "internal":
-                self._log_error("request %s failed: %s", header.get("id"), e)
-            await self._reply(identity, header, "error", e.to_wire())
+                self._log_error("request %s failed: %s", req.header.get("id"), e)
+            await self._reply(req.identity, req.header, "error", e.to_wire())
         except Exception as e:  # the one broad except: a bug must not kill the daemon
-            log.exception("handler for %s crashed", header.get("type"))
+            log.exception("handler for %s crashed", req.type)
             err = InfernoError("internal", f"{type(e).__name__}: {e}")
-            await self._reply(identity, header, "error", err.to_wire())
+            await self._reply(req.identity, req.header, "error", err.to_wire())
         self.requests_served += 1
 
     def on_request(self, req: Request) -> None:

@@ -90,8 +90,8 @@ class ModelManager:
         return int(est.total_bytes)
 
     def _plan(self, name: str, need: int) -> list[tuple[str, str]]:
-        from infernod.registry import LoadedModel as LoadedModelRef
-        from infernod.registry import plan_load
+        from infernod.memory import LoadedModel as LoadedModelRef
+        from infernod.memory import plan_load
 
         now = time.monotonic()
         refs = [LoadedModelRef(name=lm.name, bytes=lm.memory_bytes, pinned=lm.pinned,

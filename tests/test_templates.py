@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from test_registry import write_gguf
 
+from infernod.gguf_meta import ModelInfo, read_gguf_info
 from infernod.protocol.errors import InfernoError
-from infernod.registry import ModelInfo, read_gguf_info
 from infernod.templates import GEMMA_TEMPLATE, render_chat, template_name_for
 
 CHAT = [

@@ -25,35 +25,24 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from infernod.client_stream import AsyncStream, Event, Stream, _decode_event, _StreamState
 from infernod.paths import Endpoints, default_endpoints
 from infernod.protocol import codec
+from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 
-__all__ = ["AsyncClient", "Client", "DaemonUnavailable", "Event", "InfernoError", "Stream",
-           "AsyncStream"]
+__all__ = ["AsyncClient", "AsyncStream", "Client", "CurveKeys", "DaemonUnavailable", "Event",
+           "InfernoError", "Stream", "decode_array", "encode_array"]
 
 HEARTBEAT_MISSES = 3
-LEASE_PING_S = 2.0
-
-
-@dataclass
-class Event:
-    """One published event: topic, type, per-topic seq, the daemon's boot id, and its body."""
-
-    topic: str
-    type: str
-    seq: int
-    boot_id: str
-    body: dict[str, Any]
-    ts: float = 0.0
 
 
 @dataclass
@@ -86,68 +75,6 @@ def _check_socket_file(ep: Endpoints) -> None:
         if not path.exists():
             raise DaemonUnavailable(f"no daemon socket at {path}",
                                     "start it with 'infernod' or 'systemctl start infernod'")
-
-
-def _decode_event(frames: list[bytes]) -> Event | None:
-    if len(frames) != 4 or frames[1] != codec.MAGIC:
-        return None
-    header = codec.unpackb(frames[2], max_bytes=codec.MAX_HEADER_BYTES * 4, what="header")
-    body = codec.unpackb(frames[3], max_bytes=64 * 1024 * 1024)
-    return Event(str(header.get("topic", "")), str(header.get("type", "")),
-                 int(header.get("seq", 0)), str(header.get("boot_id", "")), body,
-                 float(header.get("ts", 0.0)))
-
-
-@dataclass
-class _StreamState:
-    """Ordering and gap detection for one token stream; pure, shared by both clients."""
-
-    request_id: str
-    boot_id: str
-    next_seq: int = 0
-    pending: dict[int, Event] = field(default_factory=dict)
-    done: bool = False
-    stats: dict[str, Any] | None = None
-    start: dict[str, Any] | None = None
-    text: list[str] = field(default_factory=list)
-    queued: dict[str, Any] | None = None  # last 'queued' event: position, eta_s (until start)
-    preemptions: int = 0
-
-    def offer(self, ev: Event) -> list[Event]:
-        """Accept an event in any order; return the ones now deliverable in order."""
-        if ev.seq < self.next_seq:
-            return []
-        self.pending[ev.seq] = ev
-        out = []
-        while self.next_seq in self.pending:
-            out.append(self.pending.pop(self.next_seq))
-            self.next_seq += 1
-        return out
-
-    @property
-    def has_gap(self) -> bool:
-        return bool(self.pending)
-
-    def apply(self, ev: Event) -> str | None:
-        """Return text to hand to the user, raise for an error event, record the end."""
-        if ev.type == "token":
-            text = ev.body.get("text", "")
-            self.text.append(text)
-            return text
-        if ev.type == "queued":
-            self.queued = ev.body
-        elif ev.type == "preempted":
-            self.preemptions += 1
-        elif ev.type == "start":
-            self.start = ev.body
-        elif ev.type == "done":
-            self.done = True
-            self.stats = ev.body
-        elif ev.type == "error":
-            self.done = True
-            self.stats = ev.body.get("stats")
-            raise InfernoError.from_wire(ev.body)
-        return None
 
 
 class _Base:
@@ -279,7 +206,105 @@ class _Base:
         return body
 
 
-class Client(_Base):
+class _Requests:
+    """Every plain request, written once for both clients.
+
+    ``_call`` is the only difference: :class:`Client` returns the result, :class:`AsyncClient`
+    returns an awaitable of it. So ``c.ping()`` and ``await ac.ping()`` mean the same.
+    """
+
+    timeout: float
+    name: str
+
+    def _call(self, type_: str, body: dict[str, Any] | None = None,
+              post: Callable[[dict[str, Any]], Any] | None = None, **kw: Any) -> Any:
+        raise NotImplementedError
+
+    def hello(self) -> Any:
+        return self._call("hello", {"client": self.name})
+
+    def ping(self) -> Any:
+        return self._call("ping")
+
+    def status(self) -> Any:
+        return self._call("status")
+
+    def models(self) -> Any:
+        """Every model on disk, with its state (list of dicts)."""
+        return self._call("models.list", post=lambda r: r["models"],
+                          timeout=max(self.timeout, 30))
+
+    def show(self, model: str) -> Any:
+        return self._call("models.show", {"model": model})
+
+    def load(self, model: str, keep_alive: float | None = None, timeout: float = 600) -> Any:
+        return self._call("models.load", _drop_none({"model": model, "keep_alive": keep_alive}),
+                          timeout=timeout)
+
+    def unload(self, model: str) -> Any:
+        return self._call("models.unload", {"model": model}, timeout=60)
+
+    def cancel(self, request_id: str) -> Any:
+        return self._call("cancel", {"request_id": request_id})
+
+    def config_get(self, key: str | None = None) -> Any:
+        return self._call("config.get", _drop_none({"key": key}))
+
+    def embed(self, model: str, texts: list[str], *, normalize: bool = True,
+              priority: str | None = None, deadline: float | None = None,
+              timeout: float | None = None) -> Any:
+        """Embed ``texts`` with an ONNX embedding model: ``(float32 array [n, dim], info)``,
+        ``info`` being the reply without ``vectors`` (dim, truncated, tokens, stats)."""
+        return self._call("embed", _embed_body(model, texts, normalize, priority),
+                          post=_embed_result, deadline=deadline,
+                          timeout=timeout or max(self.timeout, 120))
+
+    def infer(self, model: str, inputs: dict[str, Any], *, priority: str | None = None,
+              deadline: float | None = None, timeout: float | None = None) -> Any:
+        """Run an ONNX model on named numpy arrays: ``({output name: array}, stats)``."""
+        return self._call("infer", _infer_body(model, inputs, priority), post=_infer_result,
+                          deadline=deadline, timeout=timeout or max(self.timeout, 120))
+
+    def stats(self) -> Any:
+        """Latency percentiles computed in the daemon (see docs/protocol.md, ``stats``)."""
+        return self._call("stats")
+
+    def profiles(self, n: int = 20) -> Any:
+        """The latest ``n`` request profiles, oldest first."""
+        return self._call("profiles.recent", {"n": n}, post=lambda r: r["profiles"])
+
+    def metrics(self) -> Any:
+        """The latest system/GPU sample (None before the first)."""
+        return self._call("metrics.get", post=lambda r: r["sample"])
+
+    def queue_list(self, model: str | None = None) -> Any:
+        return self._call("queue.list", _drop_none({"model": model}))
+
+    def reprioritize(self, request_id: str, priority: str) -> Any:
+        return self._call("reprioritize", {"request_id": request_id, "priority": priority})
+
+    def jobs_submit(self, model: str, prompts: list[str], *, idem: str | None = None,
+                    **params: Any) -> Any:
+        """Store a job; with ``idem`` a retried submit returns the same ``job_id``."""
+        return self._call("jobs.submit", _drop_none({"model": model, "prompts": prompts,
+                                                     **params}),
+                          idem=idem, timeout=max(self.timeout, 30))
+
+    def jobs_get(self, job_id: str) -> Any:
+        return self._call("jobs.get", {"job_id": job_id})
+
+    def jobs_list(self, **filters: Any) -> Any:
+        return self._call("jobs.list", _drop_none(filters), post=lambda r: r["jobs"])
+
+    def jobs_cancel(self, job_id: str) -> Any:
+        return self._call("jobs.cancel", {"job_id": job_id})
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+class Client(_Base, _Requests):
     """Synchronous client. ``timeout`` bounds every request (seconds)."""
 
     def __init__(self, endpoint: str | Endpoints | None = None, *, timeout: float = 10.0,
@@ -370,6 +395,11 @@ class Client(_Base):
                 if reply is not None:
                     return reply
 
+    def _call(self, type_: str, body: dict[str, Any] | None = None,
+              post: Callable[[dict[str, Any]], Any] | None = None, **kw: Any) -> Any:
+        reply = self.request(type_, body, **kw)
+        return post(reply) if post else reply
+
     def wait_welcome(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until the daemon's welcome arrived: from then on no event is missed."""
         end = time.monotonic() + (timeout if timeout is not None else self.timeout)
@@ -378,90 +408,6 @@ class Client(_Base):
                 raise DaemonUnavailable("no welcome from the daemon's event socket")
             self._pump(0.05)
         return self.welcome or {}
-
-    # -- requests ---------------------------------------------------------------------------
-    def hello(self) -> dict[str, Any]:
-        return self.request("hello", {"client": self.name})
-
-    def ping(self) -> dict[str, Any]:
-        return self.request("ping")
-
-    def status(self) -> dict[str, Any]:
-        return self.request("status")
-
-    def models(self) -> list[dict[str, Any]]:
-        return self.request("models.list", timeout=max(self.timeout, 30))["models"]
-
-    def show(self, model: str) -> dict[str, Any]:
-        return self.request("models.show", {"model": model})
-
-    def load(self, model: str, keep_alive: float | None = None,
-             timeout: float = 600) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        return self.request("models.load", body, timeout=timeout)
-
-    def unload(self, model: str) -> dict[str, Any]:
-        return self.request("models.unload", {"model": model}, timeout=60)
-
-    def cancel(self, request_id: str) -> dict[str, Any]:
-        return self.request("cancel", {"request_id": request_id})
-
-    def config_get(self, key: str | None = None) -> dict[str, Any]:
-        return self.request("config.get", {"key": key} if key else {})
-
-    def embed(self, model: str, texts: list[str], *, normalize: bool = True,
-              priority: str | None = None, deadline: float | None = None,
-              timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
-        """Embed ``texts`` with an ONNX embedding model: ``(float32 array [n, dim], info)``,
-        ``info`` being the reply without ``vectors`` (dim, truncated, tokens, stats)."""
-        reply = self.request("embed", _embed_body(model, texts, normalize, priority),
-                             deadline=deadline, timeout=timeout or max(self.timeout, 120))
-        return _embed_result(reply)
-
-    def infer(self, model: str, inputs: dict[str, Any], *, priority: str | None = None,
-              deadline: float | None = None, timeout: float | None = None
-              ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run an ONNX model on named numpy arrays: ``({output name: array}, stats)``."""
-        reply = self.request("infer", _infer_body(model, inputs, priority), deadline=deadline,
-                             timeout=timeout or max(self.timeout, 120))
-        return _infer_result(reply)
-
-    def stats(self) -> dict[str, Any]:
-        """Latency percentiles computed in the daemon (see docs/protocol.md, ``stats``)."""
-        return self.request("stats")
-
-    def profiles(self, n: int = 20) -> list[dict[str, Any]]:
-        """The latest ``n`` request profiles, oldest first."""
-        return self.request("profiles.recent", {"n": n})["profiles"]
-
-    def metrics(self) -> dict[str, Any] | None:
-        """The latest system/GPU sample (None before the first)."""
-        return self.request("metrics.get")["sample"]
-
-    def queue_list(self, model: str | None = None) -> dict[str, Any]:
-        return self.request("queue.list", {"model": model} if model else {})
-
-    def reprioritize(self, request_id: str, priority: str) -> dict[str, Any]:
-        return self.request("reprioritize", {"request_id": request_id, "priority": priority})
-
-    def jobs_submit(self, model: str, prompts: list[str], *, idem: str | None = None,
-                    **params: Any) -> dict[str, Any]:
-        """Store a job; with ``idem`` a retried submit returns the same ``job_id``."""
-        body = {"model": model, "prompts": prompts,
-                **{k: v for k, v in params.items() if v is not None}}
-        return self.request("jobs.submit", body, idem=idem, timeout=max(self.timeout, 30))
-
-    def jobs_get(self, job_id: str) -> dict[str, Any]:
-        return self.request("jobs.get", {"job_id": job_id})
-
-    def jobs_list(self, **filters: Any) -> list[dict[str, Any]]:
-        body = {k: v for k, v in filters.items() if v is not None}
-        return self.request("jobs.list", body)["jobs"]
-
-    def jobs_cancel(self, job_id: str) -> dict[str, Any]:
-        return self.request("jobs.cancel", {"job_id": job_id})
 
     def generate(self, model: str, prompt: str | None = None, *,
                  messages: list[dict[str, str]] | None = None, deadline: float | None = None,
@@ -477,82 +423,11 @@ class Client(_Base):
         self.sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{request_id}".encode())
         self.wait_welcome()
         stream = Stream(self, request_id, {"request_id": request_id})
-        stream.fetch_missing()
+        stream.backlog += stream.fetch_missing()
         return stream
 
 
-class Stream:
-    """Iterate for text deltas; ``stats`` holds the final statistics once it ends."""
-
-    def __init__(self, client: Client, request_id: str, reply: dict[str, Any]) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.reply = reply
-        self.state = _StreamState(request_id, client.boot_id or "")
-        self._last_ping = time.monotonic()
-        self._seq_at_ping = -1
-        self.fetches = 0  # how often a gap had to be filled from the daemon's buffer
-        self.client.last_heartbeat = time.monotonic()
-
-    @property
-    def stats(self) -> dict[str, Any] | None:
-        return self.state.stats
-
-    @property
-    def text(self) -> str:
-        return "".join(self.state.text)
-
-    def cancel(self) -> dict[str, Any]:
-        return self.client.cancel(self.request_id)
-
-    def fetch_missing(self, timeout: float | None = None) -> list[str]:
-        """Ask the daemon for every event from the next expected seq (gap or reattach)."""
-        out: list[str] = []
-        self.fetches += 1
-        reply = self.client.request("stream.fetch", {"request_id": self.request_id,
-                                                     "from_seq": self.state.next_seq},
-                                    timeout=timeout)
-        for e in reply["events"]:
-            ev = Event(f"tokens.{self.request_id}", e["type"], e["seq"],
-                       self.client.boot_id or "", e["body"])
-            for ready in self.state.offer(ev):
-                text = self.state.apply(ready)
-                if text:
-                    out.append(text)
-        return out
-
-    def __iter__(self) -> Iterator[str]:
-        client = self.client
-        queue = client._streams.setdefault(self.request_id, deque())
-        try:
-            while not self.state.done:
-                while queue and not self.state.done:
-                    for ev in self.state.offer(queue.popleft()):
-                        text = self.state.apply(ev)
-                        if text:
-                            yield text
-                if self.state.done:
-                    break
-                if self.state.has_gap:
-                    yield from self.fetch_missing()
-                    continue
-                client._check_alive(self.state)
-                now = time.monotonic()
-                if now - self._last_ping > LEASE_PING_S:  # keeps our lease on the slot
-                    self._last_ping = now
-                    if self.state.next_seq == self._seq_at_ping:
-                        # Nothing for a while: the tail (even 'done') may have been dropped
-                        # at our HWM while we were paused, and no later seq shows the gap.
-                        yield from self.fetch_missing(timeout=client._lost_after())
-                    else:
-                        client.try_send("ping")
-                    self._seq_at_ping = self.state.next_seq
-                client._pump(0.1)
-        finally:
-            client._streams.pop(self.request_id, None)
-
-
-class AsyncClient(_Base):
+class AsyncClient(_Base, _Requests):
     """asyncio client with the same API as :class:`Client` (methods are coroutines)."""
 
     def __init__(self, endpoint: str | Endpoints | None = None, *, timeout: float = 10.0,
@@ -686,6 +561,13 @@ class AsyncClient(_Base):
         assert reply is not None
         return reply
 
+    def _call(self, type_: str, body: dict[str, Any] | None = None,
+              post: Callable[[dict[str, Any]], Any] | None = None, **kw: Any) -> Any:
+        async def call() -> Any:
+            reply = await self.request(type_, body, **kw)
+            return post(reply) if post else reply
+        return call()
+
     async def wait_welcome(self, timeout: float | None = None) -> dict[str, Any]:
         end = time.monotonic() + (timeout if timeout is not None else self.timeout)
         while not self.welcomed:
@@ -694,62 +576,6 @@ class AsyncClient(_Base):
                 raise DaemonUnavailable("no welcome from the daemon's event socket")
             await self.next_event_batch(min(left, 0.2))
         return self.welcome or {}
-
-    async def hello(self) -> dict[str, Any]:
-        return await self.request("hello", {"client": self.name})
-
-    async def ping(self) -> dict[str, Any]:
-        return await self.request("ping")
-
-    async def status(self) -> dict[str, Any]:
-        return await self.request("status")
-
-    async def models(self) -> list[dict[str, Any]]:
-        return (await self.request("models.list", timeout=max(self.timeout, 30)))["models"]
-
-    async def show(self, model: str) -> dict[str, Any]:
-        return await self.request("models.show", {"model": model})
-
-    async def load(self, model: str, keep_alive: float | None = None,
-                   timeout: float = 600) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        return await self.request("models.load", body, timeout=timeout)
-
-    async def unload(self, model: str) -> dict[str, Any]:
-        return await self.request("models.unload", {"model": model}, timeout=60)
-
-    async def cancel(self, request_id: str) -> dict[str, Any]:
-        return await self.request("cancel", {"request_id": request_id})
-
-    async def config_get(self, key: str | None = None) -> dict[str, Any]:
-        return await self.request("config.get", {"key": key} if key else {})
-
-    async def embed(self, model: str, texts: list[str], *, normalize: bool = True,
-                    priority: str | None = None, deadline: float | None = None,
-                    timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
-        """As :meth:`Client.embed`."""
-        reply = await self.request("embed", _embed_body(model, texts, normalize, priority),
-                                   deadline=deadline, timeout=timeout or max(self.timeout, 120))
-        return _embed_result(reply)
-
-    async def infer(self, model: str, inputs: dict[str, Any], *, priority: str | None = None,
-                    deadline: float | None = None, timeout: float | None = None
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """As :meth:`Client.infer`."""
-        reply = await self.request("infer", _infer_body(model, inputs, priority),
-                                   deadline=deadline, timeout=timeout or max(self.timeout, 120))
-        return _infer_result(reply)
-
-    async def stats(self) -> dict[str, Any]:
-        return await self.request("stats")
-
-    async def profiles(self, n: int = 20) -> list[dict[str, Any]]:
-        return (await self.request("profiles.recent", {"n": n}))["profiles"]
-
-    async def metrics(self) -> dict[str, Any] | None:
-        return (await self.request("metrics.get"))["sample"]
 
     async def generate(self, model: str, prompt: str | None = None, *,
                        messages: list[dict[str, str]] | None = None,
@@ -760,97 +586,17 @@ class AsyncClient(_Base):
                                    timeout=max(self.timeout, 60))
         return AsyncStream(self, reply["request_id"], reply)
 
+    async def attach(self, request_id: str) -> AsyncStream:
+        """As :meth:`Client.attach`."""
+        self.sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{request_id}".encode())
+        await self.wait_welcome()
+        stream = AsyncStream(self, request_id, {"request_id": request_id})
+        stream.backlog += await stream.fetch_missing()
+        return stream
+
     def check_alive(self) -> None:
         """Raise DaemonUnavailable when heartbeats stopped (for UIs that poll)."""
         self._check_alive()
-
-
-class AsyncStream:
-    def __init__(self, client: AsyncClient, request_id: str, reply: dict[str, Any]) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.reply = reply
-        self.state = _StreamState(request_id, client.boot_id or "")
-        self._last_ping = time.monotonic()
-        self._seq_at_ping = -1
-        self.fetches = 0
-        client.last_heartbeat = time.monotonic()
-
-    @property
-    def stats(self) -> dict[str, Any] | None:
-        return self.state.stats
-
-    @property
-    def text(self) -> str:
-        return "".join(self.state.text)
-
-    async def cancel(self) -> dict[str, Any]:
-        return await self.client.cancel(self.request_id)
-
-    async def fetch_missing(self, timeout: float | None = None) -> list[str]:
-        out: list[str] = []
-        self.fetches += 1
-        reply = await self.client.request("stream.fetch", {"request_id": self.request_id,
-                                                           "from_seq": self.state.next_seq},
-                                          timeout=timeout)
-        for e in reply["events"]:
-            ev = Event(f"tokens.{self.request_id}", e["type"], e["seq"],
-                       self.client.boot_id or "", e["body"])
-            for ready in self.state.offer(ev):
-                text = self.state.apply(ready)
-                if text:
-                    out.append(text)
-        return out
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._iter()
-
-    async def _iter(self) -> AsyncIterator[str]:
-        client = self.client
-        queue = client._streams.setdefault(self.request_id, deque())
-        try:
-            while not self.state.done:
-                while queue and not self.state.done:
-                    for ev in self.state.offer(queue.popleft()):
-                        text = self.state.apply(ev)
-                        if text:
-                            yield text
-                if self.state.done:
-                    break
-                if self.state.has_gap:
-                    for text in await self.fetch_missing():
-                        yield text
-                    continue
-                client._check_alive(self.state)
-                now = time.monotonic()
-                if now - self._last_ping > LEASE_PING_S:
-                    self._last_ping = now
-                    if self.state.next_seq == self._seq_at_ping:  # see Stream.__iter__
-                        for text in await self.fetch_missing(timeout=client._lost_after()):
-                            yield text
-                    else:
-                        await client.try_send("ping")
-                    self._seq_at_ping = self.state.next_seq
-                await client.next_event_batch(0.1)
-        finally:
-            client._streams.pop(self.request_id, None)
-
-
-def to_wire_array(array: Any) -> dict[str, Any]:
-    """A numpy array as the wire's ``{dtype, shape, data}`` (C order, little-endian bytes)."""
-    import numpy as np
-
-    arr = np.ascontiguousarray(array)
-    if not arr.dtype.isnative:
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
-
-
-def from_wire_array(obj: dict[str, Any]) -> Any:
-    """A wire ``{dtype, shape, data}`` as a (writable) numpy array."""
-    import numpy as np
-
-    return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
 
 
 def _embed_body(model: str, texts: list[str], normalize: bool,
@@ -865,19 +611,19 @@ def _embed_body(model: str, texts: list[str], normalize: bool,
 
 def _embed_result(reply: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     info = {k: v for k, v in reply.items() if k != "vectors"}
-    return from_wire_array(reply["vectors"]), info
+    return decode_array(reply["vectors"]).copy(), info
 
 
 def _infer_body(model: str, inputs: dict[str, Any], priority: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model,
-                            "inputs": {name: to_wire_array(a) for name, a in inputs.items()}}
+                            "inputs": {name: encode_array(a) for name, a in inputs.items()}}
     if priority is not None:
         body["priority"] = priority
     return body
 
 
 def _infer_result(reply: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    outputs = {name: from_wire_array(a) for name, a in reply["outputs"].items()}
+    outputs = {name: decode_array(a).copy() for name, a in reply["outputs"].items()}
     return outputs, reply.get("stats") or {}
 
 

@@ -293,6 +293,9 @@ def test_kill_9_mid_stream_raises_within_3s(daemon):
                 assert time.monotonic() < end
         assert hello["boot_id"] != old_boot
         assert c.restarted
+        # ... and streams again on the new daemon, with the same client object.
+        again = c.generate("gemma3-270m", "Hello", max_tokens=4, temperature=0)
+        assert len("".join(again)) > 0 and again.stats["completion_tokens"] == 4
 
 
 def test_sighup_reloads_runtime_keys_and_reports_restart_keys(daemon):
@@ -326,3 +329,23 @@ def test_sighup_with_bad_config_keeps_running(daemon):
     with daemon.client() as c:
         assert c.config_get("models.slots")["value"] == 4
     assert "config not reloaded" in daemon.log() and "models.slots" in daemon.log()
+
+
+@pytest.mark.model
+def test_second_client_reattaches_mid_stream_and_gets_the_whole_text(daemon):
+    """Reattachable streams: a client that joins late (or reconnects) fetches what it
+    missed by seq and then follows live, ending with exactly the owner's text."""
+    with daemon.client() as owner, daemon.client() as late:
+        owner.load("gemma3-270m")
+        stream = owner.generate("gemma3-270m", "Once upon a time", max_tokens=48,
+                                temperature=0)
+        it = iter(stream)
+        for _ in range(5):
+            next(it)
+        follower = late.attach(stream.request_id)
+        late_text = "".join(follower)
+        rest = "".join(it)
+        assert stream.text and late_text == stream.text
+        assert follower.fetches >= 1  # it missed the beginning and fetched it
+        assert follower.stats["completion_tokens"] == 48
+        assert rest

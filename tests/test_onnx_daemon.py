@@ -20,7 +20,7 @@ from onnx_graphs import GENERIC_W, generic_graph
 from test_onnx import _minilm_dir
 
 from infernod import cli
-from infernod.client import AsyncClient, to_wire_array
+from infernod.client import AsyncClient, encode_array
 from infernod.protocol.errors import InfernoError
 
 ONNX_CONFIG = {"onnx": {"intra_op_threads": 1, "inter_op_threads": 1, "providers": ["CPU"]}}
@@ -128,10 +128,10 @@ def test_generic_graph_through_infer(onnx_daemon, inputs: dict, needles: list[st
         for needle in needles:
             assert needle in e.value.message, (needle, e.value.message)
         # raw wire arrays too: a short data buffer names the input
-        bad = to_wire_array(x)
+        bad = encode_array(x)
         bad["data"] = bad["data"][:-4]
         with pytest.raises(InfernoError) as e:
-            c.request("infer", {"model": "generic", "inputs": {"X": bad, "Y": to_wire_array(y)}})
+            c.request("infer", {"model": "generic", "inputs": {"X": bad, "Y": encode_array(y)}})
         assert e.value.code == "bad_request" and "'X'" in e.value.message
         with pytest.raises(InfernoError) as e:
             c.infer("gemma3-270m", {"X": x})

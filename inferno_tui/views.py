@@ -281,7 +281,7 @@ class QueueView:
 
 
 def _level_rank(level: str) -> int:
-    order = ("ok", "normal", "none", "soft", "elevated", "high", "hard", "critical", "full")
+    order = ("healthy", "elevated", "critical")  # the daemon's backpressure levels
     return order.index(level) if level in order else 0
 
 

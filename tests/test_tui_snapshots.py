@@ -106,7 +106,7 @@ def test_gpu_screen_without_gpu(snap_compare, tmp_path: Path) -> None:
 
 
 def test_queue_screen(snap_compare, tmp_path: Path) -> None:
-    queue = QueueView.from_wire({"running": 2, "queued": 2, "level": "soft", "items": [
+    queue = QueueView.from_wire({"running": 2, "queued": 2, "level": "elevated", "items": [
         {"request_id": "a1b2c3d4.7", "state": "running", "model": "gemma3-270m",
          "priority": "normal", "client": "inferno-tui", "age_s": 3.2, "tokens": 57},
         {"request_id": "ffee0011.2", "state": "running", "model": "gemma3-270m",

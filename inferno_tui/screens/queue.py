@@ -23,8 +23,7 @@ from inferno_tui.widgets.graphs import spark
 COLUMNS = (("id", "Request", 12), ("state", "State", 8), ("model", "Model", 11),
            ("prio", "Class", 6), ("client", "Client", 8), ("age", "Age", 4),
            ("dl", "Dline", 5), ("tok", "Tok", 5))
-LEVEL_STYLE = {"ok": "green", "normal": "green", "none": "green", "soft": "yellow",
-               "elevated": "yellow", "high": "red", "hard": "bold red", "critical": "bold red"}
+LEVEL_STYLE = {"healthy": "green", "elevated": "yellow", "critical": "bold red"}
 
 
 def queue_cells(r: QueueRow) -> tuple[Any, ...]:

@@ -42,6 +42,7 @@ class Gen:
     stall_timeout_s: float
     topic: str
     client: str = ""
+    principal: str = ""  # the sender's uid:N / key:NAME (cancel: owner or operator)
     job: tuple[str, int] | None = None
     state: str = "queued"  # queued | running | done
     admitted_at: float | None = None
@@ -87,6 +88,8 @@ class GenerationService:
         self.on_profile = on_profile
         # scheduler items expired by tick() that are not generations (the scheduler is shared)
         self.on_foreign_expired: Callable[[QueueItem], None] | None = None
+        # the other services' waiting and running requests (ONNX), for the queue topic
+        self.foreign_queue_items: Callable[[float], list[dict[str, Any]]] | None = None
         self.on_run_start: Callable[[Gen], None] | None = None  # service-wide, like on_profile
         self.gens: dict[str, Gen] = {}
         self.accepting = True
@@ -341,13 +344,16 @@ class GenerationService:
         items = []
         for g in self.gens.values():
             items.append({
-                "request_id": g.request_id, "client": g.client or g.session,
+                "request_id": g.request_id, "kind": "generate", "client": g.client or g.session,
                 "session": g.session, "model": g.model, "priority": g.priority,
                 "state": g.state, "age_s": round(now - g.submitted, 3),
                 "deadline_in_s": None if g.deadline is None else round(g.deadline - now, 3),
                 "tokens": g.n_tokens, "job": g.job[0] if g.job else None,
             })
-        models = {g.model for g in self.gens.values()}
-        return {"items": items, "running": self.running_count(),
-                "queued": self.queued_count(), "level": self.scheduler.level(),
+        if self.foreign_queue_items is not None:
+            items += self.foreign_queue_items(now)
+        models = {it["model"] for it in items}
+        return {"items": items, "running": sum(it["state"] == "running" for it in items),
+                "queued": sum(it["state"] == "queued" for it in items),
+                "level": self.scheduler.level(),
                 "levels": {m: self.scheduler.level(m) for m in sorted(models)}}

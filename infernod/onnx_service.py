@@ -67,6 +67,11 @@ class OnnxEngine:
                                batch_size=max_batch)
         self.busy = False  # a run is in flight (set and cleared by the loop side only)
         self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the three fields below (loop and worker)
+        self._runs = 0  # ids handed out by submit
+        self._started = 0  # the last run id the worker took (ids start in order)
+        self._current: tuple[int, Any] | None = None  # (run id, its RunOptions) while running
+        self._doomed: set[int] = set()  # terminated before their run started
         self._thread = threading.Thread(target=self._main, name=f"onnx-{self.model.name}",
                                         daemon=True)
 
@@ -74,19 +79,44 @@ class OnnxEngine:
         self._thread.start()
 
     def submit(self, fn: Callable[[Any], Any], on_done: Callable[[Any, BaseException | None],
-                                                                   None]) -> None:
-        self._work.put((fn, on_done))
+                                                                   None]) -> int:
+        """Queue a run; returns its id for :meth:`terminate`."""
+        with self._lock:
+            self._runs += 1
+            run_id = self._runs
+        self._work.put((run_id, fn, on_done))
+        return run_id
+
+    def terminate(self, run_id: int) -> None:
+        """Thread-safe: stop run ``run_id`` early (onnxruntime's ``RunOptions.terminate``,
+        checked between graph nodes); it then ends with a ``cancelled`` error. A run not
+        started yet ends as soon as it starts; a finished one is left alone."""
+        with self._lock:
+            if self._current is not None and self._current[0] == run_id:
+                self._current[1].terminate = True
+            elif run_id > self._started:
+                self._doomed.add(run_id)
 
     def _main(self) -> None:
         while True:
             item = self._work.get()
             if item is None:
                 return
-            fn, on_done = item
+            run_id, fn, on_done = item
             try:
-                result, error = fn(self.model), None
+                run_options = self.model.new_run_options()
+                with self._lock:
+                    self._current = (run_id, run_options)
+                    self._started = run_id
+                    if run_id in self._doomed:
+                        self._doomed.discard(run_id)
+                        run_options.terminate = True
+                with self.model.run_scope(run_options):
+                    result, error = fn(self.model), None
             except BaseException as e:  # noqa: BLE001 - handed to the loop, which translates
                 result, error = None, e
+            with self._lock:
+                self._current = None
             try:
                 on_done(result, error)
             except Exception:  # the loop is gone (daemon stopping): nothing to tell
@@ -173,6 +203,7 @@ class OnnxJob:
     timeout_s: float
     future: asyncio.Future
     client: str = ""
+    principal: str = ""  # the sender's uid:N / key:NAME (cancel: owner or operator)
     state: str = "queued"  # queued | running | done
     admitted_at: float | None = None
     load_wait_s: float = 0.0
@@ -196,6 +227,8 @@ class OnnxService:
         self.on_profile = on_profile
         self.on_run_start = on_run_start
         self.jobs: dict[str, OnnxJob] = {}
+        self.runs: dict[str, tuple[int, list[OnnxJob]]] = {}  # model -> (run id, its batch)
+        self.on_queue_change: Callable[[], None] | None = None  # the daemon's queue topic
         self.accepting = True
         self.batches = 0  # runs started (a batch of embeds counts once)
         models.on_unloaded.append(self._model_unloaded)
@@ -219,7 +252,9 @@ class OnnxService:
         deadline_mono = None if deadline is None else now + (deadline - time.time())
         if deadline_mono is not None and deadline_mono <= now:
             raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
+        # the same request id as generate's, so `cancel` can name a pending embed/infer
         job = OnnxJob(request_id=f"{req.session}.{req.header['id']}", session=req.session,
+                      principal=req.principal,
                       model=info.name, op=op, body=b, priority=b.get("priority") or "normal",
                       submitted=now, deadline=deadline_mono,
                       timeout_s=min(b.get("timeout_s") or s.timeout_s, s.max_timeout_s),
@@ -236,22 +271,19 @@ class OnnxService:
         self.scheduler.submit(self._item(job), time.monotonic())
         self.jobs[job.request_id] = job
         asyncio.get_running_loop().create_task(self._admit(job))
+        self._queue_changed()
         limit, code = job.timeout_s, "timeout"
         if job.deadline is not None and job.deadline - time.monotonic() < limit:
             limit, code = max(0.0, job.deadline - time.monotonic()), "deadline_exceeded"
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), limit)
         except TimeoutError:
-            if job.state == "queued":
-                self.scheduler.cancel(job.request_id)
             what = "deadline passed" if code == "deadline_exceeded" else \
                 f"{job.op} ran past its {job.timeout_s:.0f}s limit"
-            self._fail(job, code, f"{what} ({job.state})", None)
+            self._abandon(job, code, f"{what} ({job.state})")
             return await job.future  # raises the error just set
         except asyncio.CancelledError:  # the handler task died (daemon stopping)
-            if job.state == "queued":
-                self.scheduler.cancel(job.request_id)
-            self._fail(job, "aborted", "request abandoned", None)
+            self._abandon(job, "aborted", "request abandoned")
             raise
 
     @staticmethod
@@ -298,6 +330,7 @@ class OnnxService:
         lm.last_used = now
         engine.busy = True
         self.batches += 1
+        self._queue_changed()
         loop = asyncio.get_running_loop()
 
         def done(result: Any, error: BaseException | None) -> None:  # worker thread
@@ -306,10 +339,11 @@ class OnnxService:
         if batch[0].op == "embed":
             requests = [(list(j.body.get("texts") or []), j.body.get("normalize", True) is not False)
                         for j in batch]
-            engine.submit(lambda m: embed_batch(m, requests), done)
+            run_id = engine.submit(lambda m: embed_batch(m, requests), done)
         else:
             inputs = batch[0].body["inputs"]
-            engine.submit(lambda m: infer_one(m, inputs), done)
+            run_id = engine.submit(lambda m: infer_one(m, inputs), done)
+        self.runs[model] = (run_id, batch)
 
     def _pick(self, model: str) -> list[OnnxJob]:
         """The next run: one infer, or embeds in pick order up to ``onnx.max_batch`` texts.
@@ -346,6 +380,8 @@ class OnnxService:
                   error: BaseException | None) -> None:
         """On the loop: a run ended; answer its jobs and start the next run."""
         now = time.monotonic()
+        if self.runs.get(model, (0, None))[1] is batch:
+            del self.runs[model]
         lm = self.models.loaded.get(model)
         if lm is not None:
             for job in batch:
@@ -424,6 +460,46 @@ class OnnxService:
                 self.on_profile(job, reason, final)
             except Exception:  # a profiling bug must not lose the reply
                 log.exception("onnx profile hook failed for %s", job.request_id)
+        self._queue_changed()
+
+    def _queue_changed(self) -> None:
+        if self.on_queue_change is not None:
+            self.on_queue_change()
+
+    def _abandon(self, job: OnnxJob, code: str, message: str) -> None:
+        """End ``job`` now with the error ``code``. A waiting job leaves the scheduler; a
+        running one's result will be dropped, and its run is terminated once no job of
+        its batch still wants it, so the worker is free for the next run early."""
+        state = job.state
+        if state == "queued":
+            self.scheduler.cancel(job.request_id)
+        self._fail(job, code, message, None)
+        run = self.runs.get(job.model)
+        if state != "running" or run is None or not any(j is job for j in run[1]):
+            return
+        if all(j.state == "done" for j in run[1]):
+            lm = self.models.loaded.get(job.model)
+            if lm is not None and isinstance(lm.engine, OnnxEngine):
+                lm.engine.terminate(run[0])
+
+    # -- control ----------------------------------------------------------------------------
+    def cancel(self, request_id: str, code: str = "cancelled",
+               message: str = "cancelled by request") -> str:
+        """``cancel``: the caller's pending reply is the error ``code`` at once."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            raise InfernoError("unknown_request", f"no active request {request_id}")
+        self._abandon(job, code, message)
+        return "cancelled"
+
+    def queue_items(self, now: float) -> list[dict[str, Any]]:
+        """Waiting and running embed/infer requests, in the ``queue`` topic's item shape."""
+        return [{"request_id": j.request_id, "kind": j.op, "client": j.client or j.session,
+                 "session": j.session, "model": j.model, "priority": j.priority,
+                 "state": j.state, "age_s": round(now - j.submitted, 3),
+                 "deadline_in_s": None if j.deadline is None else round(j.deadline - now, 3),
+                 "tokens": 0, "job": None}
+                for j in self.jobs.values() if j.state in ("queued", "running")]
 
     # -- hooks from the daemon --------------------------------------------------------------
     def expired(self, item: QueueItem) -> None:

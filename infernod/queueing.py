@@ -22,8 +22,10 @@ QUEUED_EVENT_MIN_INTERVAL_S = 0.5  # at most 2 ``queued`` events per second per 
 class QueueService:
     """Owned by the event-loop thread, like the GenerationService it looks at."""
 
-    def __init__(self, gen: Any, scheduler: Any, models: Any, publisher: Any) -> None:
+    def __init__(self, gen: Any, scheduler: Any, models: Any, publisher: Any,
+                 onnx: Any = None) -> None:
         self.gen = gen
+        self.onnx = onnx  # OnnxService: its embed/infer requests are listed too
         self.scheduler = scheduler
         self.models = models
         self.publisher = publisher
@@ -98,13 +100,30 @@ class QueueService:
         """Every running and waiting request: running first, then waiting in pick order."""
         waiting = {row["id"]: row for row in self.scheduler.snapshot(now)}
         rows: list[dict[str, Any]] = []
+        onnx_jobs = list(self.onnx.jobs.values()) if self.onnx is not None else []
+        for j in onnx_jobs:  # embed/infer: no tokens, no jobs, never preempted
+            if j.state not in ("queued", "running") or model not in (None, j.model):
+                continue
+            w = waiting.get(j.request_id)
+            rows.append({
+                "id": j.request_id, "kind": j.op, "client": j.client or j.session,
+                "model": j.model, "class": j.priority,
+                "effective_class": w["effective_class"] if w else j.priority,
+                "critical": bool(w and w["critical"]),
+                "state": w["state"] if w else j.state,
+                "position": w["position"] if w else None,
+                "age_s": round(now - j.submitted, 3),
+                "deadline_in_s": None if j.deadline is None else round(j.deadline - now, 3),
+                "tokens": 0, "job": None, "preempted": False,
+            })
         for g in self.gen.gens.values():
             if model is not None and g.model != model:
                 continue
             w = waiting.get(g.request_id)
             state = g.state if g.request_id not in self.preempting else "preempting"
             rows.append({
-                "id": g.request_id, "client": g.client or g.session, "model": g.model,
+                "id": g.request_id, "kind": "generate", "client": g.client or g.session,
+                "model": g.model,
                 "class": g.priority,
                 "effective_class": w["effective_class"] if w else g.priority,
                 "critical": bool(w and w["critical"]),

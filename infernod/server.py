@@ -52,6 +52,7 @@ class Request:
     body: dict[str, Any]
     role: str
     received: float
+    principal: str = ""  # who sent it, as the security layer knows them: uid:N or key:NAME
 
     @property
     def session(self) -> str:
@@ -225,9 +226,9 @@ class Daemon:
         identity = frames[0].bytes
         received = time.monotonic()
         role = self.role_of(frames[-1]) if len(frames) > 1 else "none"
+        principal = self.security.principal_of(frames[-1]) if len(frames) > 1 else ""
         # Charged before parsing: a flood of garbage uses up its sender's allowance too.
-        peer_wait = self.limiter.peer(self.security.principal_of(frames[-1]) or
-                                      identity.hex(), received)
+        peer_wait = self.limiter.peer(principal or identity.hex(), received)
         parsed, body = codec.decode_request([f.bytes for f in frames[1:]],
                                             max_body_bytes=self.cfg.daemon.max_message_bytes)
         header.update(parsed)
@@ -240,7 +241,7 @@ class Daemon:
         if ROLES[role] < ROLES[need]:
             raise InfernoError("forbidden", f"'{header['type']}' needs the {need} role; "
                                             f"you are {role}", "ask an operator")
-        return Request(identity, header, body, role, received), handler
+        return Request(identity, header, body, role, received, principal), handler
 
     async def _run(self, req: Request, handler: Handler) -> None:
         try:

@@ -58,6 +58,9 @@ class InfernoDaemon(Daemon):
                                 on_profile=self.telemetry.on_profile,
                                 on_run_start=self.telemetry.on_run_start)
         self.gen.on_foreign_expired = self.onnx.expired  # one scheduler, one expiry pass
+        self.gen.foreign_queue_items = self.onnx.queue_items  # one queue topic, one status
+        self.onnx.on_queue_change = self.gen.publish_queue
+        self.queue.onnx = self.onnx  # queue.list shows embed/infer too
         self.last_seen: dict[str, float] = {}
         self.scanned = asyncio.Event()
         self.backend_info: dict[str, Any] = {}
@@ -236,7 +239,8 @@ class InfernoDaemon(Daemon):
             "endpoints": {"control": self.endpoints.control, "events": self.endpoints.events},
             "config_source": self.cfg.source, "state_dir": str(self.state_dir),
             "models_loaded": [lm.to_wire(now) for lm in self.models.loaded.values()],
-            "queue": {"queued": self.gen.queued_count(), "running": self.gen.running_count(),
+            "queue": {"queued": self.gen.queued_count() + self.onnx.queued_count(),
+                      "running": self.gen.running_count() + self.onnx.running_count(),
                       "level": self.scheduler.level()},
             "loop_lag_ms": round(self.loop_lag_ms, 3),
             "requests_served": self.requests_served,
@@ -330,7 +334,8 @@ class InfernoDaemon(Daemon):
         if deadline_mono is not None and deadline_mono <= now:
             raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
         request_id = f"{req.session}.{req.header['id']}"
-        gen = Gen(request_id=request_id, session=req.session, model=info.name, prompt=prompt,
+        gen = Gen(request_id=request_id, session=req.session, principal=req.principal,
+                  model=info.name, prompt=prompt,
                   body=b, priority=b.get("priority") or "normal", submitted=now,
                   deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
                   topic=f"tokens.{request_id}")
@@ -340,14 +345,20 @@ class InfernoDaemon(Daemon):
                 "chat_template": template}
 
     async def h_cancel(self, req: Request) -> dict[str, Any]:
+        """A generation, or a waiting or running embed/infer (same ids, same rule)."""
         rid = req.body["request_id"]
-        gen = self.gen.gens.get(rid)
-        if gen is None:
+        target: Any = self.gen.gens.get(rid) or self.onnx.jobs.get(rid)
+        if target is None or target.state == "done":
             raise InfernoError("unknown_request", f"no active request {rid}")
-        if gen.session != req.session and req.role != "operator":
+        # the owner is the session that sent it, from the same principal: a session id is
+        # visible to everyone (queue.list), the principal is the kernel's or the key's word
+        owner = target.session == req.session and target.principal == req.principal
+        if not owner and req.role != "operator":
             raise InfernoError("forbidden", "only the request's owner or an operator may "
                                             "cancel it", "ask an operator")
-        return {"request_id": rid, "state": self.gen.cancel(rid)}
+        if rid in self.gen.gens:
+            return {"request_id": rid, "state": self.gen.cancel(rid)}
+        return {"request_id": rid, "state": self.onnx.cancel(rid)}
 
     async def h_stream_fetch(self, req: Request) -> dict[str, Any]:
         rid = req.body["request_id"]

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -251,6 +253,8 @@ class OnnxModel:
                 log.warning("onnx model %s: %s", self.name, reasons[-1])
         self.fallback_reason: str | None = "; ".join(reasons) or None
 
+        self._ort = ort
+        self._local = threading.local()  # per thread: the RunOptions of run_scope
         self.inputs = [_node_arg(a) for a in self._session.get_inputs()]
         self.outputs = [_node_arg(a) for a in self._session.get_outputs()]
         self._inputs_by_name = {i["name"]: i for i in self.inputs}
@@ -444,11 +448,31 @@ class OnnxModel:
             for name, value in zip(names, results, strict=True)
         }
 
+    def new_run_options(self) -> Any:
+        """A fresh ``onnxruntime.RunOptions`` for :meth:`run_scope`."""
+        return self._ort.RunOptions()
+
+    @contextmanager
+    def run_scope(self, run_options: Any) -> Iterator[None]:
+        """Every session run of this thread inside the block uses ``run_options``: setting
+        ``run_options.terminate = True`` from another thread stops the run in progress
+        (onnxruntime checks it between nodes) and every later one in the block, which
+        then raise ``cancelled``."""
+        previous = getattr(self._local, "run_options", None)
+        self._local.run_options = run_options
+        try:
+            yield
+        finally:
+            self._local.run_options = previous
+
     def _run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[Any]:
         """The one place onnxruntime errors become InfernoErrors."""
+        run_options = getattr(self._local, "run_options", None)
         try:
-            return self._session.run(names, feeds)
+            return self._session.run(names, feeds, run_options)
         except Exception as e:  # noqa: BLE001 - onnxruntime's pybind exceptions share no base
+            if run_options is not None and run_options.terminate:
+                raise InfernoError("cancelled", f"run on {self.name} terminated") from e
             code = "bad_request" if type(e).__name__ == "InvalidArgument" else "internal"
             raise InfernoError(code, f"onnxruntime failed on {self.name}: {e}") from e
 

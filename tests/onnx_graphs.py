@@ -97,3 +97,15 @@ def tiny_expected(words: list[str]) -> np.ndarray:
     """Mean of the table rows of [CLS] + words + [SEP]: what embed must give unnormalised."""
     ids = [2] + [TINY_VOCAB.get(w, 1) for w in words][: TINY_MAX_LENGTH - 2] + [3]
     return TINY_TABLE[ids].mean(axis=0)
+
+
+def slow_graph(path: Path, *, depth: int = 400, width: int = 256) -> Path:
+    """``Y = X @ W @ W ...`` (``depth`` MatMul nodes, W the identity): X float32
+    ``["batch", width]``. The run time grows with the batch, and onnxruntime checks
+    ``RunOptions.terminate`` between nodes, so a big batch is a long run that can be stopped."""
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", width])
+    w = numpy_helper.from_array(np.eye(width, dtype=np.float32), name="W")
+    names = ["X"] + [f"h{i}" for i in range(1, depth)] + ["Y"]
+    nodes = [helper.make_node("MatMul", [a, "W"], [b]) for a, b in zip(names[:-1], names[1:], strict=True)]
+    return _save(helper.make_graph(nodes, "slow", [x], [y], initializer=[w]), path)

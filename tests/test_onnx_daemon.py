@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_graphs import GENERIC_W, generic_graph
+from onnx_graphs import GENERIC_W, generic_graph, slow_graph
 from test_onnx import _minilm_dir
 
 from infernod import cli
@@ -28,10 +28,12 @@ ONNX_CONFIG = {"onnx": {"intra_op_threads": 1, "inter_op_threads": 1, "providers
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model dir with 'minilm' (a link to the exported directory) and 'generic.onnx'."""
+    """A model dir with 'minilm' (a link to the exported directory), 'generic.onnx' and
+    'slow.onnx' (6000 nodes: a big batch runs for many seconds, a row for milliseconds)."""
     d = tmp_path_factory.mktemp("onnx-models")
     os.symlink(_minilm_dir(), d / "minilm")
     generic_graph(d / "generic.onnx")
+    slow_graph(d / "slow.onnx", depth=6000, width=512)
     return d
 
 
@@ -212,3 +214,74 @@ def test_embeds_interleave_with_generation_and_batch(onnx_daemon) -> None:
     start, end = window
     during = [t for t, _ in pings if start < t < end]
     assert end - start < 0.5 or len(during) >= 5, (end - start, len(during))
+
+
+def test_cancel_reaches_queued_and_running_onnx_requests(onnx_daemon) -> None:
+    """embed/infer have generate's request ids (session.message id): they are listed in
+    queue.list, the queue topic and status, and `cancel` ends them. A running one is
+    stopped (RunOptions.terminate), so the model's worker is free again at once."""
+    big = {"X": encode_array(np.ones((1024, 512), np.float32))}  # ~30 s on one CPU thread
+    row = np.arange(512, dtype=np.float32)[None, :]
+
+    async def scenario() -> None:
+        async with AsyncClient(onnx_daemon.endpoint, timeout=60) as a, \
+                AsyncClient(onnx_daemon.endpoint, timeout=60, topics=("queue",)) as op:
+            await a.load("slow")
+            await op.wait_welcome()
+
+            async def rows() -> dict[str, dict]:
+                return {r["id"]: r for r in (await op.queue_list())["items"]}
+
+            async def until(pred, what: str) -> dict[str, dict]:
+                for _ in range(1000):
+                    got = await rows()
+                    if pred(got):
+                        return got
+                    await asyncio.sleep(0.02)
+                if slow.done():
+                    a._parse_reply(slow.result(), mid)
+                raise AssertionError(f"timed out waiting for {what}: {got}")
+
+            mid, slow = await a.send("infer", {"model": "slow", "inputs": big})
+            slow_id = f"{a.session}.{mid}"
+            await until(lambda r: r.get(slow_id, {}).get("state") == "running", "slow running")
+            mid2, waiting = await a.send("embed", {"model": "minilm", "texts": ["hi"]})
+            mid3, queued = await a.send("infer", {"model": "slow",
+                                                  "inputs": {"X": encode_array(row)}})
+            queued_id = f"{a.session}.{mid3}"
+            got = await until(lambda r: r.get(queued_id, {}).get("state") == "queued",
+                              "second infer queued")
+            assert got[slow_id]["kind"] == "infer" and got[slow_id]["model"] == "slow"
+            q = got[queued_id]
+            assert q["kind"] == "infer" and q["class"] == "normal" and q["position"] == 1
+            assert q["client"] == a.session and q["age_s"] >= 0 and q["deadline_in_s"] is None
+            status = (await op.status())["queue"]
+            assert status["running"] >= 1 and status["queued"] >= 1, status
+            snaps = [ev.body for ev in op.events if ev.topic == "queue" and ev.type == "queue"]
+            assert any({it["request_id"]: it.get("kind") for it in s["items"]}.get(queued_id)
+                       == "infer" for s in snaps), snaps
+            assert not any(ev.type == "queued" for ev in a._streams.get(queued_id, ()))
+
+            # queued: the owner cancels it; it leaves the scheduler, its reply is `cancelled`
+            assert (await a.cancel(queued_id))["state"] == "cancelled"
+            with pytest.raises(InfernoError) as e:
+                a._parse_reply(await asyncio.wait_for(queued, 10), mid3)
+            assert e.value.code == "cancelled"
+            assert queued_id not in await rows()
+
+            # running: an operator in another session stops it; the reply comes at once
+            t0 = time.monotonic()
+            assert (await op.cancel(slow_id))["state"] == "cancelled"
+            with pytest.raises(InfernoError) as e:
+                a._parse_reply(await asyncio.wait_for(slow, 10), mid)
+            assert e.value.code == "cancelled"
+            with pytest.raises(InfernoError) as e:
+                await op.cancel(slow_id)
+            assert e.value.code == "unknown_request"
+            # the worker was freed early: the next run does not wait out the stopped one
+            out, _ = await a.infer("slow", {"X": row})
+            assert np.array_equal(out["Y"], row)
+            assert time.monotonic() - t0 < 10, time.monotonic() - t0
+            a._parse_reply(await asyncio.wait_for(waiting, 60), mid2)  # other model, unharmed
+
+    asyncio.run(scenario())

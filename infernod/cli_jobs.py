@@ -74,7 +74,7 @@ def jobs_get(args: argparse.Namespace) -> int:
         _print_json(job)
         return EXIT_OK
     print(f"{job['id']}: {job['state']} ({_counts(job['counts'])}), model {job['model']}, "
-          f"{job['priority']}, client {job['client']}")
+          f"{job['priority']}, owner {job.get('owner')}, client {job['client']}")
     for it in job["items"]:
         head = f"[{it['index']}] {it['state']}"
         if it["state"] == "done":
@@ -113,9 +113,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
             f"{r['class']}->{r['effective_class']}"
         dl = "-" if r["deadline_in_s"] is None else f"{r['deadline_in_s']:.0f}s"
         pos = "" if r["position"] is None else f"#{r['position']}"
-        print(f"{r['id']:28} {r['state']:10} {pos:>5} {cls:12} {r['model']:16} "
-              f"age {_age(r['age_s']):>5} deadline {dl:>5} tokens {r['tokens']:>5} "
-              f"{r['client']}")
+        print(f"{r['id']:28} {r.get('kind', 'generate'):8} {r['state']:10} {pos:>5} {cls:12} "
+              f"{r['model']:16} age {_age(r['age_s']):>5} deadline {dl:>5} "
+              f"tokens {r['tokens']:>5} {r['client']}")
     return EXIT_OK
 
 

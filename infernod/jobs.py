@@ -40,7 +40,7 @@ from typing import Any
 
 from infernod.protocol.errors import InfernoError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PRIORITIES = ("vip", "high", "normal", "low")
 STATES = ("queued", "running", "done", "failed", "cancelled")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
@@ -80,8 +80,18 @@ CREATE TABLE job_items (
 CREATE INDEX job_items_state ON job_items (state);
 """
 
+# v2: a job belongs to the principal that submitted it (``owner``: uid:N or key:NAME, from the
+# security layer), which also scopes idempotency keys; ``client`` is only a label now. Jobs
+# stored before keep their label; their owner becomes ``legacy:<client>``, which names no
+# principal, so only operators see them.
+_SCHEMA_V2 = """
+ALTER TABLE jobs RENAME COLUMN client TO owner;
+ALTER TABLE jobs ADD COLUMN client TEXT;
+UPDATE jobs SET client = owner, owner = 'legacy:' || owner
+"""
+
 # version reached -> script that brings the previous version there. Append, never edit.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +116,7 @@ class Job:
     (which would otherwise load every result of every batch). ``counts`` is always filled."""
 
     id: str
-    client: str
+    client: str | None  # the submitter's label (jobs.submit ``client``), not an identity
     model: str
     priority: str
     params: dict[str, Any]
@@ -116,6 +126,7 @@ class Job:
     updated_at: float
     counts: dict[str, int] = field(default_factory=dict)  # item state -> number of items
     items: tuple[JobItem, ...] = ()
+    owner: str = ""  # the principal that submitted it (uid:N, key:NAME)
 
     def to_wire(self) -> dict[str, Any]:
         """Plain dict for a reply (msgpack-friendly)."""
@@ -123,6 +134,7 @@ class Job:
             k: getattr(self, k)
             for k in (
                 "id",
+                "owner",
                 "client",
                 "model",
                 "priority",
@@ -210,16 +222,18 @@ class JobStore:
     # ------------------------------------------------------------------ writes
     def submit(
         self,
-        client: str,
+        owner: str,
         model: str,
         prompts: builtins.list[str],
         params: dict[str, Any],
         priority: str = "normal",
         idempotency_key: str | None = None,
         now_wall: float | None = None,
+        client: str | None = None,
     ) -> tuple[Job, bool]:
-        """Store a new job, or return the client's existing job with the same idempotency key
-        (``created`` False). Reusing a key for different content is a ``conflict``."""
+        """Store a new job of ``owner`` (a principal), or return the owner's existing job with
+        the same idempotency key (``created`` False). Reusing a key for different content is
+        a ``conflict``. ``client`` is a label, stored and shown, never a scope."""
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InfernoError("bad_request", "a job needs a non-empty list of string prompts")
         if priority not in PRIORITIES:
@@ -239,8 +253,8 @@ class JobStore:
         with self._tx() as db:
             if idempotency_key is not None:
                 row = db.execute(
-                    "SELECT id, request_hash FROM jobs WHERE client = ? AND idempotency_key = ?",
-                    (client, idempotency_key),
+                    "SELECT id, request_hash FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                    (owner, idempotency_key),
                 ).fetchone()
                 if row is not None:
                     if row["request_hash"] != digest:
@@ -253,10 +267,11 @@ class JobStore:
                     return self._load(row["id"], items=True), False
             job_id = "job-" + secrets.token_hex(8)
             db.execute(
-                "INSERT INTO jobs (id, client, model, priority, params, idempotency_key,"
+                "INSERT INTO jobs (id, owner, client, model, priority, params, idempotency_key,"
                 " request_hash, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                (job_id, client, model, priority, params_json, idempotency_key, digest, now, now),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (job_id, owner, client, model, priority, params_json, idempotency_key, digest,
+                 now, now),
             )
             db.executemany(
                 "INSERT INTO job_items (job_id, idx, prompt, state) VALUES (?, ?, ?, 'queued')",
@@ -422,6 +437,7 @@ class JobStore:
             )
         return Job(
             id=row["id"],
+            owner=row["owner"],
             client=row["client"],
             model=row["model"],
             priority=row["priority"],
@@ -441,16 +457,19 @@ class JobStore:
         client: str | None = None,
         since: float | None = None,
         limit: int = 100,
+        owner: str | None = None,
     ) -> builtins.list[Job]:
-        """Jobs newest first, filtered by state, model, client and creation time (wall clock,
-        ``created_at >= since``); at most ``limit`` (1..1000). Items are not loaded."""
+        """Jobs newest first, filtered by state, model, owner, client label and creation time
+        (wall clock, ``created_at >= since``); at most ``limit`` (1..1000). Items are not
+        loaded."""
         if state is not None and state not in STATES:
             raise InfernoError(
                 "bad_request", f"unknown job state {state!r}", f"use one of {', '.join(STATES)}"
             )
         where: builtins.list[str] = []
         args: builtins.list[Any] = []
-        for column, value in (("state", state), ("model", model), ("client", client)):
+        for column, value in (("state", state), ("model", model), ("owner", owner),
+                              ("client", client)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)

@@ -53,7 +53,7 @@ class _Pending:
 
     job_id: str
     index: int
-    client: str
+    owner: str  # the submitting principal: scheduler fairness, cancel rights
     model: str
     priority: str
     prompt: str
@@ -65,7 +65,7 @@ class _Pending:
 
 
 def _pending(job: Job, index: int, prompt: str) -> _Pending:
-    return _Pending(job.id, index, job.client, job.model, job.priority, prompt, job.params)
+    return _Pending(job.id, index, job.owner, job.model, job.priority, prompt, job.params)
 
 
 class JobService:
@@ -135,28 +135,36 @@ class JobService:
         self._pool.shutdown(wait=False)
 
     # -- requests ---------------------------------------------------------------------------
-    async def submit(self, client: str, model: str, prompts: list[str], params: dict[str, Any],
-                     priority: str, idem: str | None) -> tuple[Job, bool]:
+    async def submit(self, owner: str, model: str, prompts: list[str], params: dict[str, Any],
+                     priority: str, idem: str | None, client: str | None = None
+                     ) -> tuple[Job, bool]:
+        """Store a job of principal ``owner`` (idempotency keys are scoped to it);
+        ``client`` is the submitter's label only."""
         await asyncio.wait_for(self.ready.wait(), 60)
         if self.stopping:
             raise InfernoError("shutting_down", "the daemon is stopping and admits no new jobs")
         if self.backlog_size() + len(prompts) > MAX_BACKLOG_ITEMS:
             raise InfernoError("overloaded", f"more than {MAX_BACKLOG_ITEMS} job items wait",
                                retry_after_ms=60_000)
-        job, created = await self._call(self.store.submit, client, model, prompts, params,
-                                        priority, idem)
+        job, created = await self._call(self.store.submit, owner, model, prompts, params,
+                                        priority, idem, None, client)
         if created:
             for it in job.items:
                 self._to_backlog(_pending(job, it.index, it.prompt))
             self.publisher.publish("jobs", "submitted", {
-                "job_id": job.id, "client": client, "model": model, "priority": priority,
-                "items": len(job.items)})
+                "job_id": job.id, "owner": owner, "client": client, "model": model,
+                "priority": priority, "items": len(job.items)})
             self.feed()
         return job, created
 
     async def get(self, job_id: str) -> Job:
         await asyncio.wait_for(self.ready.wait(), 60)
         return await self._call(self.store.get, job_id)
+
+    async def summary(self, job_id: str) -> Job:
+        """The job without its items (``unknown_job`` if there is none)."""
+        await asyncio.wait_for(self.ready.wait(), 60)
+        return await self._call(self.store.summary, job_id)
 
     async def list(self, **filters: Any) -> list[Job]:
         await asyncio.wait_for(self.ready.wait(), 60)
@@ -220,7 +228,8 @@ class JobService:
         prompt = self.render_chat(p.model, p.prompt) if chat else p.prompt
         s = self.cfg.scheduler
         now = time.monotonic()
-        gen = Gen(request_id=rid, session=p.client, client=p.client, model=p.model,
+        gen = Gen(request_id=rid, session=p.owner, client=p.owner, principal=p.owner,
+                  model=p.model,
                   prompt=prompt, body=params, priority=p.priority, submitted=now, deadline=None,
                   timeout_s=min(params.get("timeout_s") or s.timeout_s, s.max_timeout_s),
                   stall_timeout_s=min(params.get("stall_timeout_s") or s.stall_timeout_s,
@@ -285,6 +294,15 @@ class JobService:
 
 
 # -- request handlers -------------------------------------------------------------------------
+def _check_owner(req: Any, job: Job, what: str) -> None:
+    """A job is its owner's (the principal that submitted it); others need the operator
+    role. The principal is the security layer's (uid:N from SO_PEERCRED, key:NAME from
+    CURVE), never a body field, so it cannot be named by someone else."""
+    if job.owner != req.principal and req.role != "operator":
+        raise InfernoError("forbidden", f"job {job.id} belongs to {job.owner}; only its owner "
+                           f"or an operator may {what} it", "ask an operator")
+
+
 def register(daemon: Any) -> None:
     """Add the jobs.* request handlers to ``daemon`` (an InfernoDaemon)."""
     jobs: JobService = daemon.jobs
@@ -293,23 +311,33 @@ def register(daemon: Any) -> None:
         b = req.body
         info = await daemon.lookup(b["model"])
         params = {k: b[k] for k in _PARAM_KEYS if b.get(k) is not None}
-        job, created = await jobs.submit(b.get("client") or "local", info.name, b["prompts"],
-                                         params, b.get("priority") or "low",
-                                         req.header.get("idem"))
+        job, created = await jobs.submit(req.principal, info.name, b["prompts"], params,
+                                         b.get("priority") or "low", req.header.get("idem"),
+                                         client=b.get("client"))
         return {"job_id": job.id, "created": created, "state": job.state,
-                "items": len(job.items), "model": job.model, "priority": job.priority}
+                "items": len(job.items), "model": job.model, "priority": job.priority,
+                "owner": job.owner}
 
     async def h_jobs_get(req: Any) -> dict[str, Any]:
-        return (await jobs.get(req.body["job_id"])).to_wire()
+        job = await jobs.get(req.body["job_id"])
+        _check_owner(req, job, "read")
+        return job.to_wire()
 
     async def h_jobs_list(req: Any) -> dict[str, Any]:
         b = req.body
-        found = await jobs.list(state=b.get("state"), model=b.get("model"),
+        owner = b.get("owner")
+        if req.role != "operator":  # a monitor lists its own jobs only
+            if owner not in (None, req.principal):
+                raise InfernoError("forbidden", "only an operator may list another "
+                                   "principal's jobs", "ask an operator")
+            owner = req.principal
+        found = await jobs.list(state=b.get("state"), model=b.get("model"), owner=owner,
                                 client=b.get("client"), since=b.get("since"),
                                 limit=b.get("limit") or 100)
         return {"jobs": [j.to_wire() for j in found]}
 
     async def h_jobs_cancel(req: Any) -> dict[str, Any]:
+        _check_owner(req, await jobs.summary(req.body["job_id"]), "cancel")
         job, n = await jobs.cancel(req.body["job_id"])
         return {"job_id": job.id, "state": job.state, "cancelled_items": n,
                 "counts": job.counts}
@@ -317,4 +345,4 @@ def register(daemon: Any) -> None:
     daemon.route("jobs.submit", "operator")(h_jobs_submit)
     daemon.route("jobs.get", "monitor")(h_jobs_get)
     daemon.route("jobs.list", "monitor")(h_jobs_list)
-    daemon.route("jobs.cancel", "operator")(h_jobs_cancel)
+    daemon.route("jobs.cancel", "monitor")(h_jobs_cancel)  # own jobs; anyone's: operator

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infernod.jobs import SCHEMA_VERSION, JobStore
+from infernod.jobs import _SCHEMA_V1, SCHEMA_VERSION, JobStore
 from infernod.protocol.errors import InfernoError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,12 +42,44 @@ def test_wal_mode_and_schema_version(tmp_path: Path, store: JobStore) -> None:
     other = sqlite3.connect(tmp_path / "jobs.db")  # the mode is persistent, seen by anyone
     try:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     finally:
         other.close()
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     assert (tmp_path / "jobs.db-wal").exists()
+
+
+def test_v1_database_migrates_to_owned_jobs(tmp_path: Path) -> None:
+    """v1 scoped jobs by a client-chosen name; v2 by the submitting principal. Old jobs keep
+    the name as a label and get an owner no principal has (only operators see them)."""
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    for stmt in _SCHEMA_V1.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+    db.execute("INSERT INTO jobs (id, client, model, priority, params, idempotency_key,"
+               " request_hash, state, created_at, updated_at)"
+               " VALUES ('job-old', 'local', 'gemma', 'low', '{}', 'k1', 'h', 'queued', 1, 1)")
+    db.execute("INSERT INTO job_items (job_id, idx, prompt, state) VALUES ('job-old', 0, 'p',"
+               " 'queued')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    s = JobStore(tmp_path / "jobs.db")
+    try:
+        old = s.get("job-old")
+        assert (old.owner, old.client, old.idempotency_key) == ("legacy:local", "local", "k1")
+        assert [it.prompt for it in old.items] == ["p"]
+        assert [j.id for j in s.list(owner="legacy:local")] == ["job-old"]
+        assert [j.id for j in s.list(client="local")] == ["job-old"]
+        new, created = s.submit("uid:0", "gemma", ["q"], {}, "low", "k1", 2.0, client="local")
+        assert created and new.id != "job-old"  # the same key of another owner is no conflict
+        assert (new.owner, new.client) == ("uid:0", "local")
+        assert new.to_wire()["owner"] == "uid:0" and new.to_wire()["client"] == "local"
+        again, created = s.submit("uid:0", "gemma", ["q"], {}, "low", "k1", 3.0, client="x")
+        assert not created and again.id == new.id  # the label takes no part in the scope
+    finally:
+        s.close()
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -89,7 +121,7 @@ def test_idempotency_key_returns_the_same_job(store: JobStore) -> None:
     assert created and not created_again
     assert again.id == first.id and len(store.list()) == 1
     other_client, created = store.submit("bob", "gemma", ["a", "b"], {"t": 1}, "normal", "k1", 3.0)
-    assert created and other_client.id != first.id  # keys are per client
+    assert created and other_client.id != first.id  # keys are per owner
     no_key_1, _ = store.submit("alice", "gemma", ["a"], {}, "normal", None, 4.0)
     no_key_2, _ = store.submit("alice", "gemma", ["a"], {}, "normal", None, 5.0)
     assert no_key_1.id != no_key_2.id
@@ -173,9 +205,9 @@ def test_list_filters(store: JobStore) -> None:
     assert ids(store.list(state="done")) == [b.id]
     assert ids(store.list(state="queued")) == [c.id, a.id]
     assert ids(store.list(model="qwen")) == [c.id, b.id]
-    assert ids(store.list(client="alice")) == [c.id, a.id]
+    assert ids(store.list(owner="alice")) == [c.id, a.id]
     assert ids(store.list(since=200.0)) == [c.id, b.id]
-    assert ids(store.list(client="alice", model="qwen", since=150.0)) == [c.id]
+    assert ids(store.list(owner="alice", model="qwen", since=150.0)) == [c.id]
     assert ids(store.list(limit=1)) == [c.id]
     listed = store.list(state="done")[0]
     assert listed.items == () and listed.counts == {"done": 1}

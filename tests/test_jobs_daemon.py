@@ -1,11 +1,16 @@
-"""Persistent jobs on the real daemon: kill -9 recovery with idempotency, drain on SIGTERM."""
+"""Persistent jobs on the real daemon: kill -9 recovery with idempotency, drain on SIGTERM,
+and ownership: a job is the submitting principal's."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+import tomllib
 
 import pytest
+import tomli_w
+from test_security import NOBODY, STRANGER, _open_for_group, needs_root, run_as
 
 from infernod.protocol.errors import InfernoError
 
@@ -82,3 +87,68 @@ def test_sigterm_aborts_queued_interactive_checkpoints_jobs_and_exits_0(daemon_f
         done = wait_until(lambda: (j := c.jobs_get(job["job_id"]))["state"] == "done" and j,
                           60, "checkpointed job done after restart")
         assert [it["state"] for it in done["items"]] == ["done", "done"]
+
+
+def _jobs_calls(endpoint: str, calls: list[tuple[str, dict]], idem: str | None = None) -> dict:
+    """In a forked child: each request in turn; its reply, or its error code."""
+    from infernod.client import Client
+
+    out: dict = {}
+    with Client(endpoint, timeout=10) as c:
+        for i, (type_, body) in enumerate(calls):
+            try:
+                out[f"{i}:{type_}"] = c.request(type_, body, idem=idem)
+            except InfernoError as e:
+                out[f"{i}:{type_}"] = e.code
+    return out
+
+
+@needs_root
+def test_jobs_belong_to_the_submitting_principal(daemon_factory):
+    """The owner is the uid the kernel reports, not the body's `client`: idempotency keys are
+    per owner, and only the owner or an operator may read, list or cancel a job."""
+    d = daemon_factory({"daemon": {"socket_group": "nogroup"},
+                        "security": {"operators": [NOBODY, STRANGER], "default_role": "none"}})
+    _open_for_group(d)
+    job = {"model": MODEL, "prompts": ["One"], "max_tokens": 1, "client": "shared"}
+    sub = run_as(STRANGER, NOBODY, lambda: _jobs_calls(d.endpoint, [("jobs.submit", job)],
+                                                       idem="k"))
+    mine = sub["0:jobs.submit"]
+    assert mine["created"] and mine["owner"] == f"uid:{STRANGER}", sub
+    with d.client(timeout=30) as root:
+        # the same key and label from another principal: its own job, not a conflict
+        other = root.jobs_submit(MODEL, ["Two"], idem="k", max_tokens=1, client="shared")
+        assert other["created"] and other["job_id"] != mine["job_id"]
+        assert other["owner"] == f"uid:{os.getuid()}"
+        got = root.jobs_get(mine["job_id"])  # an operator reads anyone's
+        assert got["owner"] == f"uid:{STRANGER}" and got["client"] == "shared"
+        assert {j["id"] for j in root.jobs_list(client="shared")} == \
+            {mine["job_id"], other["job_id"]}
+
+        # STRANGER becomes a monitor (SIGHUP): its own jobs only, whatever it names
+        cfg = tomllib.loads(d.config_path.read_text())
+        cfg["security"].update(operators=[NOBODY], monitors=[STRANGER])
+        d.config_path.write_bytes(tomli_w.dumps(cfg).encode())
+        os.kill(d.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        mon = run_as(STRANGER, NOBODY, lambda: _jobs_calls(d.endpoint, [
+            ("hello", {}),
+            ("jobs.list", {}), ("jobs.list", {"client": "shared"}),
+            ("jobs.list", {"owner": other["owner"]}),
+            ("jobs.get", {"job_id": other["job_id"]}),
+            ("jobs.cancel", {"job_id": other["job_id"]}),
+            ("jobs.get", {"job_id": mine["job_id"]}),
+            ("jobs.cancel", {"job_id": mine["job_id"]}),
+        ]))
+        assert mon["0:hello"]["role"] == "monitor", mon
+        assert [j["id"] for j in mon["1:jobs.list"]["jobs"]] == [mine["job_id"]], mon
+        assert [j["id"] for j in mon["2:jobs.list"]["jobs"]] == [mine["job_id"]], mon
+        assert mon["3:jobs.list"] == "forbidden"
+        assert mon["4:jobs.get"] == mon["5:jobs.cancel"] == "forbidden"
+        assert mon["6:jobs.get"]["id"] == mine["job_id"]
+        assert mon["7:jobs.cancel"]["job_id"] == mine["job_id"]
+        assert root.jobs_get(other["job_id"])["state"] != "cancelled"
+        # NOBODY, an operator, may cancel another principal's job
+        op = run_as(NOBODY, NOBODY, lambda: _jobs_calls(d.endpoint, [
+            ("jobs.cancel", {"job_id": other["job_id"]})]))
+        assert op["0:jobs.cancel"]["job_id"] == other["job_id"], op

@@ -120,7 +120,8 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "model": F(STR, True, max_len=64),
         "prompts": F(LIST, True, max_len=10000, items=str, doc="one item per prompt"),
         "priority": F(STR, choices=PRIORITIES, doc="default 'low'"),
-        "client": F(STR, max_len=64, doc="idempotency scope with header.idem (default 'local')"),
+        "client": F(STR, max_len=64, doc="a label shown with the job (not an identity: the "
+                    "owner is the caller's principal, which also scopes header.idem)"),
         "chat": F(BOOL, doc="wrap each prompt as one user message in the chat template"),
         "timeout_s": F(NUM, min=0.1, max=86400, doc="total inference timeout per item"),
         "stall_timeout_s": F(NUM, min=0.1, max=3600, doc="max time between tokens"),
@@ -130,7 +131,8 @@ SCHEMAS: dict[str, dict[str, F]] = {
     "jobs.list": {
         "state": F(STR, choices=JOB_STATES),
         "model": F(STR, max_len=64),
-        "client": F(STR, max_len=64),
+        "owner": F(STR, max_len=128, doc="uid:N or key:NAME (another's: operator only)"),
+        "client": F(STR, max_len=64, doc="the label given at submit"),
         "since": F(NUM, min=0, max=1e11, doc="created at or after (wall clock, epoch seconds)"),
         "limit": F(INT, min=1, max=1000, doc="newest first (default 100)"),
     },

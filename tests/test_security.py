@@ -144,6 +144,16 @@ def _attempts(endpoint: str, requests: list[tuple[str, dict]]) -> dict:
     return out
 
 
+def _cancel_in_session(endpoint: str, session: str, request_id: str) -> str:
+    """In the child: cancel ``request_id`` with another client's session id in the header."""
+    with Client(endpoint, timeout=5) as c:
+        c.session = session
+        try:
+            return c.cancel(request_id)["state"]
+        except InfernoError as e:
+            return e.code
+
+
 def _raw_ping_gets_answer(endpoint: str) -> bool:
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
@@ -178,6 +188,9 @@ def test_ipc_uid_roles(daemon_factory):
         for t in ("models.load", "models.unload", "generate"):
             assert mon[t] == "forbidden" and "operator" in mon[t + ".message"], mon
         assert mon["cancel"] == "forbidden"  # someone else's request
+        # ... even in the owner's session: session ids are public (queue.list), uids are not
+        assert run_as(NOBODY, NOBODY, lambda: _cancel_in_session(
+            d.endpoint, root.session, stream.request_id)) == "forbidden"
         assert root.status()["queue"]["running"] == 1  # still running, model still loaded
         assert root.cancel(stream.request_id)["state"] in ("cancelling", "cancelled")
         list(stream)

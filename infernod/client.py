@@ -12,7 +12,8 @@ A client never hangs: every wait has a timeout; no socket file or no reply raise
 ``DaemonUnavailable`` quickly; during a stream, three missed heartbeats or a new ``boot_id``
 (the daemon restarted) raise it too. ZeroMQ reconnects by itself, so the same client works
 again once the daemon is back. Missed stream events (a gap in ``seq``) are fetched with
-``stream.fetch``, so a stream always delivers every token exactly once, in order.
+``stream.fetch``, so a stream always delivers every token exactly once, in order (or raises
+``aborted``, reason ``events_lost``, once the daemon's stream buffer no longer holds them).
 
 Importing this module imports neither llama_cpp, onnxruntime, textual nor pynvml.
 """
@@ -79,8 +80,9 @@ def _check_socket_file(ep: Endpoints) -> None:
 
 class _Base:
     def __init__(self, endpoint: str | Endpoints | None, timeout: float, name: str,
-                 curve: CurveKeys | None) -> None:
+                 curve: CurveKeys | None, rcvbuf_bytes: int = 0) -> None:
         self.endpoints = _endpoints(endpoint)
+        self.rcvbuf_bytes = rcvbuf_bytes
         self.timeout = timeout
         self.name = name
         self.curve = curve
@@ -113,6 +115,8 @@ class _Base:
         dealer.setsockopt(zmq.IMMEDIATE, 1)
         dealer.setsockopt(zmq.SNDHWM, 1000)
         sub.setsockopt(zmq.RCVHWM, 100000)
+        if self.rcvbuf_bytes:  # kernel buffer of the events connection (tcp); 0 = OS default
+            sub.setsockopt(zmq.RCVBUF, self.rcvbuf_bytes)
         dealer.connect(self.endpoints.control)
         sub.connect(self.endpoints.events)
         sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{self.session}.".encode())
@@ -309,8 +313,8 @@ class Client(_Base, _Requests):
 
     def __init__(self, endpoint: str | Endpoints | None = None, *, timeout: float = 10.0,
                  name: str = "inferno-client", curve: CurveKeys | None = None,
-                 topics: tuple[str, ...] = ()) -> None:
-        super().__init__(endpoint, timeout, name, curve)
+                 topics: tuple[str, ...] = (), rcvbuf_bytes: int = 0) -> None:
+        super().__init__(endpoint, timeout, name, curve, rcvbuf_bytes)
         self.ctx = zmq.Context.instance()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.sub = self.ctx.socket(zmq.SUB)
@@ -432,8 +436,8 @@ class AsyncClient(_Base, _Requests):
 
     def __init__(self, endpoint: str | Endpoints | None = None, *, timeout: float = 10.0,
                  name: str = "inferno-client", curve: CurveKeys | None = None,
-                 topics: tuple[str, ...] = ()) -> None:
-        super().__init__(endpoint, timeout, name, curve)
+                 topics: tuple[str, ...] = (), rcvbuf_bytes: int = 0) -> None:
+        super().__init__(endpoint, timeout, name, curve, rcvbuf_bytes)
         self.ctx = zmq.asyncio.Context.instance()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.sub = self.ctx.socket(zmq.SUB)

@@ -124,6 +124,14 @@ class _StreamBase:
 
     def _absorb(self, reply: dict[str, Any]) -> list[str]:
         """Apply a stream.fetch reply; return the text it completed, in order."""
+        first = int(reply.get("first_seq") or 0)
+        if first > self.state.next_seq and not self.state.done:
+            # The daemon's buffer no longer holds what we miss: no fetch can fill the gap
+            # (fetching again would spin forever), and the text could not be exact.
+            raise InfernoError("aborted", f"stream {self.request_id}: events {self.state.next_seq}"
+                               f"-{first - 1} were dropped before they could be fetched",
+                               "read streams promptly, or raise daemon.stream_buffer_tokens",
+                               reason="events_lost")
         events = [Event(f"tokens.{self.request_id}", e["type"], e["seq"],
                         self.client.boot_id or "", e["body"]) for e in reply["events"]]
         return self._feed(events)

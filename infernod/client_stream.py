@@ -106,6 +106,7 @@ class _StreamBase:
         self.state = _StreamState(request_id, client.boot_id or "")
         self.backlog: list[str] = []  # text fetched before iteration began (attach)
         self.fetches = 0  # how often a gap had to be filled from the daemon's buffer
+        self._more = False  # the last fetch reply was cut short: fetch again at once
         self._last_ping = time.monotonic()
         self._seq_at_ping = -1
         client.last_heartbeat = time.monotonic()
@@ -134,6 +135,7 @@ class _StreamBase:
                                reason="events_lost")
         events = [Event(f"tokens.{self.request_id}", e["type"], e["seq"],
                         self.client.boot_id or "", e["body"]) for e in reply["events"]]
+        self._more = bool(reply.get("more"))  # a reply holds 4096 events at most
         return self._feed(events)
 
     def _feed(self, events: Any) -> list[str]:
@@ -156,7 +158,8 @@ class _StreamBase:
 
     def _next_step(self) -> str:
         """After draining: 'fetch' (a gap), 'fetch_tail', 'ping' or 'wait'."""
-        if self.state.has_gap:
+        if self.state.has_gap or (self._more and not self.state.done):
+            self._more = False
             return "fetch"
         self.client._check_alive(self.state)
         now = time.monotonic()

@@ -31,7 +31,7 @@ STATE_TOPICS = ("heartbeat", "metrics", "models", "queue", "stats")
 
 @dataclass
 class StreamBuffer:
-    """Every event of one token stream, bounded; the first events are kept, then the tail."""
+    """The newest ``limit`` events of one token stream (older ones are dropped first)."""
 
     limit: int
     events: deque = field(default_factory=deque)

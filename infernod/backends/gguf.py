@@ -1,8 +1,9 @@
 """GgufEngine: continuous batching over the llama.cpp C API (llama-cpp-python low-level bindings).
 
-One llama.cpp context per model with ``n_seq_max = n_slots`` and a unified KV cache of
-``n_ctx * n_slots`` cells, so every slot can hold a full ``n_ctx`` sequence and finished
-sequences can share cells with new ones (prefix reuse via ``llama_memory_seq_cp``). One decode
+One llama.cpp context per model with ``n_seq_max = n_slots + park_slots`` and a unified KV
+cache of ``n_ctx * n_slots`` cells, so every slot can hold a full ``n_ctx`` sequence and finished
+sequences can share cells with new ones (prefix reuse via ``llama_memory_seq_cp``). A preempted
+request's cells are kept on a spare sequence id (a park, see parking.py) until it resumes. One decode
 thread owns the context. Each :meth:`GgufEngine.step` builds one batch (one token for every
 decoding sequence plus at most ``prefill_chunk`` prompt tokens of admitted sequences), calls
 ``llama_decode`` once and samples each sequence with its own C sampler chain, reading logits
@@ -24,6 +25,7 @@ from typing import Any
 
 from infernod.backends import llama_native as native
 from infernod.backends.base import EngineSink, GenerationRequest, SamplingParams
+from infernod.backends.parking import ParkingLot
 from infernod.backends.runstate import Run, Slot, common_prefix
 from infernod.backends.textstream import TextStream
 from infernod.protocol.errors import CODES, InfernoError
@@ -49,6 +51,7 @@ class GgufEngine:
         prefill_chunk: int = 256,
         sink: EngineSink | None = None,
         flash_attn: bool = False,
+        park_slots: int | None = None,
     ) -> None:
         if n_slots < 1 or n_ctx < 16 or prefill_chunk < 1:
             raise InfernoError("config_error", "need n_slots >= 1, n_ctx >= 16, prefill_chunk >= 1")
@@ -61,6 +64,7 @@ class GgufEngine:
         self.swa_full = swa_full
         self.prefill_chunk = prefill_chunk
         self.flash_attn = flash_attn
+        self.park_slots = max(1, n_slots // 2) if park_slots is None else max(0, park_slots)
         self.sink = sink
         self.supports_gpu_offload = False
         self.n_swa = 0
@@ -73,6 +77,7 @@ class GgufEngine:
         self._n_vocab = 0
         self._memory: dict[str, int] = {}
         self._slots = [Slot(i) for i in range(n_slots)]
+        self._parks = ParkingLot(n_slots, self.park_slots)
         self._waiting: deque[tuple[GenerationRequest, int]] = deque()
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, Any]] = deque()
@@ -130,6 +135,10 @@ class GgufEngine:
             for s in self._slots
         ]
 
+    def park_state(self) -> list[dict[str, Any]]:
+        """Per-park diagnostics, like :meth:`slot_state` (same caveat)."""
+        return self._parks.state()
+
     def close(self) -> None:
         """Stop the decode thread, abort what is running, free the native objects."""
         with self._cond:
@@ -164,6 +173,7 @@ class GgufEngine:
             rss0 = native.rss_bytes()
             self._ctx = self._create_context(llama)
             self._mem = llama.llama_get_memory(self._ctx)
+            self._parks.attach(self._mem)
             self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
             self._warm_up(llama)
             context_bytes = max(0, native.rss_bytes() - rss0)
@@ -194,13 +204,15 @@ class GgufEngine:
 
     def _create_context(self, llama: Any) -> Any:
         """One context for all slots: unified KV of n_ctx per slot, outputs capped at one per
-        slot (the logits buffer for a full prompt batch of a 262k vocab would be ~250 MiB)."""
+        slot (the logits buffer for a full prompt batch of a 262k vocab would be ~250 MiB).
+        Parks are extra sequence ids without extra cells (a sliding-window cache grows by one
+        window per sequence id, though)."""
         p = llama.llama_context_default_params()
         p.n_ctx = self.n_ctx * self.n_slots
-        p.n_seq_max = self.n_slots
+        p.n_seq_max = self.n_slots + self.park_slots
         p.n_batch = self._n_batch
         p.n_ubatch = self._n_batch
-        p.n_outputs_max = self.n_slots
+        p.n_outputs_max = p.n_seq_max  # llama.cpp reserves one output per sequence id
         p.n_threads = self.n_threads
         p.n_threads_batch = self.n_threads_batch
         p.kv_unified = True
@@ -335,6 +347,7 @@ class GgufEngine:
             self._finish_without_slot(req, "length")
             return
         slot, cached = self._pick_slot(tokens)
+        self._parks.make_room(len(tokens) - cached, self._slots, self.n_ctx * self.n_slots)
         run = Run(
             req=req,
             submit_ns=submit_ns,
@@ -369,18 +382,20 @@ class GgufEngine:
         """Choose a free slot and make its KV hold the longest reusable prefix of ``tokens``.
 
         Candidates are every slot's cells (free slots keep theirs as a cache; running slots
-        can lend their prompt). At least one token is always left to evaluate, so the last
-        prompt position produces logits. With a sliding-window cache the prefix is only usable
-        if the window before it is still there (``llama_memory_seq_pos_min``).
+        can lend their prompt) and every park. At least one token is always left to evaluate,
+        so the last prompt position produces logits. With a sliding-window cache the prefix is
+        only usable if the window before it is still there (``llama_memory_seq_pos_min``).
+        A park whose cells are all a prefix of ``tokens`` (the resumed request) is dropped.
         """
         llama = native.bindings()
         free = [s for s in self._slots if s.run is None]
-        best_src, best_n = None, 0
-        for s in self._slots:
+        best_src: Any = None
+        best_n = 0
+        for s in [*self._slots, *self._parks.occupied()]:
             n = min(common_prefix(s.kv, tokens), len(tokens) - 1)
-            if n > best_n and self._prefix_usable(s, n):
+            if n > best_n and self._prefix_usable(s.seq_id, n):
                 best_src, best_n = s, n
-        if best_src is not None and best_src.run is None:
+        if isinstance(best_src, Slot) and best_src.run is None:
             dst = best_src
             if not llama.llama_memory_seq_rm(self._mem, dst.seq_id, best_n, -1):
                 llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
@@ -391,15 +406,19 @@ class GgufEngine:
             if best_src is not None:
                 llama.llama_memory_seq_cp(self._mem, best_src.seq_id, dst.seq_id, 0, best_n)
         dst.kv = tokens[:best_n]
+        self._parks.drop_covered(tokens)
         return dst, best_n
 
-    def _prefix_usable(self, slot: Slot, n: int) -> bool:
-        """Can the first n cells of this slot be reused? With a trimmed SWA cache the cells
-        that the next token's window needs may already have been dropped."""
+    def _prefix_usable(self, seq_id: int, n: int) -> bool:
+        """Can the first n cells of this sequence be reused? With a trimmed SWA cache the
+        cells that the next token's window needs may already have been overwritten: the token
+        at position n sees positions n - n_swa + 1 .. n - 1 (llama.cpp only overwrites cells
+        outside the window of their sequence's last position, so a park that kept its window
+        reports exactly that pos_min)."""
         if self.swa_full or self.n_swa <= 0:
             return True
-        pos_min = int(native.bindings().llama_memory_seq_pos_min(self._mem, slot.seq_id))
-        return 0 <= pos_min <= max(0, n - self.n_swa)
+        pos_min = int(native.bindings().llama_memory_seq_pos_min(self._mem, seq_id))
+        return 0 <= pos_min <= max(0, n - self.n_swa + 1)
 
     def _prompt_tokens(self, req: GenerationRequest) -> list[int]:
         if req.prompt_tokens is not None:
@@ -424,6 +443,8 @@ class GgufEngine:
         if not outputs and self._batch.n_tokens == 0:
             return
         rc = llama.llama_decode(self._ctx, self._batch)
+        while rc == 1 and self._parks.evict_oldest():  # no room: parked cells go first
+            rc = llama.llama_decode(self._ctx, self._batch)
         if rc != 0:
             self._fail_batch(outputs, rc)
             return
@@ -545,6 +566,8 @@ class GgufEngine:
             tail = ""
         if tail:
             self._emit("on_tokens", run.req.request_id, tail, run.unsent_tokens)
+        if reason == "preempted":  # its slot may go to a vip in this very step
+            self._parks.park(slot, run.req.request_id)
         self._release(slot, keep_cells=reason != "cancelled")
         stats = run.stats(reason)
         self._emit("on_finished", run.req.request_id, reason, stats)

@@ -319,12 +319,15 @@ def test_sliding_window_reuse_only_while_window_cells_exist(
     default_model_path: Path, reference: Any
 ) -> None:
     """Gemma 3's SWA layers keep a window of 512 positions; with swa_full=False the cache is
-    small (768 cells here) and old cells get overwritten. A prefix whose window is gone must
-    be evaluated again; one whose window is still there is reused. Both give Llama's output."""
+    small (768 cells here: no park, which would add a window) and old cells get overwritten. A
+    prefix whose window is gone must be evaluated again; one whose window is still there is
+    reused. Both give Llama's output. (Parks under SWA: test_engine_park.py.)"""
     from infernod.backends.gguf import GgufEngine
 
     rec = Recorder()
-    eng = GgufEngine(default_model_path, n_ctx=2048, n_slots=1, prefill_chunk=64, sink=rec)
+    eng = GgufEngine(
+        default_model_path, n_ctx=2048, n_slots=1, prefill_chunk=64, sink=rec, park_slots=0
+    )
     eng.start()
     try:
         long_prompt = eng.tokenize(LONG_TEXT * 40)[:1000]

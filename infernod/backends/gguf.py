@@ -139,6 +139,10 @@ class GgufEngine:
         """Per-park diagnostics, like :meth:`slot_state` (same caveat)."""
         return self._parks.state()
 
+    def park_evictions(self) -> dict[str, int]:
+        """Parks dropped before their request resumed, by cause: lru, admission, decode."""
+        return dict(self._parks.evictions)
+
     def close(self) -> None:
         """Stop the decode thread, abort what is running, free the native objects."""
         with self._cond:
@@ -307,6 +311,8 @@ class GgufEngine:
                 self._waiting.remove(item)
                 self._finish_without_slot(item[0], reason)
                 return
+        if reason == "cancelled":  # preempted and cancelled while queued: its park is useless
+            self._parks.drop_request(request_id)
 
     def _finish_without_slot(self, req: GenerationRequest, reason: str) -> None:
         """Finish a request that never ran (stopped while queued, or nothing left to do)."""

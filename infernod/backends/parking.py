@@ -37,7 +37,7 @@ class ParkingLot:
 
     def __init__(self, first_seq_id: int, n: int) -> None:
         self.parks = [Park(first_seq_id + i) for i in range(n)]
-        self.evictions = 0
+        self.evictions = {"lru": 0, "admission": 0, "decode": 0}  # parks dropped, by cause
         self._mem: Any = None
 
     def attach(self, mem: Any) -> None:
@@ -52,25 +52,32 @@ class ParkingLot:
             return None
         park = min(self.parks, key=lambda p: (len(p.kv) > 0, p.parked_ns))
         llama = native.bindings()
-        self.drop(park, evicted=bool(park.kv))
+        if park.kv:
+            self.drop(park, evicted="lru")
         llama.llama_memory_seq_cp(self._mem, slot.seq_id, park.seq_id, -1, -1)
         park.kv = list(slot.kv)
         park.request_id = request_id
         park.parked_ns = time.perf_counter_ns()
         return park
 
-    def drop(self, park: Park, evicted: bool = False) -> None:
+    def drop(self, park: Park, evicted: str | None = None) -> None:
         native.bindings().llama_memory_seq_rm(self._mem, park.seq_id, -1, -1)
         park.kv = []
         park.request_id = None
-        self.evictions += evicted
+        if evicted is not None:
+            self.evictions[evicted] += 1
 
-    def evict_oldest(self) -> bool:
+    def drop_request(self, request_id: str) -> None:
+        for p in self.occupied():
+            if p.request_id == request_id:
+                self.drop(p)
+
+    def evict_oldest(self, cause: str = "decode") -> bool:
         """Drop the least recently parked sequence; False when there is none."""
         taken = self.occupied()
         if not taken:
             return False
-        self.drop(min(taken, key=lambda p: p.parked_ns), evicted=True)
+        self.drop(min(taken, key=lambda p: p.parked_ns), evicted=cause)
         return True
 
     def drop_covered(self, tokens: list[int]) -> None:
@@ -89,7 +96,7 @@ class ParkingLot:
         while used + sum(extra.values()) + needed > capacity and extra:
             oldest = min(self.occupied(), key=lambda p: p.parked_ns)
             del extra[oldest.seq_id]
-            self.drop(oldest, evicted=True)
+            self.drop(oldest, evicted="admission")
 
     @staticmethod
     def _extra_cells(park: Park, slots: list[Slot]) -> int:

@@ -5,11 +5,15 @@ GENERATED tokens and resumed with ``resume_tokens``:
 
 * keep:      resumed at once; its cells are still in the slot (prefix reuse), only the last
              token is evaluated again.
-* recompute: a short vip request runs in the slot first (what happens when slots are full),
-             overwriting the cells, so the resume re-evaluates prompt + generated tokens.
+* recompute: the daemon's situation without parking (``park_slots=0``): a short vip runs in
+             the only slot first, overwriting the cells, so the resume re-evaluates prompt +
+             generated tokens.
+* parked:    the same with the engine's default parking (``park_slots=1``): the victim's cells
+             were kept on a spare sequence id while the vip ran, the resume copies them back.
 
-Reported: resume latency (resubmit -> first new token), cached tokens, and the KV bytes a kept
-sequence occupies. Usage: .venv/bin/python bench/preempt_bench.py [PROMPT_WORDS] [GENERATED]
+Reported: resume latency (resubmit -> first new token), cached tokens, the context memory of
+each engine and the KV bytes a kept sequence occupies.
+Usage: .venv/bin/python bench/preempt_bench.py [PROMPT_WORDS] [GENERATED]
 """
 
 from __future__ import annotations
@@ -59,49 +63,54 @@ class Sink:
             assert self.cond.wait_for(pred, 120)
 
 
-def main() -> None:
+def measure(mode: str, prompt: str, generated: int, park_slots: int, reps: int = 3) -> dict:
     from conftest import _default_model_path
 
+    sink = Sink()
+    eng = GgufEngine(_default_model_path(), n_ctx=2048, n_slots=1, n_threads=2,
+                     n_threads_batch=2, sink=sink, park_slots=park_slots)
+    eng.start()
+    greedy = SamplingParams(temperature=0)
+    ms: list[float] = []
+    try:
+        for rep in range(reps):
+            rid = f"{mode}-{rep}"
+            eng.submit(GenerationRequest(rid, prompt=prompt, max_tokens=generated + 8,
+                                         sampling=greedy, ignore_eos=True))
+            sink.wait(lambda rid=rid: sink.tokens.get(rid, 0) >= generated)
+            eng.preempt(rid)
+            if mode != "keep":  # the vip takes the freed slot in the same step, as in the daemon
+                vip = f"vip-{rep}"
+                eng.submit(GenerationRequest(vip, prompt="Hi", max_tokens=2, sampling=greedy))
+                sink.wait(lambda vip=vip: vip in sink.finished)
+            sink.wait(lambda rid=rid: rid in sink.finished)
+            toks = sink.finished[rid][1]["generated_tokens"]
+            again = rid + "-resumed"
+            t0 = time.perf_counter()
+            eng.submit(GenerationRequest(again, prompt=prompt, max_tokens=len(toks) + 1,
+                                         sampling=greedy, resume_tokens=toks, ignore_eos=True))
+            sink.wait(lambda again=again: again in sink.finished)
+            ms.append((sink.first[again] - t0) * 1000)
+        info = sink.started[again]
+        memory = eng.memory_bytes()
+    finally:
+        eng.close()
+    return {"ms": ms, "cached": info["cached_tokens"], "context": info["prompt_tokens"],
+            "context_bytes": memory["context_bytes"]}
+
+
+def main() -> None:
     words = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     generated = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     prompt = "Summarise: " + " ".join(f"word{i % 97}" for i in range(words))
-    sink = Sink()
-    eng = GgufEngine(_default_model_path(), n_ctx=2048, n_slots=1, n_threads=2,
-                     n_threads_batch=2, sink=sink)
-    eng.start()
-    greedy = SamplingParams(temperature=0)
-    results: dict[str, list[float]] = {"keep": [], "recompute": []}
-    cached: dict[str, int] = {}
-    try:
-        for rep in range(3):
-            for mode in ("keep", "recompute"):
-                rid = f"{mode}-{rep}"
-                eng.submit(GenerationRequest(rid, prompt=prompt, max_tokens=generated + 8,
-                                             sampling=greedy, ignore_eos=True))
-                sink.wait(lambda rid=rid: sink.tokens.get(rid, 0) >= generated)
-                eng.preempt(rid)
-                sink.wait(lambda rid=rid: rid in sink.finished)
-                toks = sink.finished[rid][1]["generated_tokens"]
-                if mode == "recompute":
-                    vip = f"vip-{rep}"
-                    eng.submit(GenerationRequest(vip, prompt="Hi", max_tokens=2,
-                                                 sampling=greedy))
-                    sink.wait(lambda vip=vip: vip in sink.finished)
-                again = rid + "-resumed"
-                t0 = time.perf_counter()
-                eng.submit(GenerationRequest(again, prompt=prompt, max_tokens=len(toks) + 1,
-                                             sampling=greedy, resume_tokens=toks,
-                                             ignore_eos=True))
-                sink.wait(lambda again=again: again in sink.finished)
-                results[mode].append((sink.first[again] - t0) * 1000)
-                cached[mode] = sink.started[again]["cached_tokens"]
-                n_ctx_tokens = sink.started[again]["prompt_tokens"]
-    finally:
-        eng.close()
-    print(f"context at resume: {n_ctx_tokens} tokens ({generated} generated)")
-    for mode, ms in results.items():
+    runs = {mode: measure(mode, prompt, generated, parks)
+            for mode, parks in (("keep", 0), ("recompute", 0), ("parked", 1))}
+    print(f"context at resume: {runs['keep']['context']} tokens ({generated} generated)")
+    for mode, r in runs.items():
+        ms = r["ms"]
         print(f"{mode:9}: resume -> first new token median {statistics.median(ms):7.1f} ms "
-              f"(runs {', '.join(f'{x:.0f}' for x in ms)}), cached tokens {cached[mode]}")
+              f"(runs {', '.join(f'{x:.0f}' for x in ms)}), cached tokens {r['cached']}, "
+              f"context memory {r['context_bytes'] / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -123,15 +123,8 @@ class GgufEngine:
     def slot_state(self) -> list[dict[str, Any]]:
         """Per-slot diagnostics: request, cached tokens and the KV positions llama.cpp holds.
         A snapshot without locking: exact only while the engine is idle."""
-        llama = native.bindings()
         return [
-            {
-                "seq_id": s.seq_id,
-                "request_id": s.run.req.request_id if s.run is not None else None,
-                "kv_tokens": len(s.kv),
-                "pos_min": int(llama.llama_memory_seq_pos_min(self._mem, s.seq_id)),
-                "pos_max": int(llama.llama_memory_seq_pos_max(self._mem, s.seq_id)),
-            }
+            native.seq_state(self._mem, s.seq_id, s.kv, s.run.req.request_id if s.run else None)
             for s in self._slots
         ]
 
@@ -175,7 +168,7 @@ class GgufEngine:
             self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
             self.n_swa = int(llama.llama_model_n_swa(self._model))
             rss0 = native.rss_bytes()
-            self._ctx = self._create_context(llama)
+            self._ctx = self._create_context()
             self._mem = llama.llama_get_memory(self._ctx)
             self._parks.attach(self._mem)
             self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
@@ -206,32 +199,22 @@ class GgufEngine:
             )
         return model
 
-    def _create_context(self, llama: Any) -> Any:
-        """One context for all slots: unified KV of n_ctx per slot, outputs capped at one per
-        slot (the logits buffer for a full prompt batch of a 262k vocab would be ~250 MiB).
-        Parks are extra sequence ids without extra cells (a sliding-window cache grows by one
-        window per sequence id, though)."""
-        p = llama.llama_context_default_params()
-        p.n_ctx = self.n_ctx * self.n_slots
-        p.n_seq_max = self.n_slots + self.park_slots
-        p.n_batch = self._n_batch
-        p.n_ubatch = self._n_batch
-        p.n_outputs_max = p.n_seq_max  # llama.cpp reserves one output per sequence id
-        p.n_threads = self.n_threads
-        p.n_threads_batch = self.n_threads_batch
-        p.kv_unified = True
-        p.swa_full = self.swa_full
-        p.no_perf = True
-        p.flash_attn_type = (
-            llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if self.flash_attn
-            else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    def _create_context(self) -> Any:
+        """One context for all slots: unified KV of n_ctx per slot; parks are extra sequence
+        ids without extra cells (a sliding-window cache grows by one window per id, though)."""
+        ctx = native.create_context(
+            self._model,
+            n_cells=self.n_ctx * self.n_slots,
+            n_seq_max=self.n_slots + self.park_slots,
+            n_batch=self._n_batch,
+            n_threads=(self.n_threads, self.n_threads_batch),
+            swa_full=self.swa_full,
+            flash_attn=self.flash_attn,
         )
-        ctx = llama.llama_init_from_model(self._model, p)
         if not ctx:
             raise InfernoError(
                 "insufficient_memory",
-                f"llama.cpp could not create a context of {p.n_ctx} cells",
+                f"llama.cpp could not create a context of {self.n_ctx * self.n_slots} cells",
                 "lower n_ctx or n_slots for this model",
             )
         return ctx
@@ -337,17 +320,13 @@ class GgufEngine:
             return
         tokens = prompt + list(req.resume_tokens)
         tokenize_ns = time.perf_counter_ns() - t0
-        if len(tokens) >= self.n_ctx or not tokens:
-            msg = (
-                (
-                    f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
-                    "(one token must stay free for the reply)"
-                )
-                if tokens
-                else "empty prompt"
-            )
-            code = "context_exceeded" if tokens else "bad_request"
-            self._reject(req, code, msg, None)
+        if not tokens:
+            self._reject(req, "bad_request", "empty prompt", None)
+            return
+        if len(tokens) >= self.n_ctx:
+            msg = f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
+            msg += "(one token must stay free for the reply)"
+            self._reject(req, "context_exceeded", msg, None)
             return
         if req.max_tokens <= len(req.resume_tokens):
             self._finish_without_slot(req, "length")

@@ -35,6 +35,48 @@ def quiet_logs() -> None:
         pass
 
 
+def create_context(
+    model: Any,
+    *,
+    n_cells: int,
+    n_seq_max: int,
+    n_batch: int,
+    n_threads: tuple[int, int],
+    swa_full: bool,
+    flash_attn: bool,
+) -> Any:
+    """A context with a unified KV cache of ``n_cells`` cells shared by ``n_seq_max`` sequence
+    ids; one ubatch per batch; outputs capped at one per sequence id (llama.cpp reserves that
+    many; the logits buffer for a full prompt batch of a 262k vocab would be ~250 MiB).
+    Returns NULL (falsy) when llama.cpp cannot allocate it."""
+    llama = bindings()
+    p = llama.llama_context_default_params()
+    p.n_ctx = n_cells
+    p.n_seq_max = n_seq_max
+    p.n_batch = p.n_ubatch = n_batch
+    p.n_outputs_max = n_seq_max
+    p.n_threads, p.n_threads_batch = n_threads
+    p.kv_unified = True
+    p.swa_full = swa_full
+    p.no_perf = True
+    p.flash_attn_type = (
+        llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    return llama.llama_init_from_model(model, p)
+
+
+def seq_state(mem: Any, seq_id: int, kv: list[int], request_id: str | None) -> dict[str, Any]:
+    """Diagnostics of one sequence id: what it holds by our bookkeeping and by llama.cpp's."""
+    llama = bindings()
+    return {
+        "seq_id": seq_id,
+        "request_id": request_id,
+        "kv_tokens": len(kv),
+        "pos_min": int(llama.llama_memory_seq_pos_min(mem, seq_id)),
+        "pos_max": int(llama.llama_memory_seq_pos_max(mem, seq_id)),
+    }
+
+
 def tokenize(vocab: Any, text: str, add_bos: bool, special: bool) -> list[int]:
     """Tokenize text; the vocabulary is read-only, so any thread may call this."""
     llama = bindings()

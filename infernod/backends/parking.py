@@ -104,14 +104,4 @@ class ParkingLot:
         return 0 if any(s.kv[:n] == park.kv for s in slots) else n
 
     def state(self) -> list[dict[str, Any]]:
-        llama = native.bindings()
-        return [
-            {
-                "seq_id": p.seq_id,
-                "request_id": p.request_id,
-                "kv_tokens": len(p.kv),
-                "pos_min": int(llama.llama_memory_seq_pos_min(self._mem, p.seq_id)),
-                "pos_max": int(llama.llama_memory_seq_pos_max(self._mem, p.seq_id)),
-            }
-            for p in self.parks
-        ]
+        return [native.seq_state(self._mem, p.seq_id, p.kv, p.request_id) for p in self.parks]

@@ -90,6 +90,9 @@ class ModelsConfig:
                                 "memory)", restart=True)
     prefill_chunk: int = opt(256, "prompt tokens evaluated per step per sequence", min=16,
                              max=65536, restart=True)
+    park_slots: int = opt(-1, "spare sequences keeping a preempted request's KV cells so it "
+                              "resumes without recomputing; -1 = slots / 2, 0 = off",
+                          min=-1, max=256, restart=True)
 
 
 @dataclass(frozen=True)

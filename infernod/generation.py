@@ -283,8 +283,11 @@ class GenerationService:
             raise InfernoError("unknown_request", f"no active request {request_id}")
         if gen.state == "queued":
             self.scheduler.cancel(request_id)
+            lm = self.models.loaded.get(gen.model)
+            if gen.resume_tokens and lm is not None and lm.engine is not None:
+                lm.engine.cancel(request_id)  # a preempted request: free its parked KV cells
             if code == "cancelled":  # the caller asked for it: a normal end, not an error
-                self._done(gen, "cancelled", {"completion_tokens": 0})
+                self._done(gen, "cancelled", {})
             else:
                 self._fail(gen, code, message, None)
             return "cancelled"

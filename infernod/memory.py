@@ -44,6 +44,7 @@ def estimate_memory(
     kv_unified: bool = True,
     n_ubatch: int = 512,
     correction_bytes: int = 0,
+    park_slots: int = 0,
 ) -> MemoryEstimate:
     """Memory a llama.cpp context for ``info`` will use; ``n_ctx`` is per slot.
 
@@ -54,6 +55,8 @@ def estimate_memory(
     unified: 96 + 67.5 MiB, exactly what llama.cpp logs; 96 + 480 MiB with swa_full.
     Overhead (tokenizer tables, logits buffer, the touched part of the compute buffer) is a
     rough fit to RSS measured on this model; learned corrections replace it over time.
+    ``park_slots`` (spare sequences that keep a preempted request's cells) share the global
+    cells but each adds a window to the sliding-window cache and a row to the logits buffer.
     """
     weights = info.weights_bytes or info.size_bytes
     if info.kind != "gguf" or not info.n_layer:
@@ -67,14 +70,16 @@ def estimate_memory(
     cells = _pad(max(1, n_ctx) * n_slots // streams)
     swa_cells = cells
     if info.sliding_window and not swa_full:
-        swa_cells = min(cells, _pad(info.sliding_window * n_slots // streams + n_ubatch))
+        seqs = n_slots + park_slots
+        swa_cells = min(cells, _pad(info.sliding_window * seqs // streams + n_ubatch))
     swa_layers = min(info.swa_layers, info.n_layer)
     per_cell_layer = head_kv * (k_len + v_len) * kv_type_bytes
     layer_cells = (info.n_layer - swa_layers) * cells + swa_layers * swa_cells
     kv = streams * per_cell_layer * layer_cells
     vocab = info.vocab_size or 32000
     attn_scores = n_ubatch * min(cells, _pad(n_ubatch * 2)) * (info.n_head or 1) * 4
-    overhead = 32 * MiB + vocab * 160 + n_slots * vocab * 4 + n_ubatch * n_embd * 32 + attn_scores
+    outputs = n_slots + park_slots  # the logits buffer has one row per sequence
+    overhead = 32 * MiB + vocab * 160 + outputs * vocab * 4 + n_ubatch * n_embd * 32 + attn_scores
     overhead = max(0, overhead + correction_bytes)
     return MemoryEstimate(weights, kv, overhead, weights + kv + overhead, correction_bytes)
 

@@ -65,6 +65,11 @@ class LoadedModel:
         return wire_info() if callable(wire_info) else {}
 
 
+def park_slots(slots: int, configured: int) -> int:
+    """models.park_slots: -1 means half the slots (at least one)."""
+    return max(1, slots // 2) if configured < 0 else configured
+
+
 class ModelManager:
     """Owns every loaded engine. Only the event-loop thread calls into it."""
 
@@ -86,7 +91,8 @@ class ModelManager:
     def _estimate(self, info: Any) -> int:
         m = self.cfg.models
         est = self.registry.estimate_memory(info, n_ctx=m.n_ctx, n_slots=m.slots,
-                                            swa_full=m.swa_full)
+                                            swa_full=m.swa_full,
+                                            park_slots=park_slots(m.slots, m.park_slots))
         return int(est.total_bytes)
 
     def _plan(self, name: str, need: int) -> list[tuple[str, str]]:
@@ -189,7 +195,7 @@ class ModelManager:
             str(info.path), n_ctx=m.n_ctx, n_slots=m.slots,
             n_threads=m.threads or cores, n_threads_batch=m.threads_batch or cores,
             n_gpu_layers=m.n_gpu_layers, swa_full=m.swa_full, prefill_chunk=m.prefill_chunk,
-            sink=self.sink_factory(name),
+            park_slots=park_slots(m.slots, m.park_slots), sink=self.sink_factory(name),
         )
         engine.start()
         return engine

@@ -342,10 +342,12 @@ class Registry:
     # -- memory
 
     def estimate_memory(
-        self, info: ModelInfo, n_ctx: int, n_slots: int, swa_full: bool, kv_type_bytes: int = 2
+        self, info: ModelInfo, n_ctx: int, n_slots: int, swa_full: bool, kv_type_bytes: int = 2,
+        park_slots: int = 0,
     ) -> MemoryEstimate:
         """``estimate_memory`` plus what earlier loads of the same file taught us."""
-        raw = estimate_memory(info, n_ctx, n_slots, swa_full, kv_type_bytes)
+        raw = estimate_memory(info, n_ctx, n_slots, swa_full, kv_type_bytes,
+                              park_slots=park_slots)
         with self._lock:
             self._last_estimate[info.name] = raw
         entry = _load_json(self._memory_path, {}).get(info.name)
@@ -353,7 +355,7 @@ class Registry:
             return raw
         correction = int(entry.get("correction_bytes", 0))
         return estimate_memory(info, n_ctx, n_slots, swa_full, kv_type_bytes,
-                               correction_bytes=correction)  # fmt: skip
+                               correction_bytes=correction, park_slots=park_slots)  # fmt: skip
 
     def record_measured(
         self, name: str, measured_bytes: int, estimate: MemoryEstimate | None = None

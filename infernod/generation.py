@@ -163,7 +163,7 @@ class GenerationService:
             request_id=gen.request_id, prompt=gen.prompt,
             max_tokens=b.get("max_tokens") or 256, stop=list(b.get("stop") or []),
             sampling=sampling, add_bos=True, resume_tokens=list(gen.resume_tokens),
-            ignore_eos=bool(b.get("ignore_eos")),
+            ignore_eos=bool(b.get("ignore_eos")), priority=gen.priority,
         )
 
     # -- engine events (on the loop) --------------------------------------------------------

@@ -398,3 +398,36 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(
     first = next(i for i, e in enumerate(events) if e[0] == "tokens" and e[1] == "chunked")
     runner_tokens = sum(e[3] for e in events[start:first] if e[0] == "tokens")
     assert runner_tokens >= 3  # one per prefill step (4 chunks of <= 64 tokens)
+
+
+@pytest.mark.model
+def test_vip_prompt_gets_a_step_of_its_own(engine: Any, sink: Recorder) -> None:
+    """A vip's first token comes out of a step that holds only its prompt, before the
+    running requests' next tokens; a normal request's prompt shares the step with them."""
+    import time as _time
+
+    def first_after(rid: str, others: tuple[str, ...]) -> bool:
+        """Did rid's first token come before any of `others`' tokens emitted after rid
+        was started?"""
+        i = next(k for k, e in enumerate(sink.events) if e[0] == "started" and e[1] == rid)
+        for e in sink.events[i + 1:]:
+            if e[0] == "tokens" and e[1] == rid:
+                return True
+            if e[0] == "tokens" and e[1] in others:
+                return False
+        raise AssertionError(f"{rid} produced no token")
+
+    results = {}
+    for prio in ("normal", "vip"):
+        busy = (f"busy-a-{prio}", f"busy-b-{prio}")
+        for rid in busy:
+            engine.submit(GenerationRequest(rid, prompt=LONG_TEXT, max_tokens=60,
+                                            sampling=GREEDY, ignore_eos=True))
+        while len(sink.chunks(busy[0])) < 3 or len(sink.chunks(busy[1])) < 3:
+            _time.sleep(0.01)  # both are decoding
+        rid = f"new-{prio}"
+        engine.submit(GenerationRequest(rid, prompt="The lighthouse keeper said", max_tokens=2,
+                                        sampling=GREEDY, ignore_eos=True, priority=prio))
+        sink.wait(rid, *busy)
+        results[prio] = first_after(rid, busy)
+    assert results == {"normal": False, "vip": True}

@@ -39,6 +39,9 @@ class GenerationRequest:
     add_bos: bool = True
     resume_tokens: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # "vip" prompts are prefilled in a step of their own, ahead of everyone's next token:
+    # the one place where a class changes how the engine batches (see GgufEngine._fill_batch).
+    priority: str = "normal"
 
 
 class EngineSink(Protocol):

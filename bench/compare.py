@@ -166,6 +166,8 @@ def main() -> int:
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--llama-server-python", help="python with llama-cpp-python[server]")
+    ap.add_argument("--daemon-threads", type=int, default=0,
+                    help="infernod models.threads (decode threads; 0 = its default)")
     args = ap.parse_args()
     clients = [int(x) for x in args.clients.split(",")]
     model = model_path()
@@ -176,7 +178,7 @@ def main() -> int:
                 verbose=False, seed=1)
     models_dir = model.parent / "models"
     d = DaemonProcess({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 8,
-                                  "install_default": False}})
+                                  "install_default": False, "threads": args.daemon_threads}})
     d.start()
     server = None
     try:

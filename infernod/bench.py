@@ -259,27 +259,40 @@ def _f(x: Any, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
-def _trio(p: dict[str, Any] | None) -> str:
+def _trio_s(p: dict[str, Any] | None) -> str:
+    """The same in seconds with one decimal (end-to-end latencies run to seconds)."""
     p = p or {}
-    return " / ".join(_f(p.get(k)) for k in ("p50", "p95", "p99"))
+    return "/".join(_f(None if p.get(k) is None else p[k] / 1000, 1)
+                    for k in ("p50", "p95", "p99")).replace(",", "")
+
+
+def _trio(p: dict[str, Any] | None) -> str:
+    """p50/p95/p99 in one narrow cell, whole milliseconds (the JSON keeps the decimals), so
+    the table fits 80 columns over SSH or in a pipe."""
+    p = p or {}
+    return "/".join(_f(p.get(k), 0) for k in ("p50", "p95", "p99")).replace(",", "")
 
 
 def table(report: dict[str, Any]) -> Any:
+    from rich import box
     from rich.table import Table
 
     m = report.get("machine") or {}
-    t = Table(title=f"inferno bench: {report.get('model')}, max_tokens "
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1),
+              title=f"inferno bench: {report.get('model')}, max_tokens "
                     f"{report.get('max_tokens')}, {m.get('cores')} cores, GPU "
                     f"{m.get('gpu') or 'none'}",
-              caption="latencies in ms as p50 / p95 / p99, measured in the client")
-    for col, justify in (("clients", "right"), ("requests", "right"), ("errors", "right"),
-                         ("tok/s", "right"), ("tok/s/client", "right"), ("TTFT", "right"),
-                         ("ITL", "right"), ("E2E", "right")):
-        t.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for r in report["runs"]:
-        t.add_row(str(r["clients"]), str(r["requests"]), str(r["errors"]),
-                  _f(r["aggregate_tokens_per_s"]), _f(r["per_client_tokens_per_s"]),
-                  _trio(r["ttft_ms"]), _trio(r["itl_ms"]), _trio(r["e2e_ms"]))
+              caption="p50/p95/p99 measured in the client; TTFT and ITL in ms")
+    rows = [(str(r["clients"]), str(r["requests"]), str(r["errors"]),
+             _f(r["aggregate_tokens_per_s"]), _f(r["per_client_tokens_per_s"]),
+             _trio(r["ttft_ms"]), _trio(r["itl_ms"]), _trio_s(r["e2e_ms"]))
+            for r in report["runs"]]
+    heads = ("clients", "reqs", "errs", "tok/s", "per client", "TTFT", "ITL", "E2E s")
+    for i, col in enumerate(heads):
+        width = max([len(col), *(len(row[i]) for row in rows)])
+        t.add_column(col, justify="right", no_wrap=True, min_width=width)
+    for row in rows:
+        t.add_row(*row)
     return t
 
 

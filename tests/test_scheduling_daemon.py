@@ -16,6 +16,10 @@ pytestmark = pytest.mark.model
 MODEL = "gemma3-270m"
 LOW_PROMPT = "Write a short story about a lighthouse keeper and a storm."
 VIP_PROMPT = "The capital of France is"
+# Prompts of the same length that no earlier request left in the prefix cache: the idle
+# figure must include a prefill, like the busy one (a cached prompt would make idle look
+# twice as fast as any vip can be).
+VIP_COLD = ("The capital of Spain is", "The capital of Italy is", "The capital of Chile is")
 
 
 def wait_until(fn, timeout=30.0, what="condition"):
@@ -43,8 +47,8 @@ def test_vip_preempts_saturated_slots_and_preempted_streams_resume_seamlessly(da
     with d.client(timeout=30) as c:
         c.load(MODEL)
         reference = "".join(c.generate(MODEL, LOW_PROMPT, max_tokens=32, temperature=0))
-        ttft(c, VIP_PROMPT, max_tokens=4, priority="vip")  # warm-up
-        idle_s, vip_ref, _ = ttft(c, VIP_PROMPT, max_tokens=4, priority="vip")
+        ttft(c, VIP_COLD[0], max_tokens=4, priority="vip")  # warm-up
+        idle_s, _, _ = ttft(c, VIP_COLD[1], max_tokens=4, priority="vip")
 
         lows = [c.generate(MODEL, LOW_PROMPT, max_tokens=32, temperature=0, priority="low")
                 for _ in range(16)]
@@ -54,6 +58,7 @@ def test_vip_preempts_saturated_slots_and_preempted_streams_resume_seamlessly(da
 
         texts = ["".join(s) for s in lows]
         preempted = [s for s in lows if s.state.preemptions]
+        vip_ref = "".join(c.generate(MODEL, VIP_PROMPT, max_tokens=4, temperature=0))
     assert vip_text == vip_ref
     assert preempted, "the vip request did not preempt a running low request"
     # The seamless-resume check: a preempted stream's text is exactly the unpreempted one.

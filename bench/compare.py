@@ -215,7 +215,10 @@ def main() -> int:
         "direct": {"ttft_ms": med([r["ttft_ms"] for r in direct]),
                    "tokens_per_s": med([r["tokens_per_s"] for r in direct])},
         "daemon_single": {"ttft_ms": med([r["ttft_ms"] for r in single]),
-                          "tokens_per_s": med([r["tokens_per_s"] for r in single])},
+                          "tokens_per_s": med([r["tokens_per_s"] for r in single]),
+                          # each rep's daemon/direct ratio: drift between reps cancels out
+                          "paired_ratio": med([s["tokens_per_s"] / d["tokens_per_s"]
+                                               for s, d in zip(single, direct, strict=True)])},
         "daemon_clients": {n: med([r["aggregate_tokens_per_s"] for r in conc[n]])
                            for n in clients},
     }
@@ -232,12 +235,12 @@ def print_table(r: dict[str, Any]) -> None:
     d, s = r["direct"], r["daemon_single"]
     print(f"\n{r['date']}, {r['machine']['cores']} cores, {r['tokens']}-token greedy "
           f"completions, median of {r['reps']}\n")
-    print("| single stream | TTFT ms | decode tok/s | vs llama-cpp-python |")
+    print("| single stream | TTFT ms | decode tok/s | vs llama-cpp-python (paired) |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| llama-cpp-python in process | {d['ttft_ms']:.0f} | {d['tokens_per_s']:.1f} | "
           "1.00 |")
     print(f"| infernod (client library) | {s['ttft_ms']:.0f} | {s['tokens_per_s']:.1f} | "
-          f"{s['tokens_per_s'] / d['tokens_per_s']:.2f} |")
+          f"{s['paired_ratio']:.2f} |")
     print("\n| concurrent clients | infernod aggregate tok/s | vs 1 client |"
           + (" llama-cpp-python server tok/s |" if "llama_cpp_python_server" in r else ""))
     print("| ---: | ---: | ---: |" + (" ---: |" if "llama_cpp_python_server" in r else ""))

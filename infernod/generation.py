@@ -116,18 +116,13 @@ class GenerationService:
                          payload=gen)
 
     async def _admit(self, gen: Gen) -> None:
-        t0 = time.monotonic()
         try:
-            await self.models.ensure_loaded(gen.model, gen.body.get("keep_alive"))
+            gen.load_wait_s = await self.models.load_for_request(gen.model,
+                                                                 gen.body.get("keep_alive"))
         except InfernoError as e:
             self.scheduler.cancel(gen.request_id)
             self._fail(gen, e.code, e.message, e.hint)
             return
-        except Exception as e:  # the load path already logged the cause
-            self.scheduler.cancel(gen.request_id)
-            self._fail(gen, "internal", f"loading {gen.model} failed: {e}", None)
-            return
-        gen.load_wait_s = time.monotonic() - t0
         lm = self.models.loaded.get(gen.model)
         if lm is not None and lm.engine is not None:
             self.scheduler.set_slots(gen.model, lm.engine.n_slots)

@@ -114,6 +114,18 @@ class ModelManager:
                 "loaded": [lm.to_wire(now) for lm in self.loaded.values()], **extra}
         self.publish("models", "models", body)
 
+    async def load_for_request(self, name: str, keep_alive_s: float | None) -> float:
+        """Make sure ``name`` is loaded for a request; return the seconds it waited.
+        Any failure is an InfernoError (the load path logged the cause)."""
+        t0 = time.monotonic()
+        try:
+            await self.ensure_loaded(name, keep_alive_s)
+        except InfernoError:
+            raise
+        except Exception as e:
+            raise InfernoError("internal", f"loading {name} failed: {e}") from e
+        return time.monotonic() - t0
+
     async def ensure_loaded(self, name: str, keep_alive_s: float | None = None) -> LoadedModel:
         lm = self.loaded.get(name)
         if lm is not None:

@@ -293,18 +293,13 @@ class OnnxService:
                          deadline=job.deadline, est_tokens=0, payload=job)
 
     async def _admit(self, job: OnnxJob) -> None:
-        t0 = time.monotonic()
         try:
-            await self.models.ensure_loaded(job.model, job.body.get("keep_alive"))
+            job.load_wait_s = await self.models.load_for_request(job.model,
+                                                                 job.body.get("keep_alive"))
         except InfernoError as e:
             self.scheduler.cancel(job.request_id)
             self._fail(job, e.code, e.message, e.hint)
             return
-        except Exception as e:  # the load path already logged the cause
-            self.scheduler.cancel(job.request_id)
-            self._fail(job, "internal", f"loading {job.model} failed: {e}", None)
-            return
-        job.load_wait_s = time.monotonic() - t0
         self.scheduler.set_slots(job.model, 1)
         self.dispatch(job.model)
 

@@ -117,10 +117,12 @@ class TelemetryService:
 
     # -- profiles ---------------------------------------------------------------------------
     def _readings(self) -> dict[str, Any]:
+        """From the latest sample (at most 1/sample_hz old): the event loop reads no /proc
+        or NVML itself at every request start and end."""
         s = self.sampler
         if s is None:
             return {"rss": None, "gpu_mem": None, "energy": None}
-        return {"rss": s.system.rss_bytes(), "gpu_mem": s.gpu_memory_used_bytes(),
+        return {"rss": s.rss_bytes(), "gpu_mem": s.gpu_memory_used_bytes(),
                 "energy": s.energy_j()}
 
     def on_run_start(self, gen: Any) -> None:

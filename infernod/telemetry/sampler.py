@@ -185,6 +185,13 @@ class TelemetrySampler:
                 return sum(self._energy_j.values()) if self._energy_j else None
             return self._energy_j.get(gpu_index)
 
+    def rss_bytes(self) -> int | None:
+        """The daemon's RSS in the latest sample: read by this thread, not by the caller."""
+        sample = self.latest()
+        if sample is None:
+            return None
+        return (sample.get("system") or {}).get("process", {}).get("rss_bytes")
+
     def gpu_memory_used_bytes(self) -> int | None:
         """Sum of ``memory_used_bytes`` over GPUs in the latest sample (None without NVML)."""
         sample = self.latest()

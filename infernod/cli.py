@@ -52,8 +52,11 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _mib(n: Any) -> str:
-    return f"{n / 2**20:,.0f} MiB" if isinstance(n, (int, float)) and n else "-"
+def _bytes(n: Any) -> str:
+    """Sizes for people: GiB from 1 GiB up, MiB below; '-' when unknown."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return "-"
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -73,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     loaded = st["models_loaded"]
     if loaded:
         for m in loaded:
-            con.print(f"  {m['name']}: {m['state']}, {_mib(m['memory_bytes'])}, "
+            con.print(f"  {m['name']}: {m['state']}, {_bytes(m['memory_bytes'])}, "
                       f"{m['running']} running")
     else:
         con.print("no model loaded (try: inferno load gemma3-270m)")
@@ -98,7 +101,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         params = m.get("param_count")
         table.add_row(m["name"], str(m.get("kind", "")), str(m.get("architecture", "")),
                       f"{params / 1e6:.0f}M" if isinstance(params, (int, float)) else "-",
-                      str(m.get("quantization") or "-"), _mib(m.get("size_bytes")),
+                      str(m.get("quantization") or "-"), _bytes(m.get("size_bytes")),
                       str(m.get("context_length") or "-"), m.get("state", ""))
     _console().print(table)
     return EXIT_OK
@@ -131,7 +134,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(r)
     else:
-        print(f"loaded {r['model']} in {r['load_s']:.2f}s ({_mib(r['memory_bytes'])})")
+        print(f"loaded {r['model']} in {r['load_s']:.2f}s ({_bytes(r['memory_bytes'])})")
     return EXIT_OK
 
 

@@ -9,7 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infernod.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _client, _err, _print_json, command
+from infernod.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    _bytes,
+    _client,
+    _err,
+    _print_json,
+    command,
+)
 
 WINDOWS = ("1m", "5m", "1h", "all")
 KEY_METRICS = ("ttft_ms", "itl_ms", "e2e_ms", "queue_wait_ms", "tokens_per_s")
@@ -24,11 +33,6 @@ def _console(stderr: bool = False) -> Any:
 def _num(x: Any, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
-
-def _bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "-"
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
 # -- stats ----------------------------------------------------------------------------------

@@ -192,8 +192,7 @@ def test_garbage_leaves_daemon_serving(daemon_factory):
         [b"XXXX", hdr, b"\x80"],
         [codec.MAGIC, hdr, b"\x80", b"extra"],
     ]
-    with daemon.client() as c:
-        rss0 = _rss(daemon.pid)
+    def flood() -> tuple[int, set]:
         for i in range(1000):
             raw.send_multipart(cases[i % len(cases)])
         replies, codes = 0, set()
@@ -202,6 +201,14 @@ def test_garbage_leaves_daemon_serving(daemon_factory):
             body = codec.unpackb(frames[2], max_bytes=1 << 20)
             codes.add(body.get("code"))
             replies += 1
+        return replies, codes
+
+    with daemon.client() as c:
+        # Round 1 warms the allocators (zmq buffers, malloc arenas: 2-10 MiB here, varying
+        # run to run); a leak would grow again in round 2, which must stay flat.
+        flood()
+        rss1 = _rss(daemon.pid)
+        replies, codes = flood()
         assert replies >= 500
         for _ in range(5):  # oversized: MAXMSGSIZE drops the connection before parsing
             raw.send_multipart([codec.MAGIC, hdr, b"\x00" * (5 * 1024 * 1024)])
@@ -209,8 +216,8 @@ def test_garbage_leaves_daemon_serving(daemon_factory):
         samples = sorted(_ping_ms(c) for _ in range(20))
         assert samples[len(samples) // 2] < 50, samples
         assert c.ping()["pong"]
-        grown = _rss(daemon.pid) - rss0
-        assert grown < 10 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB"
+        grown = _rss(daemon.pid) - rss1
+        assert grown < 2 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB in the second round"
     raw.close(0)
 
 

@@ -168,6 +168,8 @@ def main() -> int:
     ap.add_argument("--llama-server-python", help="python with llama-cpp-python[server]")
     ap.add_argument("--daemon-threads", type=int, default=0,
                     help="infernod models.threads (decode threads; 0 = its default)")
+    ap.add_argument("--host-cache-mib", type=int, default=256,
+                    help="infernod models.host_cache_mib (0 = idle cells stay in the KV cache)")
     args = ap.parse_args()
     clients = [int(x) for x in args.clients.split(",")]
     model = model_path()
@@ -178,7 +180,8 @@ def main() -> int:
                 verbose=False, seed=1)
     models_dir = model.parent / "models"
     d = DaemonProcess({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 8,
-                                  "install_default": False, "threads": args.daemon_threads}})
+                                  "install_default": False, "threads": args.daemon_threads,
+                                  "host_cache_mib": args.host_cache_mib}})
     d.start()
     server = None
     try:

@@ -93,6 +93,10 @@ class ModelsConfig:
     park_slots: int = opt(-1, "spare sequences keeping a preempted request's KV cells so it "
                               "resumes without recomputing; -1 = slots / 2, 0 = off",
                           min=-1, max=256, restart=True)
+    host_cache_mib: int = opt(256, "RAM per model keeping finished conversations' KV cells "
+                                   "for the next turn; 0 = keep them in the KV cache, where "
+                                   "they slow every other stream", min=0, max=1_048_576,
+                              restart=True)
 
 
 @dataclass(frozen=True)

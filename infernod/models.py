@@ -93,7 +93,11 @@ class ModelManager:
         est = self.registry.estimate_memory(info, n_ctx=m.n_ctx, n_slots=m.slots,
                                             swa_full=m.swa_full,
                                             park_slots=park_slots(m.slots, m.park_slots))
-        return int(est.total_bytes)
+        return int(est.total_bytes) + self._host_cache_bytes(info)
+
+    def _host_cache_bytes(self, info: Any) -> int:
+        """RAM a GGUF engine may fill with idle conversations (counted at its full budget)."""
+        return 0 if getattr(info, "kind", "gguf") == "onnx" else self.cfg.models.host_cache_mib << 20
 
     def _plan(self, name: str, need: int) -> list[tuple[str, str]]:
         from infernod.memory import LoadedModel as LoadedModelRef
@@ -172,8 +176,9 @@ class ModelManager:
         measured = getattr(engine, "memory_bytes", None)
         if callable(measured):
             try:
-                lm.memory_bytes = int(measured()["total_bytes"])
-                self.registry.record_measured(name, lm.memory_bytes)
+                total = int(measured()["total_bytes"])
+                self.registry.record_measured(name, total)
+                lm.memory_bytes = total + self._host_cache_bytes(info)
             except Exception as e:  # measuring is best effort; the estimate stands
                 log.warning("could not measure memory of %s: %s", name, e)
         lm.ready.set_result(lm)
@@ -208,6 +213,7 @@ class ModelManager:
             n_threads=m.threads or cores, n_threads_batch=m.threads_batch or cores,
             n_gpu_layers=m.n_gpu_layers, swa_full=m.swa_full, prefill_chunk=m.prefill_chunk,
             park_slots=park_slots(m.slots, m.park_slots), sink=self.sink_factory(name),
+            host_cache_bytes=m.host_cache_mib << 20,
         )
         engine.start()
         return engine

@@ -325,8 +325,9 @@ def test_sliding_window_reuse_only_while_window_cells_exist(
     from infernod.backends.gguf import GgufEngine
 
     rec = Recorder()
-    eng = GgufEngine(
-        default_model_path, n_ctx=2048, n_slots=1, prefill_chunk=64, sink=rec, park_slots=0
+    eng = GgufEngine(  # no host cache: this is about cells that stay in the KV cache
+        default_model_path, n_ctx=2048, n_slots=1, prefill_chunk=64, sink=rec, park_slots=0,
+        host_cache_bytes=0,
     )
     eng.start()
     try:

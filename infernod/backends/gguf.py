@@ -1,8 +1,10 @@
 """GgufEngine: continuous batching over the llama.cpp C API (llama-cpp-python low-level bindings).
 
 One llama.cpp context per model with ``n_seq_max = n_slots + park_slots`` and a unified KV
-cache of ``n_ctx * n_slots`` cells, so every slot can hold a full ``n_ctx`` sequence and finished
-sequences can share cells with new ones (prefix reuse via ``llama_memory_seq_cp``). A preempted
+cache of ``n_ctx * n_slots`` cells, so every slot can hold a full ``n_ctx`` sequence and running
+sequences can share cells (prefix reuse via ``llama_memory_seq_cp``). Every token attends over
+all cells in use, so a finished sequence does not stay in the pool: it moves to RAM (see
+hostcache.py) and comes back when a request continues it. A preempted
 request's cells are kept on a spare sequence id (a park, see parking.py) until it resumes. One decode
 thread owns the context. Each :meth:`GgufEngine.step` builds one batch (one token for every
 decoding sequence plus at most ``prefill_chunk`` prompt tokens of admitted sequences), calls
@@ -25,6 +27,7 @@ from typing import Any
 
 from infernod.backends import llama_native as native
 from infernod.backends.base import EngineSink, GenerationRequest, SamplingParams
+from infernod.backends.hostcache import HostCache
 from infernod.backends.parking import ParkingLot
 from infernod.backends.runstate import Run, Slot, common_prefix
 from infernod.backends.textstream import TextStream
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
 _NS_PER_MS = 1e6
+_HOST_MIN_REUSE = 16  # restoring a saved sequence for fewer tokens than this is not worth it
 
 
 class GgufEngine:
@@ -52,6 +56,7 @@ class GgufEngine:
         sink: EngineSink | None = None,
         flash_attn: bool = False,
         park_slots: int | None = None,
+        host_cache_bytes: int = 256 << 20,
     ) -> None:
         if n_slots < 1 or n_ctx < 16 or prefill_chunk < 1:
             raise InfernoError("config_error", "need n_slots >= 1, n_ctx >= 16, prefill_chunk >= 1")
@@ -78,6 +83,7 @@ class GgufEngine:
         self._memory: dict[str, int] = {}
         self._slots = [Slot(i) for i in range(n_slots)]
         self._parks = ParkingLot(n_slots, self.park_slots)
+        self._host = HostCache(host_cache_bytes)
         self._waiting: deque[tuple[GenerationRequest, int]] = deque()
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, Any]] = deque()
@@ -154,6 +160,10 @@ class GgufEngine:
         """Per-park diagnostics, like :meth:`slot_state` (same caveat)."""
         return self._parks.state()
 
+    def host_cache_stats(self) -> dict[str, Any]:
+        """Idle sequences saved to RAM (see hostcache.py): entries, bytes and counters."""
+        return self._host.stats()
+
     def park_evictions(self) -> dict[str, int]:
         """Parks dropped before their request resumed, by cause: lru, admission, decode."""
         return dict(self._parks.evictions)
@@ -189,6 +199,7 @@ class GgufEngine:
             self._vocab = llama.llama_model_get_vocab(self._model)
             self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
             self.n_swa = int(llama.llama_model_n_swa(self._model))
+            self._host.n_swa = 0 if self.swa_full else self.n_swa
             rss0 = native.rss_bytes()
             self._ctx = self._create_context()
             self._mem = llama.llama_get_memory(self._ctx)
@@ -275,6 +286,8 @@ class GgufEngine:
         while True:
             with self._cond:
                 while not self._commands and not self._has_work() and not self._stopping:
+                    if self._idle_slot_with_cells() is not None:
+                        break  # idle time: move one idle sequence to RAM, then look again
                     self._cond.wait(_IDLE_WAIT_S)
                 if self._stopping:
                     return
@@ -284,6 +297,8 @@ class GgufEngine:
                 self._apply(commands)
                 if self._has_work():
                     self.step()
+                elif (idle := self._idle_slot_with_cells()) is not None:
+                    self._offload(idle)
             except Exception:  # keep serving other requests; the failing ones got on_error
                 log.exception("decode step failed")
                 self._abort_all("internal error in the decode thread (see the daemon log)")
@@ -388,11 +403,12 @@ class GgufEngine:
     def _pick_slot(self, tokens: list[int]) -> tuple[Slot, int]:
         """Choose a free slot and make its KV hold the longest reusable prefix of ``tokens``.
 
-        Candidates are every slot's cells (free slots keep theirs as a cache; running slots
-        can lend their prompt) and every park. At least one token is always left to evaluate,
-        so the last prompt position produces logits. With a sliding-window cache the prefix is
-        only usable if the window before it is still there (``llama_memory_seq_pos_min``).
-        A park whose cells are all a prefix of ``tokens`` (the resumed request) is dropped.
+        Candidates are every slot's cells (a free slot may still hold its last sequence;
+        running slots can lend their prompt), every park and every sequence saved in the
+        host cache. At least one token is always left to evaluate, so the last prompt
+        position produces logits. With a sliding-window cache the prefix is only usable if
+        the window before it is still there (``llama_memory_seq_pos_min``). A park whose
+        cells are all a prefix of ``tokens`` (the resumed request) is dropped.
         """
         llama = native.bindings()
         free = [s for s in self._slots if s.run is None]
@@ -402,6 +418,15 @@ class GgufEngine:
             n = min(common_prefix(s.kv, tokens), len(tokens) - 1)
             if n > best_n and self._prefix_usable(s.seq_id, n):
                 best_src, best_n = s, n
+        entry, n_host = self._host.best(tokens)
+        n_host = min(n_host, len(tokens) - 1)
+        if (entry is not None and n_host > max(best_n, _HOST_MIN_REUSE - 1)
+                and self._host.usable(entry, n_host)):
+            dst = min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))
+            if self._restore(dst, entry, n_host, consume=n_host == len(entry.tokens)):
+                dst.kv = tokens[:n_host]
+                self._parks.drop_covered(tokens)
+                return dst, n_host
         if isinstance(best_src, Slot) and best_src.run is None:
             dst = best_src
             if not llama.llama_memory_seq_rm(self._mem, dst.seq_id, best_n, -1):
@@ -409,12 +434,38 @@ class GgufEngine:
                 best_n = 0
         else:
             dst = min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))
-            llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
+            self._offload(dst)
             if best_src is not None:
                 llama.llama_memory_seq_cp(self._mem, best_src.seq_id, dst.seq_id, 0, best_n)
         dst.kv = tokens[:best_n]
         self._parks.drop_covered(tokens)
         return dst, best_n
+
+    # ---- idle sequences in host memory (hostcache.py) --------------------------------------
+
+    def _idle_slot_with_cells(self) -> Slot | None:
+        if not self._host.enabled:
+            return None
+        return next((s for s in self._slots if s.run is None and s.kv), None)
+
+    def _offload(self, slot: Slot) -> None:
+        """Save a free slot's sequence to the host cache (when enabled) and free its cells."""
+        if slot.kv and not any(p.kv == slot.kv for p in self._parks.occupied()):
+            self._host.save(self._ctx, slot.seq_id, slot.kv)
+        native.bindings().llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.kv = []
+
+    def _restore(self, dst: Slot, entry: Any, n: int, consume: bool) -> bool:
+        """Load a saved sequence into ``dst`` and keep its first ``n`` positions."""
+        llama = native.bindings()
+        self._offload(dst)
+        ok = self._host.restore(self._ctx, entry, dst.seq_id, consume=consume)
+        if ok and n < len(entry.tokens):
+            ok = bool(llama.llama_memory_seq_rm(self._mem, dst.seq_id, n, -1))
+        if ok and self._prefix_usable(dst.seq_id, n):
+            return True
+        llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
+        return False
 
     def _prefix_usable(self, seq_id: int, n: int) -> bool:
         """Can the first n cells of this sequence be reused? With a trimmed SWA cache the
@@ -446,6 +497,8 @@ class GgufEngine:
     def step(self) -> None:
         """Build one batch (decode tokens + prompt chunks), decode it once, sample outputs."""
         llama = native.bindings()
+        while (idle := self._idle_slot_with_cells()) is not None:
+            self._offload(idle)  # idle cells would cost this and every later step attention
         outputs = self._fill_batch()
         if not outputs and self._batch.n_tokens == 0:
             return

@@ -1,0 +1,102 @@
+"""The host cache: a finished request's KV cells leave the unified KV cache (where every
+token of every other stream would attend over them) for RAM, and come back bit-exact when a
+request continues the conversation. Real model; outputs compared with ``Llama``'s."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_engine import LONG_TEXT, Recorder, llama_greedy, reference, run  # noqa: F401
+
+from infernod.backends.base import GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.model
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def eventually(check: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def engine(path: Path, rec: Recorder, **kw: Any) -> Any:
+    from infernod.backends.gguf import GgufEngine
+
+    kw.setdefault("park_slots", 0)
+    eng = GgufEngine(path, n_ctx=512, n_slots=2, prefill_chunk=64, sink=rec, **kw)
+    eng.start()
+    return eng
+
+
+def cells(eng: Any) -> list[int]:
+    return [s["kv_tokens"] for s in eng.slot_state()]
+
+
+def test_idle_conversation_moves_to_ram_and_continues_bit_exact(
+    default_model_path: Path, reference: Any  # noqa: F811
+) -> None:
+    rec = Recorder()
+    eng = engine(default_model_path, rec)
+    try:
+        base = eng.tokenize(LONG_TEXT)
+        _, stats = run(eng, rec, "turn1", prompt_tokens=base, max_tokens=6)
+        eventually(lambda: cells(eng) == [0, 0])  # the idle engine moved it out of the cache
+        assert eng.host_cache_stats()["entries"] == 1
+        assert all(s["pos_max"] == -1 for s in eng.slot_state())  # llama.cpp agrees
+
+        follow = base + stats["generated_tokens"] + eng.tokenize(" The end.", add_bos=False)
+        _, stats2 = run(eng, rec, "turn2", prompt_tokens=follow, max_tokens=8)
+        assert stats2["prompt_cached_tokens"] >= len(base) + 5  # prompt + replies but the last
+        assert eng.host_cache_stats()["restored"] == 1
+        assert stats2["generated_tokens"] == llama_greedy(reference, follow, 8)
+    finally:
+        eng.close()
+
+
+def test_finished_request_leaves_the_cache_while_another_decodes(
+    default_model_path: Path,
+) -> None:
+    rec = Recorder()
+    eng = engine(default_model_path, rec)
+    try:
+        eng.submit(GenerationRequest("long", prompt="Once upon a time", max_tokens=400,
+                                     sampling=GREEDY, ignore_eos=True))
+        run(eng, rec, "short", prompt=LONG_TEXT, max_tokens=3)
+        # the next step moved "short" to RAM: only "long" holds cells while it decodes
+        eventually(lambda: sorted(c > 0 for c in cells(eng)) == [False, True])
+        assert "long" not in rec.finished
+        assert eng.host_cache_stats()["saved"] == 1
+        eng.cancel("long")
+        rec.wait("long")
+    finally:
+        eng.close()
+
+
+def test_budget_evicts_least_recently_used_and_zero_keeps_cells_in_place(
+    default_model_path: Path,
+) -> None:
+    rec = Recorder()
+    eng = engine(default_model_path, rec, host_cache_bytes=1_000_000)  # one ~40-token sequence
+    try:
+        run(eng, rec, "a", prompt="Apples " + LONG_TEXT, max_tokens=2)
+        eventually(lambda: eng.host_cache_stats()["saved"] == 1)
+        run(eng, rec, "b", prompt="Rivers " + LONG_TEXT, max_tokens=2)
+        eventually(lambda: eng.host_cache_stats()["saved"] == 2)
+        st = eng.host_cache_stats()
+        assert st["entries"] == 1 and st["evicted"] == 1 and st["bytes"] <= 1_000_000
+    finally:
+        eng.close()
+
+    rec = Recorder()
+    eng = engine(default_model_path, rec, host_cache_bytes=0)
+    try:
+        run(eng, rec, "c", prompt=LONG_TEXT, max_tokens=2)
+        time.sleep(0.2)
+        assert max(cells(eng)) > 0 and eng.host_cache_stats()["saved"] == 0
+    finally:
+        eng.close()

@@ -87,6 +87,25 @@ def test_load_generate_unload_round_trip(daemon):
 
 
 @pytest.mark.model
+def test_next_chat_turn_reuses_the_previous_turns_cells(daemon):
+    """Between turns the idle engine moves the conversation's cells to the host cache; the
+    next turn restores them instead of evaluating the whole conversation again."""
+    ask = "Write one sentence about the sea, the lighthouse and the old fisherman."
+    with daemon.client() as c:
+        c.load("gemma3-270m")
+        turn = [{"role": "user", "content": ask}]
+        first = c.generate("gemma3-270m", messages=turn, max_tokens=8, temperature=0)
+        list(first)
+        turn += [{"role": "assistant", "content": first.text},
+                 {"role": "user", "content": "And one about the storm."}]
+        second = c.generate("gemma3-270m", messages=turn, max_tokens=4, temperature=0)
+        list(second)
+        assert second.stats["prompt_cached_tokens"] >= 16, second.stats
+        cache = c.show("gemma3-270m")["host_cache"]
+        assert cache["saved"] >= 1 and cache["restored"] == 1, cache
+
+
+@pytest.mark.model
 def test_cancel_stops_stream(daemon):
     with daemon.client() as c:
         c.load("gemma3-270m")

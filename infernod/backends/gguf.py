@@ -27,9 +27,10 @@ from typing import Any
 
 from infernod.backends import llama_native as native
 from infernod.backends.base import EngineSink, GenerationRequest, SamplingParams
+from infernod.backends.cells import KvPlacement
 from infernod.backends.hostcache import HostCache
 from infernod.backends.parking import ParkingLot
-from infernod.backends.runstate import Run, Slot, common_prefix
+from infernod.backends.runstate import Run, Slot
 from infernod.backends.textstream import TextStream
 from infernod.protocol.errors import CODES, InfernoError
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5
 _NS_PER_MS = 1e6
-_HOST_MIN_REUSE = 16  # restoring a saved sequence for fewer tokens than this is not worth it
 
 
 class GgufEngine:
@@ -84,6 +84,7 @@ class GgufEngine:
         self._slots = [Slot(i) for i in range(n_slots)]
         self._parks = ParkingLot(n_slots, self.park_slots)
         self._host = HostCache(host_cache_bytes)
+        self._cells = KvPlacement(self._slots, self._parks, self._host)
         self._waiting: deque[tuple[GenerationRequest, int]] = deque()
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, Any]] = deque()
@@ -164,6 +165,11 @@ class GgufEngine:
         """Idle sequences saved to RAM (see hostcache.py): entries, bytes and counters."""
         return self._host.stats()
 
+    def wire_info(self) -> dict[str, Any]:
+        """What ``models.list``/``models.show`` add for a loaded model (read from the loop
+        thread: counters only, a step may be half-way through changing them)."""
+        return {"host_cache": self._host.stats()}
+
     def park_evictions(self) -> dict[str, int]:
         """Parks dropped before their request resumed, by cause: lru, admission, decode."""
         return dict(self._parks.evictions)
@@ -195,15 +201,15 @@ class GgufEngine:
         if not self.path.is_file():
             raise InfernoError("unknown_model", f"model file not found: {self.path}")
         try:
-            self._model = self._load_model(llama)
+            self._model = native.load_model(self.path, self.n_gpu_layers)
             self._vocab = llama.llama_model_get_vocab(self._model)
             self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
             self.n_swa = int(llama.llama_model_n_swa(self._model))
-            self._host.n_swa = 0 if self.swa_full else self.n_swa
             rss0 = native.rss_bytes()
             self._ctx = self._create_context()
             self._mem = llama.llama_get_memory(self._ctx)
             self._parks.attach(self._mem)
+            self._cells.attach(self._ctx, self._mem, 0 if self.swa_full else self.n_swa)
             self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
             self._warm_up(llama)
             context_bytes = max(0, native.rss_bytes() - rss0)
@@ -220,28 +226,13 @@ class GgufEngine:
             "total_bytes": model_bytes + context_bytes,
         }
 
-    def _load_model(self, llama: Any) -> Any:
-        params = llama.llama_model_default_params()
-        params.n_gpu_layers = self.n_gpu_layers
-        model = llama.llama_model_load_from_file(str(self.path).encode(), params)
-        if not model:
-            raise InfernoError(
-                "internal",
-                f"llama.cpp could not load {self.path.name}",
-                "check that the file is a complete GGUF model",
-            )
-        return model
-
     def _create_context(self) -> Any:
         """One context for all slots: unified KV of n_ctx per slot; parks are extra sequence
         ids without extra cells (a sliding-window cache grows by one window per id, though)."""
         ctx = native.create_context(
-            self._model,
-            n_cells=self.n_ctx * self.n_slots,
-            n_seq_max=self.n_slots + self.park_slots,
-            n_batch=self._n_batch,
-            n_threads=(self.n_threads, self.n_threads_batch),
-            swa_full=self.swa_full,
+            self._model, n_cells=self.n_ctx * self.n_slots,
+            n_seq_max=self.n_slots + self.park_slots, n_batch=self._n_batch,
+            n_threads=(self.n_threads, self.n_threads_batch), swa_full=self.swa_full,
             flash_attn=self.flash_attn,
         )
         if not ctx:
@@ -286,7 +277,7 @@ class GgufEngine:
         while True:
             with self._cond:
                 while not self._commands and not self._has_work() and not self._stopping:
-                    if self._idle_slot_with_cells() is not None:
+                    if self._cells.idle_slot_with_cells() is not None:
                         break  # idle time: move one idle sequence to RAM, then look again
                     self._cond.wait(_IDLE_WAIT_S)
                 if self._stopping:
@@ -297,8 +288,8 @@ class GgufEngine:
                 self._apply(commands)
                 if self._has_work():
                     self.step()
-                elif (idle := self._idle_slot_with_cells()) is not None:
-                    self._offload(idle)
+                elif (idle := self._cells.idle_slot_with_cells()) is not None:
+                    self._cells.offload(idle)
             except Exception:  # keep serving other requests; the failing ones got on_error
                 log.exception("decode step failed")
                 self._abort_all("internal error in the decode thread (see the daemon log)")
@@ -368,7 +359,7 @@ class GgufEngine:
         if req.max_tokens <= len(req.resume_tokens):
             self._finish_without_slot(req, "length")
             return
-        slot, cached = self._pick_slot(tokens)
+        slot, cached = self._cells.pick_slot(tokens)
         self._parks.make_room(len(tokens) - cached, self._slots, self.n_ctx * self.n_slots)
         run = Run(
             req=req,
@@ -400,84 +391,6 @@ class GgufEngine:
         self._release_reservation()
         self._emit_error(req.request_id, code, message, hint)
 
-    def _pick_slot(self, tokens: list[int]) -> tuple[Slot, int]:
-        """Choose a free slot and make its KV hold the longest reusable prefix of ``tokens``.
-
-        Candidates are every slot's cells (a free slot may still hold its last sequence;
-        running slots can lend their prompt), every park and every sequence saved in the
-        host cache. At least one token is always left to evaluate, so the last prompt
-        position produces logits. With a sliding-window cache the prefix is only usable if
-        the window before it is still there (``llama_memory_seq_pos_min``). A park whose
-        cells are all a prefix of ``tokens`` (the resumed request) is dropped.
-        """
-        llama = native.bindings()
-        free = [s for s in self._slots if s.run is None]
-        best_src: Any = None
-        best_n = 0
-        for s in [*self._slots, *self._parks.occupied()]:
-            n = min(common_prefix(s.kv, tokens), len(tokens) - 1)
-            if n > best_n and self._prefix_usable(s.seq_id, n):
-                best_src, best_n = s, n
-        entry, n_host = self._host.best(tokens)
-        n_host = min(n_host, len(tokens) - 1)
-        if (entry is not None and n_host > max(best_n, _HOST_MIN_REUSE - 1)
-                and self._host.usable(entry, n_host)):
-            dst = min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))
-            if self._restore(dst, entry, n_host, consume=n_host == len(entry.tokens)):
-                dst.kv = tokens[:n_host]
-                self._parks.drop_covered(tokens)
-                return dst, n_host
-        if isinstance(best_src, Slot) and best_src.run is None:
-            dst = best_src
-            if not llama.llama_memory_seq_rm(self._mem, dst.seq_id, best_n, -1):
-                llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
-                best_n = 0
-        else:
-            dst = min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))
-            self._offload(dst)
-            if best_src is not None:
-                llama.llama_memory_seq_cp(self._mem, best_src.seq_id, dst.seq_id, 0, best_n)
-        dst.kv = tokens[:best_n]
-        self._parks.drop_covered(tokens)
-        return dst, best_n
-
-    # ---- idle sequences in host memory (hostcache.py) --------------------------------------
-
-    def _idle_slot_with_cells(self) -> Slot | None:
-        if not self._host.enabled:
-            return None
-        return next((s for s in self._slots if s.run is None and s.kv), None)
-
-    def _offload(self, slot: Slot) -> None:
-        """Save a free slot's sequence to the host cache (when enabled) and free its cells."""
-        if slot.kv and not any(p.kv == slot.kv for p in self._parks.occupied()):
-            self._host.save(self._ctx, slot.seq_id, slot.kv)
-        native.bindings().llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-        slot.kv = []
-
-    def _restore(self, dst: Slot, entry: Any, n: int, consume: bool) -> bool:
-        """Load a saved sequence into ``dst`` and keep its first ``n`` positions."""
-        llama = native.bindings()
-        self._offload(dst)
-        ok = self._host.restore(self._ctx, entry, dst.seq_id, consume=consume)
-        if ok and n < len(entry.tokens):
-            ok = bool(llama.llama_memory_seq_rm(self._mem, dst.seq_id, n, -1))
-        if ok and self._prefix_usable(dst.seq_id, n):
-            return True
-        llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
-        return False
-
-    def _prefix_usable(self, seq_id: int, n: int) -> bool:
-        """Can the first n cells of this sequence be reused? With a trimmed SWA cache the
-        cells that the next token's window needs may already have been overwritten: the token
-        at position n sees positions n - n_swa + 1 .. n - 1 (llama.cpp only overwrites cells
-        outside the window of their sequence's last position, so a park that kept its window
-        reports exactly that pos_min)."""
-        if self.swa_full or self.n_swa <= 0:
-            return True
-        pos_min = int(native.bindings().llama_memory_seq_pos_min(self._mem, seq_id))
-        return 0 <= pos_min <= max(0, n - self.n_swa + 1)
-
     def _prompt_tokens(self, req: GenerationRequest) -> list[int]:
         if req.prompt_tokens is not None:
             return list(req.prompt_tokens)
@@ -497,8 +410,8 @@ class GgufEngine:
     def step(self) -> None:
         """Build one batch (decode tokens + prompt chunks), decode it once, sample outputs."""
         llama = native.bindings()
-        while (idle := self._idle_slot_with_cells()) is not None:
-            self._offload(idle)  # idle cells would cost this and every later step attention
+        while (idle := self._cells.idle_slot_with_cells()) is not None:
+            self._cells.offload(idle)  # idle cells would cost this and every later step attention
         outputs = self._fill_batch()
         if not outputs and self._batch.n_tokens == 0:
             return

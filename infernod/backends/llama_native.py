@@ -7,9 +7,11 @@ here, so gguf.py reads as the batching loop.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from infernod.backends.base import SamplingParams
+from infernod.protocol.errors import InfernoError
 
 
 def bindings() -> Any:
@@ -33,6 +35,18 @@ def quiet_logs() -> None:
         _logger.set_verbose(False)
     except ImportError:  # pragma: no cover - layout of the bindings changed
         pass
+
+
+def load_model(path: Path, n_gpu_layers: int) -> Any:
+    """Load a GGUF model's weights (``n_gpu_layers`` of them offloaded)."""
+    llama = bindings()
+    params = llama.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    model = llama.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise InfernoError("internal", f"llama.cpp could not load {path.name}",
+                           "check that the file is a complete GGUF model")
+    return model
 
 
 def create_context(

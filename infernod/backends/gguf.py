@@ -195,7 +195,7 @@ class GgufEngine:
     def _load(self) -> None:
         """Load weights, create the context and measure what both cost."""
         llama = native.bindings()
-        native.quiet_logs()
+        native.route_logs()
         llama.llama_backend_init()
         self.supports_gpu_offload = bool(llama.llama_supports_gpu_offload())
         if not self.path.is_file():

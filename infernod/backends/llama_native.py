@@ -6,7 +6,10 @@ here, so gguf.py reads as the batching loop.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +30,39 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def quiet_logs() -> None:
-    """llama.cpp logs every tensor at load; keep only its errors."""
-    try:
-        from llama_cpp import _logger
+# ggml_log_level in this llama.cpp: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5. Its INFO
+# is a line per tensor and metadata key at every load: debug for us.
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING,
+           4: logging.ERROR}
+_CONT = 5
+llama_log = logging.getLogger("llama.cpp")
+_partial = threading.local()  # llama.cpp logs a line in pieces, from whichever thread works
+_callback: Any = None  # the ctypes callback must outlive every call into llama.cpp
 
-        _logger.set_verbose(False)
-    except ImportError:  # pragma: no cover - layout of the bindings changed
-        pass
+
+def _on_log(level: int, text: bytes | None, _user: Any) -> None:
+    piece = (text or b"").decode("utf-8", "replace")
+    if level != _CONT:
+        _partial.level = _LEVELS.get(level, logging.DEBUG)
+    buf = getattr(_partial, "buf", "") + piece
+    *lines, rest = buf.split("\n")
+    _partial.buf = rest
+    for line in lines:
+        if line.strip():
+            llama_log.log(getattr(_partial, "level", logging.DEBUG), "%s", line.rstrip())
+
+
+def route_logs() -> None:
+    """Send llama.cpp's log to the ``llama.cpp`` logger (warnings and errors show in the
+    daemon's log, its per-tensor chatter only at debug level) instead of the stderr printer
+    llama-cpp-python installs, whose level table predates llama.cpp's DEBUG level and so
+    hides real errors while printing warnings."""
+    global _callback
+    if _callback is not None:
+        return
+    llama = bindings()
+    _callback = llama.llama_log_callback(_on_log)
+    llama.llama_log_set(_callback, ctypes.c_void_p(0))
 
 
 def load_model(path: Path, n_gpu_layers: int) -> Any:

@@ -8,8 +8,10 @@ GENERATED tokens and resumed with ``resume_tokens``:
 * recompute: the daemon's situation without parking (``park_slots=0``): a short vip runs in
              the only slot first, overwriting the cells, so the resume re-evaluates prompt +
              generated tokens.
-* parked:    the same with the engine's default parking (``park_slots=1``): the victim's cells
-             were kept on a spare sequence id while the vip ran, the resume copies them back.
+* parked:    the same with a park (``park_slots=1``): the victim's cells were kept on a spare
+             sequence id while the vip ran, the resume copies them back.
+* host:      the same with the host cache (no park): the victim's cells were saved to RAM
+             when the vip took the slot, the resume restores them.
 
 Reported: resume latency (resubmit -> first new token), cached tokens, the context memory of
 each engine and the KV bytes a kept sequence occupies.
@@ -63,12 +65,14 @@ class Sink:
             assert self.cond.wait_for(pred, 120)
 
 
-def measure(mode: str, prompt: str, generated: int, park_slots: int, reps: int = 3) -> dict:
+def measure(mode: str, prompt: str, generated: int, park_slots: int, host_bytes: int,
+            reps: int = 3) -> dict:
     from conftest import _default_model_path
 
     sink = Sink()
     eng = GgufEngine(_default_model_path(), n_ctx=2048, n_slots=1, n_threads=2,
-                     n_threads_batch=2, sink=sink, park_slots=park_slots)
+                     n_threads_batch=2, sink=sink, park_slots=park_slots,
+                     host_cache_bytes=host_bytes)
     eng.start()
     greedy = SamplingParams(temperature=0)
     ms: list[float] = []
@@ -103,8 +107,9 @@ def main() -> None:
     words = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     generated = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     prompt = "Summarise: " + " ".join(f"word{i % 97}" for i in range(words))
-    runs = {mode: measure(mode, prompt, generated, parks)
-            for mode, parks in (("keep", 0), ("recompute", 0), ("parked", 1))}
+    modes = (("keep", 0, 0), ("recompute", 0, 0), ("parked", 1, 0), ("host", 0, 256 << 20))
+    runs = {mode: measure(mode, prompt, generated, parks, host)
+            for mode, parks, host in modes}
     print(f"context at resume: {runs['keep']['context']} tokens ({generated} generated)")
     for mode, r in runs.items():
         ms = r["ms"]

@@ -28,7 +28,8 @@ def engine(path: Path, rec: Recorder, **kw: Any) -> Any:
     from infernod.backends.gguf import GgufEngine
 
     kw.setdefault("park_slots", 0)
-    eng = GgufEngine(path, n_ctx=512, n_slots=2, prefill_chunk=64, sink=rec, **kw)
+    kw.setdefault("n_slots", 2)
+    eng = GgufEngine(path, n_ctx=512, prefill_chunk=64, sink=rec, **kw)
     eng.start()
     return eng
 
@@ -73,6 +74,29 @@ def test_finished_request_leaves_the_cache_while_another_decodes(
         assert eng.host_cache_stats()["saved"] == 1
         eng.cancel("long")
         rec.wait("long")
+    finally:
+        eng.close()
+
+
+def test_a_slot_cut_down_for_another_prompt_keeps_its_sequence_in_ram(
+    default_model_path: Path, reference: Any  # noqa: F811
+) -> None:
+    """One slot: "next" waits while "first" runs and takes the slot the moment it is free,
+    reusing only BOS of it. What it cuts off is saved first, so "first" continues from RAM
+    (this is also how a preempted request resumes when no park is free)."""
+    rec = Recorder()
+    eng = engine(default_model_path, rec, n_slots=1)
+    try:
+        base = eng.tokenize(LONG_TEXT)
+        eng.submit(GenerationRequest("first", prompt_tokens=base, max_tokens=12,
+                                     sampling=GREEDY, ignore_eos=True))
+        eng.submit(GenerationRequest("next", prompt="Hi", max_tokens=2, sampling=GREEDY))
+        rec.wait("first", "next")
+        assert rec.started("next")["cached_tokens"] == 1  # BOS, in place
+        follow = base + rec.finished["first"][1]["generated_tokens"]
+        _, stats = run(eng, rec, "again", prompt_tokens=follow, max_tokens=4)
+        assert stats["prompt_cached_tokens"] >= len(base) + 10
+        assert stats["generated_tokens"] == llama_greedy(reference, follow, 4)
     finally:
         eng.close()
 

@@ -63,6 +63,8 @@ class KvPlacement:
                 return dst, n_host
         if isinstance(best_src, Slot) and best_src.run is None:
             dst = best_src
+            if len(dst.kv) - best_n >= HOST_MIN_REUSE:
+                self._save(dst)  # it is cut to the shared prefix: keep the whole in RAM
             if not llama.llama_memory_seq_rm(self._mem, dst.seq_id, best_n, -1):
                 llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
                 best_n = 0
@@ -84,10 +86,13 @@ class KvPlacement:
     def offload(self, slot: Slot) -> None:
         """Save a free slot's sequence to the host cache (unless a park keeps the same
         cells, or the cache is off) and free its cells."""
-        if slot.kv and not any(p.kv == slot.kv for p in self.parks.occupied()):
-            self.host.save(self._ctx, slot.seq_id, slot.kv)
+        self._save(slot)
         native.bindings().llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.kv = []
+
+    def _save(self, slot: Slot) -> None:
+        if slot.kv and not any(p.kv == slot.kv for p in self.parks.occupied()):
+            self.host.save(self._ctx, slot.seq_id, slot.kv)
 
     def _restore(self, dst: Slot, entry: Entry, n: int, consume: bool) -> bool:
         """Load a saved sequence into ``dst`` and keep its first ``n`` positions."""

@@ -46,7 +46,9 @@ WORDS = ["Apples", "Rivers", "Engines", "Castles", "Planets", "Forests", "Cities
 
 
 def prompt(i: int) -> str:
-    return f"{WORDS[i % len(WORDS)]} #{i}: here is a short story about a traveller who"
+    """Distinct prompts that share at most BOS and 2 tokens with any of the first 1,000
+    others (see engine_bench.prompt), so neither side reuses a cached prefix."""
+    return f"{str(i).zfill(4)[::-1]} {WORDS[i % len(WORDS)]}: here is a short story about a traveller who"
 
 
 def model_path() -> Path:

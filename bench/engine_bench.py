@@ -35,9 +35,11 @@ DEFAULT_MODEL = Path.home() / ".cache" / "inferno-test" / "gemma-3-270m-q4_k_m.g
 
 
 def prompt(i: int) -> str:
-    """A different prompt per run: the first word differs, so no prefix can be reused."""
+    """A different prompt per run that shares at most BOS and 2 tokens with any of the
+    first 1,000 others: it opens with i's digits reversed (Gemma has one token per digit),
+    so no side gets to reuse a cached prefix (the engine's host cache restores from 4)."""
     words = ["Apples", "Rivers", "Engines", "Castles", "Planets", "Forests", "Cities", "Songs"]
-    return f"{words[i % len(words)]} #{i}: here is a short story about a traveller who"
+    return f"{str(i).zfill(4)[::-1]} {words[i % len(words)]}: here is a short story about a traveller who"
 
 
 class TimingSink:

@@ -1,0 +1,323 @@
+"""What :class:`~infernod.client.Client` and :class:`~infernod.client.AsyncClient` share:
+connection setup and security, reply and event parsing, heartbeat bookkeeping, and every
+request method written once (``_Requests``: each client supplies ``_call``, blocking or as a
+coroutine).
+
+Scripts import from :mod:`infernod.client`; nothing here is public on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from infernod.client_stream import Event, _StreamState
+from infernod.paths import Endpoints, default_endpoints
+from infernod.protocol import codec
+from infernod.protocol.arrays import decode_array, encode_array
+from infernod.protocol.errors import DaemonUnavailable, InfernoError
+
+HEARTBEAT_MISSES = 3
+
+
+@dataclass
+class CurveKeys:
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def from_files(cls, server_key: str, client_key: str) -> CurveKeys:
+        import zmq.auth
+
+        server_public, _ = zmq.auth.load_certificate(server_key)
+        client_public, client_secret = zmq.auth.load_certificate(client_key)
+        if client_secret is None:
+            raise InfernoError("bad_request", f"{client_key} holds no secret key",
+                               "pass the .key_secret file made by 'inferno keys add'")
+        return cls(server_public, client_public, client_secret)
+
+
+def _endpoints(endpoint: str | Endpoints | None) -> Endpoints:
+    if isinstance(endpoint, Endpoints):
+        return endpoint
+    return Endpoints.from_control(endpoint) if endpoint else default_endpoints()
+
+
+def _check_socket_file(ep: Endpoints) -> None:
+    if ep.control.startswith("ipc://"):
+        path = Path(ep.control[len("ipc://"):])
+        if not path.exists():
+            raise DaemonUnavailable(f"no daemon socket at {path}",
+                                    "start it with 'infernod' or 'systemctl start infernod'")
+
+
+class _Base:
+    def __init__(self, endpoint: str | Endpoints | None, timeout: float, name: str,
+                 curve: CurveKeys | None, rcvbuf_bytes: int = 0) -> None:
+        self.endpoints = _endpoints(endpoint)
+        self.rcvbuf_bytes = rcvbuf_bytes
+        self.timeout = timeout
+        self.name = name
+        self.curve = curve
+        self.session = secrets.token_hex(8)
+        self._ids = itertools.count(1)
+        self.boot_id: str | None = None
+        self.heartbeat_interval_s = 1.0
+        self.last_heartbeat = time.monotonic()
+        self.welcomed = False
+        self.welcome: dict[str, Any] | None = None
+        self.events: deque[Event] = deque(maxlen=100_000)
+        self._streams: dict[str, deque[Event]] = {}
+        self.restarted = False
+        self._last_pump = time.monotonic()
+
+    def _setup(self, dealer: zmq.Socket, sub: zmq.Socket, topics: tuple[str, ...]) -> None:
+        if not self.endpoints.control.startswith("tcp://"):
+            _check_socket_file(self.endpoints)
+        elif self.curve is None:
+            raise InfernoError("bad_request", "tcp:// endpoints need CURVE keys",
+                               "pass --server-key and --client-key")
+        for s in (dealer, sub):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RECONNECT_IVL, 100)
+            s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            if self.curve is not None:
+                s.curve_serverkey = self.curve.server_public
+                s.curve_publickey = self.curve.client_public
+                s.curve_secretkey = self.curve.client_secret
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.setsockopt(zmq.SNDHWM, 1000)
+        sub.setsockopt(zmq.RCVHWM, 100000)
+        if self.rcvbuf_bytes:  # kernel buffer of the events connection (tcp); 0 = OS default
+            sub.setsockopt(zmq.RCVBUF, self.rcvbuf_bytes)
+        dealer.connect(self.endpoints.control)
+        sub.connect(self.endpoints.events)
+        sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{self.session}.".encode())
+        sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat")
+        for t in topics:
+            sub.setsockopt(zmq.SUBSCRIBE, t.encode())
+        # Subscribed last: when the welcome arrives, every subscription above is in place.
+        sub.setsockopt(zmq.SUBSCRIBE, f"welcome.{self.session}".encode())
+
+    def _frames(self, type_: str, body: dict[str, Any] | None, deadline: float | None,
+                idem: str | None) -> tuple[str, list[bytes]]:
+        msg_id = str(next(self._ids))
+        header: dict[str, Any] = {"id": msg_id, "type": type_, "session": self.session,
+                                  "ts": time.time()}
+        if deadline is not None:
+            header["deadline"] = deadline
+        if idem is not None:
+            header["idem"] = idem
+        return msg_id, codec.encode_request(header, body or {})
+
+    def _parse_reply(self, frames: list[bytes], msg_id: str) -> dict[str, Any] | None:
+        if len(frames) != 3 or frames[0] != codec.MAGIC:
+            return None
+        header = codec.unpackb(frames[1], max_bytes=codec.MAX_HEADER_BYTES, what="header")
+        if header.get("re") != msg_id:
+            return None  # a late reply to an earlier, timed-out request
+        body = codec.unpackb(frames[2], max_bytes=256 * 1024 * 1024)
+        self._see_boot(str(header.get("boot_id", "")))
+        if header.get("type") == "error":
+            raise InfernoError.from_wire(body)
+        return body
+
+    def _see_boot(self, boot_id: str) -> None:
+        if not boot_id:
+            return
+        if self.boot_id is not None and boot_id != self.boot_id:
+            self.restarted = True
+        self.boot_id = boot_id
+
+    def _on_event(self, ev: Event) -> None:
+        if ev.topic == "heartbeat" or ev.type == "welcome":
+            # Only heartbeats count: queued token events still arrive from a dead daemon.
+            self.last_heartbeat = time.monotonic()
+        if ev.type == "welcome":
+            self.welcomed = True
+            self.welcome = ev.body
+            self._see_boot(ev.boot_id)
+            return
+        if ev.boot_id and self.boot_id is not None and ev.boot_id != self.boot_id:
+            self._see_boot(ev.boot_id)
+        elif ev.boot_id and self.boot_id is None:
+            self.boot_id = ev.boot_id
+        if ev.topic == "heartbeat":
+            self.heartbeat_interval_s = float(ev.body.get("interval_s", 1.0))
+        if ev.topic.startswith("tokens."):
+            rid = ev.topic[len("tokens."):]
+            self._streams.setdefault(rid, deque()).append(ev)
+        else:
+            self.events.append(ev)
+
+    def _note_pump(self) -> None:
+        """Called each time we listen: if *we* stood still (SIGSTOP, a long pause between
+        calls), the daemon's silence meanwhile proves nothing; give it a fresh window."""
+        now = time.monotonic()
+        if now - self._last_pump > self._lost_after():
+            self.last_heartbeat = now
+        self._last_pump = now
+
+    def _lost_after(self) -> float:
+        return self.heartbeat_interval_s * HEARTBEAT_MISSES
+
+    def _check_alive(self, state: _StreamState | None = None) -> None:
+        self._note_pump()  # stopped ourselves since we last listened? that is not the daemon
+        silent = time.monotonic() - self.last_heartbeat
+        if silent > self._lost_after():
+            raise DaemonUnavailable(f"daemon lost: no heartbeat for {silent:.1f}s",
+                                    "is infernod still running?")
+        if state is not None and self.boot_id and state.boot_id and \
+                self.boot_id != state.boot_id:
+            raise DaemonUnavailable("the daemon restarted; the stream was lost",
+                                    "submit the request again", reason="daemon_restarted")
+
+    @staticmethod
+    def _gen_body(model: str, prompt: str | None, messages: list | None,
+                  params: dict[str, Any]) -> dict[str, Any]:
+        body = {"model": model, **{k: v for k, v in params.items() if v is not None}}
+        if messages is not None:
+            body["messages"] = messages
+        else:
+            body["prompt"] = prompt
+        return body
+
+
+class _Requests:
+    """Every plain request, written once for both clients.
+
+    ``_call`` is the only difference: :class:`Client` returns the result, :class:`AsyncClient`
+    returns an awaitable of it. So ``c.ping()`` and ``await ac.ping()`` mean the same.
+    """
+
+    timeout: float
+    name: str
+
+    def _call(self, type_: str, body: dict[str, Any] | None = None,
+              post: Callable[[dict[str, Any]], Any] | None = None, **kw: Any) -> Any:
+        raise NotImplementedError
+
+    def hello(self) -> Any:
+        return self._call("hello", {"client": self.name})
+
+    def ping(self) -> Any:
+        return self._call("ping")
+
+    def status(self) -> Any:
+        return self._call("status")
+
+    def models(self) -> Any:
+        """Every model on disk, with its state (list of dicts)."""
+        return self._call("models.list", post=lambda r: r["models"],
+                          timeout=max(self.timeout, 30))
+
+    def show(self, model: str) -> Any:
+        return self._call("models.show", {"model": model})
+
+    def load(self, model: str, keep_alive: float | None = None, timeout: float = 600) -> Any:
+        return self._call("models.load", _drop_none({"model": model, "keep_alive": keep_alive}),
+                          timeout=timeout)
+
+    def unload(self, model: str) -> Any:
+        return self._call("models.unload", {"model": model}, timeout=60)
+
+    def cancel(self, request_id: str) -> Any:
+        return self._call("cancel", {"request_id": request_id})
+
+    def config_get(self, key: str | None = None) -> Any:
+        return self._call("config.get", _drop_none({"key": key}))
+
+    def embed(self, model: str, texts: list[str], *, normalize: bool = True,
+              priority: str | None = None, deadline: float | None = None,
+              timeout: float | None = None) -> Any:
+        """Embed ``texts`` with an ONNX embedding model: ``(float32 array [n, dim], info)``,
+        ``info`` being the reply without ``vectors`` (dim, truncated, tokens, stats)."""
+        return self._call("embed", _embed_body(model, texts, normalize, priority),
+                          post=_embed_result, deadline=deadline,
+                          timeout=timeout or max(self.timeout, 120))
+
+    def infer(self, model: str, inputs: dict[str, Any], *, priority: str | None = None,
+              deadline: float | None = None, timeout: float | None = None) -> Any:
+        """Run an ONNX model on named numpy arrays: ``({output name: array}, stats)``."""
+        return self._call("infer", _infer_body(model, inputs, priority), post=_infer_result,
+                          deadline=deadline, timeout=timeout or max(self.timeout, 120))
+
+    def stats(self) -> Any:
+        """Latency percentiles computed in the daemon (see docs/protocol.md, ``stats``)."""
+        return self._call("stats")
+
+    def profiles(self, n: int = 20) -> Any:
+        """The latest ``n`` request profiles, oldest first."""
+        return self._call("profiles.recent", {"n": n}, post=lambda r: r["profiles"])
+
+    def metrics(self) -> Any:
+        """The latest system/GPU sample (None before the first)."""
+        return self._call("metrics.get", post=lambda r: r["sample"])
+
+    def queue_list(self, model: str | None = None) -> Any:
+        return self._call("queue.list", _drop_none({"model": model}))
+
+    def reprioritize(self, request_id: str, priority: str) -> Any:
+        return self._call("reprioritize", {"request_id": request_id, "priority": priority})
+
+    def jobs_submit(self, model: str, prompts: list[str], *, idem: str | None = None,
+                    **params: Any) -> Any:
+        """Store a job; with ``idem`` a retried submit returns the same ``job_id``."""
+        return self._call("jobs.submit", _drop_none({"model": model, "prompts": prompts,
+                                                     **params}),
+                          idem=idem, timeout=max(self.timeout, 30))
+
+    def jobs_get(self, job_id: str) -> Any:
+        return self._call("jobs.get", {"job_id": job_id})
+
+    def jobs_list(self, **filters: Any) -> Any:
+        return self._call("jobs.list", _drop_none(filters), post=lambda r: r["jobs"])
+
+    def jobs_cancel(self, job_id: str) -> Any:
+        return self._call("jobs.cancel", {"job_id": job_id})
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _embed_body(model: str, texts: list[str], normalize: bool,
+                priority: str | None) -> dict[str, Any]:
+    if isinstance(texts, str):
+        raise InfernoError("bad_request", "texts must be a list of strings, not one string")
+    body: dict[str, Any] = {"model": model, "texts": list(texts), "normalize": normalize}
+    if priority is not None:
+        body["priority"] = priority
+    return body
+
+
+def _embed_result(reply: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    info = {k: v for k, v in reply.items() if k != "vectors"}
+    return decode_array(reply["vectors"]).copy(), info
+
+
+def _infer_body(model: str, inputs: dict[str, Any], priority: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model,
+                            "inputs": {name: encode_array(a) for name, a in inputs.items()}}
+    if priority is not None:
+        body["priority"] = priority
+    return body
+
+
+def _infer_result(reply: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    outputs = {name: decode_array(a).copy() for name, a in reply["outputs"].items()}
+    return outputs, reply.get("stats") or {}
+
+
+def default_client_name() -> str:
+    return f"{os.path.basename(os.sys.argv[0]) or 'python'}:{os.getpid()}"

@@ -85,6 +85,7 @@ class Client(_Base, _Requests):
                 if ev is not None:
                     self._on_event(ev)
         if self.dealer in socks:
+            self.last_heartbeat = time.monotonic()  # any reply: see _Base._parse_reply
             return self.dealer.recv_multipart(zmq.NOBLOCK)
         return None
 
@@ -228,6 +229,7 @@ class AsyncClient(_Base, _Requests):
                     frames = await self.dealer.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
+                self.last_heartbeat = time.monotonic()  # any reply: see _Base._parse_reply
                 if len(frames) == 3 and frames[0] == codec.MAGIC:
                     try:
                         header = codec.unpackb(frames[1], max_bytes=codec.MAX_HEADER_BYTES)

@@ -128,6 +128,10 @@ class _Base:
             return None  # a late reply to an earlier, timed-out request
         body = codec.unpackb(frames[2], max_bytes=256 * 1024 * 1024)
         self._see_boot(str(header.get("boot_id", "")))
+        # A reply (to this or any request, e.g. a stream's lease ping; the clients note those
+        # as they arrive) is as fresh a sign of life as a heartbeat, and it still comes when
+        # a slow subscriber's heartbeats were dropped at its queue limit with its events.
+        self.last_heartbeat = time.monotonic()
         if header.get("type") == "error":
             raise InfernoError.from_wire(body)
         return body
@@ -141,7 +145,8 @@ class _Base:
 
     def _on_event(self, ev: Event) -> None:
         if ev.topic == "heartbeat" or ev.type == "welcome":
-            # Only heartbeats count: queued token events still arrive from a dead daemon.
+            # Heartbeats and replies count, not events: queued token events still arrive
+            # from a dead daemon.
             self.last_heartbeat = time.monotonic()
         if ev.type == "welcome":
             self.welcomed = True

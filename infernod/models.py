@@ -88,7 +88,8 @@ class ModelManager:
         configured = self.cfg.models.memory_budget_bytes
         return configured or int(psutil.virtual_memory().total * 0.75)
 
-    def _estimate(self, info: Any) -> int:
+    def estimate_bytes(self, info: Any) -> int:
+        """What loading ``info`` with the current config is expected to take (see _load)."""
         m = self.cfg.models
         est = self.registry.estimate_memory(info, n_ctx=m.n_ctx, n_slots=m.slots,
                                             swa_full=m.swa_full,
@@ -145,7 +146,7 @@ class ModelManager:
 
     async def _load(self, name: str, keep_alive_s: float | None) -> LoadedModel:
         info = self.registry.get(name)
-        need = self._estimate(info)
+        need = self.estimate_bytes(info)
         for victim, reason in self._plan(name, need):
             log.info(reason)
             await self.unload(victim, reason=reason)

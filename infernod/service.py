@@ -270,6 +270,7 @@ class InfernoDaemon(Daemon):
         info = await self.lookup(req.body["model"])
         out = info.to_dict(include_template=True)
         out["chat_template_name"] = templates.template_name_for(info)
+        out["memory_estimate_bytes"] = self.models.estimate_bytes(info)
         lm = self.models.loaded.get(info.name)
         out.update(lm.to_wire(time.monotonic()) if lm else {"state": "available"})
         return out

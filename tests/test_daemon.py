@@ -61,6 +61,8 @@ def test_models_list_show_and_unknown(daemon):
 @pytest.mark.model
 def test_load_generate_unload_round_trip(daemon):
     with daemon.client() as c:
+        shown = c.show("gemma3-270m")  # the figure checked against the budget at load
+        assert shown["memory_estimate_bytes"] > shown["weights_bytes"] + (256 << 20)
         r = c.load("gemma3-270m")
         assert r["state"] == "loaded" and r["memory_bytes"] > 100 * 2**20
         assert [m["name"] for m in c.status()["models_loaded"]] == ["gemma3-270m"]

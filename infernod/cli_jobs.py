@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from infernod.cli import EXIT_OK, EXIT_USAGE, _client, _err, _print_json, command
 
@@ -67,9 +68,19 @@ def jobs_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def all_items(c: Any, job_id: str, page: int | None = None) -> dict[str, Any]:
+    """A job with every item, fetched a page per request (``jobs.get`` pages its items)."""
+    job = c.jobs_get(job_id, limit=page)
+    while job.get("next_offset") is not None:
+        more = c.jobs_get(job_id, offset=job["next_offset"], limit=page)
+        job["items"] += more["items"]
+        job["next_offset"] = more["next_offset"]
+    return job
+
+
 def jobs_get(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        job = c.jobs_get(args.job_id)
+        job = all_items(c, args.job_id)
     if args.json:
         _print_json(job)
         return EXIT_OK

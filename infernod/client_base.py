@@ -282,8 +282,11 @@ class _Requests:
                                                      **params}),
                           idem=idem, timeout=max(self.timeout, 30))
 
-    def jobs_get(self, job_id: str) -> Any:
-        return self._call("jobs.get", {"job_id": job_id})
+    def jobs_get(self, job_id: str, offset: int = 0, limit: int | None = None) -> Any:
+        """The job and one page of its items (1000 unless ``limit``); while the reply's
+        ``next_offset`` is not None, ask again with ``offset=next_offset`` for the rest."""
+        return self._call("jobs.get", _drop_none({"job_id": job_id, "offset": offset,
+                                                  "limit": limit}))
 
     def jobs_list(self, **filters: Any) -> Any:
         return self._call("jobs.list", _drop_none(filters), post=lambda r: r["jobs"])

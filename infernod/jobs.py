@@ -392,9 +392,10 @@ class JobStore:
         )
 
     # ------------------------------------------------------------------ reads
-    def get(self, job_id: str) -> Job:
-        """A job with every item and result. ``unknown_job`` if there is no such id."""
-        return self._load(job_id, items=True)
+    def get(self, job_id: str, offset: int = 0, limit: int = -1) -> Job:
+        """A job with its items (all, or ``limit`` from index ``offset``) and their results.
+        ``unknown_job`` if there is no such id."""
+        return self._load(job_id, items=True, offset=offset, limit=limit)
 
     def summary(self, job_id: str) -> Job:
         """A job with its item counts but without items (cheap for progress events)."""
@@ -412,7 +413,7 @@ class JobStore:
             )
         }
 
-    def _load(self, job_id: str, *, items: bool) -> Job:
+    def _load(self, job_id: str, *, items: bool, offset: int = 0, limit: int = -1) -> Job:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise InfernoError("unknown_job", f"no job {job_id!r}")
@@ -432,7 +433,8 @@ class JobStore:
                     finished_at=r["finished_at"],
                 )
                 for r in self._db.execute(
-                    "SELECT * FROM job_items WHERE job_id = ? ORDER BY idx", (job_id,)
+                    "SELECT * FROM job_items WHERE job_id = ? ORDER BY idx LIMIT ? OFFSET ?",
+                    (job_id, limit, offset),
                 )
             )
         return Job(

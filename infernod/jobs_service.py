@@ -40,6 +40,7 @@ from infernod.protocol.errors import InfernoError
 log = logging.getLogger("infernod.jobs")
 
 MAX_BACKLOG_ITEMS = 100_000  # job items waiting outside the scheduler, over all models
+JOB_PAGE_ITEMS = 1000  # jobs.get items per reply unless the request says otherwise
 _SUCCESS = ("length", "stop", "eos")
 _CHECKPOINTED = ("aborted", "shutting_down")  # while stopping: left for recover()
 _PARAM_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
@@ -157,9 +158,9 @@ class JobService:
             self.feed()
         return job, created
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, offset: int = 0, limit: int = -1) -> Job:
         await asyncio.wait_for(self.ready.wait(), 60)
-        return await self._call(self.store.get, job_id)
+        return await self._call(self.store.get, job_id, offset, limit)
 
     async def summary(self, job_id: str) -> Job:
         """The job without its items (``unknown_job`` if there is none)."""
@@ -319,9 +320,17 @@ def register(daemon: Any) -> None:
                 "owner": job.owner}
 
     async def h_jobs_get(req: Any) -> dict[str, Any]:
-        job = await jobs.get(req.body["job_id"])
+        # A page of items per reply: a 10,000-item job's results would be tens of MB, built
+        # and packed on the event loop in one piece.
+        offset = req.body.get("offset", 0)
+        job = await jobs.get(req.body["job_id"], offset, req.body.get("limit", JOB_PAGE_ITEMS))
         _check_owner(req, job, "read")
-        return job.to_wire()
+        out = job.to_wire()
+        total = sum(job.counts.values())
+        end = offset + len(job.items)
+        out.update(items_offset=offset, items_total=total,
+                   next_offset=end if end < total else None)
+        return out
 
     async def h_jobs_list(req: Any) -> dict[str, Any]:
         b = req.body

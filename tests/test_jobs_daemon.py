@@ -152,3 +152,23 @@ def test_jobs_belong_to_the_submitting_principal(daemon_factory):
         op = run_as(NOBODY, NOBODY, lambda: _jobs_calls(d.endpoint, [
             ("jobs.cancel", {"job_id": other["job_id"]})]))
         assert op["0:jobs.cancel"]["job_id"] == other["job_id"], op
+
+
+def test_jobs_get_pages_its_items(daemon):
+    """A big job's results come a page per reply; the CLI follows next_offset to the end."""
+    from infernod.cli_jobs import all_items
+
+    with daemon.client(timeout=60) as c:
+        job = c.jobs_submit(MODEL, [f"Word {i}:" for i in range(5)], max_tokens=1)
+        wait_until(lambda: c.jobs_get(job["job_id"])["state"] == "done", 120, "the job")
+        first = c.jobs_get(job["job_id"], limit=2)
+        assert [it["index"] for it in first["items"]] == [0, 1]
+        assert (first["items_total"], first["next_offset"]) == (5, 2)
+        last = c.jobs_get(job["job_id"], offset=4, limit=2)
+        assert [it["index"] for it in last["items"]] == [4] and last["next_offset"] is None
+        whole = all_items(c, job["job_id"], page=2)
+        assert [it["index"] for it in whole["items"]] == [0, 1, 2, 3, 4]
+        assert all(it["state"] == "done" for it in whole["items"])
+        with pytest.raises(InfernoError) as e:
+            c.jobs_get(job["job_id"], limit=0)
+        assert e.value.code == "bad_request"

@@ -127,7 +127,11 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "stall_timeout_s": F(NUM, min=0.1, max=3600, doc="max time between tokens"),
         **_SAMPLING,
     },
-    "jobs.get": {"job_id": F(STR, True, max_len=64)},
+    "jobs.get": {
+        "job_id": F(STR, True, max_len=64),
+        "offset": F(INT, min=0, max=10_000_000, doc="first item index to return (default 0)"),
+        "limit": F(INT, min=1, max=10_000, doc="items per reply (default 1000)"),
+    },
     "jobs.list": {
         "state": F(STR, choices=JOB_STATES),
         "model": F(STR, max_len=64),

@@ -124,3 +124,50 @@ def test_budget_evicts_least_recently_used_and_zero_keeps_cells_in_place(
         assert max(cells(eng)) > 0 and eng.host_cache_stats()["saved"] == 0
     finally:
         eng.close()
+
+
+def test_a_failed_restore_falls_back_to_evaluating_the_prompt(
+    default_model_path: Path, reference: Any  # noqa: F811
+) -> None:
+    """llama.cpp refuses a restore when it finds no room: the request is evaluated in full
+    and still gives Llama's output."""
+    rec = Recorder()
+    eng = engine(default_model_path, rec)
+    try:
+        base = eng.tokenize(LONG_TEXT)
+        _, stats = run(eng, rec, "one", prompt_tokens=base, max_tokens=4)
+        eventually(lambda: eng.host_cache_stats()["entries"] == 1)
+        eng._host.restore = lambda *a, **kw: False  # what a full cache answers
+        follow = base + stats["generated_tokens"]
+        _, stats2 = run(eng, rec, "two", prompt_tokens=follow, max_tokens=6)
+        assert stats2["prompt_cached_tokens"] == 0
+        assert stats2["generated_tokens"] == llama_greedy(reference, follow, 6)
+    finally:
+        eng.close()
+
+
+def test_a_failed_restore_into_the_slot_holding_the_next_best_prefix(
+    default_model_path: Path, reference: Any  # noqa: F811
+) -> None:
+    """One slot: "other" shares 10 tokens with "again" and still holds them when "again" is
+    admitted; the host cache holds more of "again" but cannot restore it. The slot's cells
+    went to RAM on the way, so "again" must not count on those 10 tokens either."""
+    rec = Recorder()
+    eng = engine(default_model_path, rec, n_slots=1)
+    try:
+        base = eng.tokenize(LONG_TEXT)
+        _, stats = run(eng, rec, "one", prompt_tokens=base, max_tokens=4)
+        eventually(lambda: eng.host_cache_stats()["entries"] == 1)
+        eng._host.restore = lambda *a, **kw: False
+        other = base[:10] + eng.tokenize(" and then nothing happened", add_bos=False)
+        follow = base + stats["generated_tokens"]
+        eng.submit(GenerationRequest("other", prompt_tokens=other, max_tokens=8,
+                                     sampling=GREEDY, ignore_eos=True))
+        eng.submit(GenerationRequest("again", prompt_tokens=follow, max_tokens=6,
+                                     sampling=GREEDY, ignore_eos=True))
+        rec.wait("other", "again")
+        assert "again" not in rec.errors, rec.errors.get("again")
+        _, stats2 = rec.finished["again"]
+        assert stats2["generated_tokens"] == llama_greedy(reference, follow, 6)
+    finally:
+        eng.close()

@@ -64,6 +64,7 @@ class KvPlacement:
                 dst.kv = tokens[:n_host]
                 self.parks.drop_covered(tokens)
                 return dst, n_host
+            return dst, 0  # rare (no room for it): dst is empty now, maybe best_src was it
         if isinstance(best_src, Slot) and best_src.run is None:
             dst = best_src
             if len(dst.kv) - best_n >= HOST_MIN_REUSE:

@@ -29,7 +29,8 @@ def engine(path: Path, rec: Recorder, **kw: Any) -> Any:
 
     kw.setdefault("park_slots", 0)
     kw.setdefault("n_slots", 2)
-    eng = GgufEngine(path, n_ctx=512, prefill_chunk=64, sink=rec, **kw)
+    kw.setdefault("n_ctx", 512)
+    eng = GgufEngine(path, prefill_chunk=64, sink=rec, **kw)
     eng.start()
     return eng
 
@@ -169,5 +170,33 @@ def test_a_failed_restore_into_the_slot_holding_the_next_best_prefix(
         assert "again" not in rec.errors, rec.errors.get("again")
         _, stats2 = rec.finished["again"]
         assert stats2["generated_tokens"] == llama_greedy(reference, follow, 6)
+    finally:
+        eng.close()
+
+
+def test_sliding_window_entries_serve_continuations_not_short_prefixes(
+    default_model_path: Path, reference: Any  # noqa: F811
+) -> None:
+    """Gemma 3's window layers keep 512 positions, and a saved sequence keeps only its last
+    window of them. "turn" continues "start" from RAM; "start" again (a regenerated first
+    turn) cannot use the long entry's cells, is evaluated in full, and is saved again even
+    though the long entry begins with all of its tokens: only that copy has their window."""
+    rec = Recorder()
+    eng = engine(default_model_path, rec, n_slots=1, n_ctx=2048)
+    try:
+        start = eng.tokenize(LONG_TEXT * 4)[:120]
+        _, s1 = run(eng, rec, "start", prompt_tokens=start, max_tokens=4)
+        eventually(lambda: eng.host_cache_stats()["entries"] == 1)
+        turn = start + s1["generated_tokens"] + eng.tokenize(LONG_TEXT * 20, add_bos=False)[:700]
+        _, s2 = run(eng, rec, "turn", prompt_tokens=turn, max_tokens=2)
+        assert s2["prompt_cached_tokens"] >= len(start) + 3  # restored, then extended
+        eventually(lambda: eng.host_cache_stats()["saved"] == 2)
+        _, s3 = run(eng, rec, "start-again", prompt_tokens=start, max_tokens=4)
+        assert s3["prompt_cached_tokens"] == 0  # the long entry's window is elsewhere
+        assert s3["generated_tokens"] == s1["generated_tokens"]
+        eventually(lambda: eng.host_cache_stats()["saved"] == 3)  # kept despite the long one
+        _, s4 = run(eng, rec, "start-3", prompt_tokens=start, max_tokens=4)
+        assert s4["prompt_cached_tokens"] == len(start) - 1
+        assert s4["generated_tokens"] == llama_greedy(reference, start, 4)
     finally:
         eng.close()

@@ -55,10 +55,8 @@ class KvPlacement:
             n = min(common_prefix(s.kv, tokens), len(tokens) - 1)
             if n > best_n and self.prefix_usable(s.seq_id, n):
                 best_src, best_n = s, n
-        entry, n_host = self.host.best(tokens)
-        n_host = min(n_host, len(tokens) - 1)
-        if (entry is not None and n_host > max(best_n, HOST_MIN_REUSE - 1)
-                and self.host.usable(entry, n_host)):
+        entry, n_host = self.host.best(tokens, limit=len(tokens) - 1)
+        if entry is not None and n_host > max(best_n, HOST_MIN_REUSE - 1):
             dst = min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))
             if self._restore(dst, entry, n_host, consume=n_host == len(entry.tokens)):
                 dst.kv = tokens[:n_host]

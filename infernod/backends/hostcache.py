@@ -62,8 +62,9 @@ class HostCache:
         cells afterwards either way: an entry that does not fit the budget is not kept."""
         if not self.enabled or not tokens:
             return False
-        if any(common_prefix(e.tokens, tokens) == len(tokens) for e in self.entries):
-            return True  # an entry already holds all of it (and more)
+        if any(common_prefix(e.tokens, tokens) == len(tokens) and self.usable(e, len(tokens))
+               for e in self.entries):
+            return True  # an entry already holds all of it (and more), window included
         llama = native.bindings()
         size = int(llama.llama_state_seq_get_size_ext(ctx, seq_id, 0))
         if size <= 0 or size > self.budget_bytes:
@@ -89,13 +90,16 @@ class HostCache:
         """Would the restored entry serve a prefix of ``n`` tokens? (See _prefix_usable.)"""
         return self.n_swa <= 0 or entry.pos_min <= max(0, n - self.n_swa + 1)
 
-    def best(self, tokens: list[int]) -> tuple[Entry | None, int]:
-        """The entry sharing the longest prefix with ``tokens``, and that length."""
+    def best(self, tokens: list[int], limit: int) -> tuple[Entry | None, int]:
+        """The entry whose restored cells serve the longest prefix of ``tokens`` (at most
+        ``limit`` of them), and that length; on a tie the smaller entry, cheaper to restore."""
         best: Entry | None = None
         best_n = 0
         for e in self.entries:
-            n = common_prefix(e.tokens, tokens)
-            if n > best_n:
+            n = min(common_prefix(e.tokens, tokens), limit)
+            if n <= 0 or not self.usable(e, n):
+                continue
+            if n > best_n or (n == best_n and best is not None and e.size < best.size):
                 best, best_n = e, n
         return best, best_n
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from infernod.backends.parking import park_count
 from infernod.config import Config
 from infernod.protocol.errors import InfernoError
 
@@ -65,11 +66,6 @@ class LoadedModel:
         return wire_info() if callable(wire_info) else {}
 
 
-def park_slots(slots: int, configured: int) -> int:
-    """models.park_slots: -1 means half the slots (at least one)."""
-    return max(1, slots // 2) if configured < 0 else configured
-
-
 class ModelManager:
     """Owns every loaded engine. Only the event-loop thread calls into it."""
 
@@ -93,7 +89,7 @@ class ModelManager:
         m = self.cfg.models
         est = self.registry.estimate_memory(info, n_ctx=m.n_ctx, n_slots=m.slots,
                                             swa_full=m.swa_full,
-                                            park_slots=park_slots(m.slots, m.park_slots))
+                                            park_slots=park_count(m.slots, m.park_slots))
         return int(est.total_bytes) + self._host_cache_bytes(info)
 
     def _host_cache_bytes(self, info: Any) -> int:
@@ -213,7 +209,7 @@ class ModelManager:
             str(info.path), n_ctx=m.n_ctx, n_slots=m.slots,
             n_threads=m.threads or cores, n_threads_batch=m.threads_batch or cores,
             n_gpu_layers=m.n_gpu_layers, swa_full=m.swa_full, prefill_chunk=m.prefill_chunk,
-            park_slots=park_slots(m.slots, m.park_slots), sink=self.sink_factory(name),
+            park_slots=park_count(m.slots, m.park_slots), sink=self.sink_factory(name),
             host_cache_bytes=m.host_cache_mib << 20,
         )
         engine.start()

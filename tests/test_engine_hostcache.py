@@ -127,6 +127,16 @@ def test_budget_evicts_least_recently_used_and_zero_keeps_cells_in_place(
         eng.close()
 
 
+def saved_but_unrestorable(eng: Any, rec: Recorder) -> tuple[list[int], list[int]]:
+    """Run a request until the host cache holds it, then make every restore fail as a full
+    KV cache would. Returns its prompt and the prompt that continues it."""
+    base = eng.tokenize(LONG_TEXT)
+    _, stats = run(eng, rec, "one", prompt_tokens=base, max_tokens=4)
+    eventually(lambda: eng.host_cache_stats()["entries"] == 1)
+    eng._host.restore = lambda *a, **kw: False
+    return base, base + stats["generated_tokens"]
+
+
 def test_a_failed_restore_falls_back_to_evaluating_the_prompt(
     default_model_path: Path, reference: Any  # noqa: F811
 ) -> None:
@@ -135,11 +145,7 @@ def test_a_failed_restore_falls_back_to_evaluating_the_prompt(
     rec = Recorder()
     eng = engine(default_model_path, rec)
     try:
-        base = eng.tokenize(LONG_TEXT)
-        _, stats = run(eng, rec, "one", prompt_tokens=base, max_tokens=4)
-        eventually(lambda: eng.host_cache_stats()["entries"] == 1)
-        eng._host.restore = lambda *a, **kw: False  # what a full cache answers
-        follow = base + stats["generated_tokens"]
+        base, follow = saved_but_unrestorable(eng, rec)
         _, stats2 = run(eng, rec, "two", prompt_tokens=follow, max_tokens=6)
         assert stats2["prompt_cached_tokens"] == 0
         assert stats2["generated_tokens"] == llama_greedy(reference, follow, 6)
@@ -156,12 +162,8 @@ def test_a_failed_restore_into_the_slot_holding_the_next_best_prefix(
     rec = Recorder()
     eng = engine(default_model_path, rec, n_slots=1)
     try:
-        base = eng.tokenize(LONG_TEXT)
-        _, stats = run(eng, rec, "one", prompt_tokens=base, max_tokens=4)
-        eventually(lambda: eng.host_cache_stats()["entries"] == 1)
-        eng._host.restore = lambda *a, **kw: False
+        base, follow = saved_but_unrestorable(eng, rec)
         other = base[:10] + eng.tokenize(" and then nothing happened", add_bos=False)
-        follow = base + stats["generated_tokens"]
         eng.submit(GenerationRequest("other", prompt_tokens=other, max_tokens=8,
                                      sampling=GREEDY, ignore_eos=True))
         eng.submit(GenerationRequest("again", prompt_tokens=follow, max_tokens=6,

@@ -16,7 +16,7 @@ from typing import Any
 from infernod.backends import llama_native as native
 from infernod.backends.hostcache import Entry, HostCache
 from infernod.backends.parking import ParkingLot
-from infernod.backends.runstate import Slot, common_prefix
+from infernod.backends.runstate import Slot, common_prefix, window_holds
 
 # Restoring copies the whole saved sequence (0.5 ms per 100 tokens here) and then cuts it;
 # evaluating a prompt token costs ~3 ms on 2 CPU cores. From 4 shared tokens on (BOS and a
@@ -57,7 +57,7 @@ class KvPlacement:
                 best_src, best_n = s, n
         entry, n_host = self.host.best(tokens, limit=len(tokens) - 1)
         if entry is not None and n_host > max(best_n, HOST_MIN_REUSE - 1):
-            dst = min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))
+            dst = _emptiest(free)
             if self._restore(dst, entry, n_host, consume=n_host == len(entry.tokens)):
                 dst.kv = tokens[:n_host]
                 self.parks.drop_covered(tokens)
@@ -71,7 +71,7 @@ class KvPlacement:
                 llama.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
                 best_n = 0
         else:
-            dst = min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))
+            dst = _emptiest(free)
             self.offload(dst)
             if best_src is not None:
                 llama.llama_memory_seq_cp(self._mem, best_src.seq_id, dst.seq_id, 0, best_n)
@@ -109,12 +109,14 @@ class KvPlacement:
         return False
 
     def prefix_usable(self, seq_id: int, n: int) -> bool:
-        """Can the first n cells of this sequence be reused? With a trimmed SWA cache the
-        cells that the next token's window needs may already have been overwritten: the token
-        at position n sees positions n - n_swa + 1 .. n - 1 (llama.cpp only overwrites cells
-        outside the window of their sequence's last position, so a park that kept its window
-        reports exactly that pos_min)."""
+        """Can the first n cells of this sequence be reused (see ``window_holds``)?"""
         if self.n_swa <= 0:
             return True
         pos_min = int(native.bindings().llama_memory_seq_pos_min(self._mem, seq_id))
-        return 0 <= pos_min <= max(0, n - self.n_swa + 1)
+        return window_holds(pos_min, n, self.n_swa)
+
+
+def _emptiest(free: list[Slot]) -> Slot:
+    """The free slot a new sequence takes when none of them holds its prefix: an empty one,
+    else the one released longest ago."""
+    return min(free, key=lambda s: (len(s.kv) > 0, s.released_ns))

@@ -29,7 +29,7 @@ from infernod.backends import llama_native as native
 from infernod.backends.base import EngineSink, GenerationRequest, SamplingParams
 from infernod.backends.cells import KvPlacement
 from infernod.backends.hostcache import HostCache
-from infernod.backends.parking import ParkingLot
+from infernod.backends.parking import ParkingLot, park_count
 from infernod.backends.runstate import Run, Slot
 from infernod.backends.textstream import TextStream
 from infernod.protocol.errors import CODES, InfernoError
@@ -69,7 +69,7 @@ class GgufEngine:
         self.swa_full = swa_full
         self.prefill_chunk = prefill_chunk
         self.flash_attn = flash_attn
-        self.park_slots = max(1, n_slots // 2) if park_slots is None else max(0, park_slots)
+        self.park_slots = park_count(n_slots, park_slots)
         self.sink = sink
         self.supports_gpu_offload = False
         self.n_swa = 0
@@ -168,7 +168,7 @@ class GgufEngine:
     def wire_info(self) -> dict[str, Any]:
         """What ``models.list``/``models.show`` add for a loaded model (read from the loop
         thread: counters only, a step may be half-way through changing them)."""
-        return {"host_cache": self._host.stats()}
+        return {"host_cache": self.host_cache_stats()}
 
     def park_evictions(self) -> dict[str, int]:
         """Parks dropped before their request resumed, by cause: lru, admission, decode."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infernod.backends import llama_native as native
-from infernod.backends.runstate import common_prefix
+from infernod.backends.runstate import common_prefix, window_holds
 
 
 @dataclass(eq=False)  # identity: two entries never hold the same tokens
@@ -87,8 +87,8 @@ class HostCache:
         return True
 
     def usable(self, entry: Entry, n: int) -> bool:
-        """Would the restored entry serve a prefix of ``n`` tokens? (See _prefix_usable.)"""
-        return self.n_swa <= 0 or entry.pos_min <= max(0, n - self.n_swa + 1)
+        """Would the restored entry serve a prefix of ``n`` tokens?"""
+        return window_holds(entry.pos_min, n, self.n_swa)
 
     def best(self, tokens: list[int], limit: int) -> tuple[Entry | None, int]:
         """The entry whose restored cells serve the longest prefix of ``tokens`` (at most
@@ -132,12 +132,7 @@ def _pointer(buf: mmap.mmap) -> Any:
     grew by 30-40 MB over a 4 MB budget in a test; an evicted mapping is returned to the
     kernel at once. (Pages are also zero-filled lazily, so no memset per save.)
     """
-    return ctypes.cast(ctypes.c_void_p(_address(buf)), ctypes.POINTER(ctypes.c_uint8))
-
-
-def _address(buf: mmap.mmap) -> int:
-    anchor = ctypes.c_uint8.from_buffer(buf)  # exports the buffer only for this call
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor
+    anchor = ctypes.c_uint8.from_buffer(buf)  # exports the buffer only while we take its address
+    address = ctypes.addressof(anchor)
+    del anchor  # a mapping with an export could not be unmapped when evicted
+    return ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8))

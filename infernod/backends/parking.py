@@ -22,6 +22,12 @@ from infernod.backends import llama_native as native
 from infernod.backends.runstate import Slot
 
 
+def park_count(n_slots: int, configured: int | None) -> int:
+    """How many parks an engine gets: ``models.park_slots``, where None or -1 means half the
+    slots (at least one) and 0 turns parking off."""
+    return max(1, n_slots // 2) if configured is None or configured < 0 else configured
+
+
 @dataclass
 class Park:
     """A spare llama.cpp sequence id; ``kv`` mirrors the tokens whose cells it holds."""

@@ -77,6 +77,14 @@ class Slot:
     released_ns: int = 0
 
 
+def window_holds(pos_min: int, n: int, n_swa: int) -> bool:
+    """Can cells whose smallest position is ``pos_min`` serve a prefix of ``n`` tokens? With a
+    trimmed sliding-window cache (``n_swa`` > 0) the token at position n sees positions
+    n - n_swa + 1 .. n - 1, so those must still be there; llama.cpp only overwrites cells
+    outside the window of their sequence's last position. ``pos_min`` < 0: nothing held."""
+    return n_swa <= 0 or 0 <= pos_min <= max(0, n - n_swa + 1)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the common prefix of two token lists."""
     n = min(len(a), len(b))

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from infernod.client_base import CurveKeys, _Base, _Requests
+from infernod.client_base import STOOD_STILL_S, CurveKeys, _Base, _Requests
 from infernod.client_stream import AsyncStream, Event, Stream, _decode_event
 from infernod.paths import Endpoints
 from infernod.protocol import codec
@@ -74,7 +74,7 @@ class Client(_Base, _Requests):
         """Wait up to timeout for anything; handle events; return control frames if any."""
         self._note_pump()
         socks = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
-        self._note_pump()
+        self._note_pump(waited_s=timeout_s)
         if self.sub in socks:
             for _ in range(1000):
                 try:
@@ -117,11 +117,13 @@ class Client(_Base, _Requests):
     def request(self, type_: str, body: dict[str, Any] | None = None, *,
                 timeout: float | None = None, deadline: float | None = None,
                 idem: str | None = None) -> dict[str, Any]:
+        self._note_pump()  # a pause before this request is not part of its time
         msg_id = self.send(type_, body, deadline=deadline, idem=idem)
         limit = timeout if timeout is not None else self.timeout
-        end = time.monotonic() + limit
+        end = time.monotonic() + limit - self.stood_still_s
         while True:
-            left = end - time.monotonic()
+            # Time we stood still (stopped, suspended) is not the daemon's: it moves the end.
+            left = end + self.stood_still_s - time.monotonic()
             if left <= 0:
                 raise DaemonUnavailable(f"no reply to '{type_}' within {limit:.1f}s",
                                         "the daemon may be hung or gone")
@@ -210,7 +212,7 @@ class AsyncClient(_Base, _Requests):
         while True:
             self._note_pump()
             socks = dict(await poller.poll(500))
-            self._note_pump()
+            self._note_pump(waited_s=0.5)
             if self.sub in socks:
                 for _ in range(1000):
                     try:
@@ -287,13 +289,23 @@ class AsyncClient(_Base, _Requests):
                       idem: str | None = None) -> dict[str, Any]:
         msg_id, fut = await self.send(type_, body, deadline=deadline, idem=idem)
         limit = timeout if timeout is not None else self.timeout
+        left = limit
         try:
-            frames = await asyncio.wait_for(fut, limit)
-        except TimeoutError:
-            raise DaemonUnavailable(f"no reply to '{type_}' within {limit:.1f}s",
-                                    "the daemon may be hung or gone") from None
+            while True:
+                due = time.monotonic() + left
+                try:
+                    frames = await asyncio.wait_for(asyncio.shield(fut), left)
+                    break
+                except TimeoutError:
+                    # A timer that fires late means the loop (or the process) stood still;
+                    # the reply may be waiting unread: give it the time we lost.
+                    left = time.monotonic() - due
+                    if left <= STOOD_STILL_S:
+                        raise DaemonUnavailable(f"no reply to '{type_}' within {limit:.1f}s",
+                                                "the daemon may be hung or gone") from None
         finally:
             self._waiters.pop(msg_id, None)
+            fut.cancel()
         reply = self._parse_reply(frames, msg_id)
         assert reply is not None
         return reply

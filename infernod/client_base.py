@@ -27,6 +27,10 @@ from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 
 HEARTBEAT_MISSES = 3
+# A gap this long between two listens (or a wait that overran by this much) means *we* stood
+# still: SIGSTOP, a suspended laptop, a blocked event loop, a debugger. That time is not the
+# daemon's silence, and not part of a request's timeout.
+STOOD_STILL_S = 0.5
 
 
 @dataclass
@@ -80,6 +84,7 @@ class _Base:
         self._streams: dict[str, deque[Event]] = {}
         self.restarted = False
         self._last_pump = time.monotonic()
+        self.stood_still_s = 0.0  # total time we were not listening (see _note_pump)
 
     def _setup(self, dealer: zmq.Socket, sub: zmq.Socket, topics: tuple[str, ...]) -> None:
         if not self.endpoints.control.startswith("tcp://"):
@@ -165,13 +170,17 @@ class _Base:
         else:
             self.events.append(ev)
 
-    def _note_pump(self) -> None:
-        """Called each time we listen: if *we* stood still (SIGSTOP, a long pause between
-        calls), the daemon's silence meanwhile proves nothing; give it a fresh window."""
+    def _note_pump(self, waited_s: float = 0.0) -> None:
+        """Called before and after each wait for messages (``waited_s``: how long that wait
+        was allowed to take). Time beyond it is time *we* stood still, not listening: it
+        does not count as the daemon's silence, so the heartbeat clock moves past it. (Only
+        moving it, not restarting it: silence before a short pause still counts.)"""
         now = time.monotonic()
-        if now - self._last_pump > self._lost_after():
-            self.last_heartbeat = now
+        gap = now - self._last_pump - waited_s
         self._last_pump = now
+        if gap > STOOD_STILL_S:
+            self.stood_still_s += gap
+            self.last_heartbeat = min(now, self.last_heartbeat + gap)
 
     def _lost_after(self) -> float:
         return self.heartbeat_interval_s * HEARTBEAT_MISSES

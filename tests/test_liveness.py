@@ -4,6 +4,7 @@ clients leave no trace. kill -9 of the daemon mid-stream: tests/test_daemon.py."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from collections import deque
 
 import psutil
@@ -18,7 +20,10 @@ import pytest
 import zmq
 from test_security import _free_port_pair
 
-from infernod import cli
+from infernod import cli, client_base
+from infernod import client as client_mod
+from infernod.client import AsyncClient
+from infernod.client_base import _Base
 from infernod.client_stream import Event, Stream
 from infernod.protocol import codec
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
@@ -55,6 +60,75 @@ def test_sigstop_10s_reported_lost_then_same_client_recovers(daemon):
         assert c.hello()["boot_id"] == boot and not c.restarted
         watcher._pump(1.5)
         watcher._check_alive()  # heartbeats flow again
+
+
+def test_our_own_pause_is_not_the_daemons_silence(monkeypatch):
+    """Only time spent listening counts towards 'daemon lost' (three heartbeats, 3 s). A
+    client that stands still (SIGSTOP, suspend) just under 3 s after half a second of
+    silence used to declare the daemon lost at once on waking, before it could hear it."""
+    clock = [1000.0]
+    monkeypatch.setattr(client_base, "time",
+                        types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    c = _Base("ipc:///nonexistent/control", 1.0, "t", None)
+    c.last_heartbeat = c._last_pump = clock[0]
+
+    def listen(seconds: float) -> None:  # what _pump does around each wait
+        c._note_pump()
+        clock[0] += seconds
+        c._note_pump(waited_s=seconds)
+
+    listen(0.5)
+    clock[0] += 2.9  # stopped between two listens
+    c._check_alive()
+    listen(0.1)
+    clock[0] += 5.0  # stopped in the middle of a wait
+    c._note_pump(waited_s=0.1)
+    c._check_alive()
+    for _ in range(22):  # 0.5 + 0.1 + 0.1 + 2.2 s of real listening: within three beats
+        listen(0.1)
+        c._check_alive()
+    listen(0.2)
+    with pytest.raises(DaemonUnavailable):
+        c._check_alive()
+    assert c.stood_still_s == pytest.approx(7.8)
+
+
+def test_a_client_stopped_while_it_waits_still_takes_its_reply(daemon, monkeypatch):
+    with daemon.client(timeout=1) as c:
+        c.ping()
+        real, offset = time.monotonic, [0.0]
+        fake = types.SimpleNamespace(monotonic=lambda: real() + offset[0], time=time.time)
+        monkeypatch.setattr(client_mod, "time", fake)
+        monkeypatch.setattr(client_base, "time", fake)
+        poll, calls = c.poller.poll, [0]
+
+        def stopped_in_poll(timeout: int | None = None) -> list:
+            calls[0] += 1
+            if calls[0] == 1:  # SIGSTOP for 5 s before the reply came
+                offset[0] += 5.0
+                return []
+            return poll(timeout)
+
+        monkeypatch.setattr(c.poller, "poll", stopped_in_poll)
+        assert c.ping()["pong"] and calls[0] >= 2
+
+
+def test_an_async_client_whose_loop_stood_still_still_takes_its_reply(daemon):
+    async def main() -> dict:
+        async with AsyncClient(daemon.endpoint, timeout=1) as ac:
+            await ac.ping()
+
+            async def hog() -> None:  # blocks the loop once the request is out
+                while not ac._waiters:
+                    await asyncio.sleep(0)
+                time.sleep(2.0)
+
+            task = asyncio.get_running_loop().create_task(hog())
+            reply = await ac.request("ping", timeout=1)
+            await task
+            return reply
+
+    assert asyncio.run(main())["pong"]
 
 
 _CHILD = textwrap.dedent("""
@@ -135,33 +209,39 @@ def test_paused_subscriber_is_dropped_then_fetches_the_gap(daemon_factory, tmp_p
         proc = psutil.Process(d.pid)
         rss0 = proc.memory_info().rss
         os.kill(p.pid, signal.SIGSTOP)
-        # The spec pauses for 30 s; what matters is how much was published meanwhile, not
-        # how long it took. A token event is ~300 bytes on the wire (4 frames, CURVE), so 200
-        # of them are twice what the buffers above hold (~30 KB with libzmq's 8 KB batch):
-        # most are certainly dropped at the daemon. That takes ~6 s at ~35 tokens/s on two
-        # cores, inside the client lease (10 s), and half the generation is still to come,
-        # so the child sees a later seq and the gap in front of it.
-        pings: list[float] = []
-        seq = 0
-        t0 = time.monotonic()
-        while seq < 200:
-            assert time.monotonic() - t0 < 20, f"only {seq} events in 20 s"
-            for _ in range(10):
-                t = time.perf_counter()
-                c.ping()
-                pings.append((time.perf_counter() - t) * 1000)
-                time.sleep(0.02)
-            paused = c.request("stream.fetch", {"request_id": rid, "from_seq": seq})
-            seq = paused["events"][-1]["seq"] if paused["events"] else seq
-        assert not paused["finished"]
-        grown = proc.memory_info().rss - rss0
-        os.kill(p.pid, signal.SIGCONT)
         try:
+            # The spec pauses for 30 s; what matters is how much was published meanwhile,
+            # not how long it took. A token event is ~300 bytes on the wire (4 frames,
+            # CURVE), so 200 of them are twice what the buffers above hold (~30 KB with
+            # libzmq's 8 KB batch): most are certainly dropped at the daemon. That takes 3-6 s
+            # at 35-65 tokens/s on two cores, inside the client lease (10 s), and half the
+            # generation is still to come, so the child sees a later seq and the gap in front
+            # of it. A pause close to three heartbeats is also what once made the child
+            # declare the daemon lost on waking (see test_our_own_pause_is_not_...).
+            pings: list[float] = []
+            seq = 0
+            t0 = time.monotonic()
+            while seq < 200:
+                assert time.monotonic() - t0 < 60, f"only {seq} events in 60 s"
+                for _ in range(10):
+                    t = time.perf_counter()
+                    c.ping()
+                    pings.append((time.perf_counter() - t) * 1000)
+                    time.sleep(0.02)
+                paused = c.request("stream.fetch", {"request_id": rid, "from_seq": seq})
+                seq = paused["events"][-1]["seq"] if paused["events"] else seq
+            assert not paused["finished"]
+            grown = proc.memory_info().rss - rss0
+            os.kill(p.pid, signal.SIGCONT)
             stdout, stderr = p.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
             stdout, stderr = p.communicate()
             pytest.fail(f"the resumed client never finished its stream\n{stderr}")
+        finally:
+            if p.poll() is None:  # a failed assertion above must not leave it stopped
+                p.kill()
+                p.wait(5)
         assert p.returncode == 0, stderr
         out = json.loads(stdout.splitlines()[-1])
         full = c.request("stream.fetch", {"request_id": rid})

@@ -73,6 +73,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     q = st["queue"]
     con.print(f"queue: {q['running']} running, {q['queued']} waiting ({q['level']}); "
               f"loop lag {st['loop_lag_ms']:.1f} ms")
+    held = st.get("held")
+    if held:
+        con.print("held: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in held.items()))
     loaded = st["models_loaded"]
     if loaded:
         for m in loaded:

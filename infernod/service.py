@@ -247,7 +247,18 @@ class InfernoDaemon(Daemon):
             "versions": {"python": platform.python_version(),
                          "llama_cpp_python": self.backend_info.get("llama_cpp_python")},
             "gpu_offload_supported": self.backend_info.get("gpu_offload_supported"),
+            "held": self.held(),
         }
+
+    def held(self) -> dict[str, int]:
+        """What the daemon keeps per client and per request: each must fall back once its
+        clients are gone (sessions after the lease, streams after their retention, rate
+        buckets once refilled), or it is a leak. Operators see it in ``inferno status``."""
+        return {"sessions": len(self.last_seen), "requests": len(self.gen.gens),
+                "streams": len(self.publisher.streams),
+                "subscriptions": len(self.publisher.subscriptions),
+                "rate_buckets": len(self.limiter.peers) + len(self.limiter.sessions),
+                "telemetry_runs": self.telemetry.runs_open()}
 
     async def h_config_get(self, req: Request) -> dict[str, Any]:
         key = req.body.get("key")

@@ -57,6 +57,10 @@ class TelemetryService:
         self._starts: dict[str, dict[str, Any]] = {}  # request id -> readings at run start
         self._closed = False
 
+    def runs_open(self) -> int:
+        """Requests whose run-start readings wait for their end (one per running request)."""
+        return len(self._starts)
+
     @property
     def stats(self) -> LatencyStats:
         return self.profiler.stats

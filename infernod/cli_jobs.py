@@ -71,10 +71,9 @@ def jobs_list(args: argparse.Namespace) -> int:
 def all_items(c: Any, job_id: str, page: int | None = None) -> dict[str, Any]:
     """A job with every item, fetched a page per request (``jobs.get`` pages its items)."""
     job = c.jobs_get(job_id, limit=page)
-    while job.get("next_offset") is not None:
-        more = c.jobs_get(job_id, offset=job["next_offset"], limit=page)
-        job["items"] += more["items"]
-        job["next_offset"] = more["next_offset"]
+    if job.get("next_offset") is not None:
+        job["items"] += c.job_items(job_id, offset=job["next_offset"], page=page)
+        job["next_offset"] = None
     return job
 
 

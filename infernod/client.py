@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import zmq
@@ -155,6 +155,16 @@ class Client(_Base, _Requests):
         body = self._gen_body(model, prompt, messages, params)
         reply = self.request("generate", body, deadline=deadline, timeout=max(self.timeout, 60))
         return Stream(self, reply["request_id"], reply)
+
+    def job_items(self, job_id: str, *, offset: int = 0,
+                  page: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every item of a job from ``offset`` on, in index order, one ``jobs.get`` page
+        (1000 items unless ``page``) per request, so a huge job never sits in memory."""
+        next_offset: int | None = offset
+        while next_offset is not None:
+            job = self.jobs_get(job_id, offset=next_offset, limit=page)
+            yield from job["items"]
+            next_offset = job.get("next_offset")
 
     def attach(self, request_id: str) -> Stream:
         """Follow a stream started elsewhere (another client, or before a reconnect)."""
@@ -334,6 +344,16 @@ class AsyncClient(_Base, _Requests):
         reply = await self.request("generate", body, deadline=deadline,
                                    timeout=max(self.timeout, 60))
         return AsyncStream(self, reply["request_id"], reply)
+
+    async def job_items(self, job_id: str, *, offset: int = 0,
+                        page: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """As :meth:`Client.job_items`: ``async for item in client.job_items(job_id)``."""
+        next_offset: int | None = offset
+        while next_offset is not None:
+            job = await self.jobs_get(job_id, offset=next_offset, limit=page)
+            for item in job["items"]:
+                yield item
+            next_offset = job.get("next_offset")
 
     async def attach(self, request_id: str) -> AsyncStream:
         """As :meth:`Client.attach`."""

@@ -3,6 +3,7 @@ and ownership: a job is the submitting principal's."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ import pytest
 import tomli_w
 from test_security import NOBODY, STRANGER, _open_for_group, needs_root, run_as
 
+from infernod.client import AsyncClient
 from infernod.protocol.errors import InfernoError
 
 pytestmark = pytest.mark.model
@@ -169,6 +171,17 @@ def test_jobs_get_pages_its_items(daemon):
         whole = all_items(c, job["job_id"], page=2)
         assert [it["index"] for it in whole["items"]] == [0, 1, 2, 3, 4]
         assert all(it["state"] == "done" for it in whole["items"])
+        assert whole["next_offset"] is None
+        # The client library's iterator: a page per request, from any offset.
+        assert [it["index"] for it in c.job_items(job["job_id"], page=2)] == [0, 1, 2, 3, 4]
+        assert [it["index"] for it in c.job_items(job["job_id"], offset=3)] == [3, 4]
+
+    async def pages_async() -> list[int]:
+        async with AsyncClient(daemon.endpoint, timeout=60) as ac:
+            return [it["index"] async for it in ac.job_items(job["job_id"], page=2)]
+
+    assert asyncio.run(pages_async()) == [0, 1, 2, 3, 4]
+    with daemon.client(timeout=60) as c:
         with pytest.raises(InfernoError) as e:
             c.jobs_get(job["job_id"], limit=0)
         assert e.value.code == "bad_request"

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from infernod.backends.base import GenerationRequest, SamplingParams
 from infernod.protocol.errors import InfernoError
@@ -78,6 +78,17 @@ class LoopSink:
         self.loop.call_soon_threadsafe(self.service.on_error, request_id, code, message, hint)
 
 
+class QueuePeer(Protocol):
+    """Another service whose requests share the scheduler (ONNX embed/infer): this
+    service's tick expires everyone's queued items, and its queue topic lists everyone's."""
+
+    def expired(self, item: QueueItem) -> None:
+        """The scheduler dropped the peer's queued ``item``: its deadline passed."""
+
+    def queue_items(self, now: float) -> list[dict[str, Any]]:
+        """The peer's waiting and running requests, in the ``queue`` topic's item shape."""
+
+
 class GenerationService:
     def __init__(self, cfg: Any, models: Any, scheduler: Any, publisher: Any,
                  on_profile: Callable[[Gen, str, dict], None] | None = None) -> None:
@@ -86,10 +97,7 @@ class GenerationService:
         self.scheduler = scheduler
         self.publisher = publisher
         self.on_profile = on_profile
-        # scheduler items expired by tick() that are not generations (the scheduler is shared)
-        self.on_foreign_expired: Callable[[QueueItem], None] | None = None
-        # the other services' waiting and running requests (ONNX), for the queue topic
-        self.foreign_queue_items: Callable[[float], list[dict[str, Any]]] | None = None
+        self.peer: QueuePeer | None = None  # the other service on the shared scheduler
         self.on_run_start: Callable[[Gen], None] | None = None  # service-wide, like on_profile
         self.gens: dict[str, Gen] = {}
         self.accepting = True
@@ -305,8 +313,8 @@ class GenerationService:
             if gen is not None:
                 self._fail(gen, "deadline_exceeded",
                            "the deadline passed while the request was queued", None)
-            elif self.on_foreign_expired is not None:  # another service's item (ONNX)
-                self.on_foreign_expired(item)
+            elif self.peer is not None:  # another service's item (ONNX)
+                self.peer.expired(item)
         for gen in list(self.gens.values()):
             if gen.state != "running" or gen.abort is not None:
                 continue
@@ -348,8 +356,8 @@ class GenerationService:
                 "deadline_in_s": None if g.deadline is None else round(g.deadline - now, 3),
                 "tokens": g.n_tokens, "job": g.job[0] if g.job else None,
             })
-        if self.foreign_queue_items is not None:
-            items += self.foreign_queue_items(now)
+        if self.peer is not None:
+            items += self.peer.queue_items(now)
         models = {it["model"] for it in items}
         return {"items": items, "running": sum(it["state"] == "running" for it in items),
                 "queued": sum(it["state"] == "queued" for it in items),

@@ -57,8 +57,7 @@ class InfernoDaemon(Daemon):
         self.onnx = OnnxService(self.cfg, self.models, self.scheduler,
                                 on_profile=self.telemetry.on_profile,
                                 on_run_start=self.telemetry.on_run_start)
-        self.gen.on_foreign_expired = self.onnx.expired  # one scheduler, one expiry pass
-        self.gen.foreign_queue_items = self.onnx.queue_items  # one queue topic, one status
+        self.gen.peer = self.onnx  # one scheduler: one expiry pass, one queue topic
         self.onnx.on_queue_change = self.gen.publish_queue
         self.queue.onnx = self.onnx  # queue.list shows embed/infer too
         self.last_seen: dict[str, float] = {}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from onnx_graphs import tiny_encoder, tiny_expected
 
+from infernod.generation import GenerationService
 from infernod.models import LoadedModel
 from infernod.onnx_service import OnnxEngine, OnnxJob, OnnxService
 from infernod.protocol.errors import InfernoError
@@ -84,12 +85,17 @@ async def test_backpressure_and_queued_deadline(engine: OnnxEngine) -> None:
     with pytest.raises(InfernoError) as e:  # the model's queue holds 2: refused at once
         await svc.run(_job(3, ["c"]))
     assert e.value.code == "overloaded" and e.value.extra.get("retry_after_ms")
-    await asyncio.sleep(0.3)
-    for item in svc.scheduler.expire(time.monotonic()):  # what the daemon's tick does
-        svc.expired(item)
-    with pytest.raises(InfernoError) as e:
+    # The daemon's tick runs in the generation service, which shares the scheduler: it
+    # expires the ONNX service's items too, and its queue topic lists them.
+    gen = GenerationService(None, SimpleNamespace(on_unloaded=[]), svc.scheduler, None)
+    gen.peer = svc
+    listed = {it["request_id"]: it for it in gen.queue_snapshot()["items"]}
+    assert listed["s.1"]["kind"] == "embed" and listed["s.1"]["state"] == "queued", listed
+    gen.tick(time.monotonic() + 1.0)  # a tick once the deadline has passed, before the
+    with pytest.raises(InfernoError) as e:  # request's own timer fires: the tick expires it
         await asyncio.wait_for(late, 5)
-    assert e.value.code == "deadline_exceeded"
+    assert e.value.code == "deadline_exceeded" and "while the request was queued" in str(e.value)
+    await asyncio.sleep(0.3)
     engine.busy = False
     svc.dispatch("tiny")
     reply = await asyncio.wait_for(other, 30)

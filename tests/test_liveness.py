@@ -132,7 +132,7 @@ def test_an_async_client_whose_loop_stood_still_still_takes_its_reply(daemon):
 
 
 _CHILD = textwrap.dedent("""
-    import json, sys
+    import json, os, signal, sys, time
     from infernod.client import Client, CurveKeys
     endpoint, max_tokens, *tcp = sys.argv[1:]
     kw = {}
@@ -148,6 +148,12 @@ _CHILD = textwrap.dedent("""
         steps[step] = steps.get(step, 0) + 1
         return step
     s._next_step = counted
+    def where(*_):  # the test's SIGTERM when we never finish: say where we were
+        print(f"child: next_seq {s.state.next_seq} done {s.state.done} gap {s.state.has_gap} "
+              f"silent {time.monotonic() - c.last_heartbeat:.1f}s stood still "
+              f"{c.stood_still_s:.1f}s steps {steps}", file=sys.stderr, flush=True)
+        os._exit(3)
+    signal.signal(signal.SIGTERM, where)
     it = iter(s)
     next(it)
     print(json.dumps({"request_id": s.request_id}), flush=True)
@@ -195,8 +201,11 @@ def test_paused_subscriber_is_dropped_then_fetches_the_gap(daemon_factory, tmp_p
     # because the daemon serves tcp only with it.
     port = _free_port_pair()
     ep = f"tcp://127.0.0.1:{port}"
+    # The lease is not what this test is about: a long one keeps a slow machine (the pause
+    # is measured in tokens, not seconds) from aborting the stopped child's generation.
     d = daemon_factory({"daemon": {"subscriber_hwm": 4, "subscriber_sndbuf_bytes": 4096},
-                        "security": {"tcp_endpoint": ep}}, start=False)
+                        "security": {"tcp_endpoint": ep},
+                        "scheduler": {"client_lease_s": 120.0}}, start=False)
     keydir = tmp_path / "keys"
     assert cli.main(["keys", "--state-dir", str(d.state), "init"]) == 0
     assert cli.main(["keys", "--state-dir", str(d.state), "add", "paused", "--role",
@@ -214,10 +223,10 @@ def test_paused_subscriber_is_dropped_then_fetches_the_gap(daemon_factory, tmp_p
             # not how long it took. A token event is ~300 bytes on the wire (4 frames,
             # CURVE), so 200 of them are twice what the buffers above hold (~30 KB with
             # libzmq's 8 KB batch): most are certainly dropped at the daemon. That takes 3-6 s
-            # at 35-65 tokens/s on two cores, inside the client lease (10 s), and half the
-            # generation is still to come, so the child sees a later seq and the gap in front
-            # of it. A pause close to three heartbeats is also what once made the child
-            # declare the daemon lost on waking (see test_our_own_pause_is_not_...).
+            # at 35-65 tokens/s on two cores, and half the generation is still to come, so the
+            # child sees a later seq and the gap in front of it. A pause close to three
+            # heartbeats is also what once made the child declare the daemon lost on waking
+            # (see test_our_own_pause_is_not_the_daemons_silence).
             pings: list[float] = []
             seq = 0
             t0 = time.monotonic()
@@ -230,14 +239,17 @@ def test_paused_subscriber_is_dropped_then_fetches_the_gap(daemon_factory, tmp_p
                     time.sleep(0.02)
                 paused = c.request("stream.fetch", {"request_id": rid, "from_seq": seq})
                 seq = paused["events"][-1]["seq"] if paused["events"] else seq
+                assert not paused["finished"], paused["events"][-1:]
             assert not paused["finished"]
             grown = proc.memory_info().rss - rss0
             os.kill(p.pid, signal.SIGCONT)
             stdout, stderr = p.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            p.kill()
+            p.terminate()  # the child prints where it was on SIGTERM
             stdout, stderr = p.communicate()
-            pytest.fail(f"the resumed client never finished its stream\n{stderr}")
+            where = c.request("stream.fetch", {"request_id": rid})
+            pytest.fail(f"the resumed client never finished its stream (the daemon's is at seq "
+                        f"{where['events'][-1]['seq']}, finished {where['finished']})\n{stderr}")
         finally:
             if p.poll() is None:  # a failed assertion above must not leave it stopped
                 p.kill()

@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 
 from infernod import __version__
 from infernod import config as config_mod
 from infernod.auth import SecurityError
 from infernod.server import LockError, setup_logging
+
+# models.cpu_wait -> OMP_WAIT_POLICY. Measured on 2 cores (README, "CPU threads under load"):
+# spinning is fastest alone and slowest beside busy programs; sleeping the reverse.
+CPU_WAIT_POLICIES = {"spin": "ACTIVE", "sleep": "PASSIVE"}
+
+
+def set_cpu_wait(policy: str) -> None:
+    """OpenMP, which runs llama.cpp's CPU threads, reads OMP_WAIT_POLICY once, as it loads:
+    this must run before anything imports llama_cpp. 'auto' leaves the environment alone."""
+    log = logging.getLogger("infernod")
+    value = CPU_WAIT_POLICIES.get(policy)
+    if value is not None:
+        os.environ["OMP_WAIT_POLICY"] = value
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = any("libgomp" in line for line in maps)
+    except OSError:
+        loaded = False
+    if loaded:
+        log.warning("OpenMP was loaded before models.cpu_wait could apply: it keeps the "
+                    "policy it started with (set OMP_WAIT_POLICY in the service's environment)")
+    log.info("CPU threads wait by %s (models.cpu_wait = %s)",
+             os.environ.get("OMP_WAIT_POLICY", "OpenMP's default"), policy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infernod: config OK ({cfg.source})")
         return 0
     setup_logging(cfg.daemon.log_level)
-    from infernod.service import InfernoDaemon
+    set_cpu_wait(cfg.models.cpu_wait)
+    from infernod.service import InfernoDaemon  # loads llama.cpp, and OpenMP with it
 
     daemon = InfernoDaemon(cfg)
     try:

@@ -84,6 +84,11 @@ class ModelsConfig:
                        restart=True)
     threads_batch: int = opt(0, "prompt threads; 0 = number of cores", min=0, max=1024,
                              restart=True)
+    cpu_wait: str = opt("auto", "how llama.cpp's CPU threads wait for each other: 'spin' is "
+                                "fastest on a machine of its own, 'sleep' when other programs "
+                                "keep the cores busy, 'auto' is OpenMP's default (or "
+                                "OMP_WAIT_POLICY from the environment)",
+                        choices=("auto", "spin", "sleep"), restart=True)
     n_gpu_layers: int = opt(0, "layers offloaded to the GPU; -1 = all", min=-1, max=100000,
                             restart=True)
     swa_full: bool = opt(False, "full-size sliding-window KV cache (longer prefix reuse, more "

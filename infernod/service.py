@@ -245,6 +245,7 @@ class InfernoDaemon(Daemon):
             "requests_served": self.requests_served,
             "versions": {"python": platform.python_version(),
                          "llama_cpp_python": self.backend_info.get("llama_cpp_python")},
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),  # models.cpu_wait
             "gpu_offload_supported": self.backend_info.get("gpu_offload_supported"),
             "held": self.held(),
         }

@@ -39,6 +39,27 @@ def test_hello_ping_status_config(daemon):
         assert e.value.code == "bad_request"
 
 
+def test_cpu_wait_sets_openmp_policy_before_llama_cpp_loads(daemon_factory):
+    d = daemon_factory({"models": {"cpu_wait": "sleep"}})
+    with d.client() as c:
+        assert c.status()["omp_wait_policy"] == "PASSIVE"
+        c.load("gemma3-270m")  # OpenMP is loaded now, and read the policy as it loaded
+    # OpenMP reads the policy once, as it loads: it was not loaded when the policy was set
+    # (or the daemon warns), and it is loaded now.
+    assert any("libgomp" in m.path for m in psutil.Process(d.pid).memory_maps())
+    log = d.log()
+    assert "CPU threads wait by PASSIVE (models.cpu_wait = sleep)" in log, log
+    assert "OpenMP was loaded before" not in log, log
+
+
+def test_cpu_wait_says_when_it_came_too_late():
+    code = ("import logging, llama_cpp.llama_cpp; logging.basicConfig(); "
+            "from infernod.__main__ import set_cpu_wait; set_cpu_wait('spin')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert "OpenMP was loaded before models.cpu_wait could apply" in out.stderr, out.stderr
+
+
 def test_runtime_dir_is_private(daemon):
     assert (daemon.runtime.stat().st_mode & 0o777) == 0o700
 

@@ -70,7 +70,7 @@ class InfernoApp(App[None]):
 
     # -- lifecycle --------------------------------------------------------------------------
     def on_mount(self) -> None:
-        self.set_interval(1 / self.REDRAW_HZ, self._flush)
+        self.set_interval(1 / self.REDRAW_HZ, self._redraw)
         if self._connect:
             self.run_connection()
 
@@ -86,8 +86,10 @@ class InfernoApp(App[None]):
         self.snapshot = replace(self.snapshot, **changes)
         self._dirty = True
 
-    def _flush(self) -> None:
-        if not self._dirty:
+    def _redraw(self) -> None:
+        """Show the newest snapshot, at most REDRAW_HZ times a second. (Not ``_flush``:
+        Textual's App._flush is what its stdout/stderr capture calls on every flush.)"""
+        if not self._dirty or not self.screen_stack:  # no screen while starting or stopping
             return
         self._dirty = False
         screen = self.screen
@@ -96,7 +98,7 @@ class InfernoApp(App[None]):
 
     def on_screen_resume(self) -> None:  # a mode switch shows fresh data at once
         self._dirty = True
-        self._flush()
+        self._redraw()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

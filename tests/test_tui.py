@@ -176,6 +176,21 @@ async def test_reconnects_after_daemon_kill_and_restart(daemon, tmp_path: Path) 
         assert app.is_running
 
 
+async def test_stray_output_and_shutdown_do_not_break_the_console(tmp_path: Path) -> None:
+    """Textual captures stdout/stderr while the app runs and calls App._flush(stderr=...) on
+    each flush: a library that prints (a warning) must not crash the console, and a redraw
+    due while the app stops (no screen left) must do nothing."""
+    endpoint = f"ipc://{tmp_path}/nothing/control.sock"
+    app = InfernoApp(Settings(endpoint=endpoint, data_dir=str(tmp_path), readonly=True))
+    async with app.run_test(size=(80, 24)) as pilot:
+        print("stray output", flush=True)
+        print("stray warning", file=sys.stderr, flush=True)
+        await pilot.pause(0.3)
+        assert app.is_running
+    app.update_snapshot()  # dirty after the last screen is gone
+    app._redraw()
+
+
 async def test_disconnected_without_daemon_and_readonly(tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/nothing/control.sock"
     app = InfernoApp(Settings(endpoint=endpoint, data_dir=str(tmp_path), readonly=True))

@@ -120,10 +120,11 @@ class Client(_Base, _Requests):
         self._note_pump()  # a pause before this request is not part of its time
         msg_id = self.send(type_, body, deadline=deadline, idem=idem)
         limit = timeout if timeout is not None else self.timeout
-        end = time.monotonic() + limit - self.stood_still_s
+        end = time.monotonic() + limit
+        stood_at_start = self.stood_still_s
         while True:
             # Time we stood still (stopped, suspended) is not the daemon's: it moves the end.
-            left = end + self.stood_still_s - time.monotonic()
+            left = end + (self.stood_still_s - stood_at_start) - time.monotonic()
             if left <= 0:
                 raise DaemonUnavailable(f"no reply to '{type_}' within {limit:.1f}s",
                                         "the daemon may be hung or gone")

@@ -6,18 +6,49 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
-STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(LLAMA_KEY)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: run test check lint format bench clean daemon
+# llama.cpp is built portable, never with -march=native: a native wheel built on one server
+# crashes on the next (AMX kernels fault on some Xeon VMs, AVX-512 is missing on others).
+# The default instruction set is x86-64-v3 (AVX2, FMA, F16C, BMI2: every x86 server since
+# 2013); `inferno doctor` compares it with the host's. The wheel is built once per version and
+# flag set into its own folder, so a wheel pip cached from another build is never reused.
+# Override for one machine, e.g.  make LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" test
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+LLAMA_CMAKE_ARGS  ?= -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON \
+                     -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF \
+                     -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF \
+                     -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+                     -DGGML_AMX_BF16=OFF
+LLAMA_KEY   := $(shell printf '%s|%s' '$(LLAMA_CPP_VERSION)' '$(strip $(LLAMA_CMAKE_ARGS))' | cksum | cut -d' ' -f1)
+WHEELHOUSE  ?= $(HOME)/.cache/inferno/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
+LLAMA_WHEEL  = $(WHEELHOUSE)/.built
+
+.PHONY: run test check lint format bench clean daemon llama-wheel
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(VENV)/bin/python pyproject.toml
-	@echo "Installing Inferno into $(VENV) (first time: llama-cpp-python compiles, ~9 min on 2 cores)"
-	$(PIP) install --quiet -e ".[default-model,dev]"
+# The sdist is downloaded (pip's HTTP cache may serve it) and built with --no-cache-dir, so
+# pip's wheel cache, keyed by URL and not by CMAKE_ARGS, can neither serve nor keep the build.
+$(LLAMA_WHEEL): | $(VENV)/bin/python
+	@echo "Building llama-cpp-python $(LLAMA_CPP_VERSION), portable (~9 min on 2 cores, once per flag set)"
+	@echo "  CMAKE_ARGS=$(strip $(LLAMA_CMAKE_ARGS))"
+	@rm -rf $(WHEELHOUSE).tmp && mkdir -p $(WHEELHOUSE).tmp/src
+	$(PIP) download --quiet --no-deps --no-binary :all: -d $(WHEELHOUSE).tmp/src llama-cpp-python==$(LLAMA_CPP_VERSION)
+	CMAKE_ARGS="$(strip $(LLAMA_CMAKE_ARGS))" FORCE_CMAKE=1 $(PIP) wheel --quiet --no-deps --no-cache-dir \
+	  -w $(WHEELHOUSE).tmp $(WHEELHOUSE).tmp/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	@rm -rf $(WHEELHOUSE).tmp/src $(WHEELHOUSE) && printf '%s\n' '$(strip $(LLAMA_CMAKE_ARGS))' > $(WHEELHOUSE).tmp/cmake-args.txt
+	@touch $(WHEELHOUSE).tmp/.built && mv $(WHEELHOUSE).tmp $(WHEELHOUSE)
+
+llama-wheel: $(LLAMA_WHEEL)
+
+$(STAMP): $(VENV)/bin/python pyproject.toml $(LLAMA_WHEEL)
+	@echo "Installing Inferno into $(VENV)"
+	$(PIP) install --quiet --find-links $(WHEELHOUSE) --only-binary llama-cpp-python \
+	  -e ".[default-model,dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

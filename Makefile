@@ -25,7 +25,7 @@ LLAMA_KEY   := $(shell printf '%s|%s' '$(LLAMA_CPP_VERSION)' '$(strip $(LLAMA_CM
 WHEELHOUSE  ?= $(HOME)/.cache/inferno/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
 LLAMA_WHEEL  = $(WHEELHOUSE)/.built
 
-.PHONY: run test check lint format bench clean daemon llama-wheel
+.PHONY: run test check lint format bench clean daemon llama-wheel llama-cmake-args
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -44,6 +44,10 @@ $(LLAMA_WHEEL): | $(VENV)/bin/python
 	@touch $(WHEELHOUSE).tmp/.built && mv $(WHEELHOUSE).tmp $(WHEELHOUSE)
 
 llama-wheel: $(LLAMA_WHEEL)
+
+# The flags, for installs without make (docs/operations.md): CMAKE_ARGS="$(make -s llama-cmake-args)"
+llama-cmake-args:
+	@echo '$(strip $(LLAMA_CMAKE_ARGS))'
 
 $(STAMP): $(VENV)/bin/python pyproject.toml $(LLAMA_WHEEL)
 	@echo "Installing Inferno into $(VENV)"

@@ -76,6 +76,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     held = st.get("held")
     if held:
         con.print("held: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in held.items()))
+    cpu = st.get("cpu")
+    if cpu and not cpu.get("ok"):
+        con.print(f"[bold red]GGUF models disabled[/]: {cpu['reason']} (see: inferno doctor)")
     loaded = st["models_loaded"]
     if loaded:
         for m in loaded:
@@ -398,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_keys.add_parser(sub)
     COMMANDS["keys"] = cli_keys.cmd_keys
+    from infernod import cli_doctor  # doctor
+
+    cli_doctor.add_parser(add)
+    COMMANDS["doctor"] = lambda a: cli_doctor.cmd_doctor(a, _client)
     from infernod import cli_telemetry  # stats, metrics, bench
 
     cli_telemetry.add_parsers(add)

@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from infernod.backends.cpu_features import CpuSupport
 from infernod.backends.parking import park_count
 from infernod.config import Config
 from infernod.protocol.errors import InfernoError
@@ -78,6 +79,8 @@ class ModelManager:
         self.notifier = notifier
         self.loaded: dict[str, LoadedModel] = {}
         self.on_unloaded: list[Callable[[str], None]] = []
+        # Set by the daemon once llama.cpp was probed (backends.cpu_features): None until then.
+        self.cpu_support: CpuSupport | None = None
 
     # -- budget -----------------------------------------------------------------------------
     def budget_bytes(self) -> int:
@@ -201,6 +204,9 @@ class ModelManager:
             from infernod.onnx_service import create_engine
 
             return create_engine(self.cfg, info)  # memory: the registry's file-size estimate
+        if self.cpu_support is not None and not self.cpu_support.ok:
+            raise InfernoError(self.cpu_support.code, f"cannot load {name}: "
+                               f"{self.cpu_support.reason()}", self.cpu_support.hint())
         from infernod.backends.gguf import GgufEngine
 
         m = self.cfg.models

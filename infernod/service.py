@@ -14,6 +14,7 @@ from typing import Any
 
 from infernod import __version__, jobs_service, queueing
 from infernod import config as config_mod
+from infernod.backends.cpu_features import CpuSupport, probe_build
 from infernod.generation import Gen, GenerationService, LoopSink
 from infernod.jobs_service import JobService
 from infernod.models import ModelManager
@@ -63,6 +64,7 @@ class InfernoDaemon(Daemon):
         self.last_seen: dict[str, float] = {}
         self.scanned = asyncio.Event()
         self.backend_info: dict[str, Any] = {}
+        self.cpu_support: CpuSupport | None = None
         self._register()
         self.spawn(self._tick_loop(), "tick")
         self.spawn(self._startup_models(), "startup-models")
@@ -82,8 +84,19 @@ class InfernoDaemon(Daemon):
 
     async def _startup_models(self) -> None:
         loop = asyncio.get_running_loop()
-        # Loading llama.cpp's shared library takes a moment: never on the loop.
-        self.backend_info = await loop.run_in_executor(None, _backend_info)
+        # llama.cpp is probed in a child process first: a build this CPU cannot run kills
+        # the child, and GGUF loads are refused with the reason instead of killing us.
+        self.cpu_support = await loop.run_in_executor(None, probe_build)
+        self.models.cpu_support = self.cpu_support
+        self.backend_info = {"llama_cpp_python": self.cpu_support.llama_cpp_python,
+                             "gpu_offload_supported": self.cpu_support.gpu_offload_supported}
+        if not self.cpu_support.ok:
+            log.error("GGUF models disabled: %s (%s)", self.cpu_support.reason(),
+                      self.cpu_support.hint())
+        else:
+            log.info("llama.cpp built for %s; this CPU also has %s",
+                     " ".join(sorted(self.cpu_support.build)) or "baseline",
+                     " ".join(self.cpu_support.unused) or "nothing more")
         # Requests that name a model wait for `scanned`: on a first start that includes
         # assembling the default model (a few seconds), so `inferno run gemma3-270m` works
         # right after `make run` instead of failing with unknown_model.
@@ -247,6 +260,7 @@ class InfernoDaemon(Daemon):
                          "llama_cpp_python": self.backend_info.get("llama_cpp_python")},
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),  # models.cpu_wait
             "gpu_offload_supported": self.backend_info.get("gpu_offload_supported"),
+            "cpu": self.cpu_support.to_wire() if self.cpu_support else None,
             "held": self.held(),
         }
 
@@ -390,10 +404,3 @@ def _path(p: str) -> Any:
     from pathlib import Path
 
     return Path(p).expanduser()
-
-
-def _backend_info() -> dict[str, Any]:
-    import llama_cpp
-
-    return {"llama_cpp_python": llama_cpp.__version__,
-            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload())}

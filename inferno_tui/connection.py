@@ -159,6 +159,13 @@ class Connection:
             if isinstance(reply.get("items"), list):
                 self.post(m.QueueUpdated(reply))
 
+    async def upload_model(self, path: str, progress: Any = None) -> dict[str, Any]:
+        """Send a local model file to the daemon (see ``AsyncClient.upload_model``)."""
+        client = self.client
+        if client is None:
+            raise DaemonUnavailable("not connected to the daemon", "wait for it to reconnect")
+        return await client.upload_model(path, progress=progress)
+
     async def request(self, type_: str, body: dict[str, Any] | None = None,
                       timeout: float | None = None) -> dict[str, Any]:
         client = self.client

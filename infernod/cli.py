@@ -154,12 +154,38 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 @command("import")
 def cmd_import(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"path": str(Path(args.path).resolve()), "link": args.link}
-    if args.name:
-        body["name"] = args.name
+    """Sends FILE from this machine (read with your rights); with --daemon-path the daemon
+    imports a path on its own host, only from its models.import_dirs."""
+    if args.daemon_path or args.link:
+        with _client(args) as c:
+            r = c.import_path(args.path, args.name, link=args.link)
+        print(json.dumps(r) if args.json else f"imported {r['model']} ({r['path']})")
+        return EXIT_OK
+    path = Path(args.path)
+    if path.is_dir():
+        _err(f"{path} is a directory: only a .gguf or .onnx file can be sent; copy a "
+             "directory model into a model directory on the daemon's host, or use "
+             "--daemon-path for one inside models.import_dirs")
+        return EXIT_USAGE
+    show = sys.stderr.isatty() and not args.json
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        if not show:
+            return
+        rate = done / max(time.monotonic() - started, 1e-3)
+        sys.stderr.write(f"\rsending {path.name}: {done * 100 // max(total, 1):3d}% "
+                         f"{_bytes(done)} of {_bytes(total)}, {rate / 2**20:,.0f} MiB/s ")
+        sys.stderr.flush()
+
     with _client(args) as c:
-        r = c.request("models.import", body, timeout=3600)
-    print(json.dumps(r) if args.json else f"imported {r['model']} ({r['path']})")
+        try:
+            r = c.upload_model(path, args.name, progress=progress, resume=not args.restart)
+        finally:
+            if show:
+                sys.stderr.write("\n")
+    print(json.dumps(r) if args.json else
+          f"imported {r['model']} ({r['path']}, {_bytes(r['size'])}, sha256 {r['sha256']})")
     return EXIT_OK
 
 
@@ -361,10 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("--keep-alive", type=float, help="idle seconds before unload; -1 pins")
     add("unload", "unload a model").add_argument("model")
-    sp = add("import", "import a model file into the daemon's model directory")
-    sp.add_argument("path")
-    sp.add_argument("--name")
-    sp.add_argument("--link", action="store_true", help="symlink instead of copying")
+    sp = add("import", "send a .gguf/.onnx file to the daemon as a new model")
+    sp.add_argument("path", help="a file on this machine (read with your rights)")
+    sp.add_argument("--name", help="model name (default from the file name)")
+    sp.add_argument("--restart", action="store_true",
+                    help="start over instead of resuming an interrupted upload")
+    sp.add_argument("--daemon-path", action="store_true",
+                    help="PATH is on the daemon's host, inside its models.import_dirs: the "
+                         "daemon copies it itself")
+    sp.add_argument("--link", action="store_true",
+                    help="with --daemon-path: symlink instead of copying")
     add("remove", "delete an imported model").add_argument("model")
     for name, help_ in (("run", "generate from a prompt ('-' reads stdin)"),
                         ("chat", "interactive chat")):

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from infernod.client_base import STOOD_STILL_S, CurveKeys, _Base, _Requests
+from infernod.client_base import STOOD_STILL_S, CurveKeys, UploadSteps, _Base, _Requests
 from infernod.client_stream import AsyncStream, Event, Stream, _decode_event
 from infernod.paths import Endpoints
 from infernod.protocol import codec
@@ -138,6 +138,29 @@ class Client(_Base, _Requests):
               post: Callable[[dict[str, Any]], Any] | None = None, **kw: Any) -> Any:
         reply = self.request(type_, body, **kw)
         return post(reply) if post else reply
+
+    def _drive(self, steps: UploadSteps) -> Any:
+        """Runs a generator of requests (``upload_model``): each reply goes back in, each
+        error is thrown in; ``rate_limited`` waits and sends the same step again."""
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply = error = None
+            while True:
+                try:
+                    reply = self.request(step.type, step.body, timeout=step.timeout)
+                except InfernoError as e:
+                    if e.code == "rate_limited" and not step.best_effort:
+                        time.sleep(min(2.0, int(e.extra.get("retry_after_ms", 10)) / 1000))
+                        continue
+                    error = e
+                except BaseException as e:  # KeyboardInterrupt: the steps abort the upload
+                    error = e
+                break
 
     def wait_welcome(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until the daemon's welcome arrived: from then on no event is missed."""
@@ -327,6 +350,30 @@ class AsyncClient(_Base, _Requests):
             reply = await self.request(type_, body, **kw)
             return post(reply) if post else reply
         return call()
+
+    async def _drive(self, steps: UploadSteps) -> Any:
+        """As :meth:`Client._drive`, awaiting each request (the file is read inline, one
+        chunk at a time)."""
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply = error = None
+            while True:
+                try:
+                    reply = await self.request(step.type, step.body, timeout=step.timeout)
+                except InfernoError as e:
+                    if e.code == "rate_limited" and not step.best_effort:
+                        await asyncio.sleep(
+                            min(2.0, int(e.extra.get("retry_after_ms", 10)) / 1000))
+                        continue
+                    error = e
+                except BaseException as e:  # CancelledError: the steps abort the upload
+                    error = e
+                break
 
     async def wait_welcome(self, timeout: float | None = None) -> dict[str, Any]:
         end = time.monotonic() + (timeout if timeout is not None else self.timeout)

@@ -8,12 +8,13 @@ Scripts import from :mod:`infernod.client`; nothing here is public on its own.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,96 @@ class _Requests:
 
     def jobs_cancel(self, job_id: str) -> Any:
         return self._call("jobs.cancel", {"job_id": job_id})
+
+    def _drive(self, steps: UploadSteps) -> Any:
+        raise NotImplementedError
+
+    def upload_model(self, path: str | os.PathLike[str], name: str | None = None, *,
+                     progress: UploadProgress | None = None, resume: bool = True) -> Any:
+        """Send a local ``.gguf``/``.onnx`` file to the daemon as a new model, in chunks.
+
+        The file is read here, with the caller's rights (the daemon never opens a path of
+        the caller's choosing). ``progress(sent_bytes, total_bytes)`` is called after each
+        chunk. The daemon checks the sha256 computed while sending, validates the header
+        and returns ``{model, path, size, sha256}``. On an error or an interrupt the upload
+        is aborted (nothing is left on the daemon); when the daemon becomes unreachable it
+        keeps the partial file for a while, and calling again with the same file and name
+        resumes where it stopped (``resume=False`` starts over).
+        """
+        return self._drive(_upload_steps(Path(path), name, progress, resume,
+                                         max(self.timeout, 60.0)))
+
+    def import_path(self, path: str, name: str | None = None, *, link: bool = False,
+                    timeout: float = 3600) -> Any:
+        """Import a model that is already on the daemon's host, by path: only from the
+        directories its operator listed in ``models.import_dirs``."""
+        return self._call("models.import", _drop_none({"path": path, "name": name,
+                                                      "link": link or None}),
+                          timeout=timeout)
+
+
+UploadProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class UploadStep:
+    """One request of an upload; the client that drives the steps sends it."""
+
+    type: str
+    body: dict[str, Any]
+    timeout: float
+    best_effort: bool = False  # an abort: its failure must not hide the original error
+
+
+UploadSteps = Generator[UploadStep, Any, dict[str, Any]]
+
+
+def _upload_steps(path: Path, name: str | None, progress: UploadProgress | None,
+                  resume: bool, timeout: float) -> UploadSteps:
+    """The whole upload as a generator of requests, so Client and AsyncClient share it:
+    the driver sends each step and sends the reply back in (or throws the error in)."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise InfernoError("bad_request", f"cannot read {path}: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise InfernoError("invalid_model", f"{path} is empty")
+        begin = yield UploadStep("models.upload.begin", _drop_none(
+            {"filename": path.name, "size": size, "name": name, "resume": resume}), timeout)
+        upload_id, offset, chunk = begin["upload_id"], begin["offset"], begin["chunk_bytes"]
+        digest = hashlib.sha256()
+        try:
+            while f.tell() < offset:  # resumed: the daemon has these bytes, we hash them
+                block = f.read(min(8 * chunk, offset - f.tell()))
+                if not block:
+                    raise InfernoError("conflict", f"{path} is shorter than the "
+                                       f"{offset} bytes already sent", "send it again")
+                digest.update(block)
+            if progress:
+                progress(offset, size)
+            while offset < size:
+                data = f.read(min(chunk, size - offset))
+                if not data:
+                    raise InfernoError("conflict", f"{path} shrank while it was sent")
+                digest.update(data)
+                reply = yield UploadStep("models.upload.chunk", {
+                    "upload_id": upload_id, "offset": offset, "data": data}, timeout)
+                offset = reply["offset"]
+                if progress:
+                    progress(offset, size)
+            return (yield UploadStep("models.upload.finish", {
+                "upload_id": upload_id, "sha256": digest.hexdigest()}, max(timeout, 600.0)))
+        except DaemonUnavailable:
+            raise  # the daemon keeps the partial upload for a while: a rerun resumes it
+        except BaseException:
+            try:
+                yield UploadStep("models.upload.abort", {"upload_id": upload_id}, 10.0,
+                                 best_effort=True)
+            except InfernoError:
+                pass
+            raise
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

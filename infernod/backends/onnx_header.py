@@ -190,3 +190,8 @@ def _dimension(buf: memoryview, span: tuple[int, int]) -> int | str:
         elif field == 2 and wire == 2:
             dim = _text(buf, v) or UNKNOWN_DIM
     return dim
+
+
+def parse_header(buf: memoryview) -> dict[str, Any]:
+    """``read_header`` on a buffer already mapped (an import validates an open descriptor)."""
+    return _parse_model(buf)

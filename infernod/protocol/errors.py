@@ -37,6 +37,13 @@ CODES: dict[str, str] = {
     "conflict": "the target already exists or is in the wrong state",
     "not_supported": "this build or model does not support the request",
     "internal": "this is a bug in infernod; the daemon log has the details",
+    "path_not_allowed": "send the file from your machine instead: 'inferno import FILE'",
+    "unsafe_path": "symlinks, hard links and paths leaving the model's directory are refused",
+    "invalid_model": "the file is damaged or not a GGUF/ONNX model; nothing was imported",
+    "checksum_mismatch": "the upload was corrupted or the file changed while it was sent; "
+                         "send it again",
+    "unknown_upload": "the upload finished, was aborted or expired; start it again",
+    "insufficient_storage": "free disk space in the model directory, or import a smaller file",
 }
 
 

@@ -39,6 +39,7 @@ BOOL = (bool,)
 INT = (int,)
 LIST = (list,)
 MAP = (dict,)
+BIN = (bytes,)
 
 HEADER: dict[str, F] = {
     "id": F(STR, True, max_len=64, doc="message id chosen by the client, unique per session"),
@@ -80,10 +81,28 @@ SCHEMAS: dict[str, dict[str, F]] = {
     },
     "models.unload": {"model": F(STR, True, max_len=64)},
     "models.import": {
-        "path": F(STR, True, max_len=4096, doc="absolute path of a .gguf/.onnx on the daemon host"),
+        "path": F(STR, True, max_len=4096, doc="absolute path of a .gguf/.onnx file or ONNX "
+                  "directory on the daemon host, inside models.import_dirs"),
         "name": F(STR, max_len=64),
         "link": F(BOOL, doc="symlink instead of copy"),
     },
+    "models.upload.begin": {
+        "filename": F(STR, True, max_len=255, doc="the file's bare name; .gguf or .onnx"),
+        "size": F(INT, True, min=1, max=2**44, doc="bytes the client will send"),
+        "name": F(STR, max_len=64, doc="model name (default from filename)"),
+        "resume": F(BOOL, doc="go on with your unfinished upload of the same name and size "
+                              "(default true)"),
+    },
+    "models.upload.chunk": {
+        "upload_id": F(STR, True, max_len=64),
+        "offset": F(INT, True, min=0, max=2**44, doc="bytes sent before this chunk"),
+        "data": F(BIN, True, doc="1 to chunk_bytes bytes (binary)"),
+    },
+    "models.upload.finish": {
+        "upload_id": F(STR, True, max_len=64),
+        "sha256": F(STR, True, max_len=64, doc="hex sha256 of the whole file"),
+    },
+    "models.upload.abort": {"upload_id": F(STR, True, max_len=64)},
     "models.remove": {"model": F(STR, True, max_len=64)},
     "generate": {
         "model": F(STR, True, max_len=64),

@@ -7,6 +7,7 @@ docs/protocol.md, so the doc and the code cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -188,8 +189,9 @@ def _check(name: str, value: Any, spec: F, where: str) -> None:
             f"{where}.{name} = {value!r} is not one of {', '.join(map(str, spec.choices))}",
         )
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value != value:  # NaN
-            raise InfernoError("bad_request", f"{where}.{name} is NaN")
+        if isinstance(value, float) and not math.isfinite(value):  # NaN, inf, -inf
+            raise InfernoError("bad_request", f"{where}.{name} = {value} is not a finite "
+                                              "number")
         if spec.min is not None and value < spec.min:
             raise InfernoError("bad_request", f"{where}.{name} = {value} is below {spec.min}")
         if spec.max is not None and value > spec.max:
@@ -247,7 +249,21 @@ def validate_body(type_: str, body: dict[str, Any], schemas: dict[str, dict[str,
     validate(body, schema, type_)
     if type_ == "generate":
         _validate_generate(body)
+    if "stop" in schema:
+        _validate_stop(type_, body)
     return body
+
+
+MAX_STOP_CHARS = 256
+
+
+def _validate_stop(type_: str, body: dict[str, Any]) -> None:
+    """Stop strings are matched against every token's text: each is 1-256 characters, for
+    every request type that takes them (a job applies them to each of its items)."""
+    for i, s in enumerate(body.get("stop") or []):
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise InfernoError("bad_request",
+                               f"{type_}.stop[{i}] must be 1-{MAX_STOP_CHARS} characters")
 
 
 def _validate_generate(body: dict[str, Any]) -> None:
@@ -265,6 +281,3 @@ def _validate_generate(body: dict[str, Any]) -> None:
                 "bad_request",
                 f"generate.messages[{i}] must be {{role: system|user|assistant, content: str}}",
             )
-    for i, s in enumerate(body.get("stop") or []):
-        if not s or len(s) > 256:
-            raise InfernoError("bad_request", f"generate.stop[{i}] must be 1-256 characters")

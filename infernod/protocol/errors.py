@@ -36,6 +36,7 @@ CODES: dict[str, str] = {
     "config_error": "fix the named key in infernod.toml",
     "conflict": "the target already exists or is in the wrong state",
     "not_supported": "this build or model does not support the request",
+    "storage_full": "free space on the daemon's state directory filesystem, then retry",
     "internal": "this is a bug in infernod; the daemon log has the details",
     "path_not_allowed": "send the file from your machine instead: 'inferno import FILE'",
     "unsafe_path": "symlinks, hard links and paths leaving the model's directory are refused",

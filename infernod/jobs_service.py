@@ -370,7 +370,7 @@ def register(daemon: Any) -> None:
 
     async def h_jobs_submit(req: Any) -> dict[str, Any]:
         b = req.body
-        info = await daemon.lookup(b["model"])
+        info = await daemon.lookup(b["model"], req)
         params = {k: b[k] for k in _PARAM_KEYS if b.get(k) is not None}
         job, created = await jobs.submit(req.principal, info.name, b["prompts"], params,
                                          b.get("priority") or "low", req.header.get("idem"),
@@ -382,6 +382,9 @@ def register(daemon: Any) -> None:
     async def h_jobs_get(req: Any) -> dict[str, Any]:
         # A page of items per reply: a 10,000-item job's results would be tens of MB, built
         # and packed on the event loop in one piece.
+        # The owner check first, on the job's summary: a stranger's request must not make
+        # the store thread load (and hold) a page of up to 10,000 prompts and results.
+        _check_owner(req, await jobs.summary(req.body["job_id"]), "read")
         offset = req.body.get("offset", 0)
         job = await jobs.get(req.body["job_id"], offset, req.body.get("limit", JOB_PAGE_ITEMS))
         out = job.to_wire()

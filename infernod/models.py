@@ -259,10 +259,12 @@ class ModelManager:
         names = [n for n, lm in self.loaded.items() if lm.state == "loaded"]
         return f"serving; models loaded: {', '.join(names) or 'none'}"
 
-    def list_models(self) -> list[dict[str, Any]]:
+    def list_models(self, rescan: bool = True) -> list[dict[str, Any]]:
+        """Every model with its state; ``rescan=False`` lists the newest scan's result
+        (cheap: no file is touched, safe on the event loop)."""
         now = time.monotonic()
         out = []
-        for info in self.registry.scan():
+        for info in (self.registry.scan() if rescan else self.registry.models()):
             d = info.to_dict()
             lm = self.loaded.get(info.name)
             d.update(lm.to_wire(now) if lm else {"state": "available"})

@@ -28,6 +28,8 @@ from infernod.telemetry_service import TelemetryService
 
 log = logging.getLogger("infernod")
 
+MONITOR_SCAN_AGE_S = 30.0  # a non-operator's models.list/show reuses a scan this recent
+
 
 class InfernoDaemon(Daemon):
     async def start(self) -> None:
@@ -64,6 +66,9 @@ class InfernoDaemon(Daemon):
         self.queue.onnx = self.onnx  # queue.list shows embed/infer too
         self.last_seen: dict[str, float] = {}
         self.scanned = asyncio.Event()
+        self.model_scans = 0  # registry scans done (status: model_scans)
+        self._scan_started_at = float("-inf")  # start of the newest finished scan
+        self._scan_task: asyncio.Task | None = None
         self.backend_info: dict[str, Any] = {}
         self.cpu_support: CpuSupport | None = None
         self._register()
@@ -102,7 +107,7 @@ class InfernoDaemon(Daemon):
         # assembling the default model (a few seconds), so `inferno run gemma3-270m` works
         # right after `make run` instead of failing with unknown_model.
         try:
-            await loop.run_in_executor(None, self.registry.scan)
+            await self.rescan(time.monotonic())
             if self.cfg.models.install_default:
                 try:
                     await loop.run_in_executor(None, self.registry.ensure_default_model,
@@ -124,16 +129,43 @@ class InfernoDaemon(Daemon):
                        {"event": "progress", "model": "gemma3-270m", "done_bytes": done,
                         "total_bytes": total, "message": message})
 
-    async def lookup(self, name: str) -> Any:
-        """The model's info; a file dropped into a model dir since the last scan is found."""
+    async def lookup(self, name: str, req: Request | None = None) -> Any:
+        """The model's info. For an operator a file dropped into a model dir before the
+        request arrived is found (a rescan); others see the newest scan (see ``scan_for``)."""
         await asyncio.wait_for(self.scanned.wait(), 60)
         try:
             return self.registry.get(name)
         except InfernoError as e:
             if e.code != "unknown_model":
                 raise
-        await asyncio.get_running_loop().run_in_executor(None, self.registry.scan)
+        await self.scan_for(req)
         return self.registry.get(name)
+
+    async def scan_for(self, req: Request | None) -> None:
+        """Rescan the model directories as fresh as ``req``'s role may ask for: an operator's
+        request sees the directories as they were when it arrived; anyone else's (monitors
+        listing models or naming unknown ones) reuses a scan up to MONITOR_SCAN_AGE_S old,
+        so a flood of monitor requests costs at most one scan per that interval."""
+        if req is None or req.role == "operator":
+            await self.rescan(req.received if req is not None else time.monotonic())
+        else:
+            await self.rescan(time.monotonic() - MONITOR_SCAN_AGE_S)
+
+    async def rescan(self, not_before: float) -> None:
+        """Return once a scan that started at or after ``not_before`` (monotonic) finished.
+        One scan runs at a time; every caller that arrives while it runs shares the next."""
+        while self._scan_started_at < not_before:
+            task = self._scan_task
+            if task is None or task.done():
+                started = time.monotonic()
+                task = self._scan_task = asyncio.get_running_loop().create_task(
+                    self._scan(started))
+            await asyncio.shield(task)
+
+    async def _scan(self, started: float) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.registry.scan)
+        self.model_scans += 1
+        self._scan_started_at = max(self._scan_started_at, started)
 
     def loop_call(self, fn: Any, *args: Any) -> None:
         """Run fn(*args) on the event loop; safe from any thread."""
@@ -258,6 +290,7 @@ class InfernoDaemon(Daemon):
                       "level": self.scheduler.level()},
             "loop_lag_ms": round(self.loop_lag_ms, 3),
             "requests_served": self.requests_served,
+            "model_scans": self.model_scans,
             "versions": {"python": platform.python_version(),
                          "llama_cpp_python": self.backend_info.get("llama_cpp_python")},
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),  # models.cpu_wait
@@ -288,14 +321,13 @@ class InfernoDaemon(Daemon):
 
     async def h_models_list(self, req: Request) -> dict[str, Any]:
         await asyncio.wait_for(self.scanned.wait(), 60)
-        loop = asyncio.get_running_loop()
-        models = await loop.run_in_executor(None, self.models.list_models)
-        return {"models": models}
+        await self.scan_for(req)
+        return {"models": self.models.list_models(rescan=False)}
 
     async def h_models_show(self, req: Request) -> dict[str, Any]:
         from infernod import templates
 
-        info = await self.lookup(req.body["model"])
+        info = await self.lookup(req.body["model"], req)
         out = info.to_dict(include_template=True)
         out["chat_template_name"] = templates.template_name_for(info)
         out["memory_estimate_bytes"] = self.models.estimate_bytes(info)
@@ -305,16 +337,16 @@ class InfernoDaemon(Daemon):
 
     async def h_models_load(self, req: Request) -> dict[str, Any]:
         t0 = time.monotonic()
-        await self.lookup(req.body["model"])
+        await self.lookup(req.body["model"], req)
         lm = await self.models.ensure_loaded(req.body["model"], req.body.get("keep_alive"))
         return {"model": lm.name, "state": lm.state, "load_s": round(time.monotonic() - t0, 3),
                 "memory_bytes": lm.memory_bytes, **lm.engine_info()}
 
     async def h_embed(self, req: Request) -> dict[str, Any]:
-        return await self.onnx.handle("embed", req, await self.lookup(req.body["model"]))
+        return await self.onnx.handle("embed", req, await self.lookup(req.body["model"], req))
 
     async def h_infer(self, req: Request) -> dict[str, Any]:
-        return await self.onnx.handle("infer", req, await self.lookup(req.body["model"]))
+        return await self.onnx.handle("infer", req, await self.lookup(req.body["model"], req))
 
     async def h_models_unload(self, req: Request) -> dict[str, Any]:
         await self.models.unload(req.body["model"])
@@ -348,7 +380,7 @@ class InfernoDaemon(Daemon):
         from infernod import templates
 
         b = req.body
-        info = await self.lookup(b["model"])
+        info = await self.lookup(b["model"], req)
         template = None
         if b.get("messages") is not None:
             prompt, template = templates.render_chat(info, b["messages"])

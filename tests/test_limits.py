@@ -6,14 +6,20 @@ a job store that survives a full disk. Each test runs against a real daemon over
 from __future__ import annotations
 
 import errno
+import json
 import os
+import select
 import shutil
+import signal
+import statistics
 import subprocess
 import time
+import traceback
 
 import pytest
 import zmq
 
+from infernod.client import Client
 from infernod.protocol import codec
 from infernod.protocol.errors import InfernoError
 
@@ -140,3 +146,100 @@ def test_job_store_survives_a_full_disk(daemon_factory, tmp_path):
     finally:
         d.stop()
         subprocess.run(["umount", "-l", str(d.state)], capture_output=True, timeout=10)
+
+
+# -- monitors cost little ---------------------------------------------------------------------
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to setuid to another uid")
+
+
+def run_as(uid: int, fn, timeout: float = 60.0):
+    """fn() in a forked child running as ``uid``; its JSON-able result comes back."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            out = {"ok": fn()}
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+            out = {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
+        os.write(w, json.dumps(out, default=str).encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    end = time.monotonic() + timeout
+    try:
+        while select.select([r], [], [], max(0.0, end - time.monotonic()))[0]:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"child as uid {uid} took more than {timeout}s")
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    out = json.loads(b"".join(chunks) or b"{}")
+    assert "error" not in out, out.get("tb")
+    return out["ok"]
+
+
+def _open_to_others(d) -> None:
+    os.chmod(d.base, 0o711)  # mkdtemp made it 0700; the socket dir is 2750, group nogroup
+
+
+def _monitor_flood(endpoint: str, job_id: str) -> dict:
+    """In the child (a monitor): many models.list / unknown models.show, then time
+    forbidden jobs.get of another principal's big job."""
+    out: dict = {"list": 0, "show": 0, "get": []}
+    with Client(endpoint, timeout=20) as c:
+        assert c.hello()["role"] == "monitor"
+        for i in range(150):
+            out["list"] += bool(c.request("models.list", {})["models"])
+            try:
+                c.request("models.show", {"model": f"no-such-model-{i}"})
+            except InfernoError as e:
+                out["show"] += e.code == "unknown_model"
+        for _ in range(15):
+            t0 = time.perf_counter()
+            try:
+                c.request("jobs.get", {"job_id": job_id, "limit": 10_000})
+            except InfernoError as e:
+                assert e.code == "forbidden", e
+            out["get"].append(time.perf_counter() - t0)
+    return out
+
+
+@needs_root
+def test_monitor_requests_trigger_no_rescans_or_job_loads(daemon_factory):
+    """A monitor's models.list and models.show of unknown names reuse the newest registry scan
+    instead of each rescanning the model directories; jobs.get of another principal's job is
+    refused before the job store loads a page of it."""
+    d = daemon_factory({"daemon": {"socket_group": "nogroup"}})
+    _open_to_others(d)
+    with d.client(timeout=30) as c:
+        job = c.request("jobs.submit", {"model": "gemma3-270m", "max_tokens": 1,
+                                        "prompts": [f"{i:05d} " + "p" * 300
+                                                    for i in range(10_000)]})
+        c.request("jobs.cancel", {"job_id": job["job_id"]})
+        c.request("models.list", {})  # an operator's list rescans: the count moves
+        scans0 = c.status()["model_scans"]
+        mon = run_as(NOBODY, lambda: _monitor_flood(d.endpoint, job["job_id"]))
+        assert mon["list"] == 150 and mon["show"] == 150, mon
+        scans = c.status()["model_scans"] - scans0
+        assert scans <= 1, f"300 monitor requests caused {scans} model directory scans"
+        owner = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert len(c.request("jobs.get", {"job_id": job["job_id"],
+                                              "limit": 10_000})["items"]) == 10_000
+            owner.append(time.perf_counter() - t0)
+        refused, full = statistics.median(mon["get"]), statistics.median(owner)
+        print(f"jobs.get refused {refused * 1000:.1f} ms, owner's 10,000-item page "
+              f"{full * 1000:.1f} ms")
+        assert refused < full / 5, (refused, full)
+        assert c.ping()["pong"]

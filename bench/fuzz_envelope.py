@@ -36,12 +36,11 @@ def main() -> int:
         import psutil
         import zmq
         from daemon_harness import DaemonProcess
+        from rawsock import raw_socket
 
         daemon = DaemonProcess({"security": {"rate_limit_per_s": 0.0,
                                              "rate_limit_peer_per_s": 0.0}}).start()
-        raw = zmq.Context.instance().socket(zmq.DEALER)
-        raw.setsockopt(zmq.LINGER, 0)
-        raw.connect(daemon.endpoint)
+        raw = raw_socket(daemon.endpoint)
         rss0 = psutil.Process(daemon.pid).memory_info().rss
     t0 = time.monotonic()
     try:

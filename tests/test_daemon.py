@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-import zmq
+from rawsock import raw_socket
 
 from infernod.client import Client
 from infernod.protocol import codec
@@ -215,10 +215,7 @@ def test_garbage_leaves_daemon_serving(daemon_factory):
     # would otherwise (rightly) be answered rate_limited once the burst is spent.
     daemon = daemon_factory({"security": {"rate_limit_per_s": 0.0,
                                           "rate_limit_peer_per_s": 0.0}})
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(daemon.endpoint)
+    raw = raw_socket(daemon.endpoint)
     hdr = codec.packb({"id": "1", "type": "ping", "session": "raw"})
     huge_map = b"\xdf\xff\xff\xff\xff"  # map32 claiming 2^32-1 entries
     cases = [
@@ -264,10 +261,7 @@ def test_garbage_leaves_daemon_serving(daemon_factory):
 
 
 def test_oversized_frame_drops_connection_not_daemon(daemon):
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(daemon.endpoint)
+    raw = raw_socket(daemon.endpoint)
     raw.send_multipart([codec.MAGIC, b"\x80", b"\x00" * (8 * 1024 * 1024)])
     with daemon.client() as c:
         assert _ping_ms(c) < 1000

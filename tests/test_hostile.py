@@ -15,6 +15,7 @@ import zmq
 from envelope_fuzz import check_envelope, random_envelope
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rawsock import raw_socket
 
 from infernod.protocol import codec
 from infernod.protocol.errors import InfernoError
@@ -23,10 +24,7 @@ HDR = {"id": "1", "type": "ping", "session": "hostile"}
 
 
 def _raw(endpoint: str) -> zmq.Socket:
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
-    return s
+    return raw_socket(endpoint)
 
 
 def _answer(sock: zmq.Socket, frames: list[bytes], timeout_ms: int = 3000) -> dict | None:

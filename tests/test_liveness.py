@@ -18,6 +18,7 @@ from collections import deque
 import psutil
 import pytest
 import zmq
+from rawsock import raw_socket
 from test_security import _free_port_pair
 
 from infernod import cli, client_base
@@ -248,7 +249,7 @@ def test_paused_subscriber_is_dropped_then_fetches_the_gap(daemon_factory, tmp_p
             stdout, stderr = p.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             p.terminate()  # the child prints where it was on SIGTERM
-            stdout, stderr = p.communicate()
+            stdout, stderr = p.communicate(timeout=30)
             where = c.request("stream.fetch", {"request_id": rid})
             pytest.fail(f"the resumed client never finished its stream (the daemon's is at seq "
                         f"{where['events'][-1]['seq']}, finished {where['finished']})\n{stderr}")
@@ -313,9 +314,7 @@ def test_a_thousand_clients_vanish_mid_stream(daemon_factory):
     def batch(n: int, during=None) -> None:
         socks = []
         for i in range(n):
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(d.endpoint)
+            s = raw_socket(d.endpoint, ctx=ctx)
             s.send_multipart(codec.encode_request(
                 {"id": "1", "type": "generate", "session": f"gone{os.getpid()}x{i}x{time.time_ns()}"},
                 {"model": "gemma3-270m", "prompt": "Tell me a story", "max_tokens": 64}))

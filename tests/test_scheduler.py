@@ -224,7 +224,7 @@ def _hammer(s: Scheduler, model_of) -> tuple[int, int]:
     lock = threading.Lock()
 
     def worker(t: int) -> None:
-        barrier.wait()
+        barrier.wait(timeout=60)
         for i in range(50):
             try:
                 s.submit(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
+import signal
 import socket
 import stat
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+from rawsock import answered, raw_socket
 
 from infernod import cli, keys
 from infernod.auth import RolePolicy, Security, parse_ipc_peer
@@ -109,14 +112,19 @@ def run_as(uid: int, gid: int, fn, timeout: float = 30.0):
     os.close(w)
     chunks = []
     end = time.monotonic() + timeout
-    while True:
-        chunk = os.read(r, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        assert time.monotonic() < end
-    os.close(r)
-    os.waitpid(pid, 0)
+    try:
+        while True:  # bounded: a child stuck in a blocking call fails the test, never hangs it
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"uid {uid}: {fn} still running after {timeout}s")
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
     out = json.loads(b"".join(chunks) or b"{}")
     assert "error" not in out, out.get("tb")
     return out["ok"]
@@ -156,11 +164,8 @@ def _cancel_in_session(endpoint: str, session: str, request_id: str) -> str:
 
 def _raw_ping_gets_answer(endpoint: str) -> bool:
     ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
-    s.send_multipart(codec.encode_request({"id": "1", "type": "ping", "session": "raw"}, {}))
-    got = bool(s.poll(1500))
+    s = raw_socket(endpoint, ctx=ctx)
+    got = answered(s, codec.encode_request({"id": "1", "type": "ping", "session": "raw"}, {}))
     s.close(0)
     ctx.term()
     return got
@@ -252,13 +257,8 @@ def _keys(state: Path, *argv: str) -> int:
 
 
 def _raw_curve_answer(endpoint: str, server_public: bytes, pub: bytes, sec: bytes) -> bool:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_public, pub, sec
-    s.connect(endpoint)
-    s.send_multipart(codec.encode_request({"id": "1", "type": "ping", "session": "raw"}, {}))
-    got = bool(s.poll(1500))
+    s = raw_socket(endpoint, curve=(server_public, pub, sec))
+    got = answered(s, codec.encode_request({"id": "1", "type": "ping", "session": "raw"}, {}))
     s.close(0)
     return got
 

@@ -66,6 +66,11 @@ class Request:
 Handler = Callable[[Request], Awaitable[dict[str, Any]]]
 
 
+# sysexits.h EX_SOFTWARE: a background task died. Any non-zero status makes systemd's
+# Restart=on-failure start the daemon again (StartLimitBurst bounds the loop).
+EXIT_TASK_DIED = 70
+
+
 class LockError(Exception):
     pass
 
@@ -135,6 +140,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.handlers: dict[str, tuple[Handler, str]] = {}
         self.stopping = asyncio.Event()
+        self.failure: str | None = None  # set when a background task died: exit non-zero
         self.loop_lag_ms = 0.0
         self.requests_served = 0
         self.errors_logged = 0
@@ -337,7 +343,12 @@ class Daemon:
             return
         exc = task.exception()
         if exc is not None:
-            log.error("background task %s died: %r", task.get_name(), exc, exc_info=exc)
+            # The daemon cannot serve without its loops: stop, and exit non-zero so that the
+            # service manager (Restart=on-failure) starts a fresh one.
+            log.critical("background task %s died: %r; stopping, exit status %d",
+                         task.get_name(), exc, EXIT_TASK_DIED, exc_info=exc)
+            if self.failure is None:
+                self.failure = f"background task {task.get_name()} died: {exc!r}"
             self.stopping.set()
 
     async def start(self) -> None:
@@ -369,9 +380,13 @@ class Daemon:
         log.info("infernod %s ready on %s (boot %s)", __version__, self.endpoints.control,
                  self.boot_id[:8])
         await self.stopping.wait()
-        self.notifier.stopping("draining")
+        self.notifier.stopping(self.failure or "draining")
         await self.drain()
         await self.shutdown()
+        if self.failure is not None:
+            log.critical("infernod stopped after a fault (%s): exit status %d",
+                         self.failure, EXIT_TASK_DIED)
+            return EXIT_TASK_DIED
         log.info("infernod stopped")
         return 0
 

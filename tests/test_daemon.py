@@ -293,6 +293,41 @@ def test_notify_socket_ready_and_stopping(daemon_factory, tmp_path):
         os.unlink(path)
 
 
+# The real daemon, with one fault injected: its heartbeat raises once the trigger file exists.
+_CRASHING_HEARTBEAT = """
+import os, sys
+from infernod import server
+trigger, healthy = sys.argv.pop(1), server.Daemon.heartbeat_body
+def heartbeat_body(self):
+    if os.path.exists(trigger):
+        raise RuntimeError("injected heartbeat fault")
+    return healthy(self)
+server.Daemon.heartbeat_body = heartbeat_body
+from infernod.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_background_task_that_dies_exits_non_zero(daemon_factory, tmp_path):
+    # systemd's Restart=on-failure restarts only on a non-zero exit: a daemon that stops
+    # because its heartbeat (or control, events, zap...) loop crashed must not exit 0.
+    trigger = tmp_path / "crash-now"
+    d = daemon_factory(start=False)
+    d._log = open(d.log_path, "ab")
+    d.proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_HEARTBEAT, str(trigger), "--config",
+         str(d.config_path)], stdout=d._log, stderr=subprocess.STDOUT, env=d.env)
+    d.wait_ready()
+    with d.client() as c:
+        assert c.ping()["pong"]
+    trigger.touch()
+    rc = d.proc.wait(30)
+    assert rc == 70, (rc, d.log())
+    log_text = d.log()
+    assert "background task heartbeat died" in log_text, log_text
+    assert "injected heartbeat fault" in log_text and "exit status 70" in log_text, log_text
+
+
 def test_abstract_notify_socket(daemon_factory):
     name = f"inferno-test-{os.getpid()}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

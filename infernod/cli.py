@@ -96,9 +96,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         return convert_onnx(args.rest)
     with _client(args) as c:
-        models = c.models()
+        listing = c.model_listing()
+    models, skipped = listing["models"], listing.get("skipped") or []
     if args.json:
         _print_json(models)
+        for s in skipped:
+            print(f"inferno: skipped {s.get('path')}: {s.get('reason')}", file=sys.stderr)
         return EXIT_OK
     from rich.table import Table
 
@@ -110,6 +113,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                       str(m.get("quantization") or "-"), _bytes(m.get("size_bytes")),
                       str(m.get("context_length") or "-"), m.get("state", ""))
     _console().print(table)
+    if skipped:
+        from rich.markup import escape
+
+        _console().print(f"skipped {len(skipped)} file(s) in the model directories:")
+        for s in skipped:
+            _console().print(f"  {escape(str(s.get('path')))}: {escape(str(s.get('reason')))}")
     return EXIT_OK
 
 

@@ -236,6 +236,10 @@ class _Requests:
         return self._call("models.list", post=lambda r: r["models"],
                           timeout=max(self.timeout, 30))
 
+    def model_listing(self) -> Any:
+        """``{models, skipped}``: the models, and the files the daemon could not use and why."""
+        return self._call("models.list", timeout=max(self.timeout, 30))
+
     def show(self, model: str) -> Any:
         return self._call("models.show", {"model": model})
 

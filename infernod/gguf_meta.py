@@ -23,11 +23,15 @@ from infernod.protocol.errors import InfernoError
 
 _SMALL_ARRAY = 32  # arrays longer than this are skipped, shown as "<array: N x type>"
 _LONG_STRING = 300
+_MAX_LAYERS = 1 << 16  # a block_count beyond this is a broken header, not a model
 # Sliding-window layer pattern per architecture when the GGUF does not say
 # ({arch}.attention.sliding_window_pattern): every n-th layer is global, the rest are SWA
 # (llama.cpp hparams.set_swa_pattern). Unknown architectures count as all-global, which
 # over-estimates memory rather than under-estimating it.
 _SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
+
+
+_TENSOR_TYPES = frozenset(int(t) for t in gguf.GGMLQuantizationType)
 
 
 class _BigArray(NamedTuple):
@@ -116,6 +120,7 @@ class _Header:
             key = self.string()
             self.kv[key] = self.value(self.u("I"))
         self.tensors: list[tuple[str, int, int]] = []  # (name, n_elements, ggml type)
+        data_end = 0  # bytes the tensor data needs after the (aligned) end of the header
         for _ in range(n_tensors):
             name, n_dims = self.string(), self.u("I")
             if n_dims > 8:
@@ -123,9 +128,21 @@ class _Header:
             n = 1
             for _ in range(n_dims):
                 n *= self.u("Q")
-            ttype = self.u("I")
-            self.u("Q")  # data offset
+            ttype, offset = self.u("I"), self.u("Q")
+            if ttype not in _TENSOR_TYPES:
+                raise ValueError(f"tensor {name!r} has unknown type {ttype}")
+            block, type_size = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(ttype),
+                                                         (0, 0))
+            if block:
+                data_end = max(data_end, offset + n // block * type_size)
             self.tensors.append((name, n, ttype))
+        align = self.kv.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0:
+            raise ValueError(f"bad general.alignment {align!r}")
+        self.data_start = -(-self.pos // align) * align
+        if self.data_start + data_end > len(buf):
+            raise ValueError(f"truncated: the tensor data needs {self.data_start + data_end} "
+                             f"bytes, the file has {len(buf)}")
 
     def u(self, fmt: str) -> Any:
         value = struct.unpack_from(self.endian + fmt, self.buf, self.pos)[0]
@@ -221,7 +238,22 @@ def _swa_layer_count(kv: dict[str, Any], arch: str, n_layer: int) -> int:
 
 
 def read_gguf_info(name: str, path: Path) -> ModelInfo:
-    """Reads a GGUF file's metadata without loading its weights. Raises InfernoError."""
+    """Reads a GGUF file's metadata without loading its weights. Raises InfernoError.
+
+    Any file can sit in a model directory: whatever a malformed header makes fail (a string
+    where a count belongs, an unknown tensor type, a file cut short) is a ``bad_request``
+    naming the file, never another exception that would stop a scan.
+    """
+    try:
+        return _read_gguf_info(name, path)
+    except InfernoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see above
+        raise InfernoError("bad_request", f"{path.name} is not a valid GGUF file: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def _read_gguf_info(name: str, path: Path) -> ModelInfo:
     st = path.stat()
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -237,7 +269,8 @@ def read_gguf_info(name: str, path: Path) -> ModelInfo:
                     i: tokens[i] for i in wanted if isinstance(tokens, list) and i < len(tokens)
                 }
             data_bytes = len(buf) - h.pos
-    except (ValueError, struct.error, OSError, IndexError) as e:
+    except (ValueError, struct.error, OSError, IndexError, OverflowError, RecursionError,
+            MemoryError) as e:
         raise InfernoError("bad_request", f"{path.name} is not a valid GGUF file: {e}") from e
     arch = str(kv.get("general.architecture", "")) or None
 
@@ -245,6 +278,8 @@ def read_gguf_info(name: str, path: Path) -> ModelInfo:
         return kv.get(f"{arch}.{key}")
 
     n_layer, n_embd, n_head = a("block_count"), a("embedding_length"), a("attention.head_count")
+    if n_layer is not None and not (isinstance(n_layer, int) and 0 <= n_layer <= _MAX_LAYERS):
+        raise ValueError(f"{arch}.block_count is {n_layer!r}")
     n_head_kv = a("attention.head_count_kv")
     if isinstance(n_head_kv, list):
         n_head_kv = max(n_head_kv, default=None)

@@ -137,6 +137,7 @@ class Registry:
                 dirs.append(d)
         self.model_dirs = dirs
         self.errors: dict[str, str] = {}  # entry path -> why it was skipped, for models.list
+        self._skipped_names: dict[str, str] = {}  # name -> entry path of a skipped entry
         self._lock = threading.Lock()
         self._models: dict[str, ModelInfo] = {}
         self._pending: set[str] = set()
@@ -156,8 +157,13 @@ class Registry:
         with self._lock:
             info = self._models.get(name)
             names = list(self._models)
+            bad = self._skipped_names.get(name)
+            why = self.errors.get(bad) if bad is not None else None
         if info is not None:
             return info
+        if bad is not None:
+            raise InfernoError("not_supported", f"model {name!r} cannot be used: {why}",
+                               f"fix or replace {bad}; 'inferno models' lists skipped files")
         near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         near += [n for n in names if name in n and n not in near][: 3 - len(near)]
         hint = f"did you mean {', '.join(near)}? " if near else ""
@@ -170,6 +176,7 @@ class Registry:
         """Re-reads the model directories; unchanged files come from the metadata cache."""
         found: dict[str, ModelInfo] = {}
         errors: dict[str, str] = {}
+        skipped: dict[str, str] = {}  # model name -> entry path, for get()'s error
         for d in self.model_dirs:
             try:
                 entries = sorted(d.iterdir()) if d.is_dir() else []
@@ -188,14 +195,25 @@ class Registry:
                     continue
                 try:
                     found[name] = self._read(name, entry, kind)
-                except (InfernoError, OSError) as e:
-                    errors[str(entry)] = str(e)
+                except InfernoError as e:
+                    errors[str(entry)] = e.message
+                    skipped[name] = str(entry)
+                except Exception as e:  # noqa: BLE001 - one bad file never stops a scan
+                    errors[str(entry)] = f"{type(e).__name__}: {e}"
+                    skipped[name] = str(entry)
         for path, why in errors.items():
-            log.warning("registry: skipping %s: %s", path, why)
+            if self.errors.get(path) != why:  # once per file and reason, not every scan
+                log.warning("registry: skipping %s: %s", path, why)
         with self._lock:
             self._models = found
             self.errors = errors
+            self._skipped_names = skipped
         return sorted(found.values(), key=lambda m: m.name)
+
+    def skipped(self) -> list[dict[str, str]]:
+        """Entries the last scan could not use, with why: ``[{"path", "reason"}]``."""
+        with self._lock:
+            return [{"path": p, "reason": why} for p, why in sorted(self.errors.items())]
 
     def _read(self, name: str, entry: Path, kind: str) -> ModelInfo:
         st = entry.stat()

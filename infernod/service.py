@@ -136,7 +136,7 @@ class InfernoDaemon(Daemon):
         try:
             return self.registry.get(name)
         except InfernoError as e:
-            if e.code != "unknown_model":
+            if e.code not in ("unknown_model", "not_supported"):  # not_supported: skipped file
                 raise
         await self.scan_for(req)
         return self.registry.get(name)
@@ -322,7 +322,8 @@ class InfernoDaemon(Daemon):
     async def h_models_list(self, req: Request) -> dict[str, Any]:
         await asyncio.wait_for(self.scanned.wait(), 60)
         await self.scan_for(req)
-        return {"models": self.models.list_models(rescan=False)}
+        return {"models": self.models.list_models(rescan=False),
+                "skipped": self.registry.skipped()}
 
     async def h_models_show(self, req: Request) -> dict[str, Any]:
         from infernod import templates

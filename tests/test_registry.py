@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import struct
 import sys
 import types
 from pathlib import Path
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 from onnx_graphs import generic_graph, tiny_encoder
 
+from infernod import cli
 from infernod.gguf_meta import ModelInfo, read_gguf_info
 from infernod.memory import LoadedModel, estimate_memory, plan_load
 from infernod.protocol.errors import InfernoError
@@ -124,6 +128,84 @@ def test_scan_names_kinds_cache_and_broken_files(dirs: tuple[Path, Path]) -> Non
     os.utime(models / "Tiny-Model.GGUF", ns=(1, 10**18))
     reg.scan()
     assert reg.get("tiny-model").context_length == 4096
+
+
+def _set_tensor_type(path: Path, tensor: str, ttype: int) -> None:
+    """Rewrite one tensor's ggml type in a GGUF header (1-D tensors: n_dims, dim, type)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(tensor.encode()) + len(tensor)
+    assert struct.unpack_from("<I", data, at)[0] == 1  # n_dims
+    struct.pack_into("<I", data, at + 4 + 8, ttype)
+    path.write_bytes(bytes(data))
+
+
+def write_malformed_models(models: Path, scratch: Path) -> dict[str, str]:
+    """One model directory entry per way a file can be broken -> a word its reason names."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    _set_tensor_type(write_gguf(models / "type999.gguf"), "output_norm.weight", 999)
+    whole = write_gguf(scratch / "whole.gguf").read_bytes()
+    (models / "cut-data.gguf").write_bytes(whole[:-100])  # header intact, weights cut short
+    (models / "cut-header.gguf").write_bytes(whole[:300])
+    rng = random.Random(12)
+    (models / "random.gguf").write_bytes(rng.randbytes(64 * 1024))
+    (models / "random-magic.gguf").write_bytes(b"GGUF\x03\0\0\0" + rng.randbytes(4096))
+    (models / "empty.gguf").write_bytes(b"")
+    (models / "random.onnx").write_bytes(b"\x08" + rng.randbytes(4096))
+    tiny_encoder(models / "list-tokenizer")
+    (models / "list-tokenizer" / "tokenizer.json").write_text("[]")
+    tiny_encoder(models / "bad-truncation")
+    tok = json.loads((models / "bad-truncation" / "tokenizer.json").read_text())
+    (models / "bad-truncation" / "tokenizer.json").write_text(json.dumps({**tok, "truncation": 5}))
+    return {"type999.gguf": "unknown type 999", "cut-data.gguf": "truncated",
+            "cut-header.gguf": "not a valid GGUF", "random.gguf": "not a valid GGUF",
+            "random-magic.gguf": "not a valid GGUF", "empty.gguf": "not a valid GGUF",
+            "random.onnx": "not a readable ONNX", "list-tokenizer": "tokenizer.json"}
+
+
+def test_malformed_files_are_skipped_with_their_reason(dirs: tuple[Path, Path], tmp_path) -> None:
+    models, state = dirs
+    write_gguf(models / "good.gguf")
+    expected = write_malformed_models(models, tmp_path / "scratch")
+    reg = Registry([models], state)
+    names = {m.name for m in reg.scan()}  # never raises, whatever is in the directory
+    assert names == {"good", "bad-truncation"}  # a bad truncation entry only loses its max
+    assert next(m for m in reg.models() if m.name == "bad-truncation").onnx["max_length"] == 512
+    skipped = {Path(s["path"]).name: s["reason"] for s in reg.skipped()}
+    assert set(skipped) == set(expected), skipped
+    for entry, word in expected.items():
+        assert word in skipped[entry], (entry, skipped[entry])
+    with pytest.raises(InfernoError) as e:  # loading one by name: its reason, not a crash
+        reg.get("type999")
+    assert e.value.code == "not_supported" and "unknown type 999" in e.value.message
+    assert "inferno models" in e.value.hint
+    with pytest.raises(InfernoError) as e:
+        read_gguf_info("x", models / "cut-data.gguf")  # import checks the same header
+    assert e.value.code == "bad_request" and "truncated" in e.value.message
+
+
+def test_daemon_lists_malformed_files_as_skipped_and_keeps_serving(
+        daemon_factory, models_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    bad = tmp_path / "bad-models"
+    bad.mkdir()
+    expected = write_malformed_models(bad, tmp_path / "scratch")
+    d = daemon_factory({"models": {"dirs": [str(models_dir), str(bad)]}})  # startup scan
+    monkeypatch.setenv("COLUMNS", "400")  # rich wraps at 80 columns otherwise
+    assert cli.main(["models", "--endpoint", d.endpoint]) == 0
+    out = capsys.readouterr().out
+    assert "gemma3-270m" in out and f"skipped {len(expected)} file(s)" in out, out
+    for entry, word in expected.items():
+        line = next(ln for ln in out.splitlines() if f"/{entry}:" in ln)
+        assert word in line, line
+    with d.client() as c:
+        for name in ("type999", "cut-data", "random", "list-tokenizer"):
+            with pytest.raises(InfernoError) as e:
+                c.load(name, timeout=60)
+            assert e.value.code == "not_supported", (name, e.value)
+        assert "unknown type 999" in c.request("models.list")["skipped"][-1]["reason"]
+        (bad / "dropped-later.gguf").write_bytes(b"GGUF\x03\0\0\0" + b"\xff" * 64)
+        assert any("dropped-later" in s["path"] for s in c.model_listing()["skipped"])
+        assert c.ping()["pong"]
+    assert d.proc.poll() is None
 
 
 def test_get_unknown_suggests_near_matches(dirs: tuple[Path, Path]) -> None:

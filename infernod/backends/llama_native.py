@@ -72,8 +72,10 @@ def load_model(path: Path, n_gpu_layers: int) -> Any:
     params.n_gpu_layers = n_gpu_layers
     model = llama.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        raise InfernoError("internal", f"llama.cpp could not load {path.name}",
-                           "check that the file is a complete GGUF model")
+        # A file llama.cpp refuses (unknown architecture, missing tensors) is not a bug here.
+        raise InfernoError("not_supported", f"llama.cpp could not load {path.name}",
+                           "check that the file is a complete GGUF model of an architecture "
+                           "this llama.cpp supports; the daemon log has llama.cpp's reason")
     return model
 
 

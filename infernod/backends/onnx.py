@@ -111,15 +111,17 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     size = graph_path.stat().st_size
     for ext in external_data_files(graph_path, header["external"]):
         size += ext.stat().st_size
+    tokenizer: dict[str, Any] | None = None
     if tok_path is not None:
         size += tok_path.stat().st_size
+        tokenizer = _read_tokenizer_json(tok_path)
 
     inputs, outputs = header["inputs"], header["outputs"]
     signature = _embedding_signature(inputs, outputs)
     kind = "embedding" if signature is not None and tok_path is not None else "generic"
     max_length = dim = None
-    if signature is not None and tok_path is not None:
-        max_length = _max_length(header["metadata"], tok_path)
+    if signature is not None and tokenizer is not None:
+        max_length = _max_length(header["metadata"], tokenizer)
         last = outputs[signature]["shape"]
         dim = last[-1] if isinstance(last[-1], int) else None
     return {
@@ -220,20 +222,34 @@ def _embedding_signature(inputs: list[dict[str, Any]], outputs: list[dict[str, A
     return candidates[0] if candidates else None
 
 
-def _max_length(metadata: Mapping[str, str], tok_path: Path | None) -> int:
+def _read_tokenizer_json(tok_path: Path) -> dict[str, Any]:
+    """tokenizer.json as a dict; anything the tokenizers library could not read is refused
+    here, at scan time, so the model is listed as skipped instead of failing at load."""
+    try:
+        tok = json.loads(tok_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise InfernoError("not_supported", f"{tok_path}: unreadable tokenizer ({e})") from e
+    if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
+        raise InfernoError("not_supported", f"{tok_path}: not a tokenizers tokenizer.json "
+                           "(expected a JSON object with a 'model' object)")
+    return tok
+
+
+def _max_length(metadata: Mapping[str, str], tokenizer: Mapping[str, Any] | None) -> int:
     """The sequence length to truncate to: converter metadata, else tokenizer.json, else 512."""
     if MAX_LENGTH_KEY in metadata:
         try:
-            return int(metadata[MAX_LENGTH_KEY])
+            value = int(metadata[MAX_LENGTH_KEY])
+            if value > 0:
+                return value
         except ValueError:
-            log.warning("ignoring non-integer %s=%r", MAX_LENGTH_KEY, metadata[MAX_LENGTH_KEY])
-    if tok_path is not None:
-        try:
-            trunc = json.loads(tok_path.read_text(encoding="utf-8")).get("truncation") or {}
-            if isinstance(trunc.get("max_length"), int) and trunc["max_length"] > 0:
-                return int(trunc["max_length"])
-        except (OSError, ValueError):
             pass
+        log.warning("ignoring %s=%r: not a positive integer", MAX_LENGTH_KEY,
+                    metadata[MAX_LENGTH_KEY])
+    trunc = tokenizer.get("truncation") if tokenizer is not None else None
+    if isinstance(trunc, dict) and isinstance(trunc.get("max_length"), int) \
+            and trunc["max_length"] > 0:
+        return int(trunc["max_length"])
     return DEFAULT_MAX_LENGTH
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import zmq
 
 from infernod.client_stream import Event, _StreamState
-from infernod.paths import Endpoints, default_endpoints
+from infernod.paths import Endpoints, default_endpoints, untrusted_socket
 from infernod.protocol import codec
 from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
@@ -64,6 +64,12 @@ def _check_socket_file(ep: Endpoints) -> None:
         if not path.exists():
             raise DaemonUnavailable(f"no daemon socket at {path}",
                                     "start it with 'infernod' or 'systemctl start infernod'")
+        why = untrusted_socket(path) or untrusted_socket(Path(ep.events[len("ipc://"):]))
+        if why is not None:  # checked before a single byte (hello, a prompt) is sent
+            raise DaemonUnavailable(
+                f"refusing to talk to {path}: {why}; another user may be posing as the daemon",
+                "set XDG_RUNTIME_DIR (a private runtime dir) or INFERNO_ENDPOINT to the real "
+                "daemon's socket; if that user does run the daemon, set INFERNO_DAEMON_USER")
 
 
 class _Base:

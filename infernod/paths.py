@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+# The user the packaged systemd unit runs infernod as (systemd/infernod.service, User=).
+DEFAULT_DAEMON_USER = "inferno"
 
 
 def runtime_dir(configured: str = "") -> Path:
@@ -62,3 +67,52 @@ def default_endpoints() -> Endpoints:
     if env:
         return Endpoints.from_control(env)
     return Endpoints.in_dir(runtime_dir())
+
+
+def trusted_socket_owners() -> set[int]:
+    """uids a client believes when they own the daemon's socket: itself, root and the daemon's
+    user (``$INFERNO_DAEMON_USER``: names or uids, comma-separated; default ``inferno``)."""
+    uids = {os.getuid(), 0}
+    for name in os.environ.get("INFERNO_DAEMON_USER", DEFAULT_DAEMON_USER).split(","):
+        name = name.strip()
+        if name.isdigit():
+            uids.add(int(name))
+        elif name:
+            try:
+                uids.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                pass
+    return uids
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def untrusted_socket(path: Path) -> str | None:
+    """Why a client must not send anything to the ipc socket at ``path``, or None.
+
+    Without ``$XDG_RUNTIME_DIR`` the socket sits under /tmp, where any local user can create
+    ``/tmp/inferno-$UID/control.sock`` first and read every prompt sent to it. The socket and
+    the directory holding it must belong to a trusted uid (:func:`trusted_socket_owners`),
+    and the directory must not let others replace the socket (writable by group or others
+    without the sticky bit).
+    """
+    trusted = trusted_socket_owners()
+    real = Path(os.path.realpath(path))
+    try:
+        sock, parent = os.stat(real), os.stat(real.parent)
+    except OSError:
+        return None  # nothing there: the caller reports a missing daemon
+    if sock.st_uid not in trusted:
+        return f"{real} belongs to {_owner(sock.st_uid)}, not to you, root or the daemon's user"
+    if parent.st_uid not in trusted:
+        return (f"{real.parent} belongs to {_owner(parent.st_uid)}, not to you, root or the "
+                "daemon's user")
+    if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
+        return (f"{real.parent} (mode {stat.S_IMODE(parent.st_mode):o}) lets users other than "
+                "its owner replace the socket")
+    return None

@@ -28,7 +28,7 @@ import zmq.asyncio
 
 from infernod import __version__
 from infernod import config as config_mod
-from infernod.auth import Security
+from infernod.auth import Security, SecurityError
 from infernod.config import Config
 from infernod.keys import keys_dir
 from infernod.paths import Endpoints, runtime_dir, state_dir
@@ -118,6 +118,12 @@ def prepare_runtime_dir(path: Path, group: str) -> None:
     created in it belong to that group too; otherwise they would carry the daemon's own
     group and the group's members could not connect."""
     path.mkdir(parents=True, exist_ok=True)
+    owner = path.stat().st_uid
+    if owner != os.geteuid():  # e.g. /tmp/inferno-$UID made first by another local user
+        raise SecurityError(f"runtime directory {path} belongs to uid {owner}, not to the "
+                            f"daemon's uid {os.geteuid()}: another user could replace its "
+                            "sockets", "remove it, or set XDG_RUNTIME_DIR or "
+                            "daemon.runtime_dir to a private directory")
     if group:
         import grp
 

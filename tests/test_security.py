@@ -7,10 +7,12 @@ so a fork of the running one is used instead of a new process).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -206,6 +208,103 @@ def test_ipc_uid_roles(daemon_factory):
         assert run_as(NOBODY, NOBODY, lambda: _raw_ping_gets_answer(d.endpoint)) is True
         assert "refused ipc connection" in d.log() and f":{STRANGER}:" in d.log()
         assert root.ping()["pong"]
+
+
+@contextlib.contextmanager
+def _impostor(directory: Path, uid: int = NOBODY):
+    """Another local user's fake daemon at ``directory`` (ROUTER + XPUB, sockets 0777, the
+    directory 0755): yields a dict filled at exit with what it received."""
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.close(ready_r)
+            os.close(stop_w)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.umask(0)
+            directory.mkdir(mode=0o755)
+            ctx = zmq.Context()
+            router = raw_socket(None, zmq.ROUTER, ctx=ctx, timeout_ms=1000)
+            pub = raw_socket(None, zmq.XPUB, ctx=ctx, timeout_ms=1000)
+            router.bind(f"ipc://{directory}/control.sock")
+            pub.bind(f"ipc://{directory}/events.sock")
+            os.write(ready_w, b"ready\n")
+            got: list[bytes] = []
+            end = time.monotonic() + 60
+            while time.monotonic() < end and not select.select([stop_r], [], [], 0)[0]:
+                if router.poll(50):
+                    got.append(b"".join(router.recv_multipart()))
+            out = {"messages": len(got), "secret": any(b"my secret" in m for m in got)}
+        except BaseException as e:  # noqa: BLE001 - report everything to the parent
+            out = {"error": f"{type(e).__name__}: {e}"}
+        os.write(ready_w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(ready_w)
+    os.close(stop_r)
+    seen: dict = {}
+    try:
+        assert select.select([ready_r], [], [], 10)[0], "the impostor did not start"
+        assert os.read(ready_r, 6) == b"ready\n"
+        yield seen
+    finally:
+        os.close(stop_w)
+        if select.select([ready_r], [], [], 10)[0]:
+            seen.update(json.loads(os.read(ready_r, 65536) or b"{}"))
+        else:
+            os.kill(pid, signal.SIGKILL)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+    assert "error" not in seen, seen
+
+
+def _send_secret(daemon_user: str | None = None) -> dict:
+    """In the child: a client with no XDG_RUNTIME_DIR (so /tmp/inferno-$UID) sends a prompt."""
+    for key in ("XDG_RUNTIME_DIR", "RUNTIME_DIRECTORY", "INFERNO_ENDPOINT", "INFERNO_DAEMON_USER"):
+        os.environ.pop(key, None)
+    if daemon_user is not None:
+        os.environ["INFERNO_DAEMON_USER"] = daemon_user
+    try:
+        with Client(None, timeout=2) as c:
+            c.request("generate", {"model": "m", "prompt": "my secret prompt"}, timeout=2)
+    except InfernoError as e:
+        return {"code": e.code, "message": e.message, "hint": e.hint}
+    return {"code": None}
+
+
+@needs_root
+def test_client_refuses_a_socket_another_user_made_in_shared_tmp():
+    # Without XDG_RUNTIME_DIR the socket is /tmp/inferno-$UID: whoever makes it first gets
+    # every prompt. The client checks who owns the socket and its directory before sending.
+    directory = Path(f"/tmp/inferno-{STRANGER}")
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        with _impostor(directory) as seen:
+            out = run_as(STRANGER, STRANGER, _send_secret)
+        assert seen == {"messages": 0, "secret": False}, seen
+        assert out["code"] == "unavailable", out
+        assert "belongs to uid 65534 (nobody)" in out["message"], out
+        assert "XDG_RUNTIME_DIR" in out["hint"] and "INFERNO_DAEMON_USER" in out["hint"], out
+        # The same socket is believed once its owner is named as the daemon's user: the check
+        # above, not a broken socket, is what kept the prompt from it.
+        shutil.rmtree(directory)
+        with _impostor(directory) as seen:
+            run_as(STRANGER, STRANGER, lambda: _send_secret(daemon_user="nobody"))
+        assert seen["secret"], seen
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@needs_root
+def test_daemon_refuses_a_runtime_dir_another_user_made(daemon_factory):
+    d = daemon_factory(start=False)
+    d.runtime.mkdir(parents=True)
+    os.chown(d.runtime, NOBODY, NOBODY)
+    d.start(wait=False)
+    assert d.proc.wait(30) == 2, d.log()
+    assert f"runtime directory {d.runtime} belongs to uid {NOBODY}" in d.log(), d.log()
 
 
 @needs_root

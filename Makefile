@@ -57,10 +57,14 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(LLAMA_WHEEL)
 	@touch $(STAMP)
 
 # Start a user-level daemon unless one is already answering, then open the console.
+# The state directory holds prompts and outputs (jobs, the log): 0700, the log 0600.
 run: $(STAMP)
 	@$(VENV)/bin/inferno status >/dev/null 2>&1 || { \
 	  echo "starting infernod (log: $${XDG_STATE_HOME:-$$HOME/.local/state}/inferno/infernod.log)"; \
-	  mkdir -p "$${XDG_STATE_HOME:-$$HOME/.local/state}/inferno"; \
+	  ( umask 077 && mkdir -p "$${XDG_STATE_HOME:-$$HOME/.local/state}/inferno" && \
+	    chmod 0700 "$${XDG_STATE_HOME:-$$HOME/.local/state}/inferno" && \
+	    touch "$${XDG_STATE_HOME:-$$HOME/.local/state}/inferno/infernod.log" && \
+	    chmod 0600 "$${XDG_STATE_HOME:-$$HOME/.local/state}/inferno/infernod.log" ) || exit 1; \
 	  nohup $(VENV)/bin/infernod >>"$${XDG_STATE_HOME:-$$HOME/.local/state}/inferno/infernod.log" 2>&1 & \
 	  for i in $$(seq 1 100); do $(VENV)/bin/inferno status >/dev/null 2>&1 && break; sleep 0.2; done; }
 	@if [ -t 1 ] && $(PY) -c "import inferno_tui.app" 2>/dev/null; then \

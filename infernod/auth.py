@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
 from infernod.keys import AllowList, KeyStoreError, load_server
 from infernod.paths import Endpoints
@@ -34,7 +35,16 @@ from infernod.paths import Endpoints
 log = logging.getLogger("infernod.auth")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+KEY_PROPERTY = "X-Key"  # ZAP metadata libzmq attaches to every message of a CURVE connection
 ROLE_RANK = {"none": 0, "monitor": 1, "operator": 2}
+
+
+def zap_metadata(props: dict[str, bytes]) -> bytes:
+    """A ZAP reply's metadata frame (ZMTP property list: name-len, name, value-len, value)."""
+    out = b""
+    for name, value in props.items():
+        out += bytes([len(name)]) + name.encode() + len(value).to_bytes(4, "big") + value
+    return out
 
 
 class SecurityError(Exception):
@@ -194,13 +204,16 @@ class Security:
                 code, text, user = "400", "unsupported ZAP version", ""
             else:
                 code, text, user = self.decide(domain, address, mechanism, msg[8:])
+            metadata = b""
             if code == "200":
                 self.accepted += 1
+                if mechanism == "CURVE":  # which key, not only which name: see role_of
+                    metadata = zap_metadata({KEY_PROPERTY: z85.encode(msg[8])})
             else:
                 self.refused += 1
                 self._log_refusal("refused %s connection from %s: %s", domain, address, text)
             await self.zap.send_multipart([rid, b"", b"1.0", request_id, code.encode(),
-                                           text.encode(), user.encode(), b""])
+                                           text.encode(), user.encode(), metadata])
 
     @staticmethod
     def principal_of(frame: zmq.Frame) -> str:
@@ -217,6 +230,19 @@ class Security:
         if kind == "uid" and name.isdigit():
             return self.policy().role_for_uid(int(name))
         if kind == "key":
+            # The name's key now, not the one it had: after 'keys add --force NAME' (or a
+            # revoke and a new add) a connection made with the old key has no role.
             entry = self.allow.by_name(name)
-            return entry.role if entry is not None else "none"
+            if entry is None or self.key_of(frame) != entry.public:
+                return "none"
+            return entry.role
         return "none"  # no ZAP identity: fail closed
+
+    @staticmethod
+    def key_of(frame: zmq.Frame) -> bytes:
+        """The Z85 CURVE public key the connection's handshake used (ZAP metadata)."""
+        try:
+            value = frame.get(KEY_PROPERTY)
+        except (zmq.ZMQError, AttributeError):
+            return b""
+        return value.encode() if isinstance(value, str) else b""

@@ -9,8 +9,10 @@ Layout under ``<state_dir>/keys/``::
 
 Files use ZeroMQ's certificate format, so ``zmq.auth.load_certificate`` reads them. Secret
 files are created 0600 with ``O_EXCL`` and ``fchmod``, whatever the umask. The daemon's
-:class:`AllowList` re-reads ``clients/`` when its mtime changes, so ``inferno keys revoke``
-takes effect at the next handshake (and, through the dispatcher, at the next request).
+:class:`AllowList` re-reads ``clients/`` when a file in it changes, so ``inferno keys revoke``
+and ``keys add --force`` take effect at the next handshake and, through the dispatcher, at
+the next request (a connection made with a replaced key is then refused: its key is checked
+too, not only its name).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,33 +201,67 @@ def revoke(kdir: Path, name: str) -> Path:
 class AllowedKey:
     name: str
     role: str
+    public: bytes = b""  # Z85: a connection is this key only if its handshake used it
+
+
+Stamp = tuple[tuple[str, int, int, int, int], ...]
 
 
 class AllowList:
-    """The daemon's view of ``clients/``: re-read when the directory's mtime changes.
+    """The daemon's view of ``clients/``, re-read whenever a file in it changes.
 
-    Adding, replacing (atomic rename) or deleting a file changes the directory's mtime, so
-    one ``stat`` per lookup is enough to see every change.
+    The directory's own mtime is only a shortcut (a rename or unlink changes it at once): an
+    editor that rewrites ``bob.key`` in place, or two changes within one timestamp tick, leave
+    it as it was. So every ``RECHECK_S`` the files themselves are compared too (name, inode,
+    size, mtime, ctime); :meth:`invalidate` (SIGHUP) forces a re-read.
     """
+
+    RECHECK_S = 1.0
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._stamp: tuple[int, int] | None = None
+        self._dir_stamp: tuple[int, int] | None = None
+        self._files: Stamp | None = None
+        self._checked = 0.0
         self._by_key: dict[bytes, AllowedKey] = {}
         self._by_name: dict[str, AllowedKey] = {}
         self.errors: list[str] = []
 
+    def invalidate(self) -> None:
+        self._dir_stamp = self._files = None
+
+    def _file_stamps(self) -> Stamp:
+        out = []
+        try:
+            entries = sorted(os.scandir(self.directory), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return ()
+        for e in entries:
+            if not e.name.endswith(".key"):
+                continue
+            try:
+                st = e.stat()
+            except FileNotFoundError:
+                continue
+            out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(out)
+
     def _refresh(self) -> None:
         try:
             st = self.directory.stat()
-            stamp = (st.st_mtime_ns, st.st_ino)
+            dir_stamp = (st.st_mtime_ns, st.st_ino)
         except FileNotFoundError:
-            stamp = (0, 0)
-        if stamp == self._stamp:
+            dir_stamp = (0, 0)
+        now = time.monotonic()
+        if dir_stamp == self._dir_stamp and now - self._checked < self.RECHECK_S:
+            return
+        self._checked = now
+        files = self._file_stamps()
+        if dir_stamp == self._dir_stamp and files == self._files:
             return
         by_key: dict[bytes, AllowedKey] = {}
         errors = []
-        for path in sorted(self.directory.glob("*.key")) if stamp != (0, 0) else []:
+        for path in [self.directory / f[0] for f in files]:
             try:
                 cert = read_cert(path)
             except KeyStoreError as e:
@@ -239,11 +276,11 @@ class AllowList:
             except ValueError:
                 errors.append(f"{path}: public key is not Z85")
                 continue
-            by_key[raw] = AllowedKey(path.stem, role)
+            by_key[raw] = AllowedKey(path.stem, role, cert.public)
         self._by_key = by_key
         self._by_name = {k.name: k for k in by_key.values()}
         self.errors = errors
-        self._stamp = stamp
+        self._dir_stamp, self._files = dir_stamp, files
 
     def lookup(self, public_key: bytes) -> AllowedKey | None:
         """``public_key`` is the 32-byte binary key a ZAP request carries."""

@@ -400,6 +400,7 @@ class Daemon:
         """Subclasses finish or abort running work here."""
 
     def reload(self) -> None:
+        self.security.allow.invalidate()  # the CURVE allow-list is re-read too
         try:
             new = config_mod.load(self.cfg.source if self.cfg.source.endswith(".toml")
                                   else None)

@@ -420,3 +420,55 @@ def test_tcp_curve_keys_roles_and_revocation(daemon_factory, tmp_path, monkeypat
     assert cli.main(["load", "gemma3-270m"]) == 3  # the CLI cannot get in any more
     with Client(ep, curve=bob, timeout=5) as c:
         assert c.ping()["pong"]
+
+
+def test_replaced_key_loses_its_open_connection(daemon_factory, tmp_path):
+    # 'keys add --force NAME' gives NAME a new key pair: a connection made with the old one
+    # (a laptop that was stolen, a leaked file) must stop working at once, not keep the name.
+    port = _free_port_pair()
+    ep = f"tcp://127.0.0.1:{port}"
+    d = daemon_factory({"security": {"tcp_endpoint": ep}}, start=False)
+    assert _keys(d.state, "init") == 0
+    assert _keys(d.state, "add", "carol", "--role", "operator", "--out", str(tmp_path / "old")) == 0
+    d.start()
+    old_keys = CurveKeys.from_files(str(tmp_path / "old/server.key"),
+                                    str(tmp_path / "old/carol.key_secret"))
+    with Client(ep, curve=old_keys, timeout=5) as old:
+        assert old.hello()["role"] == "operator"
+        assert _keys(d.state, "add", "carol", "--role", "operator", "--out",
+                     str(tmp_path / "new"), "--force") == 0
+        with pytest.raises(InfernoError) as e:
+            old.ping()
+        assert e.value.code == "forbidden"
+        with pytest.raises(InfernoError) as e:
+            old.unload("gemma3-270m")
+        assert e.value.code == "forbidden"
+    assert not _raw_curve_answer(ep, old_keys.server_public, old_keys.client_public,
+                                 old_keys.client_secret)
+    new_keys = CurveKeys.from_files(str(tmp_path / "new/server.key"),
+                                    str(tmp_path / "new/carol.key_secret"))
+    with Client(ep, curve=new_keys, timeout=5) as new:
+        assert new.hello()["role"] == "operator" and new.ping()["pong"]
+
+
+def test_allow_list_sees_an_in_place_edit_whatever_the_directory_mtime(tmp_path):
+    kdir = tmp_path / "keys"
+    keys.init_server(kdir)
+    keys.add_client(kdir, "dave", "operator", tmp_path / "out")
+    allow = keys.AllowList(kdir / "clients")
+    pub = zmq.utils.z85.decode(keys.read_cert(tmp_path / "out" / "dave.key").public)
+    assert allow.lookup(pub).role == "operator"
+    clients = kdir / "clients"
+    before = clients.stat()
+    path = clients / "dave.key"
+    with open(path, "r+") as f:  # an editor writing in place: the directory does not change
+        text = f.read().replace('role = "operator"', 'role = "monitor" ')
+        f.seek(0)
+        f.write(text)
+    os.utime(clients, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert clients.stat().st_mtime_ns == before.st_mtime_ns
+    deadline = time.monotonic() + getattr(keys.AllowList, "RECHECK_S", 1.0) + 1
+    while allow.lookup(pub).role != "monitor" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert allow.lookup(pub).role == "monitor"
+    assert allow.by_name("dave").role == "monitor"

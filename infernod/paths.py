@@ -10,6 +10,7 @@ from pathlib import Path
 
 # The user the packaged systemd unit runs infernod as (systemd/infernod.service, User=).
 DEFAULT_DAEMON_USER = "inferno"
+JOBS_DB = "jobs.sqlite3"  # in the state directory (docs/operations.md names it)
 
 
 def runtime_dir(configured: str = "") -> Path:

@@ -19,6 +19,7 @@ from infernod.generation import Gen, GenerationService, LoopSink
 from infernod.jobs_service import JobService
 from infernod.models import ModelManager
 from infernod.onnx_service import OnnxService
+from infernod.paths import JOBS_DB
 from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
 from infernod.queueing import QueueService
@@ -53,7 +54,7 @@ class InfernoDaemon(Daemon):
                                    publish=self.publisher.publish, notifier=self.notifier)
         self.gen = GenerationService(self.cfg, self.models, self.scheduler, self.publisher)
         self.queue = QueueService(self.gen, self.scheduler, self.models, self.publisher)
-        self.jobs = JobService(self.state_dir / "jobs.sqlite3", self.gen, self.publisher,
+        self.jobs = JobService(self.state_dir / JOBS_DB, self.gen, self.publisher,
                                self.cfg, self._render_user_prompt)
         self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
         self.gen.on_profile = self.telemetry.on_profile

@@ -34,7 +34,6 @@ def main() -> int:
     daemon = raw = None
     if args.live:
         import psutil
-        import zmq
         from daemon_harness import DaemonProcess
         from rawsock import raw_socket
 

@@ -190,7 +190,7 @@ def test_daemon_lists_malformed_files_as_skipped_and_keeps_serving(
     expected = write_malformed_models(bad, tmp_path / "scratch")
     d = daemon_factory({"models": {"dirs": [str(models_dir), str(bad)]}})  # startup scan
     monkeypatch.setenv("COLUMNS", "400")  # rich wraps at 80 columns otherwise
-    assert cli.main(["models", "--endpoint", d.endpoint]) == 0
+    assert cli.main(["--endpoint", d.endpoint, "models"]) == 0
     out = capsys.readouterr().out
     assert "gemma3-270m" in out and f"skipped {len(expected)} file(s)" in out, out
     for entry, word in expected.items():

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from onnx_graphs import OPSET, generic_graph, tiny_encoder
 from test_registry import write_gguf
 
 from infernod import cli
+from infernod.client import AsyncClient
 from infernod.protocol.errors import InfernoError
 from infernod.registry import Registry
 
@@ -84,6 +87,28 @@ def test_onnx_external_data_linked_to_secret_is_refused_at_load(tmp_path: Path, 
     reg = Registry([tmp_path / "models"], tmp_path / "state")
     assert "leak" not in {m.name for m in reg.scan()}
     assert why in reg.errors[str(tmp_path / "models" / "leak")]
+
+
+def test_external_data_is_checked_where_onnxruntime_opens_it(tmp_path: Path,
+                                                             secret: Path) -> None:
+    """A graph entry that is a symlink: onnxruntime joins the location to the directory of
+    the path it was given (the model directory), not the link target's."""
+    from infernod.backends.onnx import OnnxModel
+
+    real = leaky_graph(tmp_path / "elsewhere", tmp_path / "innocent", "symlink")
+    (real / "weights.bin").unlink()
+    (real / "weights.bin").write_bytes(b"\0" * len(SECRET))  # what a check of the target sees
+    models = tmp_path / "models"
+    models.mkdir()
+    os.symlink(real / "model.onnx", models / "graph.onnx")
+    os.link(secret, models / "weights.bin")  # what onnxruntime opens
+    try:
+        model = OnnxModel(models / "graph.onnx", providers_pref=("CPU",))
+        got = model.infer({"X": {"dtype": "float32", "shape": [1], "data": b"\0\0\0\0"}})
+    except InfernoError as e:
+        assert e.code == "unsafe_path" and "hard links" in e.message, e
+    else:
+        pytest.fail(f"the graph loaded and returned {got['out']['data']!r}")
 
 
 @pytest.mark.parametrize("location", ["../keys/server.key_secret", "/etc/passwd",
@@ -327,3 +352,44 @@ def test_interrupted_upload_resumes_or_aborts(small_chunks, tmp_path: Path) -> N
         assert begun[0] == 50_000 and r["sha256"] == hashlib.sha256(data).hexdigest()
     assert (models / "resume.gguf").read_bytes() == data
     assert [p.name for p in models.iterdir()] == ["resume.gguf"]
+
+
+async def test_async_client_uploads_and_cancel_aborts(small_chunks, tmp_path: Path) -> None:
+    """AsyncClient shares the upload steps: the same round trip, and a cancelled task
+    aborts its upload (nothing left on the daemon)."""
+
+    src = write_gguf(tmp_path / "async.gguf", n_vocab=3000)
+    models = small_chunks.state / "models"
+    async with AsyncClient(small_chunks.endpoint, timeout=10) as c:
+        reached = asyncio.Event()
+
+        def progress(done: int, total: int) -> None:
+            if done > 100_000:
+                reached.set()
+
+        task = asyncio.ensure_future(c.upload_model(src, "cancelled", progress=progress))
+        await asyncio.wait_for(reached.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        assert list(models.iterdir()) == []
+        r = await c.upload_model(src)
+        assert r["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert [p.name for p in models.iterdir()] == ["async.gguf"]
+
+
+def test_partial_uploads_of_an_earlier_run_are_removed_at_start(daemon_factory) -> None:
+    d = daemon_factory(start=False)
+    models = d.state / "models"
+    models.mkdir(parents=True)
+    stale = models / f".upload-{'0' * 32}.partial"
+    stale.write_bytes(b"GGUF" + b"\0" * 100)
+    keep = models / ".other-hidden-file"
+    keep.write_bytes(b"x")
+    d.start()
+    with d.client() as c:
+        c.ping()
+        end = time.monotonic() + 10
+        while stale.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+    assert not stale.exists() and keep.exists()

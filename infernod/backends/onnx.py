@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import stat
 import threading
 import time
@@ -150,13 +151,13 @@ def external_data_files(graph_path: Path, locations: Iterable[str]) -> list[Path
     graph and follows symlinks, so a location that is absolute, climbs with ``..`` or crosses
     a symlink would let whoever placed the graph read any file the daemon can read (its
     secret key, through ``infer``). Each location must name a regular file with a single
-    link below the graph's own (real) directory, with no symlink on the way (recent
+    link below the directory of the graph's path (the one onnxruntime joins it to), with no symlink on the way (recent
     onnxruntime versions refuse symlinks leaving the directory themselves; hard links and
     older versions they do not). Called at every scan and at
     every load, not only at import: what is checked is what onnxruntime is about to open.
     Raises ``InfernoError`` ``unsafe_path`` (escaping) or ``not_supported`` (missing).
     """
-    base = graph_path.resolve().parent
+    base = Path(os.path.abspath(graph_path)).parent  # as onnxruntime joins it: not resolved
     files: list[Path] = []
     for loc in sorted(set(locations)):
         parts = PurePosixPath(loc).parts if loc else ()

@@ -393,3 +393,48 @@ def test_partial_uploads_of_an_earlier_run_are_removed_at_start(daemon_factory) 
         while stale.exists() and time.monotonic() < end:
             time.sleep(0.05)
     assert not stale.exists() and keep.exists()
+
+
+async def test_uploads_are_private_ordered_and_bounded(tmp_path: Path) -> None:
+    """The upload table without a daemon: another principal cannot see or feed an upload,
+    chunks must come in order and fit, and one principal holds at most 2 uploads."""
+    from infernod import uploads as up_mod
+    from infernod.server import Request
+
+    (tmp_path / "models").mkdir()
+    reg = Registry([tmp_path / "models"], tmp_path / "state")
+    ups = up_mod.Uploads(reg, 65536, lambda *a: None, lambda name: None)
+
+    def req(principal: str, **body) -> Request:
+        return Request(b"id", {"id": "1", "type": "x", "session": "s"}, body, "operator",
+                       0.0, principal)
+
+    data = write_gguf(tmp_path / "a.gguf", n_vocab=3000).read_bytes()
+    assert len(data) > 2 * ups.chunk_bytes
+    b = await ups.begin(req("uid:1", filename="a.gguf", size=len(data)))
+    uid = b["upload_id"]
+    for call in (ups.chunk(req("uid:2", upload_id=uid, offset=0, data=data[:10])),
+                 ups.finish(req("uid:2", upload_id=uid, sha256="0" * 64)),
+                 ups.abort(req("uid:2", upload_id=uid))):
+        with pytest.raises(InfernoError) as e:
+            await call
+        assert e.value.code == "unknown_upload"
+    with pytest.raises(InfernoError) as e:
+        await ups.chunk(req("uid:1", upload_id=uid, offset=5, data=data[:10]))
+    assert e.value.code == "conflict" and e.value.extra["offset"] == 0
+    with pytest.raises(InfernoError) as e:
+        await ups.chunk(req("uid:1", upload_id=uid, offset=0, data=data[: ups.chunk_bytes + 1]))
+    assert e.value.code == "bad_request"
+    with pytest.raises(InfernoError) as e:  # the name is held by the upload in progress
+        await ups.begin(req("uid:2", filename="a.gguf", size=len(data)))
+    assert e.value.code == "conflict"
+    await ups.begin(req("uid:1", filename="b.gguf", size=10))
+    with pytest.raises(InfernoError) as e:
+        await ups.begin(req("uid:1", filename="c.gguf", size=10))
+    assert e.value.code == "conflict" and "too many uploads" in e.value.message
+    for bad in ("../x.gguf", "x.txt"):
+        with pytest.raises(InfernoError) as e:
+            await ups.begin(req("uid:3", filename=bad, size=10))
+        assert e.value.code == "bad_request"
+    await ups.close()
+    assert list((tmp_path / "models").iterdir()) == []

@@ -241,6 +241,7 @@ class InfernoDaemon(Daemon):
             await asyncio.sleep(0.1)
         self.gen.abort_all("aborted", "daemon stopping: drain timeout reached")
         await asyncio.sleep(0.05)  # let the abort events leave the socket
+        await self.uploads.close()  # an unfinished upload cannot resume in another process
         await self.models.close()
         await self.jobs.close()
         await self.telemetry.close()

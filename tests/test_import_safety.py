@@ -378,7 +378,7 @@ async def test_async_client_uploads_and_cancel_aborts(small_chunks, tmp_path: Pa
     assert [p.name for p in models.iterdir()] == ["async.gguf"]
 
 
-def test_partial_uploads_of_an_earlier_run_are_removed_at_start(daemon_factory) -> None:
+def test_partial_uploads_are_removed_at_start_and_stop(daemon_factory) -> None:
     d = daemon_factory(start=False)
     models = d.state / "models"
     models.mkdir(parents=True)
@@ -393,6 +393,11 @@ def test_partial_uploads_of_an_earlier_run_are_removed_at_start(daemon_factory) 
         while stale.exists() and time.monotonic() < end:
             time.sleep(0.05)
     assert not stale.exists() and keep.exists()
+    with d.client() as c:  # a clean stop deletes the uploads in progress
+        c.request("models.upload.begin", {"filename": "x.gguf", "size": 1000})
+        assert any(p.name.startswith(".upload-") for p in models.iterdir())
+    assert d.stop() == 0
+    assert not any(p.name.startswith(".upload-") for p in models.iterdir())
 
 
 async def test_uploads_are_private_ordered_and_bounded(tmp_path: Path) -> None:

@@ -8,9 +8,10 @@
 ``Client`` is synchronous, ``AsyncClient`` is for asyncio (Textual runs on asyncio). Neither
 is thread-safe: use one per thread, like the ZeroMQ sockets inside them.
 
-A client never hangs: every wait has a timeout; no socket file or no reply raises
-``DaemonUnavailable`` quickly; during a stream, three missed heartbeats or a new ``boot_id``
-(the daemon restarted) raise it too. ZeroMQ reconnects by itself, so the same client works
+A client never hangs: every wait has a timeout; no socket file raises ``DaemonUnavailable``
+at once, and while any request or stream waits, three missed heartbeats (a daemon killed or
+stopped) or a new ``boot_id`` (the daemon restarted) raise it within about three seconds,
+whatever the request's own timeout. ZeroMQ reconnects by itself, so the same client works
 again once the daemon is back. Missed stream events (a gap in ``seq``) are fetched with
 ``stream.fetch``, so a stream always delivers every token exactly once, in order (or raises
 ``aborted``, reason ``events_lost``, once the daemon's stream buffer no longer holds them).
@@ -120,11 +121,11 @@ class Client(_Base, _Requests):
         self._note_pump()  # a pause before this request is not part of its time
         msg_id = self.send(type_, body, deadline=deadline, idem=idem)
         limit = timeout if timeout is not None else self.timeout
-        end = time.monotonic() + limit
-        stood_at_start = self.stood_still_s
+        wait = self._wait(type_)
+        end = wait.started + limit
         while True:
             # Time we stood still (stopped, suspended) is not the daemon's: it moves the end.
-            left = end + (self.stood_still_s - stood_at_start) - time.monotonic()
+            left = end + (self.stood_still_s - wait.stood_still_s) - time.monotonic()
             if left <= 0:
                 raise DaemonUnavailable(f"no reply to '{type_}' within {limit:.1f}s",
                                         "the daemon may be hung or gone")
@@ -133,6 +134,7 @@ class Client(_Base, _Requests):
                 reply = self._parse_reply(frames, msg_id)
                 if reply is not None:
                     return reply
+            self._check_wait(wait)  # a dead or stopped daemon: three heartbeats, not limit
 
     def _call(self, type_: str, body: dict[str, Any] | None = None,
               post: Callable[[dict[str, Any]], Any] | None = None, **kw: Any) -> Any:
@@ -165,10 +167,12 @@ class Client(_Base, _Requests):
     def wait_welcome(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until the daemon's welcome arrived: from then on no event is missed."""
         end = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        wait = self._wait("welcome")
         while not self.welcomed:
             if time.monotonic() > end:
                 raise DaemonUnavailable("no welcome from the daemon's event socket")
             self._pump(0.05)
+            self._check_wait(wait)
         return self.welcome or {}
 
     def generate(self, model: str, prompt: str | None = None, *,
@@ -227,6 +231,11 @@ class AsyncClient(_Base, _Requests):
     def close(self) -> None:
         if self._reader_task is not None:
             self._reader_task.cancel()
+        waiters, self._waiters = getattr(self, "_waiters", {}), {}
+        for fut in waiters.values():  # a request still waiting ends now, not at its timeout
+            if not fut.done():
+                fut.set_exception(DaemonUnavailable("the client was closed",
+                                                    "open a new client"))
         for s in (self.dealer, self.sub):
             if not s.closed:
                 s.close(0)
@@ -323,20 +332,29 @@ class AsyncClient(_Base, _Requests):
                       idem: str | None = None) -> dict[str, Any]:
         msg_id, fut = await self.send(type_, body, deadline=deadline, idem=idem)
         limit = timeout if timeout is not None else self.timeout
-        left = limit
+        wait = self._wait(type_)
+        end = wait.started + limit
+        late = False
         try:
             while True:
-                due = time.monotonic() + left
+                # Time we stood still is not the daemon's: it moves the end (the reader
+                # task measures it, see _read).
+                left = end + (self.stood_still_s - wait.stood_still_s) - time.monotonic()
+                if left <= 0 and not late:
+                    raise DaemonUnavailable(f"no reply to '{type_}' within {limit:.1f}s",
+                                            "the daemon may be hung or gone")
+                step = min(max(left, 0.05), 0.5)
+                due = time.monotonic() + step
                 try:
-                    frames = await asyncio.wait_for(asyncio.shield(fut), left)
+                    frames = await asyncio.wait_for(asyncio.shield(fut), step)
                     break
                 except TimeoutError:
                     # A timer that fires late means the loop (or the process) stood still;
-                    # the reply may be waiting unread: give it the time we lost.
-                    left = time.monotonic() - due
-                    if left <= STOOD_STILL_S:
-                        raise DaemonUnavailable(f"no reply to '{type_}' within {limit:.1f}s",
-                                                "the daemon may be hung or gone") from None
+                    # the reply may be waiting unread, and the reader has not yet counted
+                    # the pause: one more short wait lets it run before anything is judged.
+                    late = time.monotonic() - due > STOOD_STILL_S
+                    if not late:
+                        self._check_wait(wait)  # dead or stopped: three heartbeats, not limit
         finally:
             self._waiters.pop(msg_id, None)
             fut.cancel()
@@ -377,11 +395,13 @@ class AsyncClient(_Base, _Requests):
 
     async def wait_welcome(self, timeout: float | None = None) -> dict[str, Any]:
         end = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        wait = self._wait("welcome")
         while not self.welcomed:
             left = end - time.monotonic()
             if left <= 0:
                 raise DaemonUnavailable("no welcome from the daemon's event socket")
             await self.next_event_batch(min(left, 0.2))
+            self._check_wait(wait)
         return self.welcome or {}
 
     async def generate(self, model: str, prompt: str | None = None, *,

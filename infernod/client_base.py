@@ -35,6 +35,17 @@ STOOD_STILL_S = 0.5
 
 
 @dataclass
+class _Wait:
+    """One wait for the daemon (a reply, the welcome): what it is for, when it began, how
+    long we had stood still by then and which daemon (boot id) we were talking to."""
+
+    what: str
+    started: float
+    stood_still_s: float
+    boot_id: str | None
+
+
+@dataclass
 class CurveKeys:
     server_public: bytes
     client_public: bytes
@@ -164,6 +175,12 @@ class _Base:
             self.welcomed = True
             self.welcome = ev.body
             self._see_boot(ev.boot_id)
+            # The welcome carries the last heartbeat: its period, before the next one comes.
+            state = ev.body.get("state") if isinstance(ev.body, dict) else None
+            beat = state.get("heartbeat") if isinstance(state, dict) else None
+            if isinstance(beat, dict) and isinstance(beat.get("body"), dict):
+                self.heartbeat_interval_s = float(beat["body"].get("interval_s",
+                                                                   self.heartbeat_interval_s))
             return
         if ev.boot_id and self.boot_id is not None and ev.boot_id != self.boot_id:
             self._see_boot(ev.boot_id)
@@ -202,6 +219,29 @@ class _Base:
                 self.boot_id != state.boot_id:
             raise DaemonUnavailable("the daemon restarted; the stream was lost",
                                     "submit the request again", reason="daemon_restarted")
+
+    def _wait(self, what: str) -> _Wait:
+        """Begin waiting for the daemon; :meth:`_check_wait` then says when to give up."""
+        return _Wait(what, time.monotonic(), self.stood_still_s, self.boot_id)
+
+    def _check_wait(self, wait: _Wait) -> None:
+        """Raise DaemonUnavailable once the daemon has been silent for three heartbeats
+        while we waited (a request's whole timeout is far too long to notice a dead or
+        stopped daemon), or a new daemon (boot id) answers: the old one took our request
+        with it. Silence before the wait began is not held against it, so the first request
+        after the daemon came back waits for a heartbeat instead of failing at once; time
+        we stood still ourselves moves the start, as it moves the last heartbeat
+        (see _note_pump)."""
+        floor = wait.started + (self.stood_still_s - wait.stood_still_s)
+        silent = time.monotonic() - max(self.last_heartbeat, floor)
+        if silent > self._lost_after():
+            raise DaemonUnavailable(f"daemon lost while waiting for '{wait.what}': no "
+                                    f"heartbeat for {silent:.1f}s",
+                                    "is infernod still running? ('inferno status' / "
+                                    "'systemctl status infernod')")
+        if wait.boot_id and self.boot_id and self.boot_id != wait.boot_id:
+            raise DaemonUnavailable(f"the daemon restarted while waiting for '{wait.what}'",
+                                    "send the request again", reason="daemon_restarted")
 
     @staticmethod
     def _gen_body(model: str, prompt: str | None, messages: list | None,

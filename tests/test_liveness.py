@@ -371,3 +371,84 @@ def test_a_thousand_clients_vanish_mid_stream(daemon_factory):
         _wait(lambda: c.status()["queue"]["running"] == 4, 20, "all four slots running")
         for s in streams:
             s.cancel()
+
+
+# -- every request, not only streams, notices a dead or stopped daemon (issue 12, item 2) ---
+def _signal_after_sending(monkeypatch, cls: type, pid: int, sig: int,
+                          type_: str = "models.load") -> None:
+    """Make ``cls.send`` deliver ``sig`` to the daemon right after ``type_`` left: the
+    request is in flight when the daemon dies or stops, deterministically."""
+    real = cls.send
+    if asyncio.iscoroutinefunction(real):
+        async def send(self, t, body=None, **kw):
+            out = await real(self, t, body, **kw)
+            if t == type_:
+                os.kill(pid, sig)
+            return out
+    else:
+        def send(self, t, body=None, **kw):
+            out = real(self, t, body, **kw)
+            if t == type_:
+                os.kill(pid, sig)
+            return out
+    monkeypatch.setattr(cls, "send", send)
+
+
+@pytest.mark.model
+def test_a_load_in_flight_when_the_daemon_is_killed_raises_within_3_heartbeats(
+        daemon, monkeypatch):
+    """It used to wait the whole request timeout: 600 s for models.load."""
+    with daemon.client() as c:
+        c.wait_welcome()
+        _signal_after_sending(monkeypatch, client_mod.Client, daemon.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnavailable) as e:
+            c.load("gemma3-270m", timeout=600)
+        took = time.monotonic() - t0
+        assert took < 4.5, took  # three heartbeats of 1 s, and polling
+        assert "models.load" in e.value.message and "heartbeat" in e.value.message
+        daemon.proc.wait(5)
+
+
+@pytest.mark.model
+def test_a_load_in_flight_when_the_daemon_is_stopped_raises_then_the_client_recovers(
+        daemon, monkeypatch):
+    async def main() -> tuple[float, dict]:
+        async with AsyncClient(daemon.endpoint, timeout=10) as ac:
+            await ac.wait_welcome()
+            _signal_after_sending(monkeypatch, AsyncClient, daemon.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(DaemonUnavailable):
+                    await asyncio.wait_for(ac.load("gemma3-270m", timeout=600), 30)
+                took = time.monotonic() - t0
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
+            monkeypatch.undo()
+            # The daemon goes on (it had the load queued): the same client works again.
+            return took, await ac.request("ping", timeout=10)
+
+    took, pong = asyncio.run(main())
+    assert took < 4.5, took
+    assert pong["pong"]
+
+
+@pytest.mark.model
+def test_cli_load_exits_3_within_3_heartbeats_when_the_daemon_dies(daemon, monkeypatch,
+                                                                   capsys):
+    import threading
+
+    _signal_after_sending(monkeypatch, client_mod.Client, daemon.pid, signal.SIGKILL)
+    out: dict = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        out["rc"] = cli.main(["--endpoint", daemon.endpoint, "load", "gemma3-270m"])
+        out["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run, daemon=True)  # on old code it waited 600 s
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "inferno load still waiting 30 s after the daemon died"
+    assert out["rc"] == 3 and out["took"] < 6.5, out
+    assert "daemon lost" in capsys.readouterr().err

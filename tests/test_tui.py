@@ -5,9 +5,13 @@ Plus the pure parts (defensive parsing, chat store) and the import boundary.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from inferno_tui.screens.gpu import GpuScreen
 from inferno_tui.store import ChatSettings, ChatStore
 from inferno_tui.views import MetricsView, QueueView, stats_rows
 from inferno_tui.widgets.status import status_text
+from infernod.protocol.errors import DaemonUnavailable
 
 MODEL = "gemma3-270m"
 
@@ -173,6 +178,31 @@ async def test_reconnects_after_daemon_kill_and_restart(daemon, tmp_path: Path) 
         await pilot.pause(0.5)
         assert "connected" in str(app.screen.query_one("#status").render())
         assert app.snapshot.models and app.snapshot.models[0].name == MODEL
+        assert app.is_running
+
+
+async def test_a_request_to_a_stopped_daemon_fails_fast_and_the_console_recovers(
+        daemon, tmp_path: Path) -> None:
+    """A load asked from the console used to wait its whole 600 s timeout for a daemon that
+    was stopped (SIGSTOP) or dead; now three missed heartbeats end it."""
+    app = InfernoApp(Settings(endpoint=daemon.endpoint, data_dir=str(tmp_path)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _until(pilot, lambda: app.snapshot.connection == "connected", 30, "connected")
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DaemonUnavailable):
+                await asyncio.wait_for(app.connection.request(
+                    "models.load", {"model": MODEL}, timeout=600), 20)
+            took = time.monotonic() - t0
+            await _until(pilot, lambda: app.snapshot.connection == "disconnected", 10,
+                         "disconnected shown")
+            await pilot.pause(0.5)
+            assert "disconnected" in str(app.screen.query_one("#status").render())
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        assert took < 4.5, took
+        await _until(pilot, lambda: app.snapshot.connection == "connected", 30, "reconnected")
         assert app.is_running
 
 

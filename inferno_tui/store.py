@@ -81,7 +81,10 @@ class ChatMessage:
 
 class ChatStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from infernod.paths import private_sqlite
+
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_sqlite(path)  # conversations are private: 0600, and its -wal/-shm with it
         self.path = path
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA foreign_keys = ON")

@@ -19,6 +19,7 @@ connections that are already open, not only to new ones.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pwd
@@ -36,7 +37,7 @@ log = logging.getLogger("infernod.auth")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 KEY_PROPERTY = "X-Key"  # ZAP metadata libzmq attaches to every message of a CURVE connection
-ROLE_RANK = {"none": 0, "monitor": 1, "operator": 2}
+ROLE_RANK = {"none": 0, "monitor": 1, "user": 2, "operator": 3}
 
 
 def zap_metadata(props: dict[str, bytes]) -> bytes:
@@ -83,11 +84,14 @@ class RolePolicy:
         self.daemon_uid = daemon_uid
         self.operators = _uids(security.operators, "operators")
         self.monitors = _uids(security.monitors, "monitors")
+        self.users = _uids(security.users, "users")
         self.default_role = security.default_role
 
     def role_for_uid(self, uid: int) -> str:
         if uid == self.daemon_uid or uid in self.operators:
             return "operator"
+        if uid in self.users:
+            return "user"
         if uid in self.monitors:
             return "monitor"
         return self.default_role
@@ -186,7 +190,11 @@ class Security:
         return "400", f"mechanism {mechanism} not allowed on domain {domain!r}", ""
 
     async def serve(self) -> None:
-        """Answer ZAP requests forever (a task on the loop that owns ``self.zap``)."""
+        """Answer ZAP requests forever (a task on the loop that owns ``self.zap``).
+
+        A queued request is received without the loop getting a turn (pyzmq returns a done
+        future): every few requests we yield, so a burst of connections cannot freeze it."""
+        n = 0
         while True:
             try:
                 msg = await self.zap.recv_multipart()
@@ -194,6 +202,9 @@ class Security:
                 if e.errno == zmq.ETERM:
                     return
                 raise
+            n += 1
+            if n % 16 == 0:
+                await asyncio.sleep(0)
             if len(msg) < 8 or msg[1] != b"":
                 continue
             rid, version, request_id = msg[0], msg[2], msg[3]
@@ -225,7 +236,11 @@ class Security:
 
     def role_of(self, frame: zmq.Frame) -> str:
         """The role of a message's sender, evaluated now (reloads and revocations apply)."""
-        principal = self.principal_of(frame)
+        return self.role_of_principal(self.principal_of(frame), frame)
+
+    def role_of_principal(self, principal: str, frame: zmq.Frame | None = None) -> str:
+        """The role of ``uid:N`` or ``key:NAME`` now; ``none`` for anything else. A key's
+        role needs the message (``frame``) whose connection used it."""
         kind, _, name = principal.partition(":")
         if kind == "uid" and name.isdigit():
             return self.policy().role_for_uid(int(name))
@@ -233,7 +248,7 @@ class Security:
             # The name's key now, not the one it had: after 'keys add --force NAME' (or a
             # revoke and a new add) a connection made with the old key has no role.
             entry = self.allow.by_name(name)
-            if entry is None or self.key_of(frame) != entry.public:
+            if entry is None or frame is None or self.key_of(frame) != entry.public:
                 return "none"
             return entry.role
         return "none"  # no ZAP identity: fail closed

@@ -147,12 +147,14 @@ class TelemetryConfig:
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    operators: list = opt([], "uids (ints) or user names with the operator role; the daemon's "
-                              "own uid is always operator", items=(int, str))
+    operators: list = opt([], "uids (ints) or user names with the operator role (models, "
+                              "everyone's streams); the daemon's own uid is always operator", items=(int, str))
+    users: list = opt([], "uids or user names with the user role: generate, embed, infer and "
+                          "submit jobs, and see only their own streams", items=(int, str))
     monitors: list = opt([], "uids or user names with the read-only monitor role",
                          items=(int, str))
     default_role: str = opt("monitor", "role of any other local uid that can reach the socket",
-                            choices=("none", "monitor", "operator"))
+                            choices=("none", "monitor", "user", "operator"))
     tcp_endpoint: str = opt("", "optional tcp://host:port (CURVE required)", restart=True)
     rate_limit_per_s: float = opt(200.0, "requests per second per client; 0 = unlimited",
                                   min=0, max=1_000_000)

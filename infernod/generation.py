@@ -111,9 +111,14 @@ class GenerationService:
         if gen.request_id in self.gens:
             raise InfernoError("conflict", f"request id {gen.request_id} is already in use",
                                "use a fresh message id per request")
-        self.scheduler.submit(self._item(gen), time.monotonic())
+        # the stream first: it refuses a session that belongs to another principal
+        self.publisher.open_stream(gen.request_id, gen.principal)
+        try:
+            self.scheduler.submit(self._item(gen), time.monotonic())
+        except BaseException:
+            self.publisher.close_stream(gen.request_id)
+            raise
         self.gens[gen.request_id] = gen
-        self.publisher.open_stream(gen.request_id, gen.session)
         asyncio.get_running_loop().create_task(self._admit(gen))
 
     @staticmethod

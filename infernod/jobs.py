@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infernod.paths import private_sqlite
 from infernod.protocol.errors import InfernoError
 
 SCHEMA_VERSION = 2
@@ -173,7 +174,8 @@ class JobStore:
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_sqlite(self.path)  # prompts and outputs: the owner's only (0600, -wal too)
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so every transaction takes
         # the write lock up front and a read-then-write (idempotency check) cannot race.
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)

@@ -413,7 +413,7 @@ def register(daemon: Any) -> None:
         return {"job_id": job.id, "state": job.state, "cancelled_items": n,
                 "counts": job.counts}
 
-    daemon.route("jobs.submit", "operator")(h_jobs_submit)
+    daemon.route("jobs.submit", "user")(h_jobs_submit)
     daemon.route("jobs.get", "monitor")(h_jobs_get)
     daemon.route("jobs.list", "monitor")(h_jobs_list)
     daemon.route("jobs.cancel", "monitor")(h_jobs_cancel)  # own jobs; anyone's: operator

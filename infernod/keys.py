@@ -4,8 +4,8 @@ Layout under ``<state_dir>/keys/``::
 
     server.key           server public key (give it to every remote user)
     server.key_secret    server secret key (0600, never leaves the host)
-    clients/NAME.key     one allowed client public key each, with ``role = "monitor"`` or
-                         ``role = "operator"`` in its metadata section
+    clients/NAME.key     one allowed client public key each, with ``role = "monitor"``,
+                         ``"user"`` or ``"operator"`` in its metadata section
 
 Files use ZeroMQ's certificate format, so ``zmq.auth.load_certificate`` reads them. Secret
 files are created 0600 with ``O_EXCL`` and ``fchmod``, whatever the umask. The daemon's
@@ -28,7 +28,7 @@ import zmq
 from zmq.utils import z85
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-CLIENT_ROLES = ("monitor", "operator")
+CLIENT_ROLES = ("monitor", "user", "operator")
 SERVER_PUBLIC = "server.key"
 SERVER_SECRET = "server.key_secret"
 

@@ -117,3 +117,24 @@ def untrusted_socket(path: Path) -> str | None:
         return (f"{real.parent} (mode {stat.S_IMODE(parent.st_mode):o}) lets users other than "
                 "its owner replace the socket")
     return None
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700: it holds other people's prompts."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_sqlite(path: Path) -> Path:
+    """Make a SQLite database file 0600 before it is opened, with its ``-wal``/``-shm``/
+    ``-journal`` files where they exist already (SQLite creates them later with the main
+    file's mode). Files made by an older version with a looser umask are tightened."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        try:
+            os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+    return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -41,8 +42,10 @@ from infernod.systemd import Notifier
 
 log = logging.getLogger("infernod")
 
-ROLES = {"none": 0, "monitor": 1, "operator": 2}
+ROLES = {"none": 0, "monitor": 1, "user": 2, "operator": 3}
 MAX_IN_FLIGHT = 1024  # handlers running at once; beyond, requests wait in ZeroMQ's queue
+EVENTS_BATCH = 512  # subscriptions handled before the loop runs anything else
+EVENTS_SLICE_S = 0.002  # ... or this long, whichever comes first
 
 
 @dataclass
@@ -177,7 +180,9 @@ class Daemon:
         self.control.setsockopt(zmq.SNDHWM, 10000)
         self.control.setsockopt(zmq.RCVHWM, 10000)
         self.events = self.ctx.socket(zmq.XPUB)
-        self.events.setsockopt(zmq.XPUB_VERBOSE, 1)
+        # Every (un)subscription comes to us and none applies until we say so (_events_loop):
+        # a principal's streams are its own (publisher.Publisher.decide).
+        self.events.setsockopt(zmq.XPUB_MANUAL, 1)
         self.events.setsockopt(zmq.LINGER, 0)
         # Per subscriber: a paused one loses events past this (and re-fetches token gaps).
         self.events.setsockopt(zmq.SNDHWM, self.cfg.daemon.subscriber_hwm)
@@ -306,16 +311,50 @@ class Daemon:
             log.warning(fmt + suffix, *args)
 
     async def _events_loop(self) -> None:
+        """(Un)subscriptions from subscribers (XPUB_MANUAL): each is decided by the publisher
+        and applied with setsockopt to the pipe it came from, which libzmq remembers only
+        until the next receive: so receive, decide and apply happen with no await between.
+
+        A flood must not starve the loop: messages are taken without waiting (a plain
+        socket sharing the asyncio one's libzmq socket), at most EVENTS_BATCH or
+        EVENTS_SLICE_S at a time, then the loop runs everything else before the next batch.
+        Waiting welcomes go out after each batch, as their principals' rate allows."""
+        sock = zmq.Socket.shadow(self.events.underlying)
+        publisher = self.publisher
+        security = self.security
+        principal_of = security.principal_of
         while True:
             try:
-                frame = await self.events.recv()
+                await self.events.poll(timeout=250, flags=zmq.POLLIN)
             except asyncio.CancelledError:
                 raise
             except zmq.ZMQError as e:
                 if e.errno == zmq.ETERM:
                     return
                 continue
-            self.publisher.on_subscription(frame)
+            start = time.monotonic()
+            for _ in range(EVENTS_BATCH):
+                try:
+                    frame = sock.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.ETERM:
+                        return
+                    break
+                data = frame.bytes
+                now = time.monotonic()
+                principal = principal_of(frame)
+                if publisher.decide(data, principal, now,
+                                    functools.partial(security.role_of_principal, principal,
+                                                      frame)):
+                    option = zmq.SUBSCRIBE if data[0] == 1 else zmq.UNSUBSCRIBE
+                    sock.setsockopt(option, data[1:])
+                if now - start > EVENTS_SLICE_S:
+                    break
+            if publisher.welcomes_waiting():
+                publisher.flush_welcomes(time.monotonic())
+            await asyncio.sleep(0)  # a burst must not starve heartbeats and replies
 
     async def _heartbeat_loop(self) -> None:
         interval = self.cfg.daemon.heartbeat_interval_s

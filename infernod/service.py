@@ -19,7 +19,7 @@ from infernod.generation import Gen, GenerationService, LoopSink
 from infernod.jobs_service import JobService
 from infernod.models import ModelManager
 from infernod.onnx_service import OnnxService
-from infernod.paths import JOBS_DB
+from infernod.paths import JOBS_DB, private_dir
 from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
 from infernod.queueing import QueueService
@@ -38,7 +38,7 @@ class InfernoDaemon(Daemon):
 
         await super().start()
         self.loop = loop = asyncio.get_running_loop()
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.state_dir)  # jobs' prompts and outputs, keys: the daemon's only
         s = self.cfg.scheduler
         self.scheduler = Scheduler(max_queue_per_model=s.max_queue_per_model,
                                    max_queue_total=s.max_queue_total,
@@ -220,7 +220,9 @@ class InfernoDaemon(Daemon):
                                    aging_interval_s=s.aging_interval_s)
 
     def on_request(self, req: Request) -> None:
-        self.last_seen[req.session] = time.monotonic()
+        now = time.monotonic()
+        self.last_seen[req.session] = now
+        self.publisher.touch(req.session, req.principal, now)
 
     async def drain(self) -> None:
         self.gen.accepting = False
@@ -263,9 +265,9 @@ class InfernoDaemon(Daemon):
         r("models.import", "operator")(self.h_models_import)
         r("models.remove", "operator")(self.h_models_remove)
         uploads.register(self)  # models.upload.*
-        r("generate", "operator")(self.h_generate)
-        r("embed", "operator")(self.h_embed)
-        r("infer", "operator")(self.h_infer)
+        r("generate", "user")(self.h_generate)
+        r("embed", "user")(self.h_embed)
+        r("infer", "user")(self.h_infer)
         r("cancel", "monitor")(self.h_cancel)
         r("stream.fetch", "monitor")(self.h_stream_fetch)
 
@@ -308,6 +310,8 @@ class InfernoDaemon(Daemon):
         return {"sessions": len(self.last_seen), "requests": len(self.gen.gens),
                 "streams": len(self.publisher.streams),
                 "subscriptions": len(self.publisher.subscriptions),
+                "claims": len(self.publisher.claims),
+                "welcomes_waiting": self.publisher.welcomes_waiting(),
                 "rate_buckets": len(self.limiter.peers) + len(self.limiter.sessions),
                 "telemetry_runs": self.telemetry.runs_open(),
                 "unwritten_job_writes": self.jobs.unwritten()}
@@ -425,17 +429,21 @@ class InfernoDaemon(Daemon):
         return {"request_id": rid, "state": self.onnx.cancel(rid)}
 
     async def h_stream_fetch(self, req: Request) -> dict[str, Any]:
+        """A stream's buffered events: its owner's (the principal that started it) or an
+        operator's to read. Someone else's stream answers like a missing one, so request
+        ids cannot be probed; the check comes before any work."""
         rid = req.body["request_id"]
-        stream = self.publisher.fetch(rid, 0)
-        if stream is None:
-            raise InfernoError("unknown_request", f"no stream {rid} (finished more than "
-                               f"{self.cfg.daemon.stream_retention_s:.0f}s ago, or never existed)")
+        stream = self.publisher.fetch(rid)
+        if stream is None or (stream.owner != req.principal and req.role != "operator"):
+            raise InfernoError("unknown_request", f"no stream {rid} of yours (finished more "
+                               f"than {self.cfg.daemon.stream_retention_s:.0f}s ago, never "
+                               "existed, or another user's)")
         from_seq = req.body.get("from_seq") or 0
         events = [{"seq": seq, "type": h["type"], "body": body}
-                  for seq, h, body in stream.events if seq >= from_seq][:4096]
+                  for seq, h, body in stream.since(from_seq, 4096)]
         return {"request_id": rid, "events": events, "first_seq": stream.dropped_before,
                 "finished": stream.finished_at is not None,
-                "more": bool(events) and events[-1]["seq"] < stream.events[-1][0]}
+                "more": bool(events) and events[-1]["seq"] < stream.next_seq - 1}
 
 
 def _path(p: str) -> Any:

@@ -48,6 +48,13 @@ class DaemonConfig:
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
     max_message_bytes: int = opt(4 * 1024 * 1024, "largest request accepted (ZMQ_MAXMSGSIZE)",
                                  min=4096, max=256 * 1024 * 1024, restart=True)
+    max_held_bytes_per_principal: int = opt(
+        256 * 1024 * 1024, "bytes of requests one principal (uid or key) may have in the daemon "
+                           "at once (being decoded, queued or running); more is refused with "
+                           "'busy'", min=4096, max=2**40)
+    max_held_bytes_total: int = opt(1024 * 1024 * 1024, "bytes of requests all principals "
+                                                        "together may have in the daemon at once",
+                                    min=4096, max=2**40)
     heartbeat_interval_s: float = opt(1.0, "heartbeat period; clients declare the daemon lost "
                                            "after 3 missed beats", min=0.1, max=10, restart=True)
     drain_timeout_s: float = opt(30.0, "on SIGTERM, how long running work may finish",

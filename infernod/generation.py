@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from infernod.backends.base import GenerationRequest, SamplingParams
+from infernod.budget import Hold
 from infernod.protocol.errors import InfernoError
 from infernod.scheduler import QueueItem
 
@@ -56,6 +57,7 @@ class Gen:
     on_start: Callable[[Gen], None] | None = None  # each time an engine starts (or resumes) it
     text: list[str] | None = None  # when a list, every text delta is kept (job results)
     itl_gaps_ms: list[float] | None = None  # the engine's raw inter-token gaps (profiles)
+    hold: Hold | None = None  # the request's bytes, charged until it finishes (budget.py)
 
 
 class LoopSink:
@@ -276,6 +278,9 @@ class GenerationService:
 
     def _finish(self, gen: Gen, reason: str, final: dict[str, Any]) -> None:
         self.gens.pop(gen.request_id, None)
+        if gen.hold is not None:
+            gen.hold.release()
+            gen.hold = None
         self.publisher.close_stream(gen.request_id)
         if self.on_profile is not None:
             self.on_profile(gen, reason, final)

@@ -30,12 +30,13 @@ import zmq.asyncio
 from infernod import __version__
 from infernod import config as config_mod
 from infernod.auth import Security, SecurityError
+from infernod.budget import ByteLedger, Hold
 from infernod.config import Config
 from infernod.keys import keys_dir
 from infernod.paths import Endpoints, runtime_dir, state_dir
 from infernod.protocol import codec
 from infernod.protocol.errors import InfernoError
-from infernod.protocol.messages import SCHEMAS, validate_body, validate_header
+from infernod.protocol.messages import SCHEMAS, max_body_bytes, validate_body, validate_header
 from infernod.publisher import Publisher
 from infernod.ratelimit import RateLimiter
 from infernod.systemd import Notifier
@@ -46,6 +47,10 @@ ROLES = {"none": 0, "monitor": 1, "user": 2, "operator": 3}
 MAX_IN_FLIGHT = 1024  # handlers running at once; beyond, requests wait in ZeroMQ's queue
 EVENTS_BATCH = 512  # subscriptions handled before the loop runs anything else
 EVENTS_SLICE_S = 0.002  # ... or this long, whichever comes first
+# Messages ZeroMQ queues per connection before it stops reading that peer's socket. It counts
+# messages, not bytes, so it is kept small: the loop takes every message out at once and the
+# byte limits (budget.py) decide; the queue only fills while MAX_IN_FLIGHT handlers run.
+CONTROL_RCVHWM = 256
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Request:
     role: str
     received: float
     principal: str = ""  # who sent it, as the security layer knows them: uid:N or key:NAME
+    # its bytes, charged to the principal until the handler returns; a handler that keeps
+    # the request's data longer (a queued generation) takes it over and sets this to None
+    hold: Hold | None = None
 
     @property
     def session(self) -> str:
@@ -159,6 +167,8 @@ class Daemon:
         self.security = Security(lambda: self.cfg.security, keys_dir(self.state_dir),
                                  self._log_error)
         self.limiter = RateLimiter(lambda: self.cfg.security)
+        self.ledger = ByteLedger(lambda: (self.cfg.daemon.max_held_bytes_per_principal,
+                                          self.cfg.daemon.max_held_bytes_total))
 
     # -- handler table ----------------------------------------------------------------------
     def route(self, type_: str, role: str = "operator") -> Callable[[Handler], Handler]:
@@ -178,7 +188,7 @@ class Daemon:
         self.control.setsockopt(zmq.MAXMSGSIZE, self.cfg.daemon.max_message_bytes)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.SNDHWM, 10000)
-        self.control.setsockopt(zmq.RCVHWM, 10000)
+        self.control.setsockopt(zmq.RCVHWM, CONTROL_RCVHWM)
         self.events = self.ctx.socket(zmq.XPUB)
         # Every (un)subscription comes to us and none applies until we say so (_events_loop):
         # a principal's streams are its own (publisher.Publisher.decide).
@@ -244,21 +254,38 @@ class Daemon:
         received = time.monotonic()
         role = self.role_of(frames[-1]) if len(frames) > 1 else "none"
         principal = self.security.principal_of(frames[-1]) if len(frames) > 1 else ""
+        key = principal or identity.hex()
         # Charged before parsing: a flood of garbage uses up its sender's allowance too.
-        peer_wait = self.limiter.peer(principal or identity.hex(), received)
-        parsed, body = codec.decode_request([f.bytes for f in frames[1:]],
-                                            max_body_bytes=self.cfg.daemon.max_message_bytes)
-        header.update(parsed)
-        validate_header(header)
+        peer_wait = self.limiter.peer(key, received)
+        bufs = [f.buffer for f in frames[1:]]  # decoded in place, never copied
+        codec.check_frames(bufs)
+        header.update(codec.unpackb(bufs[1], max_bytes=codec.MAX_HEADER_BYTES, what="header"))
+        validate_header(header)  # (at most 4 KiB) so that even a refusal names its request
         wait = max(peer_wait, self.limiter.session(header["session"], received))
         if wait:
             raise self.rate_limited(wait)
-        handler, need = self._lookup(header["type"])
-        validate_body(header["type"], body, SCHEMAS)
-        if ROLES[role] < ROLES[need]:
-            raise InfernoError("forbidden", f"'{header['type']}' needs the {need} role; "
-                                            f"you are {role}", "ask an operator")
-        return Request(identity, header, body, role, received, principal), handler
+        # Its bytes are charged (budget.py) before the body is decoded: over the limit, it
+        # is refused and its frames are freed at once.
+        hold = self.ledger.charge(key, sum(len(f) for f in frames[1:]))
+        try:
+            type_ = header["type"]
+            handler, need = self._lookup(type_)
+            if ROLES[role] < ROLES[need]:  # before the body: a refused body is never decoded
+                raise InfernoError("forbidden", f"'{type_}' needs the {need} role; "
+                                                f"you are {role}", "ask an operator")
+            limit = self.cfg.daemon.max_message_bytes
+            limit = min(limit, max_body_bytes(type_) or limit)
+            if len(bufs[2]) > limit:
+                raise InfernoError("too_large", f"a '{type_}' body is {len(bufs[2])} bytes; "
+                                                f"no valid one is over {limit}",
+                                   "see docs/protocol.md for the request's fields and limits",
+                                   limit_bytes=limit)
+            body = codec.unpackb(bufs[2], max_bytes=limit, what="body")
+            validate_body(type_, body, SCHEMAS)
+        except BaseException:
+            hold.release()
+            raise
+        return Request(identity, header, body, role, received, principal, hold), handler
 
     async def _run(self, req: Request, handler: Handler) -> None:
         try:
@@ -273,6 +300,10 @@ class Daemon:
             log.exception("handler for %s crashed", req.type)
             err = InfernoError("internal", f"{type(e).__name__}: {e}")
             await self._reply(req.identity, req.header, "error", err.to_wire())
+        finally:
+            if req.hold is not None:  # not taken over by the handler
+                req.hold.release()
+                req.hold = None
         self.requests_served += 1
 
     def on_request(self, req: Request) -> None:

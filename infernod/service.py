@@ -314,7 +314,8 @@ class InfernoDaemon(Daemon):
                 "welcomes_waiting": self.publisher.welcomes_waiting(),
                 "rate_buckets": len(self.limiter.peers) + len(self.limiter.sessions),
                 "telemetry_runs": self.telemetry.runs_open(),
-                "unwritten_job_writes": self.jobs.unwritten()}
+                "unwritten_job_writes": self.jobs.unwritten(),
+                "request_bytes": self.ledger.total}
 
     async def h_config_get(self, req: Request) -> dict[str, Any]:
         key = req.body.get("key")
@@ -408,6 +409,7 @@ class InfernoDaemon(Daemon):
                   deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
                   topic=f"tokens.{request_id}")
         self.gen.submit(gen)
+        gen.hold, req.hold = req.hold, None  # the prompt stays in memory until gen finishes
         self.queue.admitted(gen.model)
         return {"request_id": request_id, "topic": gen.topic, "model": info.name,
                 "chat_template": template}

@@ -16,6 +16,7 @@ import subprocess
 import time
 import traceback
 
+import psutil
 import pytest
 import zmq
 
@@ -243,3 +244,65 @@ def test_monitor_requests_trigger_no_rescans_or_job_loads(daemon_factory):
               f"{full * 1000:.1f} ms")
         assert refused < full / 5, (refused, full)
         assert c.ping()["pong"]
+
+
+# -- bytes held for requests ------------------------------------------------------------------
+MiB = 2**20
+
+
+def _rss_mib(proc: psutil.Process) -> float:
+    return proc.memory_info().rss / MiB
+
+
+@pytest.mark.model
+def test_request_bytes_are_bounded_per_principal(daemon_factory):
+    """A flood of max-size generate requests (4 x 40 of 4 MiB, 640 MiB) while the only slot
+    is busy: each principal holds at most max_held_bytes_per_principal of queued requests,
+    the rest is refused with busy (before decoding), and the daemon's RSS stays flat; a
+    monitor-sized request type with a large body is too_large without being decoded."""
+    d = daemon_factory({"models": {"slots": 1},
+                        "daemon": {"max_held_bytes_per_principal": 32 * MiB,
+                                   "max_held_bytes_total": 48 * MiB, "drain_timeout_s": 1.0}})
+    proc = psutil.Process(d.pid)
+    socks = [_raw(d.endpoint) for _ in range(4)]
+    try:
+        with d.client(timeout=60) as c:
+            c.load("gemma3-270m")
+            long = c.generate("gemma3-270m", "Once upon a time", max_tokens=900,
+                              ignore_eos=True)
+            next(iter(long))  # it runs: every other generation waits behind it
+            r = _answer(socks[0], {"id": "big-ping", "type": "ping", "session": "flood0"},
+                        {"x": "y" * (3 * MiB)})
+            assert r["kind"] == "error" and r["code"] == "too_large", r
+            rss0 = _rss_mib(proc)
+            body = codec.packb({"model": "gemma3-270m", "prompt": "a" * (4 * MiB - 4096),
+                                "max_tokens": 1, "priority": "low"})
+            for i in range(40):
+                for k, s in enumerate(socks):
+                    s.send_multipart([codec.MAGIC, codec.packb(
+                        {"id": f"g{i}", "type": "generate", "session": f"flood{k}"}), body])
+            codes: dict[str, int] = {}
+            peak = rss0
+            end = time.monotonic() + 90
+            while sum(codes.values()) < 160 and time.monotonic() < end:
+                peak = max(peak, _rss_mib(proc))
+                for s in socks:
+                    while s.poll(0):
+                        reply = s.recv_multipart()
+                        kind = codec.unpackb(reply[1], max_bytes=4096)["type"]
+                        code = "ok" if kind == "reply" else \
+                            codec.unpackb(reply[2], max_bytes=MiB)["code"]
+                        codes[code] = codes.get(code, 0) + 1
+                time.sleep(0.02)
+            peak = max(peak, _rss_mib(proc))
+            print(f"RSS {rss0:.0f} MiB before, {peak:.0f} MiB peak under 640 MiB of "
+                  f"requests; answers {codes}")
+            assert sum(codes.values()) == 160, codes
+            assert codes.get("ok", 0) <= 8 and codes.get("busy", 0) >= 150, codes
+            held = c.status()["held"]["request_bytes"]
+            assert 0 < held <= 32 * MiB, held
+            assert peak - rss0 < 160, f"RSS grew {peak - rss0:.0f} MiB"
+            assert c.ping()["pong"]
+    finally:
+        for s in socks:
+            s.close(0)

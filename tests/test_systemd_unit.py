@@ -41,6 +41,20 @@ def test_unit_is_type_notify_with_watchdog():
         assert line in text, line
 
 
+def test_unit_bounds_memory(tmp_path):
+    """The daemon's own limits (models budget, request bytes) can fail or be misconfigured:
+    the unit gives the kernel a hard ceiling below the host's memory."""
+    r = subprocess.run(["systemd-analyze", "verify", str(_unit_with_real_binary(tmp_path))],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    settings = dict(line.split("=", 1) for line in UNIT.read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert "MemoryMax" in settings, "systemd/infernod.service sets no MemoryMax="
+    max_pct = re.fullmatch(r"(\d+)%", settings["MemoryMax"])
+    assert max_pct and 75 < int(max_pct.group(1)) < 100, settings["MemoryMax"]
+    assert settings.get("MemorySwapMax") == "0"
+
+
 def test_exposure_score_below_threshold(tmp_path):
     r = subprocess.run(["systemd-analyze", "security", "--offline=true",
                         str(_unit_with_real_binary(tmp_path))],

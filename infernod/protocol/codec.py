@@ -58,7 +58,7 @@ def _check_tree(obj: Any, depth: int = 0) -> None:
                 _check_tree(value, depth + 1)
 
 
-def unpackb(data: bytes, *, max_bytes: int, what: str = "body") -> dict[str, Any]:
+def unpackb(data: bytes | memoryview, *, max_bytes: int, what: str = "body") -> dict[str, Any]:
     """Decode one msgpack map with limits; raise InfernoError('bad_request') on anything odd.
 
     msgpack's C unpacker recurses per nesting level; a 2,000-deep document is well within
@@ -102,6 +102,15 @@ def encode_request(header: dict[str, Any], body: dict[str, Any]) -> list[bytes]:
 
 def decode_request(frames: list[bytes], *, max_body_bytes: int) -> tuple[dict, dict]:
     """Decode ``[MAGIC, header, body]`` (the ROUTER identity already stripped)."""
+    check_frames(frames)
+    header = unpackb(frames[1], max_bytes=MAX_HEADER_BYTES, what="header")
+    body = unpackb(frames[2], max_bytes=max_body_bytes, what="body")
+    return header, body
+
+
+def check_frames(frames: list[Any]) -> None:
+    """Frame count and magic: the checks before anything is decoded. ``frames`` may be
+    bytes or memoryviews (the daemon decodes ZeroMQ's buffers without copying them)."""
     if len(frames) != 3:
         raise InfernoError(
             "bad_request",
@@ -114,9 +123,6 @@ def decode_request(frames: list[bytes], *, max_body_bytes: int) -> tuple[dict, d
             f"bad magic frame {bytes(frames[0][:8])!r}, expected {MAGIC!r}",
             "this daemon speaks Inferno protocol version 1",
         )
-    header = unpackb(frames[1], max_bytes=MAX_HEADER_BYTES, what="header")
-    body = unpackb(frames[2], max_bytes=max_body_bytes, what="body")
-    return header, body
 
 
 def now_wall() -> float:

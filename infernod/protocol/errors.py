@@ -36,6 +36,9 @@ CODES: dict[str, str] = {
     "config_error": "fix the named key in infernod.toml",
     "conflict": "the target already exists or is in the wrong state",
     "not_supported": "this build or model does not support the request",
+    "busy": "your (or everyone's) unfinished requests hold too many bytes; retry after "
+            "retry_after_ms",
+    "too_large": "the request is larger than the daemon accepts; send less in one request",
     "storage_full": "free space on the daemon's state directory filesystem, then retry",
     "internal": "this is a bug in infernod; the daemon log has the details",
     "path_not_allowed": "send the file from your machine instead: 'inferno import FILE'",

@@ -281,3 +281,27 @@ def _validate_generate(body: dict[str, Any]) -> None:
                 "bad_request",
                 f"generate.messages[{i}] must be {{role: system|user|assistant, content: str}}",
             )
+
+
+SMALL_BODY_BYTES = 64 * 1024  # a body this small is always decoded (cheap), whatever its type
+
+
+def max_body_bytes(type_: str, schemas: dict[str, dict[str, F]] | None = None) -> int | None:
+    """The largest body a valid request of ``type_`` can have (msgpack bytes, at least
+    SMALL_BODY_BYTES), or None when a field (a list, a map, an unbounded string) lets it be
+    as large as any message. The daemon refuses a larger body before decoding it."""
+    schema = (SCHEMAS if schemas is None else schemas).get(type_)
+    if schema is None:
+        return SMALL_BODY_BYTES
+    size = 5  # map32 header
+    for name, spec in schema.items():
+        size += 5 + 4 * len(name)
+        if set(spec.types) - {int, float, bool, str}:
+            return None
+        if str in spec.types:
+            if spec.max_len is None:
+                return None
+            size += 5 + 4 * spec.max_len  # UTF-8: at most 4 bytes per character
+        else:
+            size += 9
+    return max(SMALL_BODY_BYTES, size)

@@ -29,11 +29,15 @@ class ConfigError(Exception):
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
         choices: tuple | None = None, restart: bool = False,
-        items: type | tuple | None = None) -> Any:
+        items: type | tuple | None = None, keys_from: str | None = None) -> Any:
+    """One key. For a mapping (dict) key, ``choices`` bounds its values and ``keys_from``
+    names the key whose choices its keys must be (e.g. the roles)."""
     meta = {"doc": doc, "min": min, "max": max, "choices": choices, "restart": restart,
-            "items": items}
+            "items": items, "keys_from": keys_from}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -137,6 +141,20 @@ class SchedulerConfig:
     deadline_urgent_s: float = opt(30.0, "a waiting request whose deadline is this close is "
                                          "treated as at least 'high'", min=0, max=86400,
                                    restart=True)
+    max_queued_per_principal: int = opt(256, "waiting requests (generate, embed, infer; job "
+                                             "items not counted) one principal may have over "
+                                             "all models; 0 = no limit", min=0,
+                                        max=10_000_000)
+    max_job_items_per_principal: int = opt(20_000, "unfinished job items (queued or running) "
+                                                   "one principal may have; 0 = no limit",
+                                           min=0, max=100_000_000)
+    max_job_bytes_per_principal: int = opt(64 * 1024 * 1024, "prompt bytes of unfinished job "
+                                                             "items one principal may have; 0 "
+                                                             "= no limit", min=0, max=2**40)
+    job_retention_s: float = opt(7 * 86400.0, "finished jobs (done, failed, cancelled) are "
+                                              "deleted with their results this long after they "
+                                              "finished; 0 = kept forever", min=0,
+                                 max=10 * 365 * 86400.0)
 
 
 @dataclass(frozen=True)
@@ -171,6 +189,12 @@ class SecurityConfig:
                                                "unlimited", min=0, max=1_000_000)
     rate_limit_peer_burst: int = opt(2000, "burst allowance per peer", min=1,
                                      max=10_000_000)
+    max_priority: dict = opt({"operator": "vip"}, "highest priority class each role may ask "
+                                                  "for (generate, embed, infer, jobs.submit, "
+                                                  "reprioritize); a role not named here may "
+                                                  "ask for 'normal' at most",
+                             choices=("vip", "high", "normal", "low"),
+                             keys_from="security.default_role")
 
 
 @dataclass(frozen=True)
@@ -242,6 +266,8 @@ def check_value(key: str, value: Any, path: Path | None = None) -> Any:
     if want is not bool and isinstance(value, bool) or not isinstance(value, want):
         raise ConfigError(key, f"{value!r} is a {type(value).__name__}, expected "
                                f"{want.__name__}", path)
+    if isinstance(value, dict):
+        return _check_mapping(key, value, meta, path)
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(key, f"{value!r} is not allowed; choose one of "
                                f"{', '.join(map(repr, meta['choices']))}", path)
@@ -256,6 +282,22 @@ def check_value(key: str, value: Any, path: Path | None = None) -> Any:
                 raise ConfigError(key, f"item {item!r} must be "
                                        f"{'/'.join(t.__name__ for t in allowed)}", path)
     return value
+
+
+def _check_mapping(key: str, value: dict[str, Any], meta: Any,
+                   path: Path | None) -> dict[str, Any]:
+    """A mapping key: its keys are the choices of ``keys_from``, its values ``choices``."""
+    allowed_keys: tuple = ()
+    if meta["keys_from"]:
+        allowed_keys = key_spec(meta["keys_from"])[1].metadata["choices"] or ()
+    for k, v in value.items():
+        if allowed_keys and k not in allowed_keys:
+            raise ConfigError(key, f"{k!r} is not one of {', '.join(map(repr, allowed_keys))}",
+                              path)
+        if meta["choices"] and v not in meta["choices"]:
+            raise ConfigError(key, f"{k} = {v!r} is not allowed; choose one of "
+                                   f"{', '.join(map(repr, meta['choices']))}", path)
+    return dict(value)
 
 
 def from_dict(data: dict[str, Any], path: Path | None = None, source: str = "") -> Config:
@@ -350,6 +392,11 @@ def parse_cli_value(key: str, text: str) -> Any:
         if want is list:
             items = [s.strip() for s in text.split(",") if s.strip()]
             return [int(s) if s.isdigit() else s for s in items]
+        if want is dict:  # role=class,role=class
+            pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(text)
+            return {k.strip(): v.strip() for k, v in pairs}
         return text
     except ValueError as e:
         raise ConfigError(key, f"{text!r} is not a valid {want.__name__}") from e
@@ -396,8 +443,12 @@ def example_toml() -> str:
         lines.append(f"# {k['doc'][0].upper()}{k['doc'][1:]}.{rng}"
                      f"{' (restart)' if k['restart'] else ''}")
         value = k["default"]  # lists inline (tomli_w splits them over lines): one commented line
-        shown = (json.dumps(value) if isinstance(value, list)
-                 else tomli_w.dumps({"x": value}).strip()[4:])
+        if isinstance(value, list):
+            shown = json.dumps(value)
+        elif isinstance(value, dict):  # an inline table, on one commented line
+            shown = "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + " }"
+        else:
+            shown = tomli_w.dumps({"x": value}).strip()[4:]
         lines.append(f"# {name} = {shown}")
         lines.append("")
     return "\n".join(lines)

@@ -128,7 +128,7 @@ class GenerationService:
         return QueueItem(request_id=gen.request_id, client=gen.client or gen.session,
                          model=gen.model, priority=gen.priority, submitted_at=gen.submitted,
                          deadline=gen.deadline, est_tokens=gen.body.get("max_tokens") or 256,
-                         payload=gen)
+                         payload=gen, owner="" if gen.job is not None else gen.principal)
 
     async def _admit(self, gen: Gen) -> None:
         try:

@@ -255,10 +255,16 @@ class JobStore:
         idempotency_key: str | None = None,
         now_wall: float | None = None,
         client: str | None = None,
+        max_items: int = 0,
+        max_bytes: int = 0,
     ) -> tuple[Job, bool]:
         """Store a new job of ``owner`` (a principal), or return the owner's existing job with
         the same idempotency key (``created`` False). Reusing a key for different content is
-        a ``conflict``. ``client`` is a label, stored and shown, never a scope."""
+        a ``conflict``. ``client`` is a label, stored and shown, never a scope.
+
+        ``max_items`` / ``max_bytes`` (0 = no limit): the owner's unfinished (queued or
+        running) items and their prompt bytes, this job included, may not exceed them
+        (``quota_exceeded``); checked in the same transaction as the insert."""
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InfernoError("bad_request", "a job needs a non-empty list of string prompts")
         if priority not in PRIORITIES:
@@ -290,6 +296,8 @@ class JobStore:
                             "use a new key for new work",
                         )
                     return self._load(row["id"], items=True), False
+            if max_items or max_bytes:
+                self._check_quota(owner, prompts, max_items, max_bytes)
             job_id = "job-" + secrets.token_hex(8)
             db.execute(
                 "INSERT INTO jobs (id, owner, client, model, priority, params, idempotency_key,"
@@ -303,6 +311,47 @@ class JobStore:
                 [(job_id, i, p) for i, p in enumerate(prompts)],
             )
             return self._load(job_id, items=True), True
+
+    def _check_quota(self, owner: str, prompts: builtins.list[str], max_items: int,
+                     max_bytes: int) -> None:
+        n, size = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(i.prompt AS BLOB))), 0)"
+            " FROM job_items i JOIN jobs j ON j.id = i.job_id"
+            " WHERE j.owner = ? AND i.state IN ('queued', 'running')",
+            (owner,),
+        ).fetchone()
+        add_items, add_bytes = len(prompts), sum(len(p.encode()) for p in prompts)
+        for quota, limit, used, add, unit in (
+            ("scheduler.max_job_items_per_principal", max_items, n, add_items, "items"),
+            ("scheduler.max_job_bytes_per_principal", max_bytes, size, add_bytes, "bytes"),
+        ):
+            if limit and used + add > limit:
+                hint = ("split the work into smaller jobs" if add > limit else
+                        "wait for your unfinished jobs to finish, or cancel some")
+                raise InfernoError(
+                    "quota_exceeded",
+                    f"{owner} has {used} {unit} in unfinished jobs; this job's {add} would "
+                    f"pass the limit of {limit} ({quota})",
+                    f"{hint}; an operator can raise {quota}",
+                    quota=quota, limit=limit, used=used, requested=add,
+                )
+
+    def purge_finished(self, before: float, batch: int = 500) -> int:
+        """Delete up to ``batch`` finished jobs (done, failed, cancelled) with their items
+        whose last change was before ``before`` (wall clock); return how many."""
+        with self._tx() as db:
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled')"
+                    " AND updated_at < ? ORDER BY seq LIMIT ?",
+                    (before, batch),
+                )
+            ]
+            for job_id in ids:
+                db.execute("DELETE FROM job_items WHERE job_id = ?", (job_id,))
+                db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            return len(ids)
 
     def mark_running(self, job_id: str, index: int) -> bool:
         """A queued item got a slot. False (nothing changed) if it is not queued any more,

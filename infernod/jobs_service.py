@@ -93,6 +93,7 @@ class JobService:
         self._retry_handle: asyncio.TimerHandle | None = None
         self.stopping = False
         self.closed = False
+        self._purger: asyncio.Task | None = None
 
     # -- the store thread -------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
@@ -116,6 +117,8 @@ class JobService:
         for p in pending:
             self._to_backlog(p)
         self.ready.set()
+        self._purger = asyncio.get_running_loop().create_task(self._purge_loop(),
+                                                              name="jobs-purge")
         if pending:
             log.info("jobs: recovered %d unfinished items", len(pending))
             self.publisher.publish("jobs", "recovered", {"items": len(pending)})
@@ -131,9 +134,36 @@ class JobService:
             out.append(_pending(job, index, prompt))
         return out
 
+    async def _purge_loop(self) -> None:
+        """Delete finished jobs older than ``scheduler.job_retention_s`` (0: keep them)."""
+        while True:
+            retention = self.cfg.scheduler.job_retention_s
+            await asyncio.sleep(min(60.0, max(0.5, retention / 4)) if retention else 60.0)
+            if not retention or self.stopping:
+                continue
+            try:
+                await self.purge(time.time() - retention)
+            except InfernoError as e:  # storage_full, ...: try again next round
+                log.warning("jobs: purging finished jobs failed: %s", e)
+
+    async def purge(self, before: float) -> int:
+        """Delete every finished job last changed before ``before``, a batch at a time."""
+        total = 0
+        while True:
+            n = await self._call(self.store.purge_finished, before)
+            total += n
+            if n < 500:
+                break
+        if total:
+            log.info("jobs: deleted %d finished jobs past their retention", total)
+            self.publisher.publish("jobs", "purged", {"jobs": total, "before": before})
+        return total
+
     async def close(self) -> None:
         """After the drain: let pending writes land, close the database, end the thread."""
         self.stopping = True
+        if self._purger is not None:
+            self._purger.cancel()
         if self._pending_writes:
             await asyncio.gather(*list(self._pending_writes), return_exceptions=True)
         if self._retry_handle is not None:
@@ -166,8 +196,11 @@ class JobService:
         if self.backlog_size() + len(prompts) > MAX_BACKLOG_ITEMS:
             raise InfernoError("overloaded", f"more than {MAX_BACKLOG_ITEMS} job items wait",
                                retry_after_ms=60_000)
+        s = self.cfg.scheduler
         job, created = await self._call(self.store.submit, owner, model, prompts, params,
-                                        priority, idem, None, client)
+                                        priority, idem, None, client,
+                                        s.max_job_items_per_principal,
+                                        s.max_job_bytes_per_principal)
         if created:
             for it in job.items:
                 self._to_backlog(_pending(job, it.index, it.prompt))

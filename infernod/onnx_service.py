@@ -290,7 +290,8 @@ class OnnxService:
     def _item(job: OnnxJob) -> QueueItem:
         return QueueItem(request_id=job.request_id, client=job.client or job.session,
                          model=job.model, priority=job.priority, submitted_at=job.submitted,
-                         deadline=job.deadline, est_tokens=0, payload=job)
+                         deadline=job.deadline, est_tokens=0, payload=job,
+                         owner=job.principal)
 
     async def _admit(self, job: OnnxJob) -> None:
         try:

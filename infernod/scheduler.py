@@ -57,6 +57,9 @@ class QueueItem:
     deadline: float | None = None  # absolute, same monotonic clock as ``now``
     est_tokens: int = 0  # expected output tokens; 0 = unknown
     payload: Any = None
+    # the principal whose quota it counts against (max_queued_per_owner); "" = none (job
+    # items: their job's quota applies when it is submitted)
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,7 @@ class Scheduler:
         deadline_critical_s: float = 10.0,
         deadline_urgent_s: float = 30.0,
         ewma_alpha: float = 0.2,
+        max_queued_per_owner: int = 0,
     ) -> None:
         if max_queue_per_model < 1 or max_queue_total < 1:
             raise ValueError("queue limits must be >= 1")
@@ -138,6 +142,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._max_model = max_queue_per_model
         self._max_total = max_queue_total
+        self._max_owner = max_queued_per_owner  # 0 = no per-owner bound
+        self._by_owner: dict[str, int] = {}  # owner -> waiting items that count
         self._aging_s = aging_interval_s
         self._critical_s = deadline_critical_s
         self._urgent_s = deadline_urgent_s
@@ -155,9 +161,12 @@ class Scheduler:
         max_queue_per_model: int | None = None,
         max_queue_total: int | None = None,
         aging_interval_s: float | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> None:
         """Apply a SIGHUP reload. Lower limits only refuse new work; nothing queued is dropped."""
         with self._lock:
+            if max_queued_per_owner is not None:
+                self._max_owner = max(0, max_queued_per_owner)
             if max_queue_per_model is not None:
                 self._max_model = max(1, max_queue_per_model)
             if max_queue_total is not None:
@@ -204,6 +213,15 @@ class Scheduler:
                     f"{scope} queue is full",
                     retry_after_ms=retry_ms,
                 )
+            mine = self._by_owner.get(item.owner, 0) if item.owner else 0
+            if self._max_owner and item.owner and mine >= self._max_owner:
+                raise InfernoError(
+                    "quota_exceeded",
+                    f"{item.owner} already has {mine} requests waiting, its limit "
+                    f"(scheduler.max_queued_per_principal)",
+                    "wait for some of your requests to start, or cancel some",
+                    quota="scheduler.max_queued_per_principal", limit=self._max_owner,
+                    used=mine, retry_after_ms=self._retry_after_ms(item.model))
             mq = self._queue(item.model)
             if item.deadline is not None:
                 self._admit_deadline(mq, item, now)
@@ -224,6 +242,8 @@ class Scheduler:
         self._seq += 1
         mq.entries[item.request_id] = _Entry(item, self._seq)
         self._where[item.request_id] = item.model
+        if item.owner:
+            self._by_owner[item.owner] = self._by_owner.get(item.owner, 0) + 1
         self._note_level(item.model)
         self._note_level(None)
 
@@ -315,6 +335,13 @@ class Scheduler:
         if model is None:
             return None
         entry = self._models[model].entries.pop(request_id)
+        owner = entry.item.owner
+        if owner:
+            left = self._by_owner.get(owner, 0) - 1
+            if left > 0:
+                self._by_owner[owner] = left
+            else:
+                self._by_owner.pop(owner, None)
         self._note_level(model)
         self._note_level(None)
         return entry.item

@@ -36,7 +36,13 @@ from infernod.keys import keys_dir
 from infernod.paths import Endpoints, runtime_dir, state_dir
 from infernod.protocol import codec
 from infernod.protocol.errors import InfernoError
-from infernod.protocol.messages import SCHEMAS, max_body_bytes, validate_body, validate_header
+from infernod.protocol.messages import (
+    PRIORITIES,
+    SCHEMAS,
+    max_body_bytes,
+    validate_body,
+    validate_header,
+)
 from infernod.publisher import Publisher
 from infernod.ratelimit import RateLimiter
 from infernod.systemd import Notifier
@@ -282,10 +288,22 @@ class Daemon:
                                    limit_bytes=limit)
             body = codec.unpackb(bufs[2], max_bytes=limit, what="body")
             validate_body(type_, body, SCHEMAS)
+            if isinstance(body.get("priority"), str):
+                self._check_priority(role, body["priority"])
         except BaseException:
             hold.release()
             raise
         return Request(identity, header, body, role, received, principal, hold), handler
+
+    def _check_priority(self, role: str, priority: str) -> None:
+        """``security.max_priority``: the highest class each role may ask for."""
+        top = self.cfg.security.max_priority.get(role, "normal")
+        if PRIORITIES.index(priority) < PRIORITIES.index(top):
+            allowed = ", ".join(PRIORITIES[PRIORITIES.index(top):])
+            raise InfernoError("forbidden", f"the {role} role may not ask for priority "
+                                            f"{priority!r} (allowed: {allowed})",
+                               f"use priority {top!r} or lower, or ask an operator to raise "
+                               f"security.max_priority for {role}")
 
     async def _run(self, req: Request, handler: Handler) -> None:
         try:

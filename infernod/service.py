@@ -44,7 +44,8 @@ class InfernoDaemon(Daemon):
                                    max_queue_total=s.max_queue_total,
                                    aging_interval_s=s.aging_interval_s,
                                    deadline_critical_s=s.deadline_critical_s,
-                                   deadline_urgent_s=s.deadline_urgent_s)
+                                   deadline_urgent_s=s.deadline_urgent_s,
+                                   max_queued_per_owner=s.max_queued_per_principal)
         dirs = [self.state_dir / "models", *(p for p in map(_path, self.cfg.models.dirs))]
         (self.state_dir / "models").mkdir(parents=True, exist_ok=True)
         self.registry = Registry(dirs, self.state_dir,
@@ -217,7 +218,8 @@ class InfernoDaemon(Daemon):
         s = cfg.scheduler
         self.scheduler.reconfigure(max_queue_per_model=s.max_queue_per_model,
                                    max_queue_total=s.max_queue_total,
-                                   aging_interval_s=s.aging_interval_s)
+                                   aging_interval_s=s.aging_interval_s,
+                                   max_queued_per_owner=s.max_queued_per_principal)
 
     def on_request(self, req: Request) -> None:
         now = time.monotonic()

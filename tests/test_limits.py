@@ -306,3 +306,77 @@ def test_request_bytes_are_bounded_per_principal(daemon_factory):
     finally:
         for s in socks:
             s.close(0)
+
+
+# -- quotas per principal ---------------------------------------------------------------------
+def _queue_one(endpoint: str) -> str:
+    """In the child (another operator): one generate that waits in the queue."""
+    with Client(endpoint, timeout=20) as c:
+        try:
+            return c.request("generate", {"model": "gemma3-270m", "prompt": "Hi",
+                                          "max_tokens": 1})["request_id"]
+        except InfernoError as e:
+            return e.code
+
+
+@needs_root
+@pytest.mark.model
+def test_quotas_per_principal(daemon_factory):
+    """Queued requests, unfinished job items and job bytes are bounded per principal, the
+    priority classes a role may use are configured per role, and finished jobs are deleted
+    after job_retention_s."""
+    d = daemon_factory({"models": {"slots": 1},
+                        "daemon": {"socket_group": "nogroup", "drain_timeout_s": 1.0},
+                        "scheduler": {"max_queued_per_principal": 2,
+                                      "max_job_items_per_principal": 10,
+                                      "max_job_bytes_per_principal": 1000,
+                                      "job_retention_s": 2.0},
+                        "security": {"operators": [NOBODY],
+                                     "max_priority": {"operator": "high"}}})
+    _open_to_others(d)
+    gen = {"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1}
+    with d.client(timeout=30) as c:
+        c.load("gemma3-270m")
+        long = c.generate("gemma3-270m", "Once upon a time", max_tokens=900, ignore_eos=True)
+        next(iter(long))  # the only slot is busy: what follows waits
+        # queued requests
+        c.request("generate", gen)
+        c.request("generate", gen)
+        with pytest.raises(InfernoError) as ei:
+            c.request("generate", gen)
+        e = ei.value
+        assert e.code == "quota_exceeded" and e.extra["quota"] == \
+            "scheduler.max_queued_per_principal" and e.extra["limit"] == 2, e
+        assert e.hint and e.extra["retry_after_ms"] > 0
+        other = run_as(NOBODY, lambda: _queue_one(d.endpoint))  # another principal: room
+        assert "." in other, other  # a request id (session.id), not an error code
+        # priority classes per role
+        with pytest.raises(InfernoError) as ei:
+            c.request("generate", {**gen, "priority": "vip"})
+        assert ei.value.code == "forbidden" and "max_priority" in ei.value.hint, ei.value
+        with pytest.raises(InfernoError) as ei:
+            c.request("jobs.submit", {"model": "gemma3-270m", "prompts": ["a"],
+                                      "priority": "vip"})
+        assert ei.value.code == "forbidden", ei.value
+        # job items and bytes
+        job = c.request("jobs.submit", {"model": "gemma3-270m", "prompts": ["p"] * 8,
+                                        "priority": "high"})
+        for prompts, quota in ((["p"] * 3, "items"), (["x" * 600, "y" * 600], "bytes"),
+                               (["p"] * 11, "items")):
+            with pytest.raises(InfernoError) as ei:
+                c.request("jobs.submit", {"model": "gemma3-270m", "prompts": prompts})
+            assert ei.value.code == "quota_exceeded", ei.value
+            assert ei.value.extra["quota"] == f"scheduler.max_job_{quota}_per_principal"
+        assert c.request("jobs.submit", {"model": "gemma3-270m", "prompts": ["q", "r"]})[
+            "created"]
+        # retention: a finished (here cancelled) job is deleted after job_retention_s, and
+        # its items no longer count
+        c.request("jobs.cancel", {"job_id": job["job_id"]})
+        c.request("jobs.submit", {"model": "gemma3-270m", "prompts": ["p"] * 8})
+        _wait(lambda: job["job_id"] not in {j["id"] for j in c.request("jobs.list", {})["jobs"]},
+              15, "the cancelled job to be deleted")
+        with pytest.raises(InfernoError) as ei:
+            c.request("jobs.get", {"job_id": job["job_id"]})
+        assert ei.value.code == "unknown_job"
+        assert len(c.request("jobs.list", {})["jobs"]) == 2  # the unfinished ones stay
+        c.cancel(long.request_id)

@@ -36,6 +36,8 @@ CODES: dict[str, str] = {
     "config_error": "fix the named key in infernod.toml",
     "conflict": "the target already exists or is in the wrong state",
     "not_supported": "this build or model does not support the request",
+    "quota_exceeded": "you have reached a per-principal quota; see the message and its "
+                      "quota field",
     "busy": "your (or everyone's) unfinished requests hold too many bytes; retry after "
             "retry_after_ms",
     "too_large": "the request is larger than the daemon accepts; send less in one request",

@@ -280,12 +280,12 @@ class Publisher:
         if not frame or frame[0] not in (0, 1):
             return False
         topic_b = bytes(frame[1:])
-        if frame[0] == 0:
+        if frame[0] == 0:  # only what we applied needs undoing (a refused one was not)
             n = self.subscriptions.get(topic_b, 0) - 1
             if n > 0:
                 self.subscriptions[topic_b] = n
-            else:
-                self.subscriptions.pop(topic_b, None)
+            elif self.subscriptions.pop(topic_b, None) is None:
+                return False
             return True
         if not principal:
             self.refused += 1
@@ -301,8 +301,10 @@ class Publisher:
         if not self._allowed(topic, principal, role == "operator", now):
             self.refused += 1
             return False
-        if len(self.subscriptions) < 65_536 or topic_b in self.subscriptions:
-            self.subscriptions[topic_b] = self.subscriptions.get(topic_b, 0) + 1
+        if len(self.subscriptions) >= 65_536 and topic_b not in self.subscriptions:
+            self.limited += 1
+            return False  # the table stays bounded, and what we apply we can undo
+        self.subscriptions[topic_b] = self.subscriptions.get(topic_b, 0) + 1
         if topic.startswith("welcome."):
             self._queue_welcome(topic, principal, role == "operator")
         return True

@@ -57,6 +57,7 @@ EVENTS_SLICE_S = 0.002  # ... or this long, whichever comes first
 # messages, not bytes, so it is kept small: the loop takes every message out at once and the
 # byte limits (budget.py) decide; the queue only fills while MAX_IN_FLIGHT handlers run.
 CONTROL_RCVHWM = 256
+TRIM_AFTER_FRAMES = 50_000  # after a burst this big has been read, return freed heap to the OS
 
 
 @dataclass
@@ -205,6 +206,9 @@ class Daemon:
         if self.cfg.daemon.subscriber_sndbuf_bytes:
             self.events.setsockopt(zmq.SNDBUF, self.cfg.daemon.subscriber_sndbuf_bytes)
         self.events.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions only
+        # Subscriptions queued per subscriber inside libzmq: a flood waits in its sender's
+        # socket, not in our memory (libzmq moves what a pipe holds to XPUB's own list).
+        self.events.setsockopt(zmq.RCVHWM, 100)
         old = os.umask(0o007 if shared_with_group(self.cfg.daemon.socket_group) else 0o077)
         try:
             for sock in (self.control, self.events):
@@ -369,6 +373,7 @@ class Daemon:
         EVENTS_SLICE_S at a time, then the loop runs everything else before the next batch.
         Waiting welcomes go out after each batch, as their principals' rate allows."""
         sock = zmq.Socket.shadow(self.events.underlying)
+        since_trim = 0
         publisher = self.publisher
         security = self.security
         principal_of = security.principal_of
@@ -386,11 +391,17 @@ class Daemon:
                 try:
                     frame = sock.recv(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
+                    if since_trim > TRIM_AFTER_FRAMES:
+                        # libzmq took the burst in ahead of us (XPUB keeps what it has read
+                        # in its own list) and freed it in small pieces: give them back.
+                        since_trim = 0
+                        asyncio.get_running_loop().run_in_executor(None, _trim_heap)
                     break
                 except zmq.ZMQError as e:
                     if e.errno == zmq.ETERM:
                         return
                     break
+                since_trim += 1
                 data = frame.bytes
                 now = time.monotonic()
                 principal = principal_of(frame)
@@ -505,6 +516,17 @@ class Daemon:
 
     def apply_config(self, cfg: Config) -> None:
         """Hand a reloaded config to the parts that keep a reference; subclasses extend."""
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): freed small blocks go back to the OS (no-op elsewhere). It
+    walks the whole heap, so it runs in a worker thread (ctypes drops the GIL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _consume(task: asyncio.Task) -> None:

@@ -293,12 +293,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 else:
                     print(f"{ev.topic:10} #{ev.seq:<6} {ev.type:12} {_brief(ev.body)}",
                           flush=True)
-            for q in list(c._streams.values()):
-                while q:
-                    ev = q.popleft()
-                    line = {"topic": ev.topic, "type": ev.type, "seq": ev.seq, "body": ev.body}
-                    print(json.dumps(line, default=str) if args.json else
-                          f"{ev.topic} #{ev.seq} {ev.type} {_brief(ev.body)}", flush=True)
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -91,8 +92,9 @@ class Client(_Base, _Requests):
         return None
 
     def send(self, type_: str, body: dict[str, Any] | None = None, *,
-             deadline: float | None = None, idem: str | None = None) -> str:
-        msg_id, frames = self._frames(type_, body, deadline, idem)
+             deadline: float | None = None, idem: str | None = None,
+             msg_id: str | None = None) -> str:
+        msg_id, frames = self._frames(type_, body, deadline, idem, msg_id)
         end = time.monotonic() + min(self.timeout, 2.0)
         while True:
             try:
@@ -117,9 +119,9 @@ class Client(_Base, _Requests):
 
     def request(self, type_: str, body: dict[str, Any] | None = None, *,
                 timeout: float | None = None, deadline: float | None = None,
-                idem: str | None = None) -> dict[str, Any]:
+                idem: str | None = None, msg_id: str | None = None) -> dict[str, Any]:
         self._note_pump()  # a pause before this request is not part of its time
-        msg_id = self.send(type_, body, deadline=deadline, idem=idem)
+        msg_id = self.send(type_, body, deadline=deadline, idem=idem, msg_id=msg_id)
         limit = timeout if timeout is not None else self.timeout
         wait = self._wait(type_)
         end = wait.started + limit
@@ -181,8 +183,15 @@ class Client(_Base, _Requests):
         """Start a generation and return its :class:`Stream` (iterate it for text)."""
         self.wait_welcome()
         body = self._gen_body(model, prompt, messages, params)
-        reply = self.request("generate", body, deadline=deadline, timeout=max(self.timeout, 60))
-        return Stream(self, reply["request_id"], reply)
+        msg_id = self._new_id()
+        expected = self._expect_stream(msg_id)
+        try:
+            reply = self.request("generate", body, deadline=deadline,
+                                 timeout=max(self.timeout, 60), msg_id=msg_id)
+        except BaseException:
+            self._streams.pop(expected, None)
+            raise
+        return Stream(self, self._adopt_stream(expected, reply), reply)
 
     def job_items(self, job_id: str, *, offset: int = 0,
                   page: int | None = None) -> Iterator[dict[str, Any]]:
@@ -196,6 +205,7 @@ class Client(_Base, _Requests):
 
     def attach(self, request_id: str) -> Stream:
         """Follow a stream started elsewhere (another client, or before a reconnect)."""
+        self._streams.setdefault(request_id, deque())
         self.sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{request_id}".encode())
         self.wait_welcome()
         stream = Stream(self, request_id, {"request_id": request_id})
@@ -301,10 +311,10 @@ class AsyncClient(_Base, _Requests):
             pass
 
     async def send(self, type_: str, body: dict[str, Any] | None = None, *,
-                   deadline: float | None = None, idem: str | None = None
-                   ) -> tuple[str, asyncio.Future]:
+                   deadline: float | None = None, idem: str | None = None,
+                   msg_id: str | None = None) -> tuple[str, asyncio.Future]:
         self._ensure_reader()
-        msg_id, frames = self._frames(type_, body, deadline, idem)
+        msg_id, frames = self._frames(type_, body, deadline, idem, msg_id)
         fut = asyncio.get_running_loop().create_future()
         self._waiters[msg_id] = fut
         end = time.monotonic() + min(self.timeout, 2.0)
@@ -329,8 +339,9 @@ class AsyncClient(_Base, _Requests):
 
     async def request(self, type_: str, body: dict[str, Any] | None = None, *,
                       timeout: float | None = None, deadline: float | None = None,
-                      idem: str | None = None) -> dict[str, Any]:
-        msg_id, fut = await self.send(type_, body, deadline=deadline, idem=idem)
+                      idem: str | None = None, msg_id: str | None = None) -> dict[str, Any]:
+        msg_id, fut = await self.send(type_, body, deadline=deadline, idem=idem,
+                                      msg_id=msg_id)
         limit = timeout if timeout is not None else self.timeout
         wait = self._wait(type_)
         end = wait.started + limit
@@ -409,9 +420,15 @@ class AsyncClient(_Base, _Requests):
                        deadline: float | None = None, **params: Any) -> AsyncStream:
         await self.wait_welcome()
         body = self._gen_body(model, prompt, messages, params)
-        reply = await self.request("generate", body, deadline=deadline,
-                                   timeout=max(self.timeout, 60))
-        return AsyncStream(self, reply["request_id"], reply)
+        msg_id = self._new_id()
+        expected = self._expect_stream(msg_id)
+        try:
+            reply = await self.request("generate", body, deadline=deadline,
+                                       timeout=max(self.timeout, 60), msg_id=msg_id)
+        except BaseException:
+            self._streams.pop(expected, None)
+            raise
+        return AsyncStream(self, self._adopt_stream(expected, reply), reply)
 
     async def job_items(self, job_id: str, *, offset: int = 0,
                         page: int | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -425,6 +442,7 @@ class AsyncClient(_Base, _Requests):
 
     async def attach(self, request_id: str) -> AsyncStream:
         """As :meth:`Client.attach`."""
+        self._streams.setdefault(request_id, deque())
         self.sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{request_id}".encode())
         await self.wait_welcome()
         stream = AsyncStream(self, request_id, {"request_id": request_id})

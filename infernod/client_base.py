@@ -9,7 +9,6 @@ Scripts import from :mod:`infernod.client`; nothing here is public on its own.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import secrets
 import time
@@ -92,14 +91,16 @@ class _Base:
         self.name = name
         self.curve = curve
         self.session = secrets.token_hex(8)
-        self._ids = itertools.count(1)
         self.boot_id: str | None = None
         self.heartbeat_interval_s = 1.0
         self.last_heartbeat = time.monotonic()
         self.welcomed = False
         self.welcome: dict[str, Any] | None = None
         self.events: deque[Event] = deque(maxlen=100_000)
+        # Token events of the streams this client started or attached to, by request id;
+        # any other tokens.* event is dropped (see _on_event).
         self._streams: dict[str, deque[Event]] = {}
+        self._watch_tokens = False  # subscribed to tokens.* on purpose (inferno watch)
         self.restarted = False
         self._last_pump = time.monotonic()
         self.stood_still_s = 0.0  # total time we were not listening (see _note_pump)
@@ -129,12 +130,34 @@ class _Base:
         sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat")
         for t in topics:
             sub.setsockopt(zmq.SUBSCRIBE, t.encode())
+        self._watch_tokens = any(t.startswith("tokens") for t in topics)
         # Subscribed last: when the welcome arrives, every subscription above is in place.
         sub.setsockopt(zmq.SUBSCRIBE, f"welcome.{self.session}".encode())
 
+    @staticmethod
+    def _new_id() -> str:
+        """A message id no one else can guess: a generation's request id is
+        ``<session>.<message id>``, the session id is public (``queue.list``), and a
+        guessable id would let another user start a stream under the id of our next one."""
+        return secrets.token_hex(8)
+
+    def _expect_stream(self, msg_id: str) -> str:
+        """Register the stream a generate with ``msg_id`` starts, before sending it, so its
+        first events (they may come before the reply) are kept; return its request id."""
+        rid = f"{self.session}.{msg_id}"
+        self._streams.setdefault(rid, deque())
+        return rid
+
+    def _adopt_stream(self, expected: str, reply: dict[str, Any]) -> str:
+        """The request id the daemon gave the stream; normally the one expected."""
+        rid = str(reply["request_id"])
+        if rid != expected:
+            self._streams[rid] = self._streams.pop(expected, None) or deque()
+        return rid
+
     def _frames(self, type_: str, body: dict[str, Any] | None, deadline: float | None,
-                idem: str | None) -> tuple[str, list[bytes]]:
-        msg_id = str(next(self._ids))
+                idem: str | None, msg_id: str | None = None) -> tuple[str, list[bytes]]:
+        msg_id = msg_id or self._new_id()
         header: dict[str, Any] = {"id": msg_id, "type": type_, "session": self.session,
                                   "ts": time.time()}
         if deadline is not None:
@@ -189,8 +212,14 @@ class _Base:
         if ev.topic == "heartbeat":
             self.heartbeat_interval_s = float(ev.body.get("interval_s", 1.0))
         if ev.topic.startswith("tokens."):
-            rid = ev.topic[len("tokens."):]
-            self._streams.setdefault(rid, deque()).append(ev)
+            # Only streams we started or attached to. Anyone can start a stream under our
+            # (public) session id, tokens.<our session>.<their id>, and it reaches our
+            # subscription: kept for later, it would become the text of our next generate.
+            queue = self._streams.get(ev.topic[len("tokens."):])
+            if queue is not None:
+                queue.append(ev)
+            elif self._watch_tokens:
+                self.events.append(ev)
         else:
             self.events.append(ev)
 

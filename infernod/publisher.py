@@ -26,7 +26,8 @@ applies none itself; :meth:`Publisher.decide` says whether the sender, known by 
   ``<job_id>:``). A session belongs to the first principal that claims it, by subscribing
   or by opening a stream in it; a job's scope to the job's owner, claimed when its first
   item starts. A stream never opens in a scope claimed by someone else;
-* operators: everything (and they claim nothing).
+* operators: everything (they also claim their own session when they subscribe to its
+  welcome, so no one else can open streams in it first).
 
 Each principal's subscriptions and welcomes are rate-limited (token buckets), welcomes that
 exceed the rate wait (a bounded queue per principal, one per topic) instead of being built at
@@ -311,6 +312,11 @@ class Publisher:
 
     def _allowed(self, topic: str, principal: str, operator: bool, now: float) -> bool:
         if operator:
+            # An operator may have anything, and still claims its own session: unclaimed,
+            # another user could open streams in it first and get the operator's own
+            # generate refused as "belongs to another user".
+            if topic.startswith("welcome.") and _SCOPE_NAME.match(topic[len("welcome."):]):
+                self.claim(f"{topic[len('welcome.'):]}.", principal, now)
             return True
         if topic in PUBLIC_TOPICS:
             return True

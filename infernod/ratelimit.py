@@ -2,7 +2,9 @@
 
 A session is cheap to make (a client picks a random one), so the per-peer bucket is what
 actually stops one user who opens many sessions; the per-session bucket keeps one noisy
-script from using up its user's whole allowance. Both are charged for every message.
+script from using up its user's whole allowance. Both are charged for every message. The
+daemon keys a session's bucket by principal *and* session id: session ids are public, and
+another user naming yours must spend their own allowance, never yours.
 """
 
 from __future__ import annotations

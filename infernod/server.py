@@ -271,7 +271,9 @@ class Daemon:
         codec.check_frames(bufs)
         header.update(codec.unpackb(bufs[1], max_bytes=codec.MAX_HEADER_BYTES, what="header"))
         validate_header(header)  # (at most 4 KiB) so that even a refusal names its request
-        wait = max(peer_wait, self.limiter.session(header["session"], received))
+        # A session's bucket belongs to its principal: anyone can write a session id (they
+        # are public, queue.list), so charging the bare id would let one user spend another's.
+        wait = max(peer_wait, self.limiter.session(f"{key}|{header['session']}", received))
         if wait:
             raise self.rate_limited(wait)
         # Its bytes are charged (budget.py) before the body is decoded: over the limit, it

@@ -66,7 +66,9 @@ class InfernoDaemon(Daemon):
         self.gen.peer = self.onnx  # one scheduler: one expiry pass, one queue topic
         self.onnx.on_queue_change = self.gen.publish_queue
         self.queue.onnx = self.onnx  # queue.list shows embed/infer too
-        self.last_seen: dict[str, float] = {}
+        # (principal, session) -> last request: a session id is public (queue.list) and
+        # anyone may write it in a header, so it only means something with its principal.
+        self.last_seen: dict[tuple[str, str], float] = {}
         self.scanned = asyncio.Event()
         self.model_scans = 0  # registry scans done (status: model_scans)
         self._scan_started_at = float("-inf")  # start of the newest finished scan
@@ -193,18 +195,19 @@ class InfernoDaemon(Daemon):
         gap = now - getattr(self, "_last_tick", now)
         self._last_tick = now
         if gap > 1.0:  # the daemon itself stood still (SIGSTOP, suspend): not the clients'
-            for session in self.last_seen:  # fault; their pings are only now arriving
-                self.last_seen[session] += gap
+            for key in self.last_seen:  # fault; their pings are only now arriving
+                self.last_seen[key] += gap
         active = set()
         for gen in list(self.gen.gens.values()):
-            active.add(gen.session)
+            key = (gen.principal, gen.session)
+            active.add(key)
             if gen.job is None and gen.abort is None and \
-                    now - self.last_seen.get(gen.session, now) > lease:
+                    now - self.last_seen.get(key, now) > lease:
                 self.gen.cancel(gen.request_id, "aborted",
                                 f"client silent for {lease:.0f}s (lease expired)")
-        for session in [s for s, t in self.last_seen.items()
-                        if s not in active and now - t > lease]:
-            del self.last_seen[session]
+        for key in [k for k, t in self.last_seen.items()
+                    if k not in active and now - t > lease]:
+            del self.last_seen[key]
         if now - getattr(self, "_last_prune", 0.0) > 10:
             self._last_prune = now
             self.limiter.prune(now)
@@ -223,7 +226,7 @@ class InfernoDaemon(Daemon):
 
     def on_request(self, req: Request) -> None:
         now = time.monotonic()
-        self.last_seen[req.session] = now
+        self.last_seen[(req.principal, req.session)] = now
         self.publisher.touch(req.session, req.principal, now)
 
     async def drain(self) -> None:

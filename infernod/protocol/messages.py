@@ -299,9 +299,11 @@ def max_body_bytes(type_: str, schemas: dict[str, dict[str, F]] | None = None) -
         if set(spec.types) - {int, float, bool, str}:
             return None
         if str in spec.types:
-            if spec.max_len is None:
+            longest = spec.max_len if spec.choices is None else \
+                max(len(str(c)) for c in spec.choices)
+            if longest is None:
                 return None
-            size += 5 + 4 * spec.max_len  # UTF-8: at most 4 bytes per character
+            size += 5 + 4 * longest  # UTF-8: at most 4 bytes per character
         else:
             size += 9
     return max(SMALL_BODY_BYTES, size)

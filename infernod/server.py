@@ -58,6 +58,7 @@ EVENTS_SLICE_S = 0.002  # ... or this long, whichever comes first
 # byte limits (budget.py) decide; the queue only fills while MAX_IN_FLIGHT handlers run.
 CONTROL_RCVHWM = 256
 TRIM_AFTER_FRAMES = 50_000  # after a burst this big has been read, return freed heap to the OS
+TRIM_IDLE_FRAMES = 1_000  # ... and after a smaller one once the socket has been idle for 250 ms
 
 
 @dataclass
@@ -381,12 +382,18 @@ class Daemon:
         principal_of = security.principal_of
         while True:
             try:
-                await self.events.poll(timeout=250, flags=zmq.POLLIN)
+                ready = await self.events.poll(timeout=250, flags=zmq.POLLIN)
             except asyncio.CancelledError:
                 raise
             except zmq.ZMQError as e:
                 if e.errno == zmq.ETERM:
                     return
+                continue
+            if not ready and since_trim > TRIM_IDLE_FRAMES:
+                # Quiet for 250 ms after a smaller burst, or after a flooder left (libzmq
+                # frees its pipe and sends us its unsubscribes): hand the pieces back too.
+                since_trim = 0
+                asyncio.get_running_loop().run_in_executor(None, _trim_heap)
                 continue
             start = time.monotonic()
             for _ in range(EVENTS_BATCH):

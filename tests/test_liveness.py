@@ -352,8 +352,10 @@ def test_a_thousand_clients_vanish_mid_stream(daemon_factory):
         batch(200)
         mid: list[dict] = []
         batch(200, during=lambda: mid.append(c.status()["held"]))
-        # While they are connected, each of the 200 is counted (the check can fail).
-        assert mid[0]["sessions"] >= 200 and mid[0]["rate_buckets"] >= 200, mid
+        # While they are connected, each of the 200 is counted (the check can fail). Rate
+        # buckets are not: one that has refilled is dropped at the next prune (every 10 s),
+        # so how many a moment shows depends on where it falls in that tick.
+        assert mid[0]["sessions"] >= 200, mid
         assert mid[0]["requests"] >= 100, mid
         # Sessions go after the lease (3 s), streams after their retention (1 s), rate
         # buckets once refilled at the next prune (every 10 s).

@@ -41,6 +41,7 @@ from compare import daemon_concurrent, model_path  # noqa: E402
 from daemon_harness import DaemonProcess  # noqa: E402
 
 from infernod.backends.cpu_features import probe_build  # noqa: E402
+from infernod.bench import cpu_name  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "inferno" / "bench"
 
@@ -119,7 +120,7 @@ def main() -> int:
             d.cleanup()
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "reps": args.reps,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "arch": platform.machine()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "arch": platform.machine()},
         "builds": {k: sorted(b.build) for k, b in builds.items()},
         "median": {k: {m: statistics.median(v) for m, v in r.items()} for k, r in runs.items()},
         # per rep native/portable: drift between reps cancels out
@@ -143,16 +144,6 @@ def _probe_with(env: dict[str, str]) -> Any:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -173,7 +173,7 @@ def summarize_level(clients: int, results: Sequence[_ClientResult],
 
 
 # -- the machine and the report -------------------------------------------------------------
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -194,7 +194,7 @@ def machine_info(sample: dict[str, Any] | None) -> dict[str, Any]:
         except (ValueError, OSError):
             ram = None
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": system.get("cpu_count") or os.cpu_count(),
         "ram": ram,
         "gpu": ", ".join(str(g.get("name")) for g in gpus) or None,

@@ -37,6 +37,18 @@ def test_models_dir(model_file: Path) -> Path:
     return d
 
 
+def wait_for(cond: Any, timeout: float, what: str, step: float = 0.1) -> Any:
+    """Poll ``cond()`` until it returns something truthy (returned), failing after
+    ``timeout`` seconds with ``what`` in the message: a bounded wait, never a hang."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 class DaemonProcess:
     def __init__(self, config: dict[str, Any] | None = None, *, base: Path | None = None,
                  env: dict[str, str] | None = None) -> None:

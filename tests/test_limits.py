@@ -6,19 +6,17 @@ a job store that survives a full disk. Each test runs against a real daemon over
 from __future__ import annotations
 
 import errno
-import json
 import os
-import select
 import shutil
-import signal
 import statistics
 import subprocess
 import time
-import traceback
 
 import psutil
 import pytest
 import zmq
+from daemon_harness import wait_for
+from test_security import NOBODY, _open_for_group, needs_root, run_as
 
 from infernod.client import Client
 from infernod.protocol import codec
@@ -97,14 +95,6 @@ def _fill(path) -> None:
         os.close(fd)
 
 
-def _wait(cond, timeout: float, what: str, step: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.mark.model
@@ -129,12 +119,12 @@ def test_job_store_survives_a_full_disk(daemon_factory, tmp_path):
             assert ei.value.code == "storage_full", ei.value
             assert ei.value.hint and "free space" in ei.value.hint
             # Every item runs to its end while nothing can be written.
-            _wait(lambda: c.status()["held"]["unwritten_job_writes"] > 0
+            wait_for(lambda: c.status()["held"]["unwritten_job_writes"] > 0
                   and c.status()["queue"]["queued"] + c.status()["queue"]["running"] == 0,
                   60, "the items to finish on a full disk", step=0.3)
             assert c.ping()["pong"]
             filler.unlink()
-            got = _wait(lambda: (lambda j: j if j["state"] == "done" else None)(
+            got = wait_for(lambda: (lambda j: j if j["state"] == "done" else None)(
                 c.request("jobs.get", {"job_id": job["job_id"]})), 30, "the results to land")
             assert [it["state"] for it in got["items"]] == ["done"] * 6
             assert all(it["text"] is not None for it in got["items"]), got["items"]
@@ -142,7 +132,7 @@ def test_job_store_survives_a_full_disk(daemon_factory, tmp_path):
             again = c.request("jobs.submit", {"model": "gemma3-270m", "max_tokens": 1,
                                               "prompts": ["Hi"]})
             assert again["created"]
-            _wait(lambda: c.request("jobs.get", {"job_id": again["job_id"]})["state"] == "done",
+            wait_for(lambda: c.request("jobs.get", {"job_id": again["job_id"]})["state"] == "done",
                   30, "a job after the disk-full episode")
     finally:
         d.stop()
@@ -150,49 +140,6 @@ def test_job_store_survives_a_full_disk(daemon_factory, tmp_path):
 
 
 # -- monitors cost little ---------------------------------------------------------------------
-NOBODY = 65534
-needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to setuid to another uid")
-
-
-def run_as(uid: int, fn, timeout: float = 60.0):
-    """fn() in a forked child running as ``uid``; its JSON-able result comes back."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        os.close(r)
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            out = {"ok": fn()}
-        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
-            out = {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
-        os.write(w, json.dumps(out, default=str).encode())
-        os._exit(0)
-    os.close(w)
-    chunks = []
-    end = time.monotonic() + timeout
-    try:
-        while select.select([r], [], [], max(0.0, end - time.monotonic()))[0]:
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            raise AssertionError(f"child as uid {uid} took more than {timeout}s")
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
-    out = json.loads(b"".join(chunks) or b"{}")
-    assert "error" not in out, out.get("tb")
-    return out["ok"]
-
-
-def _open_to_others(d) -> None:
-    os.chmod(d.base, 0o711)  # mkdtemp made it 0700; the socket dir is 2750, group nogroup
-
-
 def _monitor_flood(endpoint: str, job_id: str) -> dict:
     """In the child (a monitor): many models.list / unknown models.show, then time
     forbidden jobs.get of another principal's big job."""
@@ -221,7 +168,7 @@ def test_monitor_requests_trigger_no_rescans_or_job_loads(daemon_factory):
     instead of each rescanning the model directories; jobs.get of another principal's job is
     refused before the job store loads a page of it."""
     d = daemon_factory({"daemon": {"socket_group": "nogroup"}})
-    _open_to_others(d)
+    _open_for_group(d)
     with d.client(timeout=30) as c:
         job = c.request("jobs.submit", {"model": "gemma3-270m", "max_tokens": 1,
                                         "prompts": [f"{i:05d} " + "p" * 300
@@ -229,7 +176,7 @@ def test_monitor_requests_trigger_no_rescans_or_job_loads(daemon_factory):
         c.request("jobs.cancel", {"job_id": job["job_id"]})
         c.request("models.list", {})  # an operator's list rescans: the count moves
         scans0 = c.status()["model_scans"]
-        mon = run_as(NOBODY, lambda: _monitor_flood(d.endpoint, job["job_id"]))
+        mon = run_as(NOBODY, NOBODY, lambda: _monitor_flood(d.endpoint, job["job_id"]))
         assert mon["list"] == 150 and mon["show"] == 150, mon
         scans = c.status()["model_scans"] - scans0
         assert scans <= 1, f"300 monitor requests caused {scans} model directory scans"
@@ -333,7 +280,7 @@ def test_quotas_per_principal(daemon_factory):
                                       "job_retention_s": 2.0},
                         "security": {"operators": [NOBODY],
                                      "max_priority": {"operator": "high"}}})
-    _open_to_others(d)
+    _open_for_group(d)
     gen = {"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1}
     with d.client(timeout=30) as c:
         c.load("gemma3-270m")
@@ -348,7 +295,7 @@ def test_quotas_per_principal(daemon_factory):
         assert e.code == "quota_exceeded" and e.extra["quota"] == \
             "scheduler.max_queued_per_principal" and e.extra["limit"] == 2, e
         assert e.hint and e.extra["retry_after_ms"] > 0
-        other = run_as(NOBODY, lambda: _queue_one(d.endpoint))  # another principal: room
+        other = run_as(NOBODY, NOBODY, lambda: _queue_one(d.endpoint))  # another principal: room
         assert "." in other, other  # a request id (session.id), not an error code
         # priority classes per role
         with pytest.raises(InfernoError) as ei:
@@ -373,7 +320,7 @@ def test_quotas_per_principal(daemon_factory):
         # its items no longer count
         c.request("jobs.cancel", {"job_id": job["job_id"]})
         c.request("jobs.submit", {"model": "gemma3-270m", "prompts": ["p"] * 8})
-        _wait(lambda: job["job_id"] not in {j["id"] for j in c.request("jobs.list", {})["jobs"]},
+        wait_for(lambda: job["job_id"] not in {j["id"] for j in c.request("jobs.list", {})["jobs"]},
               15, "the cancelled job to be deleted")
         with pytest.raises(InfernoError) as ei:
             c.request("jobs.get", {"job_id": job["job_id"]})

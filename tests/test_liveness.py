@@ -18,6 +18,7 @@ from collections import deque
 import psutil
 import pytest
 import zmq
+from daemon_harness import wait_for
 from rawsock import raw_socket
 from test_security import _free_port_pair
 
@@ -28,16 +29,6 @@ from infernod.client_base import _Base
 from infernod.client_stream import Event, Stream
 from infernod.protocol import codec
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
-
-
-def _wait(cond, timeout: float, what: str, step: float = 0.1):
-    end = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(step)
 
 
 def test_sigstop_10s_reported_lost_then_same_client_recovers(daemon):
@@ -185,7 +176,7 @@ def test_sigkilled_client_loses_its_slot_after_the_lease(daemon_factory):
         assert c.status()["queue"]["running"] == 1
         p.kill()
         p.wait(5)
-        _wait(lambda: c.status()["queue"]["running"] == 0, 8, "the lease to expire")
+        wait_for(lambda: c.status()["queue"]["running"] == 0, 8, "the lease to expire")
         events = c.request("stream.fetch", {"request_id": rid})["events"]
         assert events[-1]["type"] == "error" and events[-1]["body"]["code"] == "aborted"
         assert "lease" in events[-1]["body"]["message"]
@@ -327,7 +318,7 @@ def test_a_thousand_clients_vanish_mid_stream(daemon_factory):
             during()
         for s in socks:
             s.close(0)  # gone without a word, like a kill -9
-        _wait(lambda: c.status()["queue"] == {**c.status()["queue"], "running": 0, "queued": 0},
+        wait_for(lambda: c.status()["queue"] == {**c.status()["queue"], "running": 0, "queued": 0},
               30, "the vanished clients' work to be aborted", step=0.2)
 
     def snapshot() -> tuple[int, int, int]:
@@ -359,7 +350,7 @@ def test_a_thousand_clients_vanish_mid_stream(daemon_factory):
         assert mid[0]["requests"] >= 100, mid
         # Sessions go after the lease (3 s), streams after their retention (1 s), rate
         # buckets once refilled at the next prune (every 10 s).
-        _wait(settled, 25, "what the vanished clients left behind to be released", step=0.5)
+        wait_for(settled, 25, "what the vanished clients left behind to be released", step=0.5)
         fds, threads, rss = snapshot()
         assert fds <= fds0 + 2, (fds0, fds)
         assert threads == threads0, (threads0, threads)
@@ -370,7 +361,7 @@ def test_a_thousand_clients_vanish_mid_stream(daemon_factory):
         # No slot leaked: four generations (slots = 4) run at the same time.
         streams = [c.generate("gemma3-270m", "Count to a hundred", max_tokens=300)
                    for _ in range(4)]
-        _wait(lambda: c.status()["queue"]["running"] == 4, 20, "all four slots running")
+        wait_for(lambda: c.status()["queue"]["running"] == 4, 20, "all four slots running")
         for s in streams:
             s.cancel()
 

@@ -19,6 +19,7 @@ import time
 import psutil
 import pytest
 import zmq
+from daemon_harness import wait_for
 from rawsock import raw_socket
 from test_security import NOBODY, STRANGER, _open_for_group, needs_root, run_as
 
@@ -29,14 +30,6 @@ from infernod.protocol.errors import InfernoError
 MODEL = "gemma3-270m"
 
 
-def _wait(cond, timeout: float, what: str, step: float = 0.25):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _welcome(d) -> dict:
@@ -120,7 +113,7 @@ def test_welcome_and_memory_stay_flat_over_12000_finished_requests(daemon_factor
         # Every state topic has a value before the base is taken: on a fast machine the warm
         # requests end before the first periodic stats event (a bounded summary: per model
         # and priority), which alone adds ~8 KB to every later welcome.
-        _wait(lambda: set(_welcome(d)["state"]) >= {"heartbeat", "metrics", "stats"}, 30,
+        wait_for(lambda: set(_welcome(d)["state"]) >= {"heartbeat", "metrics", "stats"}, 30,
               "the first stats event")
         base = _history_bytes(_welcome(d))
         t1 = time.monotonic()
@@ -130,7 +123,7 @@ def test_welcome_and_memory_stay_flat_over_12000_finished_requests(daemon_factor
             busy.cancel()
         except InfernoError as e:  # it may have reached its end already
             assert e.code == "unknown_request", e
-        _wait(lambda: c.status()["held"]["streams"] == 0, 10, "finished streams to expire")
+        wait_for(lambda: c.status()["held"]["streams"] == 0, 10, "finished streams to expire")
         held = c.status()["held"]
         rss = proc.memory_info().rss
     # A new CLI and a new console still connect, and the welcome did not grow with history.
@@ -236,7 +229,7 @@ def test_another_uid_reads_no_one_elses_streams(daemon_factory):
         next(iter(secret))
         job = root.jobs_submit(MODEL, ["Tell me a secret."] * 2, max_tokens=3000,
                                priority="high")
-        _wait(lambda: any(r.get("job") == job["job_id"] and r["state"] == "running"
+        wait_for(lambda: any(r.get("job") == job["job_id"] and r["state"] == "running"
                           for r in root.request("queue.list", {})["items"]), 60,
               "a job item to run")
         operator_spy: dict = {}

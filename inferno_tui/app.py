@@ -91,10 +91,13 @@ class InfernoApp(App[None]):
         Textual's App._flush is what its stdout/stderr capture calls on every flush.)"""
         if not self._dirty or not self.screen_stack:  # no screen while starting or stopping
             return
-        self._dirty = False
         screen = self.screen
-        if isinstance(screen, InfernoScreen):
-            screen.show(self.snapshot)
+        if not isinstance(screen, InfernoScreen):
+            return
+        if not screen.is_mounted or not screen.is_attached:
+            return  # a mode switch is still composing it (or tearing it down): next tick
+        self._dirty = False
+        screen.show(self.snapshot)
 
     def on_screen_resume(self) -> None:  # a mode switch shows fresh data at once
         self._dirty = True

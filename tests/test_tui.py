@@ -221,6 +221,26 @@ async def test_stray_output_and_shutdown_do_not_break_the_console(tmp_path: Path
     app._redraw()
 
 
+async def test_a_redraw_during_a_mode_switch_waits_for_the_new_screen(tmp_path: Path) -> None:
+    """The redraw timer can fire while switch_mode is still composing the next screen (CI
+    caught it once: NoMatches for the status bar on a half-built ChatScreen). It must wait
+    for the next tick, not crash the console, and still show the snapshot once mounted."""
+    endpoint = f"ipc://{tmp_path}/nothing/control.sock"
+    app = InfernoApp(Settings(endpoint=endpoint, data_dir=str(tmp_path), readonly=True),
+                     connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for mode in ("chat", "queue", "gpu", "models"):
+            switching = app.switch_mode(mode)
+            app.update_snapshot()
+            app._redraw()  # the new screen is on the stack but not yet composed
+            await switching
+            await pilot.pause(0.05)
+            assert app.is_running
+            assert app.screen.query_one("#status") is not None
+        app.update_snapshot(detail="after the switch")
+        await _until(pilot, lambda: not app._dirty, 5, "redrawn once mounted")
+
+
 async def test_disconnected_without_daemon_and_readonly(tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/nothing/control.sock"
     app = InfernoApp(Settings(endpoint=endpoint, data_dir=str(tmp_path), readonly=True))

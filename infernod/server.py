@@ -269,6 +269,8 @@ class Daemon:
         # Charged before parsing: a flood of garbage uses up its sender's allowance too.
         peer_wait = self.limiter.peer(key, received)
         bufs = [f.buffer for f in frames[1:]]  # decoded in place, never copied
+        if len(bufs) == 4 and len(bufs[0]) == 0:  # an empty delimiter frame (REQ-style):
+            _name_request(bufs[2], header)  # the refusal names the request it refuses
         codec.check_frames(bufs)
         header.update(codec.unpackb(bufs[1], max_bytes=codec.MAX_HEADER_BYTES, what="header"))
         validate_header(header)  # (at most 4 KiB) so that even a refusal names its request
@@ -536,6 +538,17 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _name_request(buf: Any, header: dict[str, Any]) -> None:
+    """Best effort: copy a well-formed message id from an unchecked header into ``header``."""
+    try:
+        parsed = codec.unpackb(buf, max_bytes=codec.MAX_HEADER_BYTES, what="header")
+    except InfernoError:
+        return
+    msg_id = parsed.get("id") if isinstance(parsed, dict) else None
+    if isinstance(msg_id, str) and 0 < len(msg_id) <= 64:
+        header["id"] = msg_id
 
 
 def _consume(task: asyncio.Task) -> None:

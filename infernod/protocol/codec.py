@@ -111,6 +111,14 @@ def decode_request(frames: list[bytes], *, max_body_bytes: int) -> tuple[dict, d
 def check_frames(frames: list[Any]) -> None:
     """Frame count and magic: the checks before anything is decoded. ``frames`` may be
     bytes or memoryviews (the daemon decodes ZeroMQ's buffers without copying them)."""
+    if len(frames) == 4 and len(frames[0]) == 0 and frames[1] == MAGIC:
+        # What a REQ socket, or a DEALER written after the zguide's REQ-emulation, sends.
+        raise InfernoError(
+            "bad_request",
+            "an empty delimiter frame came before the magic frame: send exactly 3 frames "
+            "[magic, header, body]",
+            "use a DEALER socket and send no empty frame (docs/protocol.md, 'Framing')",
+        )
     if len(frames) != 3:
         raise InfernoError(
             "bad_request",

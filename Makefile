@@ -25,7 +25,7 @@ LLAMA_KEY   := $(shell printf '%s|%s' '$(LLAMA_CPP_VERSION)' '$(strip $(LLAMA_CM
 WHEELHOUSE  ?= $(HOME)/.cache/inferno/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
 LLAMA_WHEEL  = $(WHEELHOUSE)/.built
 
-.PHONY: run test check lint format bench clean daemon llama-wheel llama-cmake-args
+.PHONY: run test check lint typecheck format bench clean daemon llama-wheel llama-cmake-args
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
@@ -73,10 +73,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-check: lint test
+# What CI runs (.ci/run): lint, types, tests. Keep all three green.
+check: lint typecheck test
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check infernod inferno_tui tests bench
+
+# mypy over infernod/ and inferno_tui/ with the settings in pyproject.toml [tool.mypy]:
+# protocol/, the client modules and the scheduler are strict.
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format infernod inferno_tui tests bench
@@ -85,4 +91,4 @@ bench: $(STAMP)
 	$(PY) bench/engine_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

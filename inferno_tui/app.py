@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 from textual import on, work
 from textual.app import App, SystemCommand
@@ -82,7 +83,7 @@ class InfernoApp(App[None]):
     def readonly(self) -> bool:
         return self.settings.readonly or self.snapshot.role == "monitor"
 
-    def update_snapshot(self, **changes: object) -> None:
+    def update_snapshot(self, **changes: Any) -> None:
         self.snapshot = replace(self.snapshot, **changes)
         self._dirty = True
 

@@ -69,11 +69,13 @@ def event_messages(events: list[Event]) -> list[Message]:
 def welcome_events(welcome: dict[str, Any]) -> list[Event]:
     """The last value of each state topic, carried by the welcome, as events."""
     out = []
-    state = welcome.get("state") if isinstance(welcome.get("state"), dict) else {}
+    raw_state = welcome.get("state")
+    state: dict[str, Any] = raw_state if isinstance(raw_state, dict) else {}
     for topic, entry in state.items():
         if not isinstance(entry, dict):
             continue
-        header = entry.get("header") if isinstance(entry.get("header"), dict) else {}
+        raw_header = entry.get("header")
+        header: dict[str, Any] = raw_header if isinstance(raw_header, dict) else {}
         out.append(Event(str(topic), str(header.get("type", topic)), int(header.get("seq", 0)),
                          str(header.get("boot_id", "")), entry.get("body") or {}))
     return out

@@ -8,7 +8,7 @@ the widgets show as "n/a".
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ def _d(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _l(value: Any) -> list[Any]:
+def _l(value: Any) -> Sequence[Any]:
     return value if isinstance(value, list | tuple) else []
 
 

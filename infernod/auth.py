@@ -230,9 +230,10 @@ class Security:
     def principal_of(frame: zmq.Frame) -> str:
         """``uid:N`` or ``key:NAME`` as ZAP set it; '' if the message carries none."""
         try:
-            return frame.get("User-Id") or ""
+            user = frame.get("User-Id")  # a str property, never an int option
         except (zmq.ZMQError, AttributeError):
             return ""
+        return user if isinstance(user, str) else ""
 
     def role_of(self, frame: zmq.Frame) -> str:
         """The role of a message's sender, evaluated now (reloads and revocations apply)."""

@@ -90,7 +90,8 @@ def _one_request(c: Client, model: str, prompt: str, max_tokens: int,
     t0 = time.perf_counter()
     stream = c.generate(model, prompt, max_tokens=max_tokens, temperature=0.0, seed=1,
                         ignore_eos=True)
-    first = last = None
+    first: float | None = None
+    last = t0
     for _ in stream:
         t = time.perf_counter()
         if first is None:

@@ -48,7 +48,7 @@ class Client(_Base, _Requests):
                  name: str = "inferno-client", curve: CurveKeys | None = None,
                  topics: tuple[str, ...] = (), rcvbuf_bytes: int = 0) -> None:
         super().__init__(endpoint, timeout, name, curve, rcvbuf_bytes)
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.sub = self.ctx.socket(zmq.SUB)
         try:
@@ -228,9 +228,9 @@ class AsyncClient(_Base, _Requests):
         except Exception:
             self.close()
             raise
-        self._waiters: dict[str, asyncio.Future] = {}
-        self._event_waiters: list[asyncio.Future] = []
-        self._reader: asyncio.Task | None = None
+        self._waiters: dict[str, asyncio.Future[list[bytes]]] = {}
+        self._event_waiters: list[asyncio.Future[None]] = []
+        self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -251,7 +251,7 @@ class AsyncClient(_Base, _Requests):
                 s.close(0)
 
     @property
-    def _reader_task(self) -> asyncio.Task | None:
+    def _reader_task(self) -> asyncio.Task[None] | None:
         return getattr(self, "_reader", None)
 
     def _ensure_reader(self) -> None:
@@ -312,7 +312,7 @@ class AsyncClient(_Base, _Requests):
 
     async def send(self, type_: str, body: dict[str, Any] | None = None, *,
                    deadline: float | None = None, idem: str | None = None,
-                   msg_id: str | None = None) -> tuple[str, asyncio.Future]:
+                   msg_id: str | None = None) -> tuple[str, asyncio.Future[list[bytes]]]:
         self._ensure_reader()
         msg_id, frames = self._frames(type_, body, deadline, idem, msg_id)
         fut = asyncio.get_running_loop().create_future()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Generator
@@ -105,7 +106,8 @@ class _Base:
         self._last_pump = time.monotonic()
         self.stood_still_s = 0.0  # total time we were not listening (see _note_pump)
 
-    def _setup(self, dealer: zmq.Socket, sub: zmq.Socket, topics: tuple[str, ...]) -> None:
+    def _setup(self, dealer: zmq.Socket[Any], sub: zmq.Socket[Any],
+               topics: tuple[str, ...]) -> None:
         if not self.endpoints.control.startswith("tcp://"):
             _check_socket_file(self.endpoints)
         elif self.curve is None:
@@ -152,7 +154,7 @@ class _Base:
         """The request id the daemon gave the stream; normally the one expected."""
         rid = str(reply["request_id"])
         if rid != expected:
-            self._streams[rid] = self._streams.pop(expected, None) or deque()
+            self._streams[rid] = self._streams.pop(expected, deque())
         return rid
 
     def _frames(self, type_: str, body: dict[str, Any] | None, deadline: float | None,
@@ -273,7 +275,7 @@ class _Base:
                                     "send the request again", reason="daemon_restarted")
 
     @staticmethod
-    def _gen_body(model: str, prompt: str | None, messages: list | None,
+    def _gen_body(model: str, prompt: str | None, messages: list[dict[str, str]] | None,
                   params: dict[str, Any]) -> dict[str, Any]:
         body = {"model": model, **{k: v for k, v in params.items() if v is not None}}
         if messages is not None:
@@ -423,7 +425,7 @@ class UploadStep:
     best_effort: bool = False  # an abort: its failure must not hide the original error
 
 
-UploadSteps = Generator[UploadStep, Any, dict[str, Any]]
+UploadSteps = Generator[UploadStep, dict[str, Any], dict[str, Any]]
 
 
 def _upload_steps(path: Path, name: str | None, progress: UploadProgress | None,
@@ -507,4 +509,4 @@ def _infer_result(reply: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def default_client_name() -> str:
-    return f"{os.path.basename(os.sys.argv[0]) or 'python'}:{os.getpid()}"
+    return f"{os.path.basename(sys.argv[0]) or 'python'}:{os.getpid()}"

@@ -76,7 +76,7 @@ class _StreamState:
     def apply(self, ev: Event) -> str | None:
         """Return text to hand to the user, raise for an error event, record the end."""
         if ev.type == "token":
-            text = ev.body.get("text", "")
+            text: str = ev.body.get("text", "")
             self.text.append(text)
             return text
         if ev.type == "queued":
@@ -179,7 +179,8 @@ class Stream(_StreamBase):
     client: Client
 
     def cancel(self) -> dict[str, Any]:
-        return self.client.cancel(self.request_id)
+        reply: dict[str, Any] = self.client.cancel(self.request_id)
+        return reply
 
     def fetch_missing(self, timeout: float | None = None) -> list[str]:
         """Ask the daemon for every event from the next expected seq (gap or reattach)."""
@@ -213,7 +214,8 @@ class AsyncStream(_StreamBase):
     client: AsyncClient
 
     async def cancel(self) -> dict[str, Any]:
-        return await self.client.cancel(self.request_id)
+        reply: dict[str, Any] = await self.client.cancel(self.request_id)
+        return reply
 
     async def fetch_missing(self, timeout: float | None = None) -> list[str]:
         return self._absorb(await self.client.request("stream.fetch", self._fetch_body(),

@@ -407,7 +407,12 @@ def describe() -> list[dict[str, Any]]:
     out = []
     for section, cls in _SECTION_TYPES.items():
         for f in fields(cls):
-            default = f.default if f.default is not MISSING else f.default_factory()
+            if f.default is not MISSING:
+                default = f.default
+            elif f.default_factory is not MISSING:
+                default = f.default_factory()
+            else:  # every key has a default; a field without one is a programming error
+                raise TypeError(f"{section}.{f.name} has no default")
             m = f.metadata
             out.append({"key": f"{section}.{f.name}", "default": default, "doc": m["doc"],
                         "min": m["min"], "max": m["max"], "choices": m["choices"],

@@ -357,7 +357,7 @@ class GenerationService:
 
     def queue_snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
-        items = []
+        items: list[dict[str, Any]] = []
         for g in self.gens.values():
             items.append({
                 "request_id": g.request_id, "kind": "generate", "client": g.client or g.session,

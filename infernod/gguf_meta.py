@@ -38,7 +38,7 @@ class _BigArray(NamedTuple):
     """A metadata array too long to keep in memory; ``offset`` points at its first element."""
 
     etype: int
-    count: int
+    n_items: int  # not ``count``: that would hide tuple.count
     offset: int
 
 
@@ -192,7 +192,7 @@ class _Header:
         """Reads a few entries of a long string array (e.g. the BOS/EOS token texts)."""
         out: dict[int, str] = {}
         pos, fmt = arr.offset, self.endian + "Q"
-        for i in range(min(arr.count, max(wanted, default=-1) + 1)):
+        for i in range(min(arr.n_items, max(wanted, default=-1) + 1)):
             n = struct.unpack_from(fmt, self.buf, pos)[0]
             if i in wanted:
                 out[i] = bytes(self.buf[pos + 8 : pos + 8 + n]).decode("utf-8", "replace")
@@ -222,7 +222,7 @@ def _display(value: Any) -> Any:
     """Compact form of a metadata value for models.show."""
     if isinstance(value, _BigArray):
         etype = _VT(value.etype).name.lower() if value.etype in list(_VT) else value.etype
-        return f"<array: {value.count} x {etype}>"
+        return f"<array: {value.n_items} x {etype}>"
     if isinstance(value, str) and len(value) > _LONG_STRING:
         return value[:_LONG_STRING] + f"... ({len(value)} chars)"
     return value
@@ -308,7 +308,7 @@ def _read_gguf_info(name: str, path: Path) -> ModelInfo:
         value_length=a("attention.value_length") or head_dim,
         sliding_window=a("attention.sliding_window"),
         swa_layers=_swa_layer_count(kv, arch or "", n_layer or 0) if a("attention.sliding_window") else 0,
-        vocab_size=tokens.count if isinstance(tokens, _BigArray) else (len(tokens) if tokens else None),
+        vocab_size=tokens.n_items if isinstance(tokens, _BigArray) else (len(tokens) if tokens else None),
         bos_token=texts.get(kv.get("tokenizer.ggml.bos_token_id")),  # type: ignore[arg-type]
         eos_token=texts.get(kv.get("tokenizer.ggml.eos_token_id")),  # type: ignore[arg-type]
         add_bos_token=bool(kv.get("tokenizer.ggml.add_bos_token", True)),

@@ -36,7 +36,7 @@ class LoadedModel:
     keep_alive_s: float = 300.0
     memory_bytes: int = 0
     running: set[str] = field(default_factory=set)
-    ready: asyncio.Future | None = None
+    ready: asyncio.Future[LoadedModel] | None = None
 
     @property
     def pinned(self) -> bool:
@@ -150,10 +150,11 @@ class ModelManager:
             log.info(reason)
             await self.unload(victim, reason=reason)
         loop = asyncio.get_running_loop()
+        ready: asyncio.Future[LoadedModel] = loop.create_future()
         lm = LoadedModel(name=name, info=info,
                          keep_alive_s=(keep_alive_s if keep_alive_s is not None
                                        else self.cfg.models.keep_alive_s),
-                         memory_bytes=need, ready=loop.create_future())
+                         memory_bytes=need, ready=ready)
         self.loaded[name] = lm
         self.models_event("loading", name, estimate_bytes=need)
         self.notifier.extend_timeout(120)
@@ -163,8 +164,8 @@ class ModelManager:
             engine = await loop.run_in_executor(None, self._create_engine, name, info)
         except BaseException as e:
             del self.loaded[name]
-            lm.ready.set_exception(e)
-            lm.ready.exception()  # mark retrieved
+            ready.set_exception(e)
+            ready.exception()  # mark retrieved
             self.models_event("load_failed", name, error=str(e))
             if isinstance(e, InfernoError):
                 raise
@@ -181,7 +182,7 @@ class ModelManager:
                 lm.memory_bytes = total + self._host_cache_bytes(info)
             except Exception as e:  # measuring is best effort; the estimate stands
                 log.warning("could not measure memory of %s: %s", name, e)
-        lm.ready.set_result(lm)
+        ready.set_result(lm)
         load_s = time.monotonic() - t0
         self.models_event("loaded", name, load_s=round(load_s, 3), **lm.engine_info())
         self.notifier.status(self.status_line())

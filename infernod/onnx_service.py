@@ -149,7 +149,7 @@ def embed_batch(model: Any, requests: list[tuple[list[str], bool]]) -> dict[str,
     """
     import numpy as np
 
-    from infernod.backends.onnx import encode_array
+    from infernod.protocol.arrays import encode_array
 
     texts = [t for texts, _ in requests for t in texts]
     vectors, info = model.embed(texts, normalize=False)

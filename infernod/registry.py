@@ -348,7 +348,7 @@ class Registry:
                 "host's administrator to list its directory in models.import_dirs")
         for given, real in self.import_dirs:
             for root in (given, real):
-                if path == root or path.is_relative_to(root):
+                if path.is_relative_to(root):  # the root itself too
                     return _open_beneath(real, path.relative_to(root).parts, src)
         raise InfernoError(
             "path_not_allowed",

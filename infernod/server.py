@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,7 @@ class Daemon:
         self.loop_lag_ms = 0.0
         self.requests_served = 0
         self.errors_logged = 0
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._lock = SingleInstanceLock(self.runtime_dir / "infernod.lock")
         self.ctx: zmq.asyncio.Context | None = None
         self.security = Security(lambda: self.cfg.security, keys_dir(self.state_dir),
@@ -256,7 +256,7 @@ class Daemon:
             await slots.acquire()
             # Handlers run as tasks so a slow one (a model load) never blocks the others.
             task = loop.create_task(self._run(req, handler))
-            task.add_done_callback(lambda t: (slots.release(), _consume(t)))
+            task.add_done_callback(functools.partial(_finished, slots))
 
     def _admit(self, frames: list[zmq.Frame], header: dict[str, Any]) -> tuple[Request, Handler]:
         """Everything that can refuse a request before its handler runs. Fills ``header``
@@ -377,14 +377,15 @@ class Daemon:
         socket sharing the asyncio one's libzmq socket), at most EVENTS_BATCH or
         EVENTS_SLICE_S at a time, then the loop runs everything else before the next batch.
         Waiting welcomes go out after each batch, as their principals' rate allows."""
-        sock = zmq.Socket.shadow(self.events.underlying)
+        sock: zmq.Socket[bytes] = zmq.Socket.shadow(self.events.underlying)
         since_trim = 0
         publisher = self.publisher
         security = self.security
         principal_of = security.principal_of
         while True:
             try:
-                ready = await self.events.poll(timeout=250, flags=zmq.POLLIN)
+                # pyzmq's _future.pyi gives the socket the Poller's poll() (no flags, a list)
+                ready = await self.events.poll(timeout=250, flags=zmq.POLLIN)  # type: ignore[call-arg]
             except asyncio.CancelledError:
                 raise
             except zmq.ZMQError as e:
@@ -448,13 +449,13 @@ class Daemon:
                 "interval_s": self.cfg.daemon.heartbeat_interval_s}
 
     # -- lifecycle --------------------------------------------------------------------------
-    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         task.add_done_callback(self._task_died)
         self._tasks.append(task)
         return task
 
-    def _task_died(self, task: asyncio.Task) -> None:
+    def _task_died(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
             return
         exc = task.exception()
@@ -551,9 +552,15 @@ def _name_request(buf: Any, header: dict[str, Any]) -> None:
         header["id"] = msg_id
 
 
-def _consume(task: asyncio.Task) -> None:
+def _consume(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("request task failed: %r", task.exception())
+
+
+def _finished(slots: asyncio.Semaphore, task: asyncio.Task[Any]) -> None:
+    """A request's task ended: free its slot and log what it raised."""
+    slots.release()
+    _consume(task)
 
 
 def setup_logging(level: str) -> None:

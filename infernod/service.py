@@ -269,7 +269,7 @@ class InfernoDaemon(Daemon):
         r("models.unload", "operator")(self.h_models_unload)
         r("models.import", "operator")(self.h_models_import)
         r("models.remove", "operator")(self.h_models_remove)
-        uploads.register(self)  # models.upload.*
+        self.uploads = uploads.register(self)  # models.upload.*
         r("generate", "user")(self.h_generate)
         r("embed", "user")(self.h_embed)
         r("infer", "user")(self.h_infer)

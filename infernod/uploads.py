@@ -80,7 +80,7 @@ class Uploads:
     """The uploads in progress, owned by the event loop."""
 
     def __init__(self, registry: Registry, max_message_bytes: int,
-                 publish: Callable[[str, str, dict[str, Any]], None],
+                 publish: Callable[[str, str, dict[str, Any]], object],
                  on_imported: Callable[[str], None]) -> None:
         self.registry = registry
         self.publish = publish
@@ -294,7 +294,6 @@ def register(daemon: InfernoDaemon) -> Uploads:
     uploads = Uploads(daemon.registry, daemon.cfg.daemon.max_message_bytes,
                       daemon.publisher.publish,
                       lambda name: daemon.models.models_event("imported", name))
-    daemon.uploads = uploads
     r = daemon.route
     r("models.upload.begin", "operator")(uploads.begin)
     r("models.upload.chunk", "operator")(uploads.chunk)

@@ -15,7 +15,7 @@ from typing import Any
 
 from infernod.backends import llama_native as native
 from infernod.backends.hostcache import Entry, HostCache
-from infernod.backends.parking import ParkingLot
+from infernod.backends.parking import Park, ParkingLot
 from infernod.backends.runstate import Slot, common_prefix, window_holds
 
 # Restoring copies the whole saved sequence (0.5 ms per 100 tokens here) and then cuts it;
@@ -51,7 +51,8 @@ class KvPlacement:
         free = [s for s in self.slots if s.run is None]
         best_src: Any = None
         best_n = 0
-        for s in [*self.slots, *self.parks.occupied()]:
+        candidates: list[Slot | Park] = [*self.slots, *self.parks.occupied()]
+        for s in candidates:
             n = min(common_prefix(s.kv, tokens), len(tokens) - 1)
             if n > best_n and self.prefix_usable(s.seq_id, n):
                 best_src, best_n = s, n

@@ -459,6 +459,7 @@ class OnnxModel:
             name: columns[name].astype(spec["dtype"], copy=False)
             for name, spec in self._inputs_by_name.items()
         }
+        assert self._pool_output is not None  # embed() refuses a model without one
         (hidden,) = self._run([self._pool_output], feeds)
         hidden = np.asarray(hidden, dtype=np.float32)
         if hidden.ndim == 2:  # the graph pools itself

@@ -61,6 +61,7 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, A
     while pos < end:
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7
+        value: int | tuple[int, int] | None
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 2:

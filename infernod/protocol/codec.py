@@ -39,7 +39,8 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def packb(obj: Any) -> bytes:
     """Serialize one header or body. Tuples become arrays; bytes stay binary."""
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def _check_tree(obj: Any, depth: int = 0) -> None:
@@ -100,7 +101,9 @@ def encode_request(header: dict[str, Any], body: dict[str, Any]) -> list[bytes]:
     return [MAGIC, packb(header), packb(body)]
 
 
-def decode_request(frames: list[bytes], *, max_body_bytes: int) -> tuple[dict, dict]:
+def decode_request(
+    frames: list[bytes], *, max_body_bytes: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Decode ``[MAGIC, header, body]`` (the ROUTER identity already stripped)."""
     check_frames(frames)
     header = unpackb(frames[1], max_bytes=MAX_HEADER_BYTES, what="header")

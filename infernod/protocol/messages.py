@@ -215,15 +215,15 @@ def validate(fields: dict[str, Any], schema: dict[str, F], where: str) -> dict[s
         if spec.required and name not in fields:
             raise InfernoError("bad_request", f"{where}.{name} is required")
     for name, value in fields.items():
-        spec = schema.get(name)
-        if spec is None:
+        field = schema.get(name)
+        if field is None:
             known = ", ".join(sorted(schema)) or "none"
             raise InfernoError(
                 "bad_request", f"unknown field {where}.{name}", f"known fields: {known}"
             )
-        if value is None and not spec.required:
+        if value is None and not field.required:
             continue
-        _check(name, value, spec, where)
+        _check(name, value, field, where)
     return fields
 
 
@@ -238,7 +238,9 @@ def validate_header(header: dict[str, Any]) -> dict[str, Any]:
     return header
 
 
-def validate_body(type_: str, body: dict[str, Any], schemas: dict[str, dict[str, F]]) -> dict:
+def validate_body(
+    type_: str, body: dict[str, Any], schemas: dict[str, dict[str, F]]
+) -> dict[str, Any]:
     schema = schemas.get(type_)
     if schema is None:
         raise InfernoError(

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import psutil
@@ -64,6 +65,10 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _call_text(getter: Callable[[Any], Any], handle: Any) -> str:
+    return _text(getter(handle))
+
+
 class NvmlReader:
     """Reads every GPU through NVML; degrades to ``available=False`` instead of raising.
 
@@ -92,10 +97,11 @@ class NvmlReader:
         """Load the library and enumerate GPUs; any failure means "no GPU", never a crash."""
         if nvml_module is None:
             try:
-                import pynvml as nvml_module  # noqa: PLC0415 - lazy on purpose
+                import pynvml  # noqa: PLC0415 - lazy on purpose
             except Exception as e:  # ImportError, or a broken install
                 self._unavailable(f"no NVIDIA driver (pynvml not importable: {e})")
                 return
+            nvml_module = pynvml
         self._nvml = nvml_module
         nvml_error = getattr(nvml_module, "NVMLError", Exception)
         try:
@@ -122,10 +128,10 @@ class NvmlReader:
                 {
                     "index": i,
                     "name": self._read(
-                        i, "name", lambda h=handle: _text(nvml_module.nvmlDeviceGetName(h))
+                        i, "name", partial(_call_text, nvml_module.nvmlDeviceGetName, handle)
                     ),
                     "uuid": self._read(
-                        i, "uuid", lambda h=handle: _text(nvml_module.nvmlDeviceGetUUID(h))
+                        i, "uuid", partial(_call_text, nvml_module.nvmlDeviceGetUUID, handle)
                     ),
                 }
             )
@@ -217,7 +223,7 @@ class NvmlReader:
             fn = getattr(nvml, getter, None)
             if fn is None:
                 continue
-            procs = self._read(gpu, f"processes_{kind}", lambda fn=fn: fn(handle))
+            procs = self._read(gpu, f"processes_{kind}", partial(fn, handle))
             if procs is None:
                 continue
             answered = True

@@ -25,13 +25,16 @@ import os
 import pwd
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils import z85
 
 from infernod.keys import AllowList, KeyStoreError, load_server
 from infernod.paths import Endpoints
+
+if TYPE_CHECKING:
+    from infernod.config import SecurityConfig
 
 log = logging.getLogger("infernod.auth")
 
@@ -80,7 +83,7 @@ def _uids(entries: list[Any], what: str) -> set[int]:
 class RolePolicy:
     """uid -> role, from one ``SecurityConfig`` (pure apart from the user-name lookup)."""
 
-    def __init__(self, security: Any, daemon_uid: int) -> None:
+    def __init__(self, security: SecurityConfig, daemon_uid: int) -> None:
         self.daemon_uid = daemon_uid
         self.operators = _uids(security.operators, "operators")
         self.monitors = _uids(security.monitors, "monitors")
@@ -100,7 +103,7 @@ class RolePolicy:
 class Security:
     """The ZAP handler plus the dispatcher's questions: who sent this, with which role."""
 
-    def __init__(self, get_security: Callable[[], Any], keys_dir: Path,
+    def __init__(self, get_security: Callable[[], SecurityConfig], keys_dir: Path,
                  log_refusal: Callable[..., None] | None = None) -> None:
         self._get_security = get_security  # re-read on every decision: SIGHUP applies
         self.keys_dir = keys_dir

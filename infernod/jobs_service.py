@@ -31,11 +31,18 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infernod.generation import Gen
 from infernod.jobs import Job, JobStore
 from infernod.protocol.errors import InfernoError
+
+if TYPE_CHECKING:
+    from infernod.config import Config
+    from infernod.generation import GenerationService
+    from infernod.publisher import Publisher
+    from infernod.server import Request
+    from infernod.service import InfernoDaemon
 
 log = logging.getLogger("infernod.jobs")
 
@@ -73,7 +80,7 @@ def _pending(job: Job, index: int, prompt: str) -> _Pending:
 class JobService:
     """Owns the job-store thread and the job items in flight. Event-loop thread only."""
 
-    def __init__(self, path: Path, gen: Any, publisher: Any, cfg: Any,
+    def __init__(self, path: Path, gen: GenerationService, publisher: Publisher, cfg: Config,
                  render_chat: Callable[[str, str], str]) -> None:
         self.path = path
         self.gen = gen
@@ -388,7 +395,7 @@ class JobService:
 
 
 # -- request handlers -------------------------------------------------------------------------
-def _check_owner(req: Any, job: Job, what: str) -> None:
+def _check_owner(req: Request, job: Job, what: str) -> None:
     """A job is its owner's (the principal that submitted it); others need the operator
     role. The principal is the security layer's (uid:N from SO_PEERCRED, key:NAME from
     CURVE), never a body field, so it cannot be named by someone else."""
@@ -397,11 +404,11 @@ def _check_owner(req: Any, job: Job, what: str) -> None:
                            f"or an operator may {what} it", "ask an operator")
 
 
-def register(daemon: Any) -> None:
+def register(daemon: InfernoDaemon) -> None:
     """Add the jobs.* request handlers to ``daemon`` (an InfernoDaemon)."""
     jobs: JobService = daemon.jobs
 
-    async def h_jobs_submit(req: Any) -> dict[str, Any]:
+    async def h_jobs_submit(req: Request) -> dict[str, Any]:
         b = req.body
         info = await daemon.lookup(b["model"], req)
         params = {k: b[k] for k in _PARAM_KEYS if b.get(k) is not None}
@@ -412,7 +419,7 @@ def register(daemon: Any) -> None:
                 "items": len(job.items), "model": job.model, "priority": job.priority,
                 "owner": job.owner}
 
-    async def h_jobs_get(req: Any) -> dict[str, Any]:
+    async def h_jobs_get(req: Request) -> dict[str, Any]:
         # A page of items per reply: a 10,000-item job's results would be tens of MB, built
         # and packed on the event loop in one piece.
         # The owner check first, on the job's summary: a stranger's request must not make
@@ -427,7 +434,7 @@ def register(daemon: Any) -> None:
                    next_offset=end if end < total else None)
         return out
 
-    async def h_jobs_list(req: Any) -> dict[str, Any]:
+    async def h_jobs_list(req: Request) -> dict[str, Any]:
         b = req.body
         owner = b.get("owner")
         if req.role != "operator":  # a monitor lists its own jobs only
@@ -440,7 +447,7 @@ def register(daemon: Any) -> None:
                                 limit=b.get("limit") or 100)
         return {"jobs": [j.to_wire() for j in found]}
 
-    async def h_jobs_cancel(req: Any) -> dict[str, Any]:
+    async def h_jobs_cancel(req: Request) -> dict[str, Any]:
         _check_owner(req, await jobs.summary(req.body["job_id"]), "cancel")
         job, n = await jobs.cancel(req.body["job_id"])
         return {"job_id": job.id, "state": job.state, "cancelled_items": n,

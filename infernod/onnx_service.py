@@ -27,11 +27,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infernod.protocol.codec import MAX_BIN_LEN
 from infernod.protocol.errors import InfernoError
 from infernod.scheduler import QueueItem
+
+if TYPE_CHECKING:
+    from infernod.config import Config
+    from infernod.gguf_meta import ModelInfo
+    from infernod.models import ModelManager
+    from infernod.scheduler import Scheduler
+    from infernod.server import Request
 
 log = logging.getLogger("infernod.onnx")
 
@@ -50,8 +57,8 @@ class OnnxEngine:
 
     Built in the default executor (the constructor loads the weights); ``submit`` queues a
     function of the model, which the worker thread runs, then calls ``on_done(result,
-    error)`` from that thread. Duck-types the bits of a GGUF engine the rest of the daemon
-    reads: ``n_slots``, ``free_slots()``, ``preempt()``, ``close()``.
+    error)`` from that thread. An :class:`~infernod.backends.base.Engine`, like a GGUF
+    engine: ``n_slots``, ``free_slots()``, ``preempt()``, ``memory_bytes()``, ``close()``.
     """
 
     n_slots = 1
@@ -127,6 +134,10 @@ class OnnxEngine:
 
     def preempt(self, request_id: str) -> None:
         """ONNX runs are short and not resumable: nothing to pause."""
+
+    def memory_bytes(self) -> dict[str, int] | None:
+        """Not measured: the registry's file-size estimate stands."""
+        return None
 
     def wire_info(self) -> dict[str, Any]:
         """What load replies, models.show and ``models`` events add for a loaded ONNX model."""
@@ -218,8 +229,8 @@ class OnnxJob:
 class OnnxService:
     """Owned by the event-loop thread, like the GenerationService beside it."""
 
-    def __init__(self, cfg: Any, models: Any, scheduler: Any,
-                 on_profile: Callable[[OnnxJob, str, dict], None] | None = None,
+    def __init__(self, cfg: Config, models: ModelManager, scheduler: Scheduler,
+                 on_profile: Callable[[OnnxJob, str, dict[str, Any]], None] | None = None,
                  on_run_start: Callable[[OnnxJob], None] | None = None) -> None:
         self.cfg = cfg
         self.models = models
@@ -234,7 +245,7 @@ class OnnxService:
         models.on_unloaded.append(self._model_unloaded)
 
     # -- requests ---------------------------------------------------------------------------
-    async def handle(self, op: str, req: Any, info: Any) -> dict[str, Any]:
+    async def handle(self, op: str, req: Request, info: ModelInfo) -> dict[str, Any]:
         """The body of the ``embed`` / ``infer`` handlers, for a model the registry knows."""
         b = req.body
         onnx = getattr(info, "onnx", None)
@@ -525,7 +536,7 @@ class OnnxService:
         return sum(1 for j in self.jobs.values() if j.state == "queued")
 
 
-def create_engine(cfg: Any, info: Any) -> OnnxEngine:
+def create_engine(cfg: Config, info: ModelInfo) -> OnnxEngine:
     """ModelManager's loader for ONNX models (blocking: runs in the default executor)."""
     o = cfg.onnx
     engine = OnnxEngine(str(info.path), providers=list(o.providers),

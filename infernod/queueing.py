@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infernod.protocol.errors import InfernoError
+
+if TYPE_CHECKING:
+    from infernod.generation import GenerationService
+    from infernod.models import ModelManager
+    from infernod.onnx_service import OnnxService
+    from infernod.publisher import Publisher
+    from infernod.scheduler import Scheduler
+    from infernod.server import Request
+    from infernod.service import InfernoDaemon
 
 log = logging.getLogger("infernod.queue")
 
@@ -22,8 +31,8 @@ QUEUED_EVENT_MIN_INTERVAL_S = 0.5  # at most 2 ``queued`` events per second per 
 class QueueService:
     """Owned by the event-loop thread, like the GenerationService it looks at."""
 
-    def __init__(self, gen: Any, scheduler: Any, models: Any, publisher: Any,
-                 onnx: Any = None) -> None:
+    def __init__(self, gen: GenerationService, scheduler: Scheduler, models: ModelManager,
+                 publisher: Publisher, onnx: OnnxService | None = None) -> None:
         self.gen = gen
         self.onnx = onnx  # OnnxService: its embed/infer requests are listed too
         self.scheduler = scheduler
@@ -150,18 +159,18 @@ class QueueService:
         return gen.state
 
 
-def register(daemon: Any) -> None:
+def register(daemon: InfernoDaemon) -> None:
     """Add ``queue.list`` and ``reprioritize`` to ``daemon`` (an InfernoDaemon)."""
     queue: QueueService = daemon.queue
 
-    async def h_queue_list(req: Any) -> dict[str, Any]:
+    async def h_queue_list(req: Request) -> dict[str, Any]:
         now = time.monotonic()
         rows = queue.snapshot(now, req.body.get("model"))
         return {"items": rows, "running": sum(r["state"] == "running" for r in rows),
                 "waiting": sum(r["state"] == "queued" for r in rows),
                 "level": daemon.scheduler.level()}
 
-    async def h_reprioritize(req: Any) -> dict[str, Any]:
+    async def h_reprioritize(req: Request) -> dict[str, Any]:
         rid, priority = req.body["request_id"], req.body["priority"]
         state = queue.reprioritize(rid, priority, time.monotonic())
         return {"request_id": rid, "priority": priority, "state": state}

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from infernod.config import SecurityConfig
 
 
 class TokenBucket:
@@ -74,7 +77,7 @@ class RateLimiter:
     ``session`` once the header names one. Each returns seconds to wait (0.0 = go ahead).
     """
 
-    def __init__(self, get_security: Callable[[], Any]) -> None:
+    def __init__(self, get_security: Callable[[], SecurityConfig]) -> None:
         self._get = get_security
         self.peers = KeyedBuckets(10_000)
         self.sessions = KeyedBuckets(100_000)

@@ -24,12 +24,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infernod.config import Config
 from infernod.telemetry.profiler import Profiler, RequestProfile
 from infernod.telemetry.sampler import MAX_RATE_HZ, MIN_RATE_HZ, TelemetrySampler
 from infernod.telemetry.stats import LatencyStats
+
+if TYPE_CHECKING:
+    from infernod.generation import Gen
+    from infernod.onnx_service import OnnxJob
+    from infernod.publisher import Publisher
+    from infernod.server import Request
+    from infernod.telemetry.prometheus import PrometheusExporter
 
 log = logging.getLogger("infernod.telemetry")
 
@@ -45,7 +52,7 @@ def _rate(hz: float) -> float:
 
 
 class TelemetryService:
-    def __init__(self, cfg: Config, publisher: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Config, publisher: Publisher, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg = cfg
         self.publisher = publisher
         self.loop = loop
@@ -53,7 +60,7 @@ class TelemetryService:
         self.profiler = Profiler(ring_size=t.profile_ring,
                                  stats=LatencyStats(anomaly_factor=t.anomaly_factor))
         self.sampler: TelemetrySampler | None = None
-        self.exporter: Any = None
+        self.exporter: PrometheusExporter | None = None
         self._starts: dict[str, dict[str, Any]] = {}  # request id -> readings at run start
         self._closed = False
 
@@ -129,13 +136,13 @@ class TelemetryService:
         return {"rss": s.rss_bytes(), "gpu_mem": s.gpu_memory_used_bytes(),
                 "energy": s.energy_j()}
 
-    def on_run_start(self, gen: Any) -> None:
+    def on_run_start(self, gen: Gen | OnnxJob) -> None:
         """An engine started the request (called again when a preempted one resumes: the
         first start counts)."""
         if gen.request_id not in self._starts:
             self._starts[gen.request_id] = self._readings()
 
-    def on_profile(self, gen: Any, reason: str, final: dict[str, Any]) -> None:
+    def on_profile(self, gen: Gen | OnnxJob, reason: str, final: dict[str, Any]) -> None:
         """A generation finished, however it ended: profile it, keep it, publish it."""
         now = time.monotonic()
         start = self._starts.pop(gen.request_id, None)
@@ -162,13 +169,13 @@ class TelemetryService:
         route("profiles.recent", "monitor")(self.h_profiles_recent)
         route("metrics.get", "monitor")(self.h_metrics_get)
 
-    async def h_stats(self, req: Any) -> dict[str, Any]:
+    async def h_stats(self, req: Request) -> dict[str, Any]:
         return self.stats_summary()
 
-    async def h_profiles_recent(self, req: Any) -> dict[str, Any]:
+    async def h_profiles_recent(self, req: Request) -> dict[str, Any]:
         return self.recent(req.body.get("n") or DEFAULT_RECENT)
 
-    async def h_metrics_get(self, req: Any) -> dict[str, Any]:
+    async def h_metrics_get(self, req: Request) -> dict[str, Any]:
         return {"sample": self.latest(), "sample_hz": self.sampler.rate_hz if self.sampler
                 else None, "prometheus_port": self.exporter.port if self.exporter else 0}
 
@@ -177,7 +184,7 @@ def _ms(x: Any) -> float | None:
     return None if x is None else round(float(x), 3)
 
 
-def build_profile(gen: Any, reason: str, final: dict[str, Any], start: dict[str, Any] | None,
+def build_profile(gen: Gen | OnnxJob, reason: str, final: dict[str, Any], start: dict[str, Any] | None,
                   end: dict[str, Any] | None, now: float) -> RequestProfile:
     """A :class:`RequestProfile` from the generation, its final stats and the resource
     readings at run start and end (None when it never ran). Pure: ``now`` is monotonic."""

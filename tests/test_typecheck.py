@@ -125,3 +125,31 @@ def test_dev_extra_installs_mypy_and_the_psutil_stubs() -> None:
         "optional-dependencies"]["dev"]
     names = {d.split(">")[0].split("=")[0].split("<")[0] for d in dev}
     assert {"mypy", "types-psutil"} <= names
+
+
+def test_a_failing_sink_is_logged_and_never_reaches_the_decode_thread(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from infernod.backends.base import GuardedSink
+
+    class Broken:
+        def on_started(self, request_id: str, info: dict) -> None:
+            raise RuntimeError("started")
+
+        def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
+            raise RuntimeError("tokens")
+
+        def on_finished(self, request_id: str, reason: str, stats: dict) -> None:
+            raise RuntimeError("finished")
+
+        def on_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
+            raise RuntimeError("error")
+
+    sink = GuardedSink(Broken())
+    sink.on_started("r1", {})
+    sink.on_tokens("r1", "hi", 1)
+    sink.on_finished("r1", "stop", {})
+    sink.on_error("r1", "internal", "boom", None)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"sink.{m} failed for request r1"
+        for m in ("on_started", "on_tokens", "on_finished", "on_error")]
+    GuardedSink(None).on_tokens("r1", "hi", 1)  # no sink: nothing to call

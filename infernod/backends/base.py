@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,3 +57,75 @@ class EngineSink(Protocol):
     def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None: ...
 
     def on_error(self, request_id: str, code: str, message: str, hint: str | None) -> None: ...
+
+
+class GuardedSink:
+    """An engine's sink as the engine calls it: each call goes to ``sink`` (if any), and an
+    exception it raises is logged, never let into the decode thread."""
+
+    def __init__(self, sink: EngineSink | None) -> None:
+        self.sink = sink
+
+    def on_started(self, request_id: str, info: dict[str, Any]) -> None:
+        if self.sink is not None:
+            try:
+                self.sink.on_started(request_id, info)
+            except Exception:
+                log.exception("sink.on_started failed for request %s", request_id)
+
+    def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
+        if self.sink is not None:
+            try:
+                self.sink.on_tokens(request_id, text, n_tokens)
+            except Exception:
+                log.exception("sink.on_tokens failed for request %s", request_id)
+
+    def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None:
+        if self.sink is not None:
+            try:
+                self.sink.on_finished(request_id, reason, stats)
+            except Exception:
+                log.exception("sink.on_finished failed for request %s", request_id)
+
+    def on_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
+        if self.sink is not None:
+            try:
+                self.sink.on_error(request_id, code, message, hint)
+            except Exception:
+                log.exception("sink.on_error failed for request %s", request_id)
+
+
+class Engine(Protocol):
+    """What the daemon asks of any loaded engine, GGUF or ONNX (``ModelManager``,
+    ``QueueService``). Called from the event loop; ``close`` blocks (run it in an executor)."""
+
+    @property
+    def n_slots(self) -> int:
+        """Requests it runs at once."""
+        ...
+
+    def free_slots(self) -> int: ...
+
+    def preempt(self, request_id: str) -> None:
+        """Pause a running request (it finishes with reason "preempted"); may do nothing."""
+        ...
+
+    def memory_bytes(self) -> dict[str, int] | None:
+        """Measured memory after load (``total_bytes`` at least); None: not measured, the
+        registry's estimate stands."""
+        ...
+
+    def wire_info(self) -> dict[str, Any]:
+        """Fields ``models.list``/``models.show``/``models`` events add for it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class GenerationEngine(Engine, Protocol):
+    """An engine that generates text (``GgufEngine``, or its proxy in the daemon): what
+    ``GenerationService`` drives. Thread-safe; events come back through an ``EngineSink``."""
+
+    def submit(self, request: GenerationRequest) -> None: ...
+
+    def cancel(self, request_id: str) -> None: ...

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from infernod.backends import llama_native as native
-from infernod.backends.base import EngineSink, GenerationRequest, SamplingParams
+from infernod.backends.base import EngineSink, GenerationRequest, GuardedSink, SamplingParams
 from infernod.backends.cells import KvPlacement
 from infernod.backends.hostcache import HostCache
 from infernod.backends.parking import ParkingLot, park_count
@@ -70,7 +70,7 @@ class GgufEngine:
         self.prefill_chunk = prefill_chunk
         self.flash_attn = flash_attn
         self.park_slots = park_count(n_slots, park_slots)
-        self.sink = sink
+        self.sink = GuardedSink(sink)  # a failing sink must not kill the decode thread
         self.supports_gpu_offload = False
         self.n_swa = 0
         self._model: Any = None
@@ -335,7 +335,7 @@ class GgufEngine:
             "generated_tokens": list(req.resume_tokens),
         }
         self._release_reservation()
-        self._emit("on_finished", req.request_id, reason, stats)
+        self.sink.on_finished(req.request_id, reason, stats)
 
     # ---- admission and prefix reuse ------------------------------------------------------------
 
@@ -376,8 +376,7 @@ class GgufEngine:
         if req.resume_tokens:
             run.text.seed(b"".join(self._piece(t) for t in req.resume_tokens))
         slot.run = run
-        self._emit(
-            "on_started",
+        self.sink.on_started(
             req.request_id,
             {
                 "prompt_tokens": len(tokens),
@@ -512,7 +511,7 @@ class GgufEngine:
         text = run.text.push(self._piece(token))
         run.detok_ns += time.perf_counter_ns() - t0
         if text:
-            self._emit("on_tokens", run.req.request_id, text, run.unsent_tokens)
+            self.sink.on_tokens(run.req.request_id, text, run.unsent_tokens)
             run.unsent_tokens = 0
         if run.text.stopped:
             self._finish(slot, "stop")
@@ -550,12 +549,12 @@ class GgufEngine:
         else:
             tail = ""
         if tail:
-            self._emit("on_tokens", run.req.request_id, tail, run.unsent_tokens)
+            self.sink.on_tokens(run.req.request_id, tail, run.unsent_tokens)
         if reason == "preempted":  # its slot may go to a vip in this very step
             self._parks.park(slot, run.req.request_id)
         self._release(slot, keep_cells=reason != "cancelled")
         stats = run.stats(reason)
-        self._emit("on_finished", run.req.request_id, reason, stats)
+        self.sink.on_finished(run.req.request_id, reason, stats)
 
     def _error(self, slot: Slot, code: str, message: str) -> None:
         run = slot.run
@@ -590,13 +589,4 @@ class GgufEngine:
             self._reject(req, "aborted", message, None)
 
     def _emit_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
-        self._emit("on_error", request_id, code, message, hint if hint is not None else CODES[code])
-
-    def _emit(self, method: str, *args: Any) -> None:
-        """Call the sink; a failing sink must not kill the decode thread."""
-        if self.sink is None:
-            return
-        try:
-            getattr(self.sink, method)(*args)
-        except Exception:
-            log.exception("sink.%s failed for request %s", method, args[0])
+        self.sink.on_error(request_id, code, message, hint if hint is not None else CODES[code])

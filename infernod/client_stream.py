@@ -99,7 +99,8 @@ class _StreamBase:
     """What a stream knows and decides, shared by :class:`Stream` and :class:`AsyncStream`:
     ordering by seq, gap and tail detection, and when to renew the client's lease."""
 
-    def __init__(self, client: Any, request_id: str, reply: dict[str, Any]) -> None:
+    def __init__(self, client: Client | AsyncClient, request_id: str,
+                 reply: dict[str, Any]) -> None:
         self.client = client
         self.request_id = request_id
         self.reply = reply

@@ -16,12 +16,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from infernod.backends.base import GenerationRequest, SamplingParams
 from infernod.budget import Hold
 from infernod.protocol.errors import InfernoError
-from infernod.scheduler import QueueItem
+from infernod.scheduler import QueueItem, Scheduler
+
+if TYPE_CHECKING:
+    from infernod.config import Config
+    from infernod.models import ModelManager
+    from infernod.publisher import Publisher
 
 log = logging.getLogger("infernod.generation")
 
@@ -92,8 +97,9 @@ class QueuePeer(Protocol):
 
 
 class GenerationService:
-    def __init__(self, cfg: Any, models: Any, scheduler: Any, publisher: Any,
-                 on_profile: Callable[[Gen, str, dict], None] | None = None) -> None:
+    def __init__(self, cfg: Config, models: ModelManager, scheduler: Scheduler,
+                 publisher: Publisher,
+                 on_profile: Callable[[Gen, str, dict[str, Any]], None] | None = None) -> None:
         self.cfg = cfg
         self.models = models
         self.scheduler = scheduler
@@ -156,7 +162,8 @@ class GenerationService:
             return
         for item in self.scheduler.pop_ready(model, free, now):
             gen = item.payload
-            if gen.request_id not in self.gens or gen.state != "queued":
+            if not isinstance(gen, Gen) or gen.request_id not in self.gens \
+                    or gen.state != "queued":
                 continue
             gen.state = "running"
             gen.admitted_at = now

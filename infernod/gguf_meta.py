@@ -104,7 +104,7 @@ _SCALAR_FMT = {
 class _Header:
     """Parses GGUF key/values and tensor infos from a buffer, skipping long arrays."""
 
-    def __init__(self, buf: Any) -> None:
+    def __init__(self, buf: bytes | mmap.mmap) -> None:
         self.buf = buf
         self.pos = 4
         if bytes(buf[:4]) != b"GGUF":
@@ -317,7 +317,7 @@ def _read_gguf_info(name: str, path: Path) -> ModelInfo:
     )  # fmt: skip
 
 
-def check_gguf_header(buf: Any) -> None:
+def check_gguf_header(buf: bytes | mmap.mmap) -> None:
     """Parses a whole GGUF header and checks that the tensor data it announces fits.
 
     For imports, before anything is copied: magic, version, every key/value, every tensor

@@ -56,7 +56,7 @@ class QueueItem:
     submitted_at: float = 0.0
     deadline: float | None = None  # absolute, same monotonic clock as ``now``
     est_tokens: int = 0  # expected output tokens; 0 = unknown
-    payload: Any = None
+    payload: object = None
     # the principal whose quota it counts against (max_queued_per_owner); "" = none (job
     # items: their job's quota applies when it is submitted)
     owner: str = ""

@@ -67,7 +67,7 @@ class Upload:
     fd: int
     touched: float
     received: int = 0
-    digest: Any = field(default_factory=hashlib.sha256)
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_progress: float = 0.0
 

@@ -11,7 +11,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from infernod.client import Client
 
 DEFAULT_CONVERT_NAME = "all-minilm-l6-v2"
 
@@ -26,7 +29,7 @@ def add_embed_parser(add: Any) -> None:
     sp.add_argument("--priority", choices=("vip", "high", "normal", "low"))
 
 
-def embed(args: argparse.Namespace, client: Any) -> int:
+def embed(args: argparse.Namespace, client: Client) -> int:
     """Print one vector per text: JSON ({model, dim, vectors, truncated, tokens, stats}) with
     --json, else one line per text with its token count and the vector's first values."""
     texts = list(args.texts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import on, work
@@ -24,6 +24,9 @@ from inferno_tui.screens.dialogs import AskText, Confirm
 from inferno_tui.state import Snapshot
 from inferno_tui.store import ChatMessage, ChatSettings, ChatStore, default_data_dir, slug
 from inferno_tui.store import stats_line as format_stats
+
+if TYPE_CHECKING:
+    from infernod.client import AsyncStream
 
 DEFAULT_MODEL = "gemma3-270m"
 
@@ -85,7 +88,7 @@ class ChatScreen(InfernoScreen):
         self.settings = ChatSettings()
         self.history: list[ChatMessage] = []
         self.generating = False
-        self._stream: Any = None
+        self._stream: AsyncStream | None = None
         self._pending: MessageView | None = None
 
     def compose_body(self) -> ComposeResult:

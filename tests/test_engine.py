@@ -202,6 +202,43 @@ def test_eight_concurrent_requests_complete_in_order(engine: Any, sink: Recorder
 
 
 @pytest.mark.model
+def test_greedy_argmax_picks_the_samplers_token_for_every_sequence(
+    engine: Any, sink: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain greedy skips the sampler chain (it copies the 262k-token vocabulary per sequence
+    and step): on the same logits, for 8 sequences in one batch, step after step, the argmax
+    must be exactly the token llama.cpp's greedy sampler picks."""
+    from infernod.backends import llama_native as native
+
+    llama = native.bindings()
+    chain = native.make_sampler(engine._n_vocab, GREEDY, [])
+    fast = native.argmax_token
+    picks: list[tuple[int, int]] = []
+
+    def both(ctx: Any, idx: int, n_vocab: int) -> int:
+        got = fast(ctx, idx, n_vocab)
+        picks.append((got, int(llama.llama_sampler_sample(chain, ctx, idx))))
+        return got
+
+    monkeypatch.setattr(native, "argmax_token", both)
+    ids = [f"argmax{i}" for i in range(8)]
+    try:
+        with engine._cond:  # all 8 admitted together: they decode in one batch
+            for i, rid in enumerate(ids):
+                engine.submit(GenerationRequest(rid, prompt=f"List {i}: the {i} best ideas are",
+                                                max_tokens=12, sampling=GREEDY, ignore_eos=True))
+        sink.wait(*ids)
+    finally:
+        llama.llama_sampler_free(chain)
+    assert all(sink.finished[rid][0] == "length" for rid in ids)
+    assert len(picks) == 8 * 12
+    assert [a for a, _ in picks] == [b for _, b in picks]
+    # a penalised or sampled request still goes through its chain
+    assert not native.plain_greedy(SamplingParams(temperature=0.0, repeat_penalty=1.3))
+    assert not native.plain_greedy(SamplingParams(temperature=0.7))
+
+
+@pytest.mark.model
 def test_cancel_stops_within_one_step_and_frees_the_slot(engine: Any, sink: Recorder) -> None:
     seen: list[int] = []
     cancelled_at: list[int] = []

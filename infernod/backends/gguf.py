@@ -367,6 +367,7 @@ class GgufEngine:
             tokens=tokens,
             n_resume=len(req.resume_tokens),
             sampler=self._make_sampler(req.sampling, tokens),
+            greedy=native.plain_greedy(req.sampling),
             text=TextStream(req.stop),
             n_done=cached,
             cached=cached,
@@ -424,7 +425,10 @@ class GgufEngine:
         for idx, slot in outputs:
             run = slot.run
             assert run is not None
-            token = int(llama.llama_sampler_sample(run.sampler, self._ctx, idx))
+            if run.greedy:
+                token = native.argmax_token(self._ctx, idx, self._n_vocab)
+            else:
+                token = int(llama.llama_sampler_sample(run.sampler, self._ctx, idx))
             self._on_token(slot, run, token, now)
 
     def _fill_batch(self) -> list[tuple[int, Slot]]:

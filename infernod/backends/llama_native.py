@@ -135,13 +135,37 @@ def tokenize(vocab: Any, text: str, add_bos: bool, special: bool) -> list[int]:
     return list(buf[:n])
 
 
+def _penalised(sp: SamplingParams) -> bool:
+    return sp.repeat_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+
+
+def plain_greedy(sp: SamplingParams) -> bool:
+    """Greedy with no penalties: the token is the logits' argmax, which :func:`argmax_token`
+    finds without a sampler chain."""
+    return sp.temperature <= 0.0 and not _penalised(sp)
+
+
+def argmax_token(ctx: Any, idx: int, n_vocab: int) -> int:
+    """The highest-logit token of batch position ``idx``, read in place: the first of equal
+    maxima, as llama.cpp's greedy sampler picks. ``llama_sampler_sample`` first copies the
+    whole vocabulary (262,144 entries for Gemma 3, 3 MiB) into candidates per sequence and
+    step; numpy's argmax over the logits row costs a small fraction of that."""
+    import numpy as np
+
+    llama = bindings()
+    row = llama.llama_get_logits_ith(ctx, idx)
+    if not row:
+        raise InfernoError("internal", f"no logits for batch position {idx}")
+    return int(np.ctypeslib.as_array(row, shape=(n_vocab,)).argmax())
+
+
 def make_sampler(n_vocab: int, sp: SamplingParams, context: list[int]) -> Any:
     """A C sampler chain for one request: greedy when temperature is 0, else penalties ->
     top_k -> top_p -> min_p -> temperature -> seeded dist. Penalties see the prompt tail."""
     llama = bindings()
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     add = llama.llama_sampler_chain_add
-    penal = sp.repeat_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+    penal = _penalised(sp)
     if penal:
         add(
             chain,

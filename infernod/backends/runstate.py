@@ -25,6 +25,7 @@ class Run:
     n_resume: int
     sampler: Any
     text: TextStream
+    greedy: bool = False  # plain greedy: the step takes the argmax, not the sampler chain
     n_done: int = 0  # how many of ``tokens`` are in the KV cache
     cached: int = 0
     generated: list[int] = field(default_factory=list)

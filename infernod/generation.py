@@ -154,10 +154,11 @@ class GenerationService:
         freed by a preemption just sent: the engine applies its commands in order, so the
         next pick is admitted in the same step that pauses the victim."""
         lm = self.models.loaded.get(model)
-        if lm is None or lm.state != "loaded" or lm.engine is None:
+        engine = lm.text_engine if lm is not None else None
+        if lm is None or lm.state != "loaded" or engine is None:
             return
         now = time.monotonic()
-        free = lm.engine.free_slots() + extra
+        free = engine.free_slots() + extra
         if free <= 0:
             return
         for item in self.scheduler.pop_ready(model, free, now):
@@ -170,7 +171,7 @@ class GenerationService:
             gen.last_event_at = now
             lm.running.add(gen.request_id)
             lm.last_used = now
-            lm.engine.submit(self._engine_request(gen))
+            engine.submit(self._engine_request(gen))
         self.publish_queue()
 
     def _engine_request(self, gen: Gen) -> GenerationRequest:
@@ -304,8 +305,9 @@ class GenerationService:
         if gen.state == "queued":
             self.scheduler.cancel(request_id)
             lm = self.models.loaded.get(gen.model)
-            if gen.resume_tokens and lm is not None and lm.engine is not None:
-                lm.engine.cancel(request_id)  # a preempted request: free its parked KV cells
+            engine = lm.text_engine if lm is not None else None
+            if gen.resume_tokens and engine is not None:
+                engine.cancel(request_id)  # a preempted request: free its parked KV cells
             if code == "cancelled":  # the caller asked for it: a normal end, not an error
                 self._done(gen, "cancelled", {})
             else:
@@ -313,8 +315,9 @@ class GenerationService:
             return "cancelled"
         gen.abort = (code, message)
         lm = self.models.loaded.get(gen.model)
-        if lm is not None and lm.engine is not None:
-            lm.engine.cancel(request_id)
+        engine = lm.text_engine if lm is not None else None
+        if engine is not None:
+            engine.cancel(request_id)
         return "cancelling"
 
     def _model_unloaded(self, model: str) -> None:

@@ -13,14 +13,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from infernod.backends.cpu_features import CpuSupport
 from infernod.backends.parking import park_count
 from infernod.config import Config
+from infernod.gguf_meta import ModelInfo
+from infernod.onnx_service import OnnxEngine
 from infernod.protocol.errors import InfernoError
+
+if TYPE_CHECKING:
+    from infernod.backends.base import EngineSink, GenerationEngine
+    from infernod.registry import Registry
+    from infernod.systemd import Notifier
 
 log = logging.getLogger("infernod.models")
 
@@ -28,8 +35,8 @@ log = logging.getLogger("infernod.models")
 @dataclass
 class LoadedModel:
     name: str
-    info: Any
-    engine: Any = None
+    info: ModelInfo
+    engine: GenerationEngine | OnnxEngine | None = None
     state: str = "loading"  # loading | loaded | unloading
     loaded_at: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
@@ -57,21 +64,27 @@ class LoadedModel:
             "pinned": self.pinned,
             "running": len(self.running),
             "idle_s": round(now - self.last_used, 1),
-            "slots": getattr(self.engine, "n_slots", None),
+            "slots": None if self.engine is None else self.engine.n_slots,
             **self.engine_info(),
         }
 
     def engine_info(self) -> dict[str, Any]:
         """Backend details of a loaded engine (ONNX: provider actually used, fallback reason)."""
-        wire_info = getattr(self.engine, "wire_info", None)
-        return wire_info() if callable(wire_info) else {}
+        return {} if self.engine is None else self.engine.wire_info()
+
+    @property
+    def text_engine(self) -> GenerationEngine | None:
+        """The engine, if it generates text (GGUF); None for ONNX or when not loaded."""
+        return None if isinstance(self.engine, OnnxEngine) else self.engine
 
 
 class ModelManager:
     """Owns every loaded engine. Only the event-loop thread calls into it."""
 
-    def __init__(self, cfg: Config, registry: Any, *, sink_factory: Callable[[str], Any],
-                 publish: Callable[[str, str, dict], Any], notifier: Any) -> None:
+    def __init__(self, cfg: Config, registry: Registry, *,
+                 sink_factory: Callable[[str], EngineSink],
+                 publish: Callable[[str, str, dict[str, Any]], object],
+                 notifier: Notifier) -> None:
         self.cfg = cfg
         self.registry = registry
         self.sink_factory = sink_factory
@@ -87,7 +100,7 @@ class ModelManager:
         configured = self.cfg.models.memory_budget_bytes
         return configured or int(psutil.virtual_memory().total * 0.75)
 
-    def estimate_bytes(self, info: Any) -> int:
+    def estimate_bytes(self, info: ModelInfo) -> int:
         """What loading ``info`` with the current config is expected to take (see _load)."""
         m = self.cfg.models
         est = self.registry.estimate_memory(info, n_ctx=m.n_ctx, n_slots=m.slots,
@@ -95,9 +108,9 @@ class ModelManager:
                                             park_slots=park_count(m.slots, m.park_slots))
         return int(est.total_bytes) + self._host_cache_bytes(info)
 
-    def _host_cache_bytes(self, info: Any) -> int:
+    def _host_cache_bytes(self, info: ModelInfo) -> int:
         """RAM a GGUF engine may fill with idle conversations (counted at its full budget)."""
-        return 0 if getattr(info, "kind", "gguf") == "onnx" else self.cfg.models.host_cache_mib << 20
+        return 0 if info.kind == "onnx" else self.cfg.models.host_cache_mib << 20
 
     def _plan(self, name: str, need: int) -> list[tuple[str, str]]:
         from infernod.memory import LoadedModel as LoadedModelRef
@@ -174,14 +187,14 @@ class ModelManager:
         lm.state = "loaded"
         lm.loaded_at = time.monotonic()
         lm.last_used = lm.loaded_at
-        measured = getattr(engine, "memory_bytes", None)
-        if callable(measured):
-            try:
-                total = int(measured()["total_bytes"])
+        try:
+            measured = engine.memory_bytes()
+            if measured is not None:
+                total = int(measured["total_bytes"])
                 self.registry.record_measured(name, total)
                 lm.memory_bytes = total + self._host_cache_bytes(info)
-            except Exception as e:  # measuring is best effort; the estimate stands
-                log.warning("could not measure memory of %s: %s", name, e)
+        except Exception as e:  # measuring is best effort; the estimate stands
+            log.warning("could not measure memory of %s: %s", name, e)
         ready.set_result(lm)
         load_s = time.monotonic() - t0
         self.models_event("loaded", name, load_s=round(load_s, 3), **lm.engine_info())
@@ -196,12 +209,12 @@ class ModelManager:
             info = self.registry.get(name)
         except InfernoError:
             return
-        if getattr(info, "kind", "gguf") != "gguf":
+        if info.kind != "gguf":
             raise InfernoError("not_supported", f"{name} is a {info.kind} model: it cannot "
                                "generate text", "use 'embed' or 'infer' for ONNX models")
 
-    def _create_engine(self, name: str, info: Any) -> Any:
-        if getattr(info, "kind", "gguf") == "onnx":
+    def _create_engine(self, name: str, info: ModelInfo) -> GenerationEngine | OnnxEngine:
+        if info.kind == "onnx":
             from infernod.onnx_service import create_engine
 
             return create_engine(self.cfg, info)  # memory: the registry's file-size estimate

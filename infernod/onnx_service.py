@@ -36,7 +36,7 @@ from infernod.scheduler import QueueItem
 if TYPE_CHECKING:
     from infernod.config import Config
     from infernod.gguf_meta import ModelInfo
-    from infernod.models import ModelManager
+    from infernod.models import LoadedModel, ModelManager
     from infernod.scheduler import Scheduler
     from infernod.server import Request
 
@@ -412,9 +412,10 @@ class OnnxService:
         self.dispatch(model)
 
     def _reply(self, job: OnnxJob, i: int, batch: list[OnnxJob], result: dict[str, Any],
-               lm: Any) -> dict[str, Any]:
+               lm: LoadedModel | None) -> dict[str, Any]:
         stats: dict[str, Any] = {"run_ms": round(result["run_ms"], 3)}
-        provider = lm.engine.model.provider if lm is not None and lm.engine is not None else None
+        engine = lm.engine if lm is not None else None
+        provider = engine.model.provider if isinstance(engine, OnnxEngine) else None
         if job.op == "embed":
             r = result["results"][i]
             stats.update(tokenize_ms=round(result["tokenize_ms"], 3),

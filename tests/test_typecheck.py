@@ -153,3 +153,41 @@ def test_a_failing_sink_is_logged_and_never_reaches_the_decode_thread(
         f"sink.{m} failed for request r1"
         for m in ("on_started", "on_tokens", "on_finished", "on_error")]
     GuardedSink(None).on_tokens("r1", "hi", 1)  # no sink: nothing to call
+
+
+# Parameters that stay ``Any`` on purpose: an untyped library's module, a native handle.
+ANY_ALLOWED = {
+    ("infernod/telemetry/nvml.py", "NvmlReader", "nvml_module"),  # pynvml (no types) or a fake
+    ("infernod/backends/runstate.py", "Run", "sampler"),  # a llama.cpp sampler pointer
+}
+
+
+def _any_collaborators(root: Path) -> list[str]:
+    """Constructor parameters and dataclass fields annotated ``Any`` (or ``Any | None``)."""
+    import ast
+
+    found = []
+    for path in sorted([*root.glob("infernod/**/*.py"), *root.glob("inferno_tui/**/*.py")]):
+        rel = str(path.relative_to(root))
+        for cls in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            named: list[tuple[str, ast.expr | None]] = []
+            for item in cls.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    named += [(a.arg, a.annotation)
+                              for a in [*item.args.args[1:], *item.args.kwonlyargs]]
+                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    named.append((item.target.id, item.annotation))
+            for name, annotation in named:
+                if annotation is None or (rel, cls.name, name) in ANY_ALLOWED:
+                    continue
+                if ast.unparse(annotation) in ("Any", "Any | None", "Optional[Any]"):
+                    found.append(f"{rel}: {cls.name}.{name}: {ast.unparse(annotation)}")
+    return found
+
+
+def test_no_collaborator_is_typed_any() -> None:
+    """What a class is built from is named by its type (a class or a small Protocol), so
+    mypy checks every call into it: a ModelManager, a Registry, an EngineSink, not Any."""
+    assert _any_collaborators(ROOT) == []

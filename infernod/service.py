@@ -10,15 +10,17 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 from infernod import __version__, jobs_service, queueing, uploads
 from infernod import config as config_mod
 from infernod.backends.cpu_features import CpuSupport, probe_build
 from infernod.generation import Gen, GenerationService, LoopSink
+from infernod.gguf_meta import ModelInfo
 from infernod.jobs_service import JobService
 from infernod.models import ModelManager
-from infernod.onnx_service import OnnxService
+from infernod.onnx_service import OnnxJob, OnnxService
 from infernod.paths import JOBS_DB, private_dir
 from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
@@ -133,7 +135,7 @@ class InfernoDaemon(Daemon):
                        {"event": "progress", "model": "gemma3-270m", "done_bytes": done,
                         "total_bytes": total, "message": message})
 
-    async def lookup(self, name: str, req: Request | None = None) -> Any:
+    async def lookup(self, name: str, req: Request | None = None) -> ModelInfo:
         """The model's info. For an operator a file dropped into a model dir before the
         request arrived is found (a rescan); others see the newest scan (see ``scan_for``)."""
         await asyncio.wait_for(self.scanned.wait(), 60)
@@ -422,7 +424,7 @@ class InfernoDaemon(Daemon):
     async def h_cancel(self, req: Request) -> dict[str, Any]:
         """A generation, or a waiting or running embed/infer (same ids, same rule)."""
         rid = req.body["request_id"]
-        target: Any = self.gen.gens.get(rid) or self.onnx.jobs.get(rid)
+        target: Gen | OnnxJob | None = self.gen.gens.get(rid) or self.onnx.jobs.get(rid)
         if target is None or target.state == "done":
             raise InfernoError("unknown_request", f"no active request {rid}")
         # the owner is the session that sent it, from the same principal: a session id is
@@ -453,7 +455,5 @@ class InfernoDaemon(Daemon):
                 "more": bool(events) and events[-1]["seq"] < stream.next_seq - 1}
 
 
-def _path(p: str) -> Any:
-    from pathlib import Path
-
+def _path(p: str) -> Path:
     return Path(p).expanduser()

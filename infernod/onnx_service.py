@@ -248,7 +248,7 @@ class OnnxService:
     async def handle(self, op: str, req: Request, info: ModelInfo) -> dict[str, Any]:
         """The body of the ``embed`` / ``infer`` handlers, for a model the registry knows."""
         b = req.body
-        onnx = getattr(info, "onnx", None)
+        onnx = info.onnx
         if info.kind != "onnx" or onnx is None:
             hint = EMBED_HINT if op == "embed" else "use 'generate' for GGUF language models"
             raise InfernoError("not_supported", f"{info.name} is a {info.kind} model; {op} "

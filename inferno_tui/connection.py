@@ -18,7 +18,7 @@ import zmq
 from textual.message import Message
 
 from inferno_tui import messages as m
-from infernod.client import AsyncClient, CurveKeys, Event
+from infernod.client import AsyncClient, CurveKeys, Event, Notice
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 
 log = logging.getLogger("inferno_tui")
@@ -135,16 +135,14 @@ class Connection:
         self.post(m.ConnectionChanged("connected", client.endpoints.control, dict(self.hello)))
         for msg in event_messages(welcome_events(welcome)):
             self.post(msg)
-        client.events.clear()  # the welcome already carried their latest values
+        client.take_events()  # the welcome already carried their latest values
         await self.resync()
         while True:
-            await client.next_event_batch(0.25)
-            batch = list(client.events)
-            client.events.clear()
-            for msg in event_messages(batch):
+            batch = await client.event_batch(0.25)
+            for msg in event_messages([ev for ev in batch if isinstance(ev, Event)]):
                 self.post(msg)
-            client.check_alive()
-            if client.restarted:
+            if client.restarted or any(isinstance(ev, Notice) and ev.kind == "daemon_restarted"
+                                       for ev in batch):
                 raise DaemonUnavailable("the daemon restarted", "reconnecting")
 
     async def resync(self) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infernod.client import Client
+from infernod.client import Client, Notice
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -281,18 +281,19 @@ def cmd_watch(args: argparse.Namespace) -> int:
                                   "profiles", "tokens."))
     with _client(args, topics=topics) as c:
         c.wait_welcome()
-        end = time.monotonic() + args.duration if args.duration else None
-        while end is None or time.monotonic() < end:
-            c._check_alive()
-            c._pump(0.2)
-            while c.events:
-                ev = c.events.popleft()
+        for ev in c.events(args.duration or None):
+            if isinstance(ev, Notice):  # the library's own: a gap, or a restarted daemon
                 if args.json:
-                    print(json.dumps({"topic": ev.topic, "type": ev.type, "seq": ev.seq,
-                                      "ts": ev.ts, "body": ev.body}, default=str), flush=True)
+                    print(json.dumps({"notice": ev.kind, "topic": ev.topic, "lost": ev.lost,
+                                      "message": ev.message}), flush=True)
                 else:
-                    print(f"{ev.topic:10} #{ev.seq:<6} {ev.type:12} {_brief(ev.body)}",
-                          flush=True)
+                    print(f"{'!':10} {'':7} {ev.kind:12} {ev.message}", flush=True)
+            elif args.json:
+                print(json.dumps({"topic": ev.topic, "type": ev.type, "seq": ev.seq,
+                                  "ts": ev.ts, "body": ev.body}, default=str), flush=True)
+            else:
+                print(f"{ev.topic:10} #{ev.seq:<6} {ev.type:12} {_brief(ev.body)}",
+                      flush=True)
     return EXIT_OK
 
 

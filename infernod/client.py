@@ -16,6 +16,11 @@ again once the daemon is back. Missed stream events (a gap in ``seq``) are fetch
 ``stream.fetch``, so a stream always delivers every token exactly once, in order (or raises
 ``aborted``, reason ``events_lost``, once the daemon's stream buffer no longer holds them).
 
+Subscribers pass ``topics=`` and iterate ``events()``: each :class:`Event`, and the
+library's own :class:`Notice` s among them (``events_lost``: a gap in a topic's seq;
+``daemon_restarted``). The protocol logic is :class:`~infernod.client_core.ClientCore`'s, which
+does no I/O; these two classes only move bytes and wait.
+
 Importing this module imports neither llama_cpp, onnxruntime, textual nor pynvml.
 """
 
@@ -23,31 +28,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from infernod.client_base import STOOD_STILL_S, CurveKeys, UploadSteps, _Base, _Requests
-from infernod.client_stream import AsyncStream, Event, Stream, _decode_event
+from infernod.client_base import CurveKeys, UploadSteps, _Base, _Requests
+from infernod.client_core import STOOD_STILL_S, ClientCore, Event, Notice, decode_event
+from infernod.client_stream import AsyncStream, Stream
 from infernod.paths import Endpoints
-from infernod.protocol import codec
 from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 
-__all__ = ["AsyncClient", "AsyncStream", "Client", "CurveKeys", "DaemonUnavailable", "Event",
-           "InfernoError", "Stream", "decode_array", "encode_array"]
+__all__ = ["AsyncClient", "AsyncStream", "Client", "ClientCore", "CurveKeys",
+           "DaemonUnavailable", "Event", "InfernoError", "Notice", "Stream", "decode_array",
+           "encode_array"]
 
 
 class Client(_Base, _Requests):
-    """Synchronous client. ``timeout`` bounds every request (seconds)."""
+    """Synchronous client. ``timeout`` bounds every request (seconds); ``topics`` are
+    subscribed to (read them with :meth:`events`); ``session`` reuses a session id, e.g.
+    to reattach to its streams after a restart of this program (random by default)."""
 
     def __init__(self, endpoint: str | Endpoints | None = None, *, timeout: float = 10.0,
                  name: str = "inferno-client", curve: CurveKeys | None = None,
-                 topics: tuple[str, ...] = (), rcvbuf_bytes: int = 0) -> None:
-        super().__init__(endpoint, timeout, name, curve, rcvbuf_bytes)
+                 topics: tuple[str, ...] = (), rcvbuf_bytes: int = 0,
+                 session: str | None = None) -> None:
+        super().__init__(endpoint, timeout, name, curve, rcvbuf_bytes, session)
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.sub = self.ctx.socket(zmq.SUB)
@@ -74,27 +82,64 @@ class Client(_Base, _Requests):
     # -- plumbing ---------------------------------------------------------------------------
     def _pump(self, timeout_s: float) -> list[bytes] | None:
         """Wait up to timeout for anything; handle events; return control frames if any."""
-        self._note_pump()
+        self.core.listened()
         socks = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
-        self._note_pump(waited_s=timeout_s)
+        self.core.listened(waited_s=timeout_s)
         if self.sub in socks:
             for _ in range(1000):
                 try:
                     frames = self.sub.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                ev = _decode_event(frames)
+                ev = decode_event(frames)
                 if ev is not None:
-                    self._on_event(ev)
+                    self.core.on_event(ev)
         if self.dealer in socks:
-            self.last_heartbeat = time.monotonic()  # any reply: see _Base._parse_reply
+            self.core.saw_life()  # any reply (see ClientCore.saw_life)
             return self.dealer.recv_multipart(zmq.NOBLOCK)
         return None
+
+    def listen(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for messages and take them in: token events go to
+        their streams, other events to :meth:`events`; stray replies are dropped."""
+        self._pump(timeout)
+
+    def event_batch(self, timeout: float) -> list[Event | Notice]:
+        """What arrived on the subscribed topics, waiting up to ``timeout`` seconds when
+        nothing has yet; :class:`Notice` s of the library among them. Raises
+        DaemonUnavailable when the daemon went silent (three heartbeats)."""
+        if not self.core.has_events:
+            self._pump(timeout)
+        events = self.core.take_events()
+        if not events:
+            self.core.check_alive()
+        return events
+
+    def events(self, timeout: float | None = None) -> Iterator[Event | Notice]:
+        """The events of the subscribed topics (``topics=`` of the client) as they arrive,
+        after the welcome, with the library's :class:`Notice` s among them: ``events_lost``
+        (a gap in a topic's seq) and ``daemon_restarted``. Runs for ``timeout`` seconds, or
+        until the caller stops when None; raises DaemonUnavailable when the daemon is lost.
+
+            with Client(topics=("queue",)) as c:
+                for ev in c.events():
+                    if isinstance(ev, Event) and ev.type == "queue": ...
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        if not self.core.welcomed:
+            self.wait_welcome(timeout)
+        while True:
+            left = 0.2 if end is None else min(0.2, end - time.monotonic())
+            if left <= 0:
+                yield from self.core.take_events()
+                return
+            yield from self.event_batch(left)
 
     def send(self, type_: str, body: dict[str, Any] | None = None, *,
              deadline: float | None = None, idem: str | None = None,
              msg_id: str | None = None) -> str:
-        msg_id, frames = self._frames(type_, body, deadline, idem, msg_id)
+        msg_id, frames = self.core.request_frames(
+            type_, body, deadline=deadline, idem=idem, msg_id=msg_id)
         end = time.monotonic() + min(self.timeout, 2.0)
         while True:
             try:
@@ -110,7 +155,7 @@ class Client(_Base, _Requests):
 
     def try_send(self, type_: str, body: dict[str, Any] | None = None) -> bool:
         """Send without waiting for a connection (fire-and-forget keep-alives)."""
-        _, frames = self._frames(type_, body, None, None)
+        _, frames = self.core.request_frames(type_, body)
         try:
             self.dealer.send_multipart(frames, zmq.NOBLOCK)
             return True
@@ -120,10 +165,10 @@ class Client(_Base, _Requests):
     def request(self, type_: str, body: dict[str, Any] | None = None, *,
                 timeout: float | None = None, deadline: float | None = None,
                 idem: str | None = None, msg_id: str | None = None) -> dict[str, Any]:
-        self._note_pump()  # a pause before this request is not part of its time
+        self.core.listened()  # a pause before this request is not part of its time
         msg_id = self.send(type_, body, deadline=deadline, idem=idem, msg_id=msg_id)
         limit = timeout if timeout is not None else self.timeout
-        wait = self._wait(type_)
+        wait = self.core.begin_wait(type_)
         end = wait.started + limit
         while True:
             # Time we stood still (stopped, suspended) is not the daemon's: it moves the end.
@@ -133,10 +178,10 @@ class Client(_Base, _Requests):
                                         "the daemon may be hung or gone")
             frames = self._pump(min(left, 0.5))
             if frames is not None:
-                reply = self._parse_reply(frames, msg_id)
+                reply = self.core.parse_reply(frames, msg_id)
                 if reply is not None:
                     return reply
-            self._check_wait(wait)  # a dead or stopped daemon: three heartbeats, not limit
+            self.core.check_wait(wait)  # a dead or stopped daemon: three heartbeats, not limit
 
     def _call(self, type_: str, body: dict[str, Any] | None = None,
               post: Callable[[dict[str, Any]], Any] | None = None, **kw: Any) -> Any:
@@ -169,12 +214,12 @@ class Client(_Base, _Requests):
     def wait_welcome(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until the daemon's welcome arrived: from then on no event is missed."""
         end = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        wait = self._wait("welcome")
+        wait = self.core.begin_wait("welcome")
         while not self.welcomed:
             if time.monotonic() > end:
                 raise DaemonUnavailable("no welcome from the daemon's event socket")
             self._pump(0.05)
-            self._check_wait(wait)
+            self.core.check_wait(wait)
         return self.welcome or {}
 
     def generate(self, model: str, prompt: str | None = None, *,
@@ -183,15 +228,15 @@ class Client(_Base, _Requests):
         """Start a generation and return its :class:`Stream` (iterate it for text)."""
         self.wait_welcome()
         body = self._gen_body(model, prompt, messages, params)
-        msg_id = self._new_id()
-        expected = self._expect_stream(msg_id)
+        msg_id = self.core.new_id()
+        expected = self.core.expect_stream(msg_id)
         try:
             reply = self.request("generate", body, deadline=deadline,
                                  timeout=max(self.timeout, 60), msg_id=msg_id)
         except BaseException:
-            self._streams.pop(expected, None)
+            self.core.unfollow(expected)
             raise
-        return Stream(self, self._adopt_stream(expected, reply), reply)
+        return Stream(self, self.core.adopt_stream(expected, reply), reply)
 
     def job_items(self, job_id: str, *, offset: int = 0,
                   page: int | None = None) -> Iterator[dict[str, Any]]:
@@ -205,7 +250,7 @@ class Client(_Base, _Requests):
 
     def attach(self, request_id: str) -> Stream:
         """Follow a stream started elsewhere (another client, or before a reconnect)."""
-        self._streams.setdefault(request_id, deque())
+        self.core.follow(request_id)
         self.sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{request_id}".encode())
         self.wait_welcome()
         stream = Stream(self, request_id, {"request_id": request_id})
@@ -218,8 +263,9 @@ class AsyncClient(_Base, _Requests):
 
     def __init__(self, endpoint: str | Endpoints | None = None, *, timeout: float = 10.0,
                  name: str = "inferno-client", curve: CurveKeys | None = None,
-                 topics: tuple[str, ...] = (), rcvbuf_bytes: int = 0) -> None:
-        super().__init__(endpoint, timeout, name, curve, rcvbuf_bytes)
+                 topics: tuple[str, ...] = (), rcvbuf_bytes: int = 0,
+                 session: str | None = None) -> None:
+        super().__init__(endpoint, timeout, name, curve, rcvbuf_bytes, session)
         self.ctx = zmq.asyncio.Context.instance()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.sub = self.ctx.socket(zmq.SUB)
@@ -263,9 +309,9 @@ class AsyncClient(_Base, _Requests):
         poller.register(self.dealer, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
         while True:
-            self._note_pump()
+            self.core.listened()
             socks = dict(await poller.poll(500))
-            self._note_pump(waited_s=0.5)
+            self.core.listened(waited_s=0.5)
             if self.sub in socks:
                 for _ in range(1000):
                     try:
@@ -273,26 +319,22 @@ class AsyncClient(_Base, _Requests):
                     except zmq.Again:
                         break
                     try:
-                        ev = _decode_event(frames)
+                        ev = decode_event(frames)
                     except InfernoError:
                         continue
                     if ev is not None:
-                        self._on_event(ev)
+                        self.core.on_event(ev)
                 self._wake_events()
             if self.dealer in socks:
                 try:
                     frames = await self.dealer.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
-                self.last_heartbeat = time.monotonic()  # any reply: see _Base._parse_reply
-                if len(frames) == 3 and frames[0] == codec.MAGIC:
-                    try:
-                        header = codec.unpackb(frames[1], max_bytes=codec.MAX_HEADER_BYTES)
-                    except InfernoError:
-                        continue
-                    fut = self._waiters.pop(str(header.get("re")), None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(frames)
+                self.core.saw_life()  # any reply (see ClientCore.saw_life)
+                re_ = ClientCore.reply_to(frames)
+                fut = self._waiters.pop(re_, None) if re_ is not None else None
+                if fut is not None and not fut.done():
+                    fut.set_result(frames)
 
     def _wake_events(self) -> None:
         waiters, self._event_waiters = self._event_waiters, []
@@ -310,11 +352,40 @@ class AsyncClient(_Base, _Requests):
         except TimeoutError:
             pass
 
+    async def event_batch(self, timeout: float) -> list[Event | Notice]:
+        """As :meth:`Client.event_batch`."""
+        if not self.core.has_events:
+            await self.next_event_batch(timeout)
+        events = self.core.take_events()
+        if not events:
+            self.core.check_alive()
+        return events
+
+    async def events(self, timeout: float | None = None) -> AsyncIterator[Event | Notice]:
+        """As :meth:`Client.events`: ``async for ev in client.events(): ...``."""
+        end = None if timeout is None else time.monotonic() + timeout
+        if not self.core.welcomed:
+            await self.wait_welcome(timeout)
+        while True:
+            left = 0.2 if end is None else min(0.2, end - time.monotonic())
+            if left <= 0:
+                for ev in self.core.take_events():
+                    yield ev
+                return
+            for ev in await self.event_batch(left):
+                yield ev
+
+    @property
+    def waiting(self) -> int:
+        """Requests sent and not answered yet."""
+        return len(self._waiters)
+
     async def send(self, type_: str, body: dict[str, Any] | None = None, *,
                    deadline: float | None = None, idem: str | None = None,
                    msg_id: str | None = None) -> tuple[str, asyncio.Future[list[bytes]]]:
         self._ensure_reader()
-        msg_id, frames = self._frames(type_, body, deadline, idem, msg_id)
+        msg_id, frames = self.core.request_frames(
+            type_, body, deadline=deadline, idem=idem, msg_id=msg_id)
         fut = asyncio.get_running_loop().create_future()
         self._waiters[msg_id] = fut
         end = time.monotonic() + min(self.timeout, 2.0)
@@ -330,7 +401,7 @@ class AsyncClient(_Base, _Requests):
                 await asyncio.sleep(0.02)
 
     async def try_send(self, type_: str, body: dict[str, Any] | None = None) -> bool:
-        _, frames = self._frames(type_, body, None, None)
+        _, frames = self.core.request_frames(type_, body)
         try:
             await self.dealer.send_multipart(frames, zmq.NOBLOCK)
             return True
@@ -343,7 +414,7 @@ class AsyncClient(_Base, _Requests):
         msg_id, fut = await self.send(type_, body, deadline=deadline, idem=idem,
                                       msg_id=msg_id)
         limit = timeout if timeout is not None else self.timeout
-        wait = self._wait(type_)
+        wait = self.core.begin_wait(type_)
         end = wait.started + limit
         late = False
         try:
@@ -365,11 +436,11 @@ class AsyncClient(_Base, _Requests):
                     # the pause: one more short wait lets it run before anything is judged.
                     late = time.monotonic() - due > STOOD_STILL_S
                     if not late:
-                        self._check_wait(wait)  # dead or stopped: three heartbeats, not limit
+                        self.core.check_wait(wait)  # dead or stopped: three heartbeats, not limit
         finally:
             self._waiters.pop(msg_id, None)
             fut.cancel()
-        reply = self._parse_reply(frames, msg_id)
+        reply = self.core.parse_reply(frames, msg_id)
         assert reply is not None
         return reply
 
@@ -406,13 +477,13 @@ class AsyncClient(_Base, _Requests):
 
     async def wait_welcome(self, timeout: float | None = None) -> dict[str, Any]:
         end = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        wait = self._wait("welcome")
+        wait = self.core.begin_wait("welcome")
         while not self.welcomed:
             left = end - time.monotonic()
             if left <= 0:
                 raise DaemonUnavailable("no welcome from the daemon's event socket")
             await self.next_event_batch(min(left, 0.2))
-            self._check_wait(wait)
+            self.core.check_wait(wait)
         return self.welcome or {}
 
     async def generate(self, model: str, prompt: str | None = None, *,
@@ -420,15 +491,15 @@ class AsyncClient(_Base, _Requests):
                        deadline: float | None = None, **params: Any) -> AsyncStream:
         await self.wait_welcome()
         body = self._gen_body(model, prompt, messages, params)
-        msg_id = self._new_id()
-        expected = self._expect_stream(msg_id)
+        msg_id = self.core.new_id()
+        expected = self.core.expect_stream(msg_id)
         try:
             reply = await self.request("generate", body, deadline=deadline,
                                        timeout=max(self.timeout, 60), msg_id=msg_id)
         except BaseException:
-            self._streams.pop(expected, None)
+            self.core.unfollow(expected)
             raise
-        return AsyncStream(self, self._adopt_stream(expected, reply), reply)
+        return AsyncStream(self, self.core.adopt_stream(expected, reply), reply)
 
     async def job_items(self, job_id: str, *, offset: int = 0,
                         page: int | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -442,13 +513,10 @@ class AsyncClient(_Base, _Requests):
 
     async def attach(self, request_id: str) -> AsyncStream:
         """As :meth:`Client.attach`."""
-        self._streams.setdefault(request_id, deque())
+        self.core.follow(request_id)
         self.sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{request_id}".encode())
         await self.wait_welcome()
         stream = AsyncStream(self, request_id, {"request_id": request_id})
         stream.backlog += await stream.fetch_missing()
         return stream
 
-    def check_alive(self) -> None:
-        """Raise DaemonUnavailable when heartbeats stopped (for UIs that poll)."""
-        self._check_alive()

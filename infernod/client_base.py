@@ -1,19 +1,16 @@
 """What :class:`~infernod.client.Client` and :class:`~infernod.client.AsyncClient` share:
-connection setup and security, reply and event parsing, heartbeat bookkeeping, and every
-request method written once (``_Requests``: each client supplies ``_call``, blocking or as a
-coroutine).
+connection setup and security, and every request method written once (``_Requests``: each
+client supplies ``_call``, blocking or as a coroutine).
 
-Scripts import from :mod:`infernod.client`; nothing here is public on its own.
+The protocol logic itself (frames, replies, heartbeats, which events to keep) is
+:class:`~infernod.client_core.ClientCore`'s. Scripts import from :mod:`infernod.client`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import sys
-import time
-from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,28 +18,10 @@ from typing import Any
 
 import zmq
 
-from infernod.client_stream import Event, _StreamState
+from infernod.client_core import ClientCore, Event, Notice
 from infernod.paths import Endpoints, default_endpoints, untrusted_socket
-from infernod.protocol import codec
 from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
-
-HEARTBEAT_MISSES = 3
-# A gap this long between two listens (or a wait that overran by this much) means *we* stood
-# still: SIGSTOP, a suspended laptop, a blocked event loop, a debugger. That time is not the
-# daemon's silence, and not part of a request's timeout.
-STOOD_STILL_S = 0.5
-
-
-@dataclass
-class _Wait:
-    """One wait for the daemon (a reply, the welcome): what it is for, when it began, how
-    long we had stood still by then and which daemon (boot id) we were talking to."""
-
-    what: str
-    started: float
-    stood_still_s: float
-    boot_id: str | None
 
 
 @dataclass
@@ -84,27 +63,78 @@ def _check_socket_file(ep: Endpoints) -> None:
 
 
 class _Base:
+    """What both drivers share: the protocol core (:class:`ClientCore`), socket setup, and
+    the public read-outs of the core's state."""
+
     def __init__(self, endpoint: str | Endpoints | None, timeout: float, name: str,
-                 curve: CurveKeys | None, rcvbuf_bytes: int = 0) -> None:
+                 curve: CurveKeys | None, rcvbuf_bytes: int = 0,
+                 session: str | None = None) -> None:
         self.endpoints = _endpoints(endpoint)
         self.rcvbuf_bytes = rcvbuf_bytes
         self.timeout = timeout
         self.name = name
         self.curve = curve
-        self.session = secrets.token_hex(8)
-        self.boot_id: str | None = None
-        self.heartbeat_interval_s = 1.0
-        self.last_heartbeat = time.monotonic()
-        self.welcomed = False
-        self.welcome: dict[str, Any] | None = None
-        self.events: deque[Event] = deque(maxlen=100_000)
-        # Token events of the streams this client started or attached to, by request id;
-        # any other tokens.* event is dropped (see _on_event).
-        self._streams: dict[str, deque[Event]] = {}
-        self._watch_tokens = False  # subscribed to tokens.* on purpose (inferno watch)
-        self.restarted = False
-        self._last_pump = time.monotonic()
-        self.stood_still_s = 0.0  # total time we were not listening (see _note_pump)
+        self.core = ClientCore(session)
+
+    # -- the core's state, read-only --------------------------------------------------------
+    @property
+    def session(self) -> str:
+        """This client's session id (random unless given): the ``session`` of its requests."""
+        return self.core.session
+
+    @session.setter
+    def session(self, session: str) -> None:
+        # Only later requests' headers change: the subscriptions stay those of the old one.
+        self.core.session = session
+
+    @property
+    def boot_id(self) -> str | None:
+        return self.core.boot_id
+
+    @property
+    def welcomed(self) -> bool:
+        return self.core.welcomed
+
+    @property
+    def welcome(self) -> dict[str, Any] | None:
+        return self.core.welcome
+
+    @property
+    def restarted(self) -> bool:
+        """True once a reply or event came from a daemon with a new boot id."""
+        return self.core.restarted
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.core.heartbeat_interval_s
+
+    @property
+    def last_heartbeat(self) -> float:
+        """Monotonic time of the last heartbeat or reply."""
+        return self.core.last_heartbeat
+
+    @property
+    def stood_still_s(self) -> float:
+        """Total time this client was not listening (stopped, suspended, busy)."""
+        return self.core.stood_still_s
+
+    @property
+    def followed_streams(self) -> frozenset[str]:
+        """Request ids whose token events this client keeps (its streams)."""
+        return self.core.followed
+
+    def stream_events(self, request_id: str) -> list[Event]:
+        """Token events of one of our streams that arrived and were not read yet (a copy;
+        call :meth:`listen` or ``event_batch`` first to take in what is waiting)."""
+        return self.core.stream_events(request_id)
+
+    def take_events(self) -> list[Event | Notice]:
+        """Events (and the library's notices) that already arrived, without waiting."""
+        return self.core.take_events()
+
+    def check_alive(self) -> None:
+        """Raise DaemonUnavailable when heartbeats stopped (for UIs that poll)."""
+        self.core.check_alive()
 
     def _setup(self, dealer: zmq.Socket[Any], sub: zmq.Socket[Any],
                topics: tuple[str, ...]) -> None:
@@ -132,147 +162,9 @@ class _Base:
         sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat")
         for t in topics:
             sub.setsockopt(zmq.SUBSCRIBE, t.encode())
-        self._watch_tokens = any(t.startswith("tokens") for t in topics)
+        self.core.watch_tokens = any(t.startswith("tokens") for t in topics)
         # Subscribed last: when the welcome arrives, every subscription above is in place.
         sub.setsockopt(zmq.SUBSCRIBE, f"welcome.{self.session}".encode())
-
-    @staticmethod
-    def _new_id() -> str:
-        """A message id no one else can guess: a generation's request id is
-        ``<session>.<message id>``, the session id is public (``queue.list``), and a
-        guessable id would let another user start a stream under the id of our next one."""
-        return secrets.token_hex(8)
-
-    def _expect_stream(self, msg_id: str) -> str:
-        """Register the stream a generate with ``msg_id`` starts, before sending it, so its
-        first events (they may come before the reply) are kept; return its request id."""
-        rid = f"{self.session}.{msg_id}"
-        self._streams.setdefault(rid, deque())
-        return rid
-
-    def _adopt_stream(self, expected: str, reply: dict[str, Any]) -> str:
-        """The request id the daemon gave the stream; normally the one expected."""
-        rid = str(reply["request_id"])
-        if rid != expected:
-            self._streams[rid] = self._streams.pop(expected, deque())
-        return rid
-
-    def _frames(self, type_: str, body: dict[str, Any] | None, deadline: float | None,
-                idem: str | None, msg_id: str | None = None) -> tuple[str, list[bytes]]:
-        msg_id = msg_id or self._new_id()
-        header: dict[str, Any] = {"id": msg_id, "type": type_, "session": self.session,
-                                  "ts": time.time()}
-        if deadline is not None:
-            header["deadline"] = deadline
-        if idem is not None:
-            header["idem"] = idem
-        return msg_id, codec.encode_request(header, body or {})
-
-    def _parse_reply(self, frames: list[bytes], msg_id: str) -> dict[str, Any] | None:
-        if len(frames) != 3 or frames[0] != codec.MAGIC:
-            return None
-        header = codec.unpackb(frames[1], max_bytes=codec.MAX_HEADER_BYTES, what="header")
-        if header.get("re") != msg_id:
-            return None  # a late reply to an earlier, timed-out request
-        body = codec.unpackb(frames[2], max_bytes=256 * 1024 * 1024)
-        self._see_boot(str(header.get("boot_id", "")))
-        # A reply (to this or any request, e.g. a stream's lease ping; the clients note those
-        # as they arrive) is as fresh a sign of life as a heartbeat, and it still comes when
-        # a slow subscriber's heartbeats were dropped at its queue limit with its events.
-        self.last_heartbeat = time.monotonic()
-        if header.get("type") == "error":
-            raise InfernoError.from_wire(body)
-        return body
-
-    def _see_boot(self, boot_id: str) -> None:
-        if not boot_id:
-            return
-        if self.boot_id is not None and boot_id != self.boot_id:
-            self.restarted = True
-        self.boot_id = boot_id
-
-    def _on_event(self, ev: Event) -> None:
-        if ev.topic == "heartbeat" or ev.type == "welcome":
-            # Heartbeats and replies count, not events: queued token events still arrive
-            # from a dead daemon.
-            self.last_heartbeat = time.monotonic()
-        if ev.type == "welcome":
-            self.welcomed = True
-            self.welcome = ev.body
-            self._see_boot(ev.boot_id)
-            # The welcome carries the last heartbeat: its period, before the next one comes.
-            state = ev.body.get("state") if isinstance(ev.body, dict) else None
-            beat = state.get("heartbeat") if isinstance(state, dict) else None
-            if isinstance(beat, dict) and isinstance(beat.get("body"), dict):
-                self.heartbeat_interval_s = float(beat["body"].get("interval_s",
-                                                                   self.heartbeat_interval_s))
-            return
-        if ev.boot_id and self.boot_id is not None and ev.boot_id != self.boot_id:
-            self._see_boot(ev.boot_id)
-        elif ev.boot_id and self.boot_id is None:
-            self.boot_id = ev.boot_id
-        if ev.topic == "heartbeat":
-            self.heartbeat_interval_s = float(ev.body.get("interval_s", 1.0))
-        if ev.topic.startswith("tokens."):
-            # Only streams we started or attached to. Anyone can start a stream under our
-            # (public) session id, tokens.<our session>.<their id>, and it reaches our
-            # subscription: kept for later, it would become the text of our next generate.
-            queue = self._streams.get(ev.topic[len("tokens."):])
-            if queue is not None:
-                queue.append(ev)
-            elif self._watch_tokens:
-                self.events.append(ev)
-        else:
-            self.events.append(ev)
-
-    def _note_pump(self, waited_s: float = 0.0) -> None:
-        """Called before and after each wait for messages (``waited_s``: how long that wait
-        was allowed to take). Time beyond it is time *we* stood still, not listening: it
-        does not count as the daemon's silence, so the heartbeat clock moves past it. (Only
-        moving it, not restarting it: silence before a short pause still counts.)"""
-        now = time.monotonic()
-        gap = now - self._last_pump - waited_s
-        self._last_pump = now
-        if gap > STOOD_STILL_S:
-            self.stood_still_s += gap
-            self.last_heartbeat = min(now, self.last_heartbeat + gap)
-
-    def _lost_after(self) -> float:
-        return self.heartbeat_interval_s * HEARTBEAT_MISSES
-
-    def _check_alive(self, state: _StreamState | None = None) -> None:
-        self._note_pump()  # stopped ourselves since we last listened? that is not the daemon
-        silent = time.monotonic() - self.last_heartbeat
-        if silent > self._lost_after():
-            raise DaemonUnavailable(f"daemon lost: no heartbeat for {silent:.1f}s",
-                                    "is infernod still running?")
-        if state is not None and self.boot_id and state.boot_id and \
-                self.boot_id != state.boot_id:
-            raise DaemonUnavailable("the daemon restarted; the stream was lost",
-                                    "submit the request again", reason="daemon_restarted")
-
-    def _wait(self, what: str) -> _Wait:
-        """Begin waiting for the daemon; :meth:`_check_wait` then says when to give up."""
-        return _Wait(what, time.monotonic(), self.stood_still_s, self.boot_id)
-
-    def _check_wait(self, wait: _Wait) -> None:
-        """Raise DaemonUnavailable once the daemon has been silent for three heartbeats
-        while we waited (a request's whole timeout is far too long to notice a dead or
-        stopped daemon), or a new daemon (boot id) answers: the old one took our request
-        with it. Silence before the wait began is not held against it, so the first request
-        after the daemon came back waits for a heartbeat instead of failing at once; time
-        we stood still ourselves moves the start, as it moves the last heartbeat
-        (see _note_pump)."""
-        floor = wait.started + (self.stood_still_s - wait.stood_still_s)
-        silent = time.monotonic() - max(self.last_heartbeat, floor)
-        if silent > self._lost_after():
-            raise DaemonUnavailable(f"daemon lost while waiting for '{wait.what}': no "
-                                    f"heartbeat for {silent:.1f}s",
-                                    "is infernod still running? ('inferno status' / "
-                                    "'systemctl status infernod')")
-        if wait.boot_id and self.boot_id and self.boot_id != wait.boot_id:
-            raise DaemonUnavailable(f"the daemon restarted while waiting for '{wait.what}'",
-                                    "send the request again", reason="daemon_restarted")
 
     @staticmethod
     def _gen_body(model: str, prompt: str | None, messages: list[dict[str, str]] | None,

@@ -8,39 +8,19 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from infernod.protocol import codec
+from infernod.client_core import Event, decode_event
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
     from infernod.client import AsyncClient, Client
 
+__all__ = ["AsyncStream", "Event", "Stream", "decode_event"]
+
 LEASE_PING_S = 2.0  # a following client renews its lease on the running slot this often
-
-
-@dataclass
-class Event:
-    """One published event: topic, type, per-topic seq, the daemon's boot id, and its body."""
-
-    topic: str
-    type: str
-    seq: int
-    boot_id: str
-    body: dict[str, Any]
-    ts: float = 0.0
-
-
-def _decode_event(frames: list[bytes]) -> Event | None:
-    if len(frames) != 4 or frames[1] != codec.MAGIC:
-        return None
-    header = codec.unpackb(frames[2], max_bytes=codec.MAX_HEADER_BYTES * 4, what="header")
-    body = codec.unpackb(frames[3], max_bytes=64 * 1024 * 1024)
-    return Event(str(header.get("topic", "")), str(header.get("type", "")),
-                 int(header.get("seq", 0)), str(header.get("boot_id", "")), body,
-                 float(header.get("ts", 0.0)))
 
 
 @dataclass
@@ -102,15 +82,18 @@ class _StreamBase:
     def __init__(self, client: Client | AsyncClient, request_id: str,
                  reply: dict[str, Any]) -> None:
         self.client = client
+        self.core = client.core
         self.request_id = request_id
         self.reply = reply
-        self.state = _StreamState(request_id, client.boot_id or "")
+        self.state = _StreamState(request_id, self.core.boot_id or "")
         self.backlog: list[str] = []  # text fetched before iteration began (attach)
-        self.fetches = 0  # how often a gap had to be filled from the daemon's buffer
+        self.fetches = 0  # stream.fetch requests sent: gap_fetches + tail_fetches + attach
+        self.gap_fetches = 0  # ... because a seq was missing (or a fetch was cut short)
+        self.tail_fetches = 0  # ... because the stream was silent (its tail may be lost)
         self._more = False  # the last fetch reply was cut short: fetch again at once
         self._last_ping = time.monotonic()
         self._seq_at_ping = -1
-        client.last_heartbeat = time.monotonic()
+        self.core.saw_life()
 
     @property
     def stats(self) -> dict[str, Any] | None:
@@ -135,11 +118,11 @@ class _StreamBase:
                                "read streams promptly, or raise daemon.stream_buffer_tokens",
                                reason="events_lost")
         events = [Event(f"tokens.{self.request_id}", e["type"], e["seq"],
-                        self.client.boot_id or "", e["body"]) for e in reply["events"]]
+                        self.core.boot_id or "", e["body"]) for e in reply["events"]]
         self._more = bool(reply.get("more"))  # a reply holds 4096 events at most
         return self._feed(events)
 
-    def _feed(self, events: Any) -> list[str]:
+    def _feed(self, events: Iterable[Event]) -> list[str]:
         out: list[str] = []
         for ev in events:
             if self.state.done:
@@ -161,8 +144,9 @@ class _StreamBase:
         """After draining: 'fetch' (a gap), 'fetch_tail', 'ping' or 'wait'."""
         if self.state.has_gap or (self._more and not self.state.done):
             self._more = False
+            self.gap_fetches += 1
             return "fetch"
-        self.client._check_alive(self.state)
+        self.core.check_alive(self.state.boot_id)
         now = time.monotonic()
         if now - self._last_ping <= LEASE_PING_S:
             return "wait"
@@ -171,7 +155,10 @@ class _StreamBase:
         self._seq_at_ping = self.state.next_seq
         # Nothing for a while: the tail (even 'done') may have been dropped at our HWM while
         # we were paused, and no later seq would show the gap. Otherwise renew the lease.
-        return "fetch_tail" if stalled else "ping"
+        if stalled:
+            self.tail_fetches += 1
+            return "fetch_tail"
+        return "ping"
 
 
 class Stream(_StreamBase):
@@ -190,7 +177,7 @@ class Stream(_StreamBase):
 
     def __iter__(self) -> Iterator[str]:
         client = self.client
-        queue = client._streams.setdefault(self.request_id, deque())
+        queue = self.core.follow(self.request_id)
         try:
             while True:
                 yield from self._drain(queue)
@@ -201,12 +188,12 @@ class Stream(_StreamBase):
                     self.backlog += self.fetch_missing()
                     continue
                 if step == "fetch_tail":
-                    self.backlog += self.fetch_missing(timeout=client._lost_after())
+                    self.backlog += self.fetch_missing(timeout=self.core.lost_after())
                 elif step == "ping":
                     client.try_send("ping")
-                client._pump(0.1)
+                client.listen(0.1)
         finally:
-            client._streams.pop(self.request_id, None)
+            self.core.unfollow(self.request_id)
 
 
 class AsyncStream(_StreamBase):
@@ -227,7 +214,7 @@ class AsyncStream(_StreamBase):
 
     async def _iter(self) -> AsyncIterator[str]:
         client = self.client
-        queue = client._streams.setdefault(self.request_id, deque())
+        queue = self.core.follow(self.request_id)
         try:
             while True:
                 for text in self._drain(queue):
@@ -239,9 +226,9 @@ class AsyncStream(_StreamBase):
                     self.backlog += await self.fetch_missing()
                     continue
                 if step == "fetch_tail":
-                    self.backlog += await self.fetch_missing(timeout=client._lost_after())
+                    self.backlog += await self.fetch_missing(timeout=self.core.lost_after())
                 elif step == "ping":
                     await client.try_send("ping")
                 await client.next_event_batch(0.1)
         finally:
-            client._streams.pop(self.request_id, None)
+            self.core.unfollow(self.request_id)

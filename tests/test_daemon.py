@@ -13,7 +13,7 @@ import psutil
 import pytest
 from rawsock import raw_socket
 
-from infernod.client import Client
+from infernod.client import Client, Event
 from infernod.protocol import codec
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 
@@ -395,8 +395,8 @@ def test_sighup_reloads_runtime_keys_and_reports_restart_keys(daemon):
         end = time.monotonic() + 10
         reloaded = None
         while reloaded is None and time.monotonic() < end:
-            c._pump(0.2)
-            reloaded = next((e for e in c.events if e.type == "config_reloaded"), None)
+            reloaded = next((e for e in c.event_batch(0.2)
+                             if isinstance(e, Event) and e.type == "config_reloaded"), None)
         assert reloaded is not None
         assert reloaded.body["applied"] == ["scheduler.aging_interval_s"]
         assert reloaded.body["restart_required"] == ["models.slots"]

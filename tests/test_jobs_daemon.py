@@ -13,7 +13,7 @@ import pytest
 import tomli_w
 from test_security import NOBODY, STRANGER, _open_for_group, needs_root, run_as
 
-from infernod.client import AsyncClient
+from infernod.client import AsyncClient, Event
 from infernod.protocol.errors import InfernoError
 
 pytestmark = pytest.mark.model
@@ -61,9 +61,9 @@ def test_kill_9_with_queued_and_running_jobs_completes_each_once(daemon_factory)
             assert item["state"] == "done" and item["text"]
             assert item["stats"]["completion_tokens"] > 0
             assert 1 <= item["attempts"] <= 2
-        c._pump(0.1)
+        c.listen(0.1)
         assert any(ev.type == "progress" and ev.body["state"] == "done"
-                   for ev in c.events if ev.topic == "jobs")
+                   for ev in c.take_events() if isinstance(ev, Event) and ev.topic == "jobs")
 
 
 def test_sigterm_aborts_queued_interactive_checkpoints_jobs_and_exits_0(daemon_factory):

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 import types
-from collections import deque
 
 import psutil
 import pytest
@@ -22,10 +21,9 @@ from daemon_harness import wait_for
 from rawsock import raw_socket
 from test_security import _free_port_pair
 
-from infernod import cli, client_base
+from infernod import cli, client_core
 from infernod import client as client_mod
-from infernod.client import AsyncClient
-from infernod.client_base import _Base
+from infernod.client import AsyncClient, ClientCore
 from infernod.client_stream import Event, Stream
 from infernod.protocol import codec
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
@@ -39,9 +37,8 @@ def test_sigstop_10s_reported_lost_then_same_client_recovers(daemon):
         try:
             t0 = time.monotonic()
             with pytest.raises(DaemonUnavailable):
-                while True:  # what `inferno watch` and the TUI do
-                    watcher._check_alive()
-                    watcher._pump(0.1)
+                for _ in watcher.events(timeout=30):  # what `inferno watch` does
+                    pass
             assert time.monotonic() - t0 < 3.5
             # Once (1 run in ~50) the ping below was answered; the daemon's state says why.
             assert psutil.Process(daemon.pid).status() == psutil.STATUS_STOPPED
@@ -52,8 +49,8 @@ def test_sigstop_10s_reported_lost_then_same_client_recovers(daemon):
             os.kill(daemon.pid, signal.SIGCONT)
         assert c.ping()["pong"]  # the same client, no reconnect by hand
         assert c.hello()["boot_id"] == boot and not c.restarted
-        watcher._pump(1.5)
-        watcher._check_alive()  # heartbeats flow again
+        watcher.listen(1.5)
+        watcher.check_alive()  # heartbeats flow again
 
 
 def test_our_own_pause_is_not_the_daemons_silence(monkeypatch):
@@ -61,29 +58,26 @@ def test_our_own_pause_is_not_the_daemons_silence(monkeypatch):
     client that stands still (SIGSTOP, suspend) just under 3 s after half a second of
     silence used to declare the daemon lost at once on waking, before it could hear it."""
     clock = [1000.0]
-    monkeypatch.setattr(client_base, "time",
-                        types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
-    c = _Base("ipc:///nonexistent/control", 1.0, "t", None)
-    c.last_heartbeat = c._last_pump = clock[0]
+    c = ClientCore(clock=lambda: clock[0])
 
-    def listen(seconds: float) -> None:  # what _pump does around each wait
-        c._note_pump()
+    def listen(seconds: float) -> None:  # what a driver does around each wait
+        c.listened()
         clock[0] += seconds
-        c._note_pump(waited_s=seconds)
+        c.listened(waited_s=seconds)
 
     listen(0.5)
     clock[0] += 2.9  # stopped between two listens
-    c._check_alive()
+    c.check_alive()
     listen(0.1)
     clock[0] += 5.0  # stopped in the middle of a wait
-    c._note_pump(waited_s=0.1)
-    c._check_alive()
+    c.listened(waited_s=0.1)
+    c.check_alive()
     for _ in range(22):  # 0.5 + 0.1 + 0.1 + 2.2 s of real listening: within three beats
         listen(0.1)
-        c._check_alive()
+        c.check_alive()
     listen(0.2)
     with pytest.raises(DaemonUnavailable):
-        c._check_alive()
+        c.check_alive()
     assert c.stood_still_s == pytest.approx(7.8)
 
 
@@ -93,7 +87,7 @@ def test_a_client_stopped_while_it_waits_still_takes_its_reply(daemon, monkeypat
         real, offset = time.monotonic, [0.0]
         fake = types.SimpleNamespace(monotonic=lambda: real() + offset[0], time=time.time)
         monkeypatch.setattr(client_mod, "time", fake)
-        monkeypatch.setattr(client_base, "time", fake)
+        monkeypatch.setattr(client_core, "time", fake)
         poll, calls = c.poller.poll, [0]
 
         def stopped_in_poll(timeout: int | None = None) -> list:
@@ -113,7 +107,7 @@ def test_an_async_client_whose_loop_stood_still_still_takes_its_reply(daemon):
             await ac.ping()
 
             async def hog() -> None:  # blocks the loop once the request is out
-                while not ac._waiters:
+                while not ac.waiting:
                     await asyncio.sleep(0)
                 time.sleep(2.0)
 
@@ -135,17 +129,11 @@ _CHILD = textwrap.dedent("""
     c = Client(endpoint, timeout=10, **kw)
     s = c.generate("gemma3-270m", "Once upon a time", max_tokens=int(max_tokens),
                    temperature=0)
-    steps = {"fetch": 0, "fetch_tail": 0}  # why the stream fetched: a seq gap, or silence
-    next_step = s._next_step
-    def counted():
-        step = next_step()
-        steps[step] = steps.get(step, 0) + 1
-        return step
-    s._next_step = counted
     def where(*_):  # the test's SIGTERM when we never finish: say where we were
         print(f"child: next_seq {s.state.next_seq} done {s.state.done} gap {s.state.has_gap} "
               f"silent {time.monotonic() - c.last_heartbeat:.1f}s stood still "
-              f"{c.stood_still_s:.1f}s steps {steps}", file=sys.stderr, flush=True)
+              f"{c.stood_still_s:.1f}s fetches: {s.gap_fetches} gap, {s.tail_fetches} tail",
+              file=sys.stderr, flush=True)
         os._exit(3)
     signal.signal(signal.SIGTERM, where)
     it = iter(s)
@@ -153,8 +141,8 @@ _CHILD = textwrap.dedent("""
     print(json.dumps({"request_id": s.request_id}), flush=True)
     for _ in it:
         pass
-    print(json.dumps({"text": s.text, "fetches": s.fetches, "gap_fetches": steps["fetch"],
-                      "tail_fetches": steps["fetch_tail"], "stats": s.stats}), flush=True)
+    print(json.dumps({"text": s.text, "fetches": s.fetches, "gap_fetches": s.gap_fetches,
+                      "tail_fetches": s.tail_fetches, "stats": s.stats}), flush=True)
 """)
 
 
@@ -267,13 +255,11 @@ class _FetchingClient:
     stream.fetch answers that the daemon's buffer now starts at seq 10 (stream_buffer_tokens
     overflowed while the client was away)."""
 
-    boot_id = "b"
-    last_heartbeat = 0.0
-
     def __init__(self) -> None:
         self.fetches = 0
-        ev = Event("tokens.r", "token", 12, "b", {"text": "late"})
-        self._streams = {"r": deque([ev])}
+        self.core = ClientCore()
+        self.core.boot_id = "b"
+        self.core.follow("r").append(Event("tokens.r", "token", 12, "b", {"text": "late"}))
 
     def request(self, type_: str, body: dict, timeout: float | None = None) -> dict:
         self.fetches += 1

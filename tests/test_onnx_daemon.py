@@ -20,7 +20,7 @@ from onnx_graphs import GENERIC_W, generic_graph, slow_graph
 from test_onnx import _minilm_dir
 
 from infernod import cli
-from infernod.client import AsyncClient, encode_array
+from infernod.client import AsyncClient, Event, encode_array
 from infernod.protocol.errors import InfernoError
 
 ONNX_CONFIG = {"onnx": {"intra_op_threads": 1, "inter_op_threads": 1, "providers": ["CPU"]}}
@@ -239,7 +239,7 @@ def test_cancel_reaches_queued_and_running_onnx_requests(onnx_daemon) -> None:
                         return got
                     await asyncio.sleep(0.02)
                 if slow.done():
-                    a._parse_reply(slow.result(), mid)
+                    a.core.parse_reply(slow.result(), mid)
                 raise AssertionError(f"timed out waiting for {what}: {got}")
 
             mid, slow = await a.send("infer", {"model": "slow", "inputs": big})
@@ -257,15 +257,16 @@ def test_cancel_reaches_queued_and_running_onnx_requests(onnx_daemon) -> None:
             assert q["client"] == a.session and q["age_s"] >= 0 and q["deadline_in_s"] is None
             status = (await op.status())["queue"]
             assert status["running"] >= 1 and status["queued"] >= 1, status
-            snaps = [ev.body for ev in op.events if ev.topic == "queue" and ev.type == "queue"]
+            snaps = [ev.body for ev in op.take_events()
+                     if isinstance(ev, Event) and ev.topic == "queue" and ev.type == "queue"]
             assert any({it["request_id"]: it.get("kind") for it in s["items"]}.get(queued_id)
                        == "infer" for s in snaps), snaps
-            assert not any(ev.type == "queued" for ev in a._streams.get(queued_id, ()))
+            assert not any(ev.type == "queued" for ev in a.stream_events(queued_id))
 
             # queued: the owner cancels it; it leaves the scheduler, its reply is `cancelled`
             assert (await a.cancel(queued_id))["state"] == "cancelled"
             with pytest.raises(InfernoError) as e:
-                a._parse_reply(await asyncio.wait_for(queued, 10), mid3)
+                a.core.parse_reply(await asyncio.wait_for(queued, 10), mid3)
             assert e.value.code == "cancelled"
             assert queued_id not in await rows()
 
@@ -273,7 +274,7 @@ def test_cancel_reaches_queued_and_running_onnx_requests(onnx_daemon) -> None:
             t0 = time.monotonic()
             assert (await op.cancel(slow_id))["state"] == "cancelled"
             with pytest.raises(InfernoError) as e:
-                a._parse_reply(await asyncio.wait_for(slow, 10), mid)
+                a.core.parse_reply(await asyncio.wait_for(slow, 10), mid)
             assert e.value.code == "cancelled"
             with pytest.raises(InfernoError) as e:
                 await op.cancel(slow_id)
@@ -282,6 +283,6 @@ def test_cancel_reaches_queued_and_running_onnx_requests(onnx_daemon) -> None:
             out, _ = await a.infer("slow", {"X": row})
             assert np.array_equal(out["Y"], row)
             assert time.monotonic() - t0 < 10, time.monotonic() - t0
-            a._parse_reply(await asyncio.wait_for(waiting, 60), mid2)  # other model, unharmed
+            a.core.parse_reply(await asyncio.wait_for(waiting, 60), mid2)  # other model, unharmed
 
     asyncio.run(scenario())

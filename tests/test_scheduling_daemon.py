@@ -99,8 +99,8 @@ def test_deadlines_backpressure_queue_list_and_reprioritize(daemon_factory):
         assert waiting[0]["class"] == "high" and waiting[0]["position"] == 1
 
         def second_told_position_1():
-            c._pump(0.05)
-            for ev in c._streams.get(second.request_id, ()):
+            c.listen(0.05)
+            for ev in c.stream_events(second.request_id):
                 if ev.type == "queued" and ev.body["position"] == 1:
                     return True
             return False

@@ -124,11 +124,11 @@ def test_another_uid_cannot_put_text_into_my_generate(daemon_factory, monkeypatc
         # uid, an operator, included): it used to open, and the victim's client kept its
         # events for the id it had not used yet.
         assert not out["started"] and set(out["refused"].values()) == {"forbidden"}, out
-        victim._pump(0.5)
-        real_new_id, predicted = victim._new_id, iter(["predicted"])
+        victim.listen(0.5)
+        real_new_id, predicted = victim.core.new_id, iter(["predicted"])
         for n in range(3):
             if n == 1:  # the id the attacker predicted goes to the victim's second generate
-                monkeypatch.setattr(victim, "_new_id",
+                monkeypatch.setattr(victim.core, "new_id",
                                     lambda: next(predicted, None) or real_new_id())
             s = victim.generate(MODEL, "The capital of France is", max_tokens=8,
                                 temperature=0.0)
@@ -138,22 +138,21 @@ def test_another_uid_cannot_put_text_into_my_generate(daemon_factory, monkeypatc
             # What the victim got is what the daemon generated for the victim's own request.
             assert text == "".join(e["body"].get("text", "") for e in own["events"])
             assert "swordfish" not in text and s.stats["prompt_tokens"] < 15, (text, s.stats)
-        assert not set(victim._streams) & set(f"{victim.session}.{g}" for g in guesses[:30])
+        assert not victim.followed_streams & set(f"{victim.session}.{g}" for g in guesses[:30])
         assert victim.ping()["pong"]
 
 
 def test_a_client_drops_token_events_of_requests_it_did_not_send():
     """Without a daemon: events of a request id the client never sent are not kept, those
     of a stream it is about to start are (they may come before the reply)."""
-    from infernod.client_base import _Base
-    from infernod.client_stream import Event
+    from infernod.client_core import ClientCore, Event
 
-    c = _Base("ipc:///nonexistent/control", 1.0, "t", None)
+    c = ClientCore()
     foreign = f"{c.session}.1"
-    c._on_event(Event(f"tokens.{foreign}", "token", 0, "b", {"text": "pwned"}))
-    assert foreign not in c._streams and not c.events
-    mine = c._expect_stream(c._new_id())
-    c._on_event(Event(f"tokens.{mine}", "token", 0, "b", {"text": "ok"}))
-    assert [ev.body["text"] for ev in c._streams[mine]] == ["ok"]
-    ids = {c._new_id() for _ in range(1000)}
+    c.on_event(Event(f"tokens.{foreign}", "token", 0, "b", {"text": "pwned"}))
+    assert foreign not in c.followed and not c.take_events()
+    mine = c.expect_stream(c.new_id())
+    c.on_event(Event(f"tokens.{mine}", "token", 0, "b", {"text": "ok"}))
+    assert [ev.body["text"] for ev in c.stream_events(mine)] == ["ok"]
+    ids = {c.new_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(len(i) == 16 for i in ids)

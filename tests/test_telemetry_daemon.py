@@ -12,6 +12,8 @@ import urllib.request
 import psutil
 import pytest
 
+from infernod.client import Event
+
 MODEL = "gemma3-270m"
 PHASES = ("queue_wait_ms", "load_wait_ms", "tokenize_ms", "prefill_ms", "decode_ms",
           "detokenize_ms", "ttft_ms", "e2e_ms")
@@ -24,11 +26,7 @@ def _collect(c, topic: str, n: int, timeout: float = 30.0) -> list:
     got = []
     while len(got) < n:
         assert time.monotonic() < end, f"only {len(got)} of {n} '{topic}' events"
-        c._pump(0.1)
-        while c.events:
-            ev = c.events.popleft()
-            if ev.topic == topic:
-                got.append(ev)
+        got += [ev for ev in c.event_batch(0.1) if isinstance(ev, Event) and ev.topic == topic]
     return got
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -102,3 +103,12 @@ def test_async_events_iterates_with_a_timeout(daemon):
 
     got = asyncio.run(main())
     assert any(isinstance(ev, Event) and ev.topic == "heartbeat" for ev in got)
+
+
+def test_inferno_watch_prints_events_through_the_public_iterator(daemon, capsys):
+    from infernod import cli
+
+    assert cli.main(["--endpoint", daemon.endpoint, "watch", "--json", "--topic", "queue",
+                     "--duration", "1.5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert any(line.get("topic") == "heartbeat" for line in lines), lines

@@ -162,8 +162,9 @@ class GgufEngine:
         return self._parks.state()
 
     def host_cache_stats(self) -> dict[str, Any]:
-        """Idle sequences saved to RAM (see hostcache.py): entries, bytes and counters."""
-        return self._host.stats()
+        """Idle sequences saved to RAM (see hostcache.py): entries, bytes, window checkpoints
+        (checkpoints.py, running sequences' included) and counters."""
+        return self._cells.stats()
 
     def wire_info(self) -> dict[str, Any]:
         """What ``models.list``/``models.show`` add for a loaded model (read from the loop
@@ -359,7 +360,7 @@ class GgufEngine:
         if req.max_tokens <= len(req.resume_tokens):
             self._finish_without_slot(req, "length")
             return
-        slot, cached = self._cells.pick_slot(tokens)
+        slot, cached, shared = self._cells.pick_slot(tokens)
         self._parks.make_room(len(tokens) - cached, self._slots, self.n_ctx * self.n_slots)
         run = Run(
             req=req,
@@ -371,6 +372,7 @@ class GgufEngine:
             text=TextStream(req.stop),
             n_done=cached,
             cached=cached,
+            checkpoint_at=self._cells.plan(len(tokens), cached, req.max_tokens, shared),
             tokenize_ns=tokenize_ns,
             admit_ns=time.perf_counter_ns(),
         )
@@ -455,6 +457,12 @@ class GgufEngine:
             if todo <= 0:
                 continue
             take = min(todo, budget)
+            if run.checkpoint_at:  # the window as of n_done; the chunk stops at the next one
+                if run.checkpoint_at[0] == run.n_done:
+                    self._cells.checkpoint(slot)
+                    run.checkpoint_at.pop(0)
+                if run.checkpoint_at:
+                    take = min(take, run.checkpoint_at[0] - run.n_done)
             for i in range(run.n_done, run.n_done + take):
                 last = i == len(run.tokens) - 1
                 self._put(n, run.tokens[i], i, slot.seq_id, last)
@@ -576,6 +584,7 @@ class GgufEngine:
         if not keep_cells:
             llama.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
             slot.kv = []
+            slot.checkpoints = []
         self._release_reservation()
 
     def _release_reservation(self) -> None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infernod.backends.base import GenerationRequest
 from infernod.backends.textstream import TextStream
+
+if TYPE_CHECKING:
+    from infernod.backends.checkpoints import Checkpoint
 
 _NS_PER_MS = 1e6
 
@@ -27,6 +30,7 @@ class Run:
     text: TextStream
     greedy: bool = False  # plain greedy: the step takes the argmax, not the sampler chain
     n_done: int = 0  # how many of ``tokens`` are in the KV cache
+    checkpoint_at: list[int] = field(default_factory=list)  # ascending, see checkpoints.plan
     cached: int = 0
     generated: list[int] = field(default_factory=list)
     pending: int | None = None  # sampled, delivered, not yet in the KV cache
@@ -70,10 +74,12 @@ class Run:
 
 @dataclass
 class Slot:
-    """A llama.cpp sequence id; ``kv`` mirrors exactly the tokens whose cells it holds."""
+    """A llama.cpp sequence id; ``kv`` mirrors exactly the tokens whose cells it holds, and
+    ``checkpoints`` are window checkpoints of a prefix of them (checkpoints.py)."""
 
     seq_id: int
     kv: list[int] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
     run: Run | None = None
     released_ns: int = 0
 

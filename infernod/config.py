@@ -106,16 +106,18 @@ class ModelsConfig:
                         choices=("auto", "spin", "sleep"), restart=True)
     n_gpu_layers: int = opt(0, "layers offloaded to the GPU; -1 = all", min=-1, max=100000,
                             restart=True)
-    swa_full: bool = opt(False, "full-size sliding-window KV cache (longer prefix reuse, more "
-                                "memory)", restart=True)
+    swa_full: bool = opt(False, "full-size sliding-window KV cache: prefixes reusable at any "
+                                "length without window checkpoints, for much more memory",
+                         restart=True)
     prefill_chunk: int = opt(256, "prompt tokens evaluated per step per sequence", min=16,
                              max=65536, restart=True)
     park_slots: int = opt(-1, "spare sequences keeping a preempted request's KV cells so it "
                               "resumes without recomputing; -1 = slots / 2, 0 = off",
                           min=-1, max=256, restart=True)
     host_cache_mib: int = opt(256, "RAM per model keeping finished conversations' KV cells "
-                                   "for the next turn; 0 = keep them in the KV cache, where "
-                                   "they slow every other stream", min=0, max=1_048_576,
+                                   "for the next turn and long prompts' sliding-window "
+                                   "checkpoints; 0 = keep cells in the KV cache, where they "
+                                   "slow every other stream, and take no checkpoints", min=0, max=1_048_576,
                               restart=True)
 
 

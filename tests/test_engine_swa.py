@@ -110,6 +110,11 @@ def test_checkpoints_are_capped_per_sequence_and_counted_once_in_the_budget() ->
     assert host.fit([fake([1], size=4000)])
     assert [e.tokens[-1] for e in host.entries] == [1] and host.counts["evicted"] == 1
     assert not host.fit([fake([1], size=20_000)]) and host.entries == []
+    # an entry gives up its checkpoints (earliest first) before it goes
+    low, high = fake([1], size=3000), fake([1, 2], size=3000)
+    host.entries.append(Entry([1, 2, 3], mmap.mmap(-1, 4000), 4000, 0, 5, [low, high]))
+    assert host.fit([fake([9], size=2000)])
+    assert host.entries[0].checkpoints == [high] and host.counts["evicted"] == 2
 
 
 # ---- the real model --------------------------------------------------------------------------
@@ -192,3 +197,28 @@ def test_checkpoints_stay_within_a_small_host_cache_budget(default_model_path: P
         assert stats["evicted"] >= 1, stats
     finally:
         eng.close()
+
+
+@pytest.mark.model
+@pytest.mark.timeout(900)
+def test_the_daemon_reuses_a_long_prefix_and_says_so_in_the_start_event(daemon: Any) -> None:
+    """Through the real daemon (defaults: swa_full off, host cache on): a ~950-token prompt
+    again, then with another question, starts with all but the last token, then the
+    document, reused; the start event's ``cached_tokens`` says so. Main reported 0."""
+    doc = document(52)
+    with daemon.client() as c:
+        c.load("gemma3-270m")
+        streams = []
+        for q in ("What was seen on day 3?", "What was seen on day 3?",
+                  "Which entry mentions the reef?"):
+            s = c.generate("gemma3-270m", doc + question(q), max_tokens=8, temperature=0)
+            list(s)
+            streams.append(s)
+        first, again, other = streams
+        assert first.start["prompt_tokens"] > 900 and first.start["cached_tokens"] == 0
+        assert again.start["cached_tokens"] == again.start["prompt_tokens"] - 1
+        assert again.stats["prompt_cached_tokens"] == again.start["cached_tokens"]
+        assert again.text == first.text
+        assert other.start["cached_tokens"] >= other.start["prompt_tokens"] - 64, other.start
+        cache = c.show("gemma3-270m")["host_cache"]
+        assert cache["checkpoints"] >= 1 and cache["bytes"] <= cache["budget_bytes"], cache

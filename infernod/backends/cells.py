@@ -142,8 +142,8 @@ class KvPlacement:
         return [c for s in self.slots for c in s.checkpoints]
 
     def _fit(self) -> None:
-        """Keep the host cache and the slots' checkpoints within the budget: entries go
-        first (least recently used), then the slots' checkpoints (oldest taken first)."""
+        """Keep the host cache and the slots' checkpoints within the budget: idle entries
+        give way first (see HostCache.fit), then the slots' checkpoints (oldest taken first)."""
         while not self.host.fit(live := self.live_checkpoints()):
             oldest = min(live, key=lambda c: c.taken_ns)
             for s in self.slots:

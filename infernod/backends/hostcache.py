@@ -100,10 +100,14 @@ class HostCache:
         return True
 
     def fit(self, extra: list[Checkpoint] | None = None) -> bool:
-        """Evict least recently used entries until they and ``extra`` checkpoints fit the
-        budget; False when ``extra`` alone does not."""
+        """Shrink until the entries and ``extra`` checkpoints fit the budget: the least
+        recently used entry loses its checkpoints (the earliest position first: the one that
+        saves the least), then goes; False when ``extra`` alone does not fit."""
         while self.entries and self.bytes(extra) > self.budget_bytes:
             oldest = min(self.entries, key=lambda e: e.used_ns)
+            if oldest.checkpoints:
+                oldest.checkpoints = oldest.checkpoints[1:]
+                continue
             self.entries = [e for e in self.entries if e is not oldest]
             self.counts["evicted"] += 1
         return self.bytes(extra) <= self.budget_bytes

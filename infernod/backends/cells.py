@@ -101,6 +101,7 @@ class KvPlacement:
         dst.checkpoints = [c for c in src_cps if c.pos <= best_n]
         dst.kv = tokens[:best_n]
         self.parks.drop_covered(tokens)
+        self._fit()  # a slot cut down above saved its whole sequence first
         return dst, best_n, shared
 
     def _serves(self, src: Slot | Park, tokens: list[int], n: int) -> tuple[int, Checkpoint | None]:
@@ -166,11 +167,11 @@ class KvPlacement:
         native.bindings().llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.kv = []
         slot.checkpoints = []
+        self._fit()  # now: the slot's checkpoints moved to its entry, not counted twice
 
     def _save(self, slot: Slot) -> None:
         if slot.kv and not any(p.kv == slot.kv for p in self.parks.occupied()):
             self.host.save(self._ctx, slot.seq_id, slot.kv, slot.checkpoints)
-            self._fit()
 
     def _restore(self, dst: Slot, entry: Entry, n: int, cp: Checkpoint | None,
                  consume: bool) -> bool:

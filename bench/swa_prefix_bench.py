@@ -97,7 +97,7 @@ def run_mode(swa_full: bool, reps: int) -> dict[str, Any]:
     rows: dict[str, list[float]] = {"cold": [], "same prompt": [], "other question": [],
                                     "third question": []}
     cached: dict[str, list[int]] = {k: [] for k in rows}
-    n_prompt = 0
+    n_prompt: dict[str, int] = {}
     try:
         for rep in range(reps):
             doc = document(rep)
@@ -111,7 +111,7 @@ def run_mode(swa_full: bool, reps: int) -> dict[str, Any]:
                 st = sink.wait(rid)
                 rows[kind].append(st["ttft_ms"])
                 cached[kind].append(st["prompt_cached_tokens"])
-                n_prompt = st["prompt_tokens"]
+                n_prompt[kind] = st["prompt_tokens"]
                 idle(eng)
                 print(f"swa_full={swa_full} rep {rep} {kind}: ttft {st['ttft_ms']:.0f} ms, "
                       f"cached {st['prompt_cached_tokens']} of {st['prompt_tokens']}",
@@ -134,7 +134,7 @@ def table(results: list[dict[str, Any]]) -> str:
         cold = r["ttft_ms"]["cold"]
         for kind, ms in r["ttft_ms"].items():
             out.append(f"| {str(r['swa_full']).lower()} | {kind} | {ms:.0f} | "
-                       f"{ms / cold:.3f} | {r['cached'][kind]} of {r['prompt_tokens']} |")
+                       f"{ms / cold:.3f} | {r['cached'][kind]} of {r['prompt_tokens'][kind]} |")
     out += ["", "| swa_full | context MiB (measured) | host cache MiB after | checkpoints held |",
             "| --- | ---: | ---: | ---: |"]
     for r in results:

@@ -147,11 +147,12 @@ class InfernoApp(App[None]):
             "loaded": f"{name} loaded in {body.get('load_s', '?')}s",
             "unloaded": f"{name} unloaded ({body.get('reason', '')})",
             "load_failed": f"loading {name} failed: {body.get('error', '')}",
+            "failed": str(body.get("reason") or f"{name} failed"),
             "imported": f"{name} imported", "removed": f"{name} removed",
         }.get(event, snap.notice)
         models = snap.models
         if isinstance(body.get("loaded"), list):
-            models = merge_loaded(models, body["loaded"])
+            models = merge_loaded(models, body["loaded"], body.get("failed") or ())
         self.update_snapshot(progress=progress, notice=notice, models=models)
         if event in ("imported", "removed", "ready") or (name and snap.model(name) is None
                                                          and event != "progress"):

@@ -51,6 +51,10 @@ class ModelRow:
     pinned: bool = False
     running: int | None = None
     has_chat_template: bool | None = None
+    runner_pid: int | None = None  # the process hosting a loaded GGUF model
+    runner_rss_bytes: int | None = None
+    runner_cpu_s: float | None = None
+    failed_reason: str | None = None  # state "failed": why its runner died
 
     @property
     def loaded(self) -> bool:
@@ -74,6 +78,10 @@ class ModelRow:
             running=_i(d.get("running")),
             has_chat_template=(None if d.get("has_chat_template") is None
                                else bool(d.get("has_chat_template"))),
+            runner_pid=_i(d.get("runner_pid")),
+            runner_rss_bytes=_i(d.get("runner_rss_bytes")),
+            runner_cpu_s=num(d.get("runner_cpu_s")),
+            failed_reason=_s(d.get("failed_reason")),
         )
 
 
@@ -81,22 +89,33 @@ def models_from_list(models: Iterable[Any]) -> tuple[ModelRow, ...]:
     return tuple(sorted((ModelRow.from_wire(_d(m)) for m in models), key=lambda r: r.name))
 
 
-def merge_loaded(rows: tuple[ModelRow, ...], loaded: Iterable[Any]) -> tuple[ModelRow, ...]:
-    """Apply the ``loaded`` list of a ``models`` event to a table from models.list."""
+def merge_loaded(rows: tuple[ModelRow, ...], loaded: Iterable[Any],
+                 failed: Iterable[Any] = ()) -> tuple[ModelRow, ...]:
+    """Apply the ``loaded`` (and ``failed``) lists of a ``models`` event to a table from
+    models.list."""
     live = {str(_d(x).get("name")): _d(x) for x in loaded}
+    dead = {str(_d(x).get("name")): _d(x) for x in failed}
     out = []
     for row in rows:
         w = live.get(row.name)
         if w is None:
-            out.append(ModelRow(**{**row.__dict__, "state": "available", "memory_bytes": None,
-                                   "keep_alive_left_s": None, "pinned": False,
-                                   "running": None}))
+            f = dead.get(row.name)
+            out.append(ModelRow(**{**row.__dict__,
+                                   "state": "failed" if f is not None else "available",
+                                   "memory_bytes": None, "keep_alive_left_s": None,
+                                   "pinned": False, "running": None, "runner_pid": None,
+                                   "runner_rss_bytes": None, "runner_cpu_s": None,
+                                   "failed_reason": _s(f.get("failed_reason")) if f else None}))
         else:
             out.append(ModelRow(**{**row.__dict__, "state": str(w.get("state") or "loaded"),
                                    "memory_bytes": _i(w.get("memory_bytes")),
                                    "keep_alive_left_s": num(w.get("keep_alive_left_s")),
                                    "pinned": bool(w.get("pinned")),
-                                   "running": _i(w.get("running"))}))
+                                   "running": _i(w.get("running")),
+                                   "runner_pid": _i(w.get("runner_pid")),
+                                   "runner_rss_bytes": _i(w.get("runner_rss_bytes")),
+                                   "runner_cpu_s": num(w.get("runner_cpu_s")),
+                                   "failed_reason": None}))
     return tuple(out)
 
 

@@ -113,6 +113,13 @@ def cmd_models(args: argparse.Namespace) -> int:
                       str(m.get("quantization") or "-"), _bytes(m.get("size_bytes")),
                       str(m.get("context_length") or "-"), m.get("state", ""))
     _console().print(table)
+    for m in models:
+        if m.get("state") == "failed":
+            from rich.markup import escape
+
+            refused = m.get("loads_refused_for_s") or 0
+            _console().print(f"{escape(m['name'])} failed: {escape(str(m.get('failed_reason')))}"
+                             + (f" (loads refused for {refused:.0f}s)" if refused else ""))
     if skipped:
         from rich.markup import escape
 

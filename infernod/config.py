@@ -119,6 +119,10 @@ class ModelsConfig:
                                    "checkpoints; 0 = keep cells in the KV cache, where they "
                                    "slow every other stream, and take no checkpoints", min=0, max=1_048_576,
                               restart=True)
+    runner_wrapper: list = opt([], "command put before every model runner process (its argv "
+                                   "prefix), e.g. [\"numactl\", \"--cpunodebind=0\"] or "
+                                   "[\"taskset\", \"-c\", \"0-7\"]; [] = none. Applies to "
+                                   "runners started after a reload", items=str)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ them and turns engine events into stream events on ``tokens.<request_id>``:
 
     queued* -> start -> token* -> done | error
 
-Engines call the sink from their decode threads; ``LoopSink`` hops every call onto the loop
-with ``call_soon_threadsafe``, so all state here is touched by one thread only.
+GGUF engines run in runner processes (infernod/runner); their proxies call this service's
+``on_*`` methods on the event loop, so all state here is touched by one thread only. A runner
+that dies ends its model's running requests with ``runner_crashed`` (never retried here: a
+job's item is retried by jobs_service) and the model's queued requests wait for a reload.
 """
 
 from __future__ import annotations
@@ -65,26 +67,6 @@ class Gen:
     hold: Hold | None = None  # the request's bytes, charged until it finishes (budget.py)
 
 
-class LoopSink:
-    """EngineSink for one model: forwards every callback onto the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, service: GenerationService) -> None:
-        self.loop = loop
-        self.service = service
-
-    def on_started(self, request_id: str, info: dict[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self.service.on_started, request_id, info)
-
-    def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
-        self.loop.call_soon_threadsafe(self.service.on_tokens, request_id, text, n_tokens)
-
-    def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self.service.on_finished, request_id, reason, stats)
-
-    def on_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
-        self.loop.call_soon_threadsafe(self.service.on_error, request_id, code, message, hint)
-
-
 class QueuePeer(Protocol):
     """Another service whose requests share the scheduler (ONNX embed/infer): this
     service's tick expires everyone's queued items, and its queue topic lists everyone's."""
@@ -110,6 +92,7 @@ class GenerationService:
         self.gens: dict[str, Gen] = {}
         self.accepting = True
         models.on_unloaded.append(self._model_unloaded)
+        models.on_failed.append(self._model_failed)
 
     # -- admission --------------------------------------------------------------------------
     def submit(self, gen: Gen) -> None:
@@ -325,6 +308,30 @@ class GenerationService:
             if gen.model == model and gen.state == "running":
                 self._release(gen)
                 self._fail(gen, "aborted", f"model {model} was unloaded", None)
+
+    def _model_failed(self, model: str, message: str, hint: str) -> None:
+        """``model``'s runner died: its running requests end with runner_crashed; its queued
+        ones stay queued while the model loads again (the crash-loop guard decides when)."""
+        for gen in list(self.gens.values()):
+            if gen.model == model and gen.state == "running":
+                self._release(gen)
+                self._fail(gen, "runner_crashed", message, hint)
+        if any(g.model == model and g.state == "queued" for g in self.gens.values()):
+            asyncio.get_running_loop().create_task(self._reload(model))
+
+    async def _reload(self, model: str) -> None:
+        try:
+            await self.models.load_for_request(model, None)
+        except InfernoError as e:
+            for gen in list(self.gens.values()):
+                if gen.model == model and gen.state == "queued":
+                    self.scheduler.cancel(gen.request_id)
+                    self._fail(gen, e.code, e.message, e.hint)
+            return
+        lm = self.models.loaded.get(model)
+        if lm is not None and lm.engine is not None:
+            self.scheduler.set_slots(model, lm.engine.n_slots)
+        self.dispatch(model)
 
     def tick(self, now: float) -> None:
         """Timeouts, stalls and deadline expiry; called a few times a second."""

@@ -364,6 +364,11 @@ class JobStore:
             (self._clock(),),
         )
 
+    def requeue_item(self, job_id: str, index: int) -> bool:
+        """A running item goes back to queued (its runner died): it runs again, and its next
+        start is a ``mark_running`` like the first. False if it is not running any more."""
+        return self._transition(job_id, index, ("running",), "state = 'queued'", ())
+
     def complete_item(self, job_id: str, index: int, text: str, stats: dict[str, Any]) -> bool:
         """Store an item's result with its stats. The first result wins: a duplicate run after
         recovery, or a result for a cancelled item, changes nothing and returns False."""

@@ -15,6 +15,9 @@ Only ``queue_share`` of a model's bounded queue is ever held by job items; the r
 waits in the backlog (it is in SQLite anyway) and is fed as items finish, so a batch of 500
 prompts neither bypasses the queue bound nor crowds out interactive requests.
 
+A runner crash (``runner_crashed``: the model's runner process died under the item) sends the
+item back to the queue, at most MAX_CRASH_RETRIES times per item; then it fails with that code.
+
 Restart and crash: :meth:`JobService.start` calls ``recover()`` (running items go back to
 queued: at-least-once; the first stored result wins, so each item has exactly one result).
 On drain nothing more is fed; queued items stay queued in SQLite (the checkpoint) and items
@@ -49,6 +52,7 @@ log = logging.getLogger("infernod.jobs")
 MAX_BACKLOG_ITEMS = 100_000  # job items waiting outside the scheduler, over all models
 WRITE_RETRY_S = 1.0  # a job store write refused by a full disk is tried again this often
 JOB_PAGE_ITEMS = 1000  # jobs.get items per reply unless the request says otherwise
+MAX_CRASH_RETRIES = 3  # runs of one item a runner crash may end before it fails for good
 _SUCCESS = ("length", "stop", "eos")
 _CHECKPOINTED = ("aborted", "shutting_down")  # while stopping: left for recover()
 _PARAM_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
@@ -92,6 +96,8 @@ class JobService:
         self.ready = asyncio.Event()
         self.backlog: dict[str, deque[_Pending]] = {}
         self.active: dict[str, Gen] = {}  # request id -> job items handed to generation
+        self._launched: dict[str, _Pending] = {}  # request id -> what it was launched from
+        self._crash_retries: dict[str, int] = {}  # request id -> runs a runner crash ended
         self._started: set[str] = set()
         self._pending_writes: set[asyncio.Future] = set()
         # item writes refused by a full disk, retried in order (see _durable)
@@ -298,6 +304,7 @@ class JobService:
                   on_start=self._on_start, on_done=self._on_done)
         self.gen.submit(gen)
         self.active[rid] = gen
+        self._launched[rid] = p
 
     # -- item events (from GenerationService, on the loop) ----------------------------------
     def _on_start(self, gen: Gen) -> None:
@@ -318,7 +325,15 @@ class JobService:
         rid = gen.request_id
         self.active.pop(rid, None)
         self._started.discard(rid)
+        pending = self._launched.pop(rid, None)
         job_id, index = gen.job or ("", 0)
+        if reason == "runner_crashed" and pending is not None and not self.stopping:
+            retries = self._crash_retries.get(rid, 0) + 1
+            if retries <= MAX_CRASH_RETRIES:
+                self._crash_retries[rid] = retries
+                self._requeue(pending, retries)
+                return
+        self._crash_retries.pop(rid, None)
         if reason in _SUCCESS:
             self._write(job_id, index, "done", self.store.complete_item, job_id, index,
                         "".join(gen.text or []), final)
@@ -328,6 +343,28 @@ class JobService:
             message = gen.abort[1] if gen.abort else reason
             self._write(job_id, index, "failed", self.store.fail_item, job_id, index, reason,
                         message)
+        self.feed()
+
+    def _requeue(self, p: _Pending, retries: int) -> None:
+        """The item's runner died under it: back to queued in the store, then to the front of
+        its model's backlog (the store thread runs the write before the next mark_running)."""
+        log.warning("job item %s: its runner crashed; running it again (retry %d of %d)",
+                    p.request_id, retries, MAX_CRASH_RETRIES)
+        store = self.store
+
+        def requeue_and_summarise() -> tuple[bool, Job]:  # store thread
+            return store.requeue_item(p.job_id, p.index), store.summary(p.job_id)
+
+        def requeued(result: tuple[bool, Job]) -> None:
+            changed, job = result
+            self.publisher.publish("jobs", "progress", {
+                "job_id": p.job_id, "index": p.index, "item_state": "queued",
+                "recorded": changed, "state": job.state, "counts": job.counts,
+                "retry": retries, "reason": "runner_crashed"})
+
+        self._durable(f"job {p.job_id} item {p.index}: requeue", requeue_and_summarise,
+                      requeued)
+        self.backlog.setdefault(p.model, deque()).appendleft(p)
         self.feed()
 
     def _write(self, job_id: str, index: int, item_state: str, fn: Callable[..., bool],

@@ -1,7 +1,10 @@
 """Loaded models: load, unload, keep-alive, memory budget and LRU eviction.
 
-Lives on the event loop. The slow parts (reading weights, creating the llama.cpp context,
-closing it) run in the default executor; the loop only awaits them.
+Lives on the event loop. A GGUF model runs in a runner process of its own (infernod/runner):
+a llama.cpp crash ends that runner, the model shows "failed" with the reason, and the next
+request loads it again, after a backoff, until it crashed CRASH_LIMIT times within
+CRASH_WINDOW_S (then loads are refused until the window passes or an operator loads it).
+ONNX engines load in the default executor, in-process; the loop only awaits them.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from infernod.backends.base import EngineSink
 from infernod.backends.cpu_features import CpuSupport
 from infernod.backends.parking import park_count
 from infernod.config import Config
 from infernod.gguf_meta import ModelInfo
 from infernod.onnx_service import OnnxEngine
 from infernod.protocol.errors import InfernoError
+from infernod.runner.supervisor import CRASH_HINT, RunnerEngine, RunnerSupervisor
 
 if TYPE_CHECKING:
     from infernod.backends.base import EngineSink, GenerationEngine
@@ -30,6 +35,44 @@ if TYPE_CHECKING:
     from infernod.systemd import Notifier
 
 log = logging.getLogger("infernod.models")
+
+CRASH_WINDOW_S = 300.0  # crashes older than this are forgotten
+CRASH_LIMIT = 3  # this many crashes within the window: loads are refused
+BACKOFF_MAX_S = 30.0  # wait before the n-th reload after a crash: 2**(n-1) s, at most this
+
+
+@dataclass
+class CrashRecord:
+    """Why a model's runner last died, and when it died recently (the crash-loop guard)."""
+
+    reason: str
+    signal: str
+    at: float  # monotonic, the newest crash
+    at_wall: float
+    times: list[float] = field(default_factory=list)  # monotonic, within CRASH_WINDOW_S
+    current: bool = True  # no successful load since: the model shows as "failed"
+
+    def prune(self, now: float) -> int:
+        self.times = [t for t in self.times if now - t < CRASH_WINDOW_S]
+        return len(self.times)
+
+    def backoff_s(self, now: float) -> float:
+        n = self.prune(now)
+        if not n:
+            return 0.0
+        return max(0.0, self.at + min(BACKOFF_MAX_S, 2.0 ** (n - 1)) - now)
+
+    def refused_for_s(self, now: float) -> float:
+        """Seconds loads stay refused (0: not refused)."""
+        if self.prune(now) < CRASH_LIMIT:
+            return 0.0
+        return max(0.0, self.times[-CRASH_LIMIT] + CRASH_WINDOW_S - now)
+
+    def to_wire(self, now: float) -> dict[str, Any]:
+        return {"state": "failed" if self.current else "available", "failed_reason": self.reason,
+                "failed_signal": self.signal or None, "failed_at": self.at_wall,
+                "crashes": self.prune(now),
+                "loads_refused_for_s": round(self.refused_for_s(now), 1)}
 
 
 @dataclass
@@ -65,6 +108,7 @@ class LoadedModel:
             "running": len(self.running),
             "idle_s": round(now - self.last_used, 1),
             "slots": None if self.engine is None else self.engine.n_slots,
+            "runner_pid": None,
             **self.engine_info(),
         }
 
@@ -84,14 +128,18 @@ class ModelManager:
     def __init__(self, cfg: Config, registry: Registry, *,
                  sink_factory: Callable[[str], EngineSink],
                  publish: Callable[[str, str, dict[str, Any]], object],
-                 notifier: Notifier) -> None:
+                 notifier: Notifier, runners: RunnerSupervisor) -> None:
         self.cfg = cfg
         self.registry = registry
-        self.sink_factory = sink_factory
+        self.sink_factory = sink_factory  # events of GGUF runners, delivered on the loop
         self.publish = publish
         self.notifier = notifier
+        self.runners = runners
         self.loaded: dict[str, LoadedModel] = {}
+        self.failures: dict[str, CrashRecord] = {}  # models whose runner died
         self.on_unloaded: list[Callable[[str], None]] = []
+        # (model, message, hint): its runner died; its running requests must end
+        self.on_failed: list[Callable[[str, str, str], None]] = []
         # Set by the daemon once llama.cpp was probed (backends.cpu_features): None until then.
         self.cpu_support: CpuSupport | None = None
 
@@ -128,7 +176,8 @@ class ModelManager:
     def models_event(self, event: str, name: str, **extra: Any) -> None:
         now = time.monotonic()
         body = {"event": event, "model": name,
-                "loaded": [lm.to_wire(now) for lm in self.loaded.values()], **extra}
+                "loaded": [lm.to_wire(now) for lm in self.loaded.values()],
+                "failed": self.failed_wire(), **extra}
         self.publish("models", "models", body)
 
     async def load_for_request(self, name: str, keep_alive_s: float | None) -> float:
@@ -143,7 +192,12 @@ class ModelManager:
             raise InfernoError("internal", f"loading {name} failed: {e}") from e
         return time.monotonic() - t0
 
-    async def ensure_loaded(self, name: str, keep_alive_s: float | None = None) -> LoadedModel:
+    async def ensure_loaded(self, name: str, keep_alive_s: float | None = None, *,
+                            operator: bool = False) -> LoadedModel:
+        """Load ``name`` unless it is loaded. ``operator``: an explicit ``models.load``,
+        which clears the crash-loop guard (the operator fixed the cause, or wants to see)."""
+        if operator:
+            self.failures.pop(name, None)
         lm = self.loaded.get(name)
         if lm is not None:
             if keep_alive_s is not None:
@@ -156,8 +210,29 @@ class ModelManager:
             return lm
         return await self._load(name, keep_alive_s)
 
+    def _check_crash_guard(self, name: str) -> float:
+        """Seconds to wait before loading ``name`` again after a crash; raises runner_crashed
+        while the crash-loop guard refuses it."""
+        rec = self.failures.get(name)
+        if rec is None:
+            return 0.0
+        now = time.monotonic()
+        refused = rec.refused_for_s(now)
+        if refused > 0:
+            raise InfernoError(
+                "runner_crashed",
+                f"{name} crashed {len(rec.times)} times in {CRASH_WINDOW_S:.0f}s (last: "
+                f"{rec.reason}); loads are refused for {refused:.0f}s more",
+                f"see the daemon log for the cause; once fixed, 'inferno load {name}' "
+                "(an operator) tries again at once")
+        if not rec.times:
+            self.failures.pop(name, None)
+            return 0.0
+        return rec.backoff_s(now)
+
     async def _load(self, name: str, keep_alive_s: float | None) -> LoadedModel:
         info = self.registry.get(name)
+        wait_s = self._check_crash_guard(name)
         need = self.estimate_bytes(info)
         for victim, reason in self._plan(name, need):
             log.info(reason)
@@ -170,37 +245,57 @@ class ModelManager:
                          memory_bytes=need, ready=ready)
         self.loaded[name] = lm
         self.models_event("loading", name, estimate_bytes=need)
-        self.notifier.extend_timeout(120)
-        self.notifier.status(f"loading {name}")
         t0 = time.monotonic()
+        engine: GenerationEngine | OnnxEngine
         try:
-            engine = await loop.run_in_executor(None, self._create_engine, name, info)
+            if wait_s > 0:  # the crash-loop backoff; requests for it wait on lm.ready
+                log.info("%s crashed recently: loading it again in %.1fs", name, wait_s)
+                await asyncio.sleep(wait_s)
+            self.notifier.extend_timeout(120)
+            self.notifier.status(f"loading {name}")
+            t0 = time.monotonic()
+            if info.kind == "onnx":
+                engine = await loop.run_in_executor(None, self._create_onnx_engine, info)
+            else:
+                engine = await self._start_runner(name, info)
         except BaseException as e:
             del self.loaded[name]
             ready.set_exception(e)
             ready.exception()  # mark retrieved
             self.models_event("load_failed", name, error=str(e))
-            if isinstance(e, InfernoError):
+            if isinstance(e, InfernoError) and e.code == "runner_crashed":
+                self._record_crash(name, e.message, str(e.extra.get("signal") or ""))
+            if isinstance(e, InfernoError | asyncio.CancelledError):
                 raise
             raise InfernoError("internal", f"loading {name} failed: {e}") from e
         lm.engine = engine
         lm.state = "loaded"
         lm.loaded_at = time.monotonic()
         lm.last_used = lm.loaded_at
-        try:
-            measured = engine.memory_bytes()
-            if measured is not None:
-                total = int(measured["total_bytes"])
-                self.registry.record_measured(name, total)
-                lm.memory_bytes = total + self._host_cache_bytes(info)
-        except Exception as e:  # measuring is best effort; the estimate stands
-            log.warning("could not measure memory of %s: %s", name, e)
+        rec = self.failures.get(name)
+        if rec is not None:
+            rec.current = False  # loaded again; the crash times still count for the guard
+        self._measure(lm, engine)
         ready.set_result(lm)
         load_s = time.monotonic() - t0
         self.models_event("loaded", name, load_s=round(load_s, 3), **lm.engine_info())
         self.notifier.status(self.status_line())
         log.info("loaded %s in %.2fs (%d MiB)", name, load_s, lm.memory_bytes // 2**20)
         return lm
+
+    def _measure(self, lm: LoadedModel, engine: GenerationEngine | OnnxEngine) -> None:
+        """The budget counts what a model really takes: a runner's resident set (weights,
+        context, its interpreter) plus its host cache's budget; the registry learns it."""
+        if not isinstance(engine, RunnerEngine):
+            return  # ONNX: the registry's file-size estimate stands
+        total = engine.rss_bytes() or int(engine.memory_bytes().get("total_bytes", 0))
+        if total <= 0:
+            return
+        try:
+            self.registry.record_measured(lm.name, total)
+        except Exception as e:  # measuring is best effort; the estimate stands
+            log.warning("could not record the memory of %s: %s", lm.name, e)
+        lm.memory_bytes = total + self._host_cache_bytes(lm.info)
 
     def check_generate(self, name: str) -> None:
         """Refuse generation on a model that cannot generate (ONNX); unknown names pass here
@@ -213,27 +308,54 @@ class ModelManager:
             raise InfernoError("not_supported", f"{name} is a {info.kind} model: it cannot "
                                "generate text", "use 'embed' or 'infer' for ONNX models")
 
-    def _create_engine(self, name: str, info: ModelInfo) -> GenerationEngine | OnnxEngine:
-        if info.kind == "onnx":
-            from infernod.onnx_service import create_engine
+    def _create_onnx_engine(self, info: ModelInfo) -> OnnxEngine:
+        from infernod.onnx_service import create_engine
 
-            return create_engine(self.cfg, info)  # memory: the registry's file-size estimate
+        return create_engine(self.cfg, info)  # memory: the registry's file-size estimate
+
+    async def _start_runner(self, name: str, info: ModelInfo) -> RunnerEngine:
+        """Start a runner process for a GGUF model and wait until it has loaded it."""
         if self.cpu_support is not None and not self.cpu_support.ok:
             raise InfernoError(self.cpu_support.code, f"cannot load {name}: "
                                f"{self.cpu_support.reason()}", self.cpu_support.hint())
-        from infernod.backends.gguf import GgufEngine
-
         m = self.cfg.models
         cores = os.cpu_count() or 1
-        engine = GgufEngine(
-            str(info.path), n_ctx=m.n_ctx, n_slots=m.slots,
-            n_threads=m.threads or cores, n_threads_batch=m.threads_batch or cores,
-            n_gpu_layers=m.n_gpu_layers, swa_full=m.swa_full, prefill_chunk=m.prefill_chunk,
-            park_slots=park_count(m.slots, m.park_slots), sink=self.sink_factory(name),
-            host_cache_bytes=m.host_cache_mib << 20,
-        )
-        engine.start()
-        return engine
+        kwargs = {"path": str(info.path), "n_ctx": m.n_ctx, "n_slots": m.slots,
+                  "n_threads": m.threads or cores, "n_threads_batch": m.threads_batch or cores,
+                  "n_gpu_layers": m.n_gpu_layers, "swa_full": m.swa_full,
+                  "prefill_chunk": m.prefill_chunk,
+                  "park_slots": park_count(m.slots, m.park_slots),
+                  "host_cache_bytes": m.host_cache_mib << 20}
+        return await self.runners.start(name, kwargs, wrapper=list(m.runner_wrapper),
+                                        sink=self.sink_factory(name),
+                                        on_exit=self._runner_exited)
+
+    def _record_crash(self, name: str, reason: str, sig: str) -> CrashRecord:
+        now = time.monotonic()
+        rec = self.failures.get(name)
+        if rec is None:
+            rec = self.failures[name] = CrashRecord(reason, sig, now, time.time())
+        rec.reason, rec.signal, rec.at, rec.at_wall, rec.current = (
+            reason, sig, now, time.time(), True)
+        rec.prune(now)
+        rec.times.append(now)
+        return rec
+
+    def _runner_exited(self, engine: RunnerEngine, reason: str, sig: str) -> None:
+        """A loaded model's runner died (not asked to): the model is gone, its requests end
+        with runner_crashed, the next request loads it again (see _check_crash_guard)."""
+        lm = self.loaded.get(engine.model)
+        if lm is None or lm.engine is not engine:
+            return
+        self.loaded.pop(engine.model, None)
+        lm.state = "failed"
+        lm.engine = None
+        rec = self._record_crash(engine.model, reason, sig)
+        self.models_event("failed", engine.model, reason=reason, signal=sig or None,
+                          crashes=len(rec.times))
+        self.notifier.status(self.status_line())
+        for cb in self.on_failed:
+            cb(engine.model, reason, CRASH_HINT)
 
     async def unload(self, name: str, reason: str = "unloaded by request") -> None:
         lm = self.loaded.get(name)
@@ -248,7 +370,9 @@ class ModelManager:
         for cb in self.on_unloaded:
             cb(name)
         engine, lm.engine = lm.engine, None
-        if engine is not None:
+        if isinstance(engine, RunnerEngine):
+            await engine.aclose()
+        elif engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, engine.close)
         self.loaded.pop(name, None)
         self.models_event("unloaded", name, reason=reason)
@@ -269,6 +393,12 @@ class ModelManager:
             except InfernoError:
                 pass
 
+    def failed_wire(self) -> list[dict[str, Any]]:
+        """Models whose runner died and that are not loaded again (status: models_failed)."""
+        now = time.monotonic()
+        return [{"name": n, **rec.to_wire(now)} for n, rec in self.failures.items()
+                if rec.current and n not in self.loaded]
+
     def status_line(self) -> str:
         names = [n for n, lm in self.loaded.items() if lm.state == "loaded"]
         return f"serving; models loaded: {', '.join(names) or 'none'}"
@@ -281,7 +411,13 @@ class ModelManager:
         for info in (self.registry.scan() if rescan else self.registry.models()):
             d = info.to_dict()
             lm = self.loaded.get(info.name)
-            d.update(lm.to_wire(now) if lm else {"state": "available"})
+            rec = self.failures.get(info.name)
+            if lm is not None:
+                d.update(lm.to_wire(now))
+            else:
+                d["state"] = "available"
+            if rec is not None and lm is None:
+                d.update(rec.to_wire(now))
             d["name"] = info.name
             out.append(d)
         return out

@@ -16,7 +16,7 @@ from typing import Any
 from infernod import __version__, jobs_service, queueing, uploads
 from infernod import config as config_mod
 from infernod.backends.cpu_features import CpuSupport, probe_build
-from infernod.generation import Gen, GenerationService, LoopSink
+from infernod.generation import Gen, GenerationService
 from infernod.gguf_meta import ModelInfo
 from infernod.jobs_service import JobService
 from infernod.models import ModelManager
@@ -25,6 +25,7 @@ from infernod.paths import JOBS_DB, private_dir
 from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
 from infernod.queueing import QueueService
+from infernod.runner.supervisor import RunnerSupervisor
 from infernod.scheduler import Scheduler
 from infernod.server import Daemon, Request
 from infernod.telemetry_service import TelemetryService
@@ -52,9 +53,12 @@ class InfernoDaemon(Daemon):
         (self.state_dir / "models").mkdir(parents=True, exist_ok=True)
         self.registry = Registry(dirs, self.state_dir,
                                  import_dirs=[_path(p) for p in self.cfg.models.import_dirs])
+        self.runners = RunnerSupervisor(self.runtime_dir, self.cfg.daemon.log_level)
+        self.runners.bind()
         self.models = ModelManager(self.cfg, self.registry,
-                                   sink_factory=lambda name: LoopSink(loop, self.gen),
-                                   publish=self.publisher.publish, notifier=self.notifier)
+                                   sink_factory=lambda name: self.gen,
+                                   publish=self.publisher.publish, notifier=self.notifier,
+                                   runners=self.runners)
         self.gen = GenerationService(self.cfg, self.models, self.scheduler, self.publisher)
         self.queue = QueueService(self.gen, self.scheduler, self.models, self.publisher)
         self.jobs = JobService(self.state_dir / JOBS_DB, self.gen, self.publisher,
@@ -78,6 +82,7 @@ class InfernoDaemon(Daemon):
         self.backend_info: dict[str, Any] = {}
         self.cpu_support: CpuSupport | None = None
         self._register()
+        self.spawn(self.runners.serve(), "runners")
         self.spawn(self._tick_loop(), "tick")
         self.spawn(self._startup_models(), "startup-models")
         self.spawn(self._start_jobs(), "jobs-start")
@@ -252,6 +257,7 @@ class InfernoDaemon(Daemon):
         await asyncio.sleep(0.05)  # let the abort events leave the socket
         await self.uploads.close()  # an unfinished upload cannot resume in another process
         await self.models.close()
+        await self.runners.close()
         await self.jobs.close()
         await self.telemetry.close()
 
@@ -296,6 +302,7 @@ class InfernoDaemon(Daemon):
             "endpoints": {"control": self.endpoints.control, "events": self.endpoints.events},
             "config_source": self.cfg.source, "state_dir": str(self.state_dir),
             "models_loaded": [lm.to_wire(now) for lm in self.models.loaded.values()],
+            "models_failed": self.models.failed_wire(),
             "queue": {"queued": self.gen.queued_count() + self.onnx.queued_count(),
                       "running": self.gen.running_count() + self.onnx.running_count(),
                       "level": self.scheduler.level()},
@@ -353,7 +360,8 @@ class InfernoDaemon(Daemon):
     async def h_models_load(self, req: Request) -> dict[str, Any]:
         t0 = time.monotonic()
         await self.lookup(req.body["model"], req)
-        lm = await self.models.ensure_loaded(req.body["model"], req.body.get("keep_alive"))
+        lm = await self.models.ensure_loaded(req.body["model"], req.body.get("keep_alive"),
+                                             operator=True)
         return {"model": lm.name, "state": lm.state, "load_s": round(time.monotonic() - t0, 3),
                 "memory_bytes": lm.memory_bytes, **lm.engine_info()}
 

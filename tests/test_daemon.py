@@ -44,9 +44,11 @@ def test_cpu_wait_sets_openmp_policy_before_llama_cpp_loads(daemon_factory):
     with d.client() as c:
         assert c.status()["omp_wait_policy"] == "PASSIVE"
         c.load("gemma3-270m")  # OpenMP is loaded now, and read the policy as it loaded
+        runner = psutil.Process(c.status()["models_loaded"][0]["runner_pid"])
     # OpenMP reads the policy once, as it loads: it was not loaded when the policy was set
-    # (or the daemon warns), and it is loaded now.
-    assert any("libgomp" in m.path for m in psutil.Process(d.pid).memory_maps())
+    # (or the daemon warns), and it is loaded now, in the model's runner, which inherited it.
+    assert any("libgomp" in m.path for m in runner.memory_maps())
+    assert runner.environ().get("OMP_WAIT_POLICY") == "PASSIVE"
     log = d.log()
     assert "CPU threads wait by PASSIVE (models.cpu_wait = sleep)" in log, log
     assert "OpenMP was loaded before" not in log, log

@@ -22,7 +22,7 @@ COLUMNS = (("name", "Name", 14), ("state", "State", 7), ("arch", "Arch", 7),
            ("params", "Par.", 4), ("quant", "Quant", 6), ("size", "Size", 5),
            ("ctx", "Ctx", 5), ("mem", "Mem", 5), ("ka", "Idle", 6))
 STATE_STYLE = {"loaded": "bold green", "loading": "yellow", "unloading": "yellow",
-               "available": "dim"}
+               "available": "dim", "failed": "bold red"}
 
 
 def model_cells(r: ModelRow) -> tuple[Any, ...]:
@@ -46,6 +46,13 @@ def detail_text(info: dict[str, Any] | None, row: ModelRow | None) -> Text:
         return Text("no model selected", "dim")
     t = Text()
     t.append(row.name, "bold")
+    if row.state == "failed":
+        t.append("\n   failed ", "bold red")
+        t.append(row.failed_reason or "its runner died")
+    if row.runner_pid is not None:  # live: from models.list and every models event
+        t.append("\n   runner ", "cyan")
+        t.append(f"pid {row.runner_pid}  rss {fmt.size(row.runner_rss_bytes)}  "
+                 f"cpu {fmt.text(row.runner_cpu_s)} s")
     if info is None:
         t.append("  (details loading...)", "dim")
         return t

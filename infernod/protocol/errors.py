@@ -42,6 +42,8 @@ CODES: dict[str, str] = {
             "retry_after_ms",
     "too_large": "the request is larger than the daemon accepts; send less in one request",
     "storage_full": "free space on the daemon's state directory filesystem, then retry",
+    "runner_crashed": "the model's runner process died (see the message for the signal); the "
+                      "next request loads it again, 'inferno models' shows the reason",
     "internal": "this is a bug in infernod; the daemon log has the details",
     "path_not_allowed": "send the file from your machine instead: 'inferno import FILE'",
     "unsafe_path": "symlinks, hard links and paths leaving the model's directory are refused",

@@ -53,7 +53,8 @@ class InfernoDaemon(Daemon):
         (self.state_dir / "models").mkdir(parents=True, exist_ok=True)
         self.registry = Registry(dirs, self.state_dir,
                                  import_dirs=[_path(p) for p in self.cfg.models.import_dirs])
-        self.runners = RunnerSupervisor(self.runtime_dir, self.cfg.daemon.log_level)
+        self.runners = RunnerSupervisor(self.runtime_dir, self.cfg.daemon.log_level,
+                                        gpu_bytes=self._runner_gpu_bytes)
         self.runners.bind()
         self.models = ModelManager(self.cfg, self.registry,
                                    sink_factory=lambda name: self.gen,
@@ -92,6 +93,16 @@ class InfernoDaemon(Daemon):
     async def _start_jobs(self) -> None:
         await self.scanned.wait()  # recovered items name models: the registry must know them
         await self.jobs.start()
+
+    def _runner_gpu_bytes(self, pid: int) -> int | None:
+        """GPU memory NVML attributes to process ``pid`` in the telemetry's latest sample
+        (None without NVML, or when no GPU lists the process)."""
+        sample = self.telemetry.latest() if hasattr(self, "telemetry") else None
+        gpu = (sample or {}).get("gpu") or {}
+        used = [p.get("used_memory_bytes") for g in gpu.get("gpus") or []
+                for p in g.get("processes") or [] if p.get("pid") == pid]
+        known = [u for u in used if isinstance(u, int)]
+        return sum(known) if known else None
 
     def _render_user_prompt(self, model: str, text: str) -> str:
         from infernod import templates

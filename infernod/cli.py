@@ -82,10 +82,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     loaded = st["models_loaded"]
     if loaded:
         for m in loaded:
+            runner = (f", runner pid {m['runner_pid']} (rss {_bytes(m.get('runner_rss_bytes'))}, "
+                      f"cpu {m.get('runner_cpu_s')} s)" if m.get("runner_pid") else "")
             con.print(f"  {m['name']}: {m['state']}, {_bytes(m['memory_bytes'])}, "
-                      f"{m['running']} running")
+                      f"{m['running']} running{runner}")
     else:
         con.print("no model loaded (try: inferno load gemma3-270m)")
+    for f in st.get("models_failed") or []:
+        from rich.markup import escape
+
+        con.print(f"  [bold red]{escape(str(f['name']))}: failed[/]: "
+                  f"{escape(str(f.get('failed_reason')))}")
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from infernod.runner import wire
 
@@ -126,7 +127,7 @@ class Runner:
             return f"the daemon (pid {self.daemon_pid}) is gone"
         try:
             while self.monitor.poll(0):
-                evt = zmq.utils.monitor.recv_monitor_message(self.monitor)
+                evt = recv_monitor_message(self.monitor)
                 if evt["event"] == zmq.EVENT_DISCONNECTED:
                     return "the daemon's socket went away"
         except zmq.ZMQError:

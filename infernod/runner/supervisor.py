@@ -250,6 +250,12 @@ class RunnerEngine:
             self.kill()
             await asyncio.wait_for(asyncio.shield(self.exited), 5)
 
+    def close(self) -> None:
+        """Blocking-free stop for callers that cannot await: SIGKILL (prefer aclose)."""
+        self.closing = True
+        self._inflight.clear()
+        self.kill()
+
     def kill(self) -> None:
         for pid in {self.pid, self.proc.pid if self.proc else None} - {None}:
             try:

@@ -238,7 +238,7 @@ class RunnerEngine:
         self._inflight.clear()
         if self.dead:
             return
-        if self.ready.done() and not self.ready.exception():
+        if self.ready.done() and not self.ready.cancelled() and not self.ready.exception():
             self._send("close")
         else:
             self.kill()
@@ -294,9 +294,16 @@ class RunnerSupervisor:
 
     async def serve(self) -> None:
         """Receive every runner's messages and hand them to its RunnerEngine."""
-        assert self.sock is not None
         while True:
-            frames = await self.sock.recv_multipart()
+            sock = self.sock
+            if sock is None:
+                return  # closed (the daemon is stopping)
+            try:
+                frames = await sock.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                if self.sock is None:  # closed under us by close(): a normal end
+                    return
+                raise
             if len(frames) != 2:
                 continue
             runner = self.runners.get(frames[0].decode(errors="replace"))
@@ -343,8 +350,8 @@ class RunnerSupervisor:
         for runner in list(self.runners.values()):
             await runner.aclose()
         if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
+            sock, self.sock = self.sock, None
+            sock.close(0)
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None

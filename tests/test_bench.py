@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +84,33 @@ def test_percentiles_match_numpy():
     for name, q in (("p50", 50), ("p95", 95), ("p99", 99)):
         assert got[name] == pytest.approx(float(np.percentile(data, q)), abs=1e-3)
     assert bench.percentiles([]) == {"p50": None, "p95": None, "p99": None}
+
+
+def test_compare_skips_absent_binaries_and_measures_gaps_and_process_trees(tmp_path):
+    """bench/compare.py: a side whose binary is missing is skipped with a reason; the stall
+    metric is the longest gap after the long prompt was sent; RSS sums a process tree."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import compare
+
+    skipped = compare.missing_binaries(tmp_path)
+    assert set(skipped) == {"llama-server", "llama-bench"}
+    assert all("--build-llama" in why for why in skipped.values())
+    for name in ("llama-server", "llama-bench"):
+        (tmp_path / name).write_text("")
+    assert compare.missing_binaries(tmp_path) == {}
+
+    assert compare.max_gap([0.0, 0.1, 1.6, 1.7, 1.75]) == pytest.approx(1.5)
+    assert compare.max_gap([0.0, 0.1, 1.6, 1.7, 1.75], since=1.65) == pytest.approx(0.1)
+    assert compare.max_gap([0.0]) == 0.0
+
+    me = compare.process_rss_bytes(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for _ in range(100):  # bounded: the child's interpreter needs a moment to map itself
+            if compare.tree_rss_bytes(os.getpid()) > me + (1 << 20):
+                break
+            time.sleep(0.05)
+        assert compare.tree_rss_bytes(os.getpid()) > me + (1 << 20)
+    finally:
+        child.kill()
+        child.wait(10)

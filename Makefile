@@ -80,7 +80,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check infernod inferno_tui tests bench
 
 # mypy over infernod/ and inferno_tui/ with the settings in pyproject.toml [tool.mypy]:
-# protocol/, the client modules and the scheduler are strict.
+# protocol/, the client modules, the scheduler, models, generation and runner/ are strict.
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 

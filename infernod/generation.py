@@ -60,7 +60,7 @@ class Gen:
     n_tokens: int = 0
     abort: tuple[str, str] | None = None
     resume_tokens: list[int] = field(default_factory=list)
-    on_done: Callable[[Gen, str, dict], None] | None = None
+    on_done: Callable[[Gen, str, dict[str, Any]], None] | None = None
     on_start: Callable[[Gen], None] | None = None  # each time an engine starts (or resumes) it
     text: list[str] | None = None  # when a list, every text delta is kept (job results)
     itl_gaps_ms: list[float] | None = None  # the engine's raw inter-token gaps (profiles)

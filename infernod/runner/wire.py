@@ -34,7 +34,8 @@ STARTED, TOKENS, FINISHED, ERROR = "s", "t", "f", "e"
 
 
 def pack(*parts: Any) -> bytes:
-    return msgpack.packb(list(parts), use_bin_type=True)
+    packed: bytes = msgpack.packb(list(parts), use_bin_type=True)
+    return packed
 
 
 def unpack(data: bytes) -> list[Any]:

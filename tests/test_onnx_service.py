@@ -87,7 +87,8 @@ async def test_backpressure_and_queued_deadline(engine: OnnxEngine) -> None:
     assert e.value.code == "overloaded" and e.value.extra.get("retry_after_ms")
     # The daemon's tick runs in the generation service, which shares the scheduler: it
     # expires the ONNX service's items too, and its queue topic lists them.
-    gen = GenerationService(None, SimpleNamespace(on_unloaded=[]), svc.scheduler, None)
+    gen = GenerationService(None, SimpleNamespace(on_unloaded=[], on_failed=[]), svc.scheduler,
+                            None)
     gen.peer = svc
     listed = {it["request_id"]: it for it in gen.queue_snapshot()["items"]}
     assert listed["s.1"]["kind"] == "embed" and listed["s.1"]["state"] == "queued", listed

@@ -118,6 +118,7 @@ class Runner:
         self.sink = BatchSink()
         self.engine: Any = None
         self._last_check = 0.0
+        self._last_info: dict[str, Any] | None = None  # the wire_info the daemon has
 
     # -- liveness of the daemon ---------------------------------------------------------------
     def daemon_gone(self) -> str | None:
@@ -187,7 +188,6 @@ class Runner:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.sink.wake_fd, zmq.POLLIN)
-        last_info: dict[str, Any] | None = None
         last_info_at = 0.0
         while True:
             ready = dict(poller.poll(int(CHECK_INTERVAL_S * 1000)))
@@ -200,10 +200,7 @@ class Runner:
             now = time.monotonic()
             if now - last_info_at >= INFO_INTERVAL_S:
                 last_info_at = now
-                info = self.engine.wire_info()
-                if info != last_info:
-                    last_info = info
-                    self.send("info", info)
+                self.push_info()
             if now - self._last_check >= CHECK_INTERVAL_S:
                 self._last_check = now
                 if (why := self.daemon_gone()) is not None:
@@ -213,7 +210,21 @@ class Runner:
     def flush(self) -> None:
         events = self.sink.take()
         if events:
+            if any(ev[0] != wire.TOKENS for ev in events):
+                # A request started or ended: the host cache may have saved or restored a
+                # sequence. The counters go first, so a client that reads models.show after
+                # its done event sees them (the periodic push alone lags up to a second).
+                self.push_info()
             self.send("events", events)
+
+    def push_info(self) -> None:
+        """Send the engine's wire_info (host-cache counters) if it changed since the last."""
+        if self.engine is None:
+            return
+        info = self.engine.wire_info()
+        if info != self._last_info:
+            self._last_info = info
+            self.send("info", info)
 
     def command(self, msg: list[Any]) -> bool:
         op = msg[0]

@@ -15,7 +15,8 @@ Runner -> daemon:
     ["events", [[kind, request_id, ...], ...]]  sink events of one decode step, in order:
         ["s", rid, info] started, ["t", rid, text, n] tokens,
         ["f", rid, reason, stats] finished, ["e", rid, code, message, hint] error
-    ["info", wire_info]              host-cache counters, at most once a second when changed
+    ["info", wire_info]              host-cache counters when changed: before an events batch
+                                     that starts or ends a request, else at most once a second
 
 A crash is not a message: the daemon sees the process end (pidfd) and reports the signal.
 """

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon_harness import DaemonProcess  # noqa: E402
 
-from infernod.bench import cpu_name  # noqa: E402
+from infernod.cli.bench import cpu_name  # noqa: E402
 from infernod.client import Client  # noqa: E402
 
 N_TOKENS = 64

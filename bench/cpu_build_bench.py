@@ -41,7 +41,7 @@ from compare import daemon_concurrent, model_path  # noqa: E402
 from daemon_harness import DaemonProcess  # noqa: E402
 
 from infernod.backends.cpu_features import probe_build  # noqa: E402
-from infernod.bench import cpu_name  # noqa: E402
+from infernod.cli.bench import cpu_name  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "inferno" / "bench"
 

@@ -34,7 +34,7 @@ from engine_bench import TimingSink, engine_batch  # noqa: E402
 
 from infernod.backends import llama_native as native  # noqa: E402
 from infernod.backends.gguf import GgufEngine  # noqa: E402
-from infernod.bench import cpu_name  # noqa: E402
+from infernod.cli.bench import cpu_name  # noqa: E402
 
 MODES = ("chain", "argmax")
 

@@ -10,8 +10,8 @@ import sys
 
 from infernod import __version__
 from infernod import config as config_mod
-from infernod.auth import SecurityError
-from infernod.server import LockError, setup_logging
+from infernod.daemon.auth import SecurityError
+from infernod.daemon.server import LockError, setup_logging
 
 # models.cpu_wait -> OMP_WAIT_POLICY. Measured on 2 cores (README, "CPU threads under load"):
 # spinning is fastest alone and slowest beside busy programs; sleeping the reverse.
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(cfg.daemon.log_level)
     set_cpu_wait(cfg.models.cpu_wait)
-    from infernod.service import InfernoDaemon  # loads llama.cpp, and OpenMP with it
+    from infernod.daemon.core import InfernoDaemon  # loads llama.cpp, and OpenMP with it
 
     daemon = InfernoDaemon(cfg)
     try:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infernod import bench, cli
+from infernod.cli import app as cli
+from infernod.cli import bench
 
 RUN_KEYS = {"clients", "aggregate_tokens_per_s", "per_client_tokens_per_s", "ttft_ms", "itl_ms",
             "e2e_ms", "requests", "tokens", "errors"}

@@ -106,7 +106,7 @@ def test_async_events_iterates_with_a_timeout(daemon):
 
 
 def test_inferno_watch_prints_events_through_the_public_iterator(daemon, capsys):
-    from infernod import cli
+    from infernod.cli import app as cli
 
     assert cli.main(["--endpoint", daemon.endpoint, "watch", "--json", "--topic", "queue",
                      "--duration", "1.5"]) == 0

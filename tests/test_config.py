@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from infernod import cli
 from infernod import config as cfgmod
+from infernod.cli import app as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -298,7 +298,7 @@ def test_notify_socket_ready_and_stopping(daemon_factory, tmp_path):
 # The real daemon, with one fault injected: its heartbeat raises once the trigger file exists.
 _CRASHING_HEARTBEAT = """
 import os, sys
-from infernod import server
+from infernod.daemon import server
 trigger, healthy = sys.argv.pop(1), server.Daemon.heartbeat_body
 def heartbeat_body(self):
     if os.path.exists(trigger):

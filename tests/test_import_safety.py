@@ -23,10 +23,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_graphs import OPSET, generic_graph, tiny_encoder
 from test_registry import write_gguf
 
-from infernod import cli
+from infernod.cli import app as cli
 from infernod.client import AsyncClient
+from infernod.daemon.registry import Registry
 from infernod.protocol.errors import InfernoError
-from infernod.registry import Registry
 
 SECRET = b"-----CURVE SECRET KEY----- " + bytes(range(37))  # 64 bytes
 
@@ -403,8 +403,8 @@ def test_partial_uploads_are_removed_at_start_and_stop(daemon_factory) -> None:
 async def test_uploads_are_private_ordered_and_bounded(tmp_path: Path) -> None:
     """The upload table without a daemon: another principal cannot see or feed an upload,
     chunks must come in order and fit, and one principal holds at most 2 uploads."""
-    from infernod import uploads as up_mod
-    from infernod.server import Request
+    from infernod.daemon import uploads as up_mod
+    from infernod.daemon.server import Request
 
     (tmp_path / "models").mkdir()
     reg = Registry([tmp_path / "models"], tmp_path / "state")

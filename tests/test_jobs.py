@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infernod.jobs import _SCHEMA_V1, SCHEMA_VERSION, JobStore
+from infernod.daemon.jobstore import _SCHEMA_V1, SCHEMA_VERSION, JobStore
 from infernod.protocol.errors import InfernoError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,7 +247,7 @@ _WRITER = r"""
 import sys
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
-from infernod.jobs import JobStore
+from infernod.daemon.jobstore import JobStore
 s = JobStore(Path(sys.argv[1]))
 job, _ = s.submit("alice", "gemma", ["p0", "p1"], {}, "normal", "key-1", 1.0)
 s.mark_running(job.id, 0)

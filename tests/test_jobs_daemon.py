@@ -158,7 +158,7 @@ def test_jobs_belong_to_the_submitting_principal(daemon_factory):
 
 def test_jobs_get_pages_its_items(daemon):
     """A big job's results come a page per reply; the CLI follows next_offset to the end."""
-    from infernod.cli_jobs import all_items
+    from infernod.cli.jobs import all_items
 
     with daemon.client(timeout=60) as c:
         job = c.jobs_submit(MODEL, [f"Word {i}:" for i in range(5)], max_tokens=1)

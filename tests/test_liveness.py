@@ -21,10 +21,11 @@ from daemon_harness import wait_for
 from rawsock import raw_socket
 from test_security import _free_port_pair
 
-from infernod import cli, client_core
-from infernod import client as client_mod
+from infernod.cli import app as cli
 from infernod.client import AsyncClient, ClientCore
-from infernod.client_stream import Event, Stream
+from infernod.client import core as client_core
+from infernod.client import drivers as client_mod
+from infernod.client.stream import Event, Stream
 from infernod.protocol import codec
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 

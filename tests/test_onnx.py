@@ -31,7 +31,7 @@ def _minilm_dir() -> Path:
     """The exported MiniLM, cached between runs; exported from scratch when missing/stale."""
     cache = Path(os.environ.get("INFERNO_TEST_CACHE", Path.home() / ".cache" / "inferno-test"))
     out = cache / "minilm-onnx"
-    from infernod import convert_onnx
+    from infernod.backends import convert_onnx
 
     ref = out / convert_onnx.REFERENCE_FILE
     if (out / "model.onnx").is_file() and ref.is_file():

@@ -19,7 +19,7 @@ import pytest
 from onnx_graphs import GENERIC_W, generic_graph, slow_graph
 from test_onnx import _minilm_dir
 
-from infernod import cli
+from infernod.cli import app as cli
 from infernod.client import AsyncClient, Event, encode_array
 from infernod.protocol.errors import InfernoError
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from onnx_graphs import tiny_encoder, tiny_expected
 
-from infernod.generation import GenerationService
-from infernod.models import LoadedModel
-from infernod.onnx_service import OnnxEngine, OnnxJob, OnnxService
+from infernod.daemon.generation import GenerationService
+from infernod.daemon.models import LoadedModel
+from infernod.daemon.onnx import OnnxEngine, OnnxJob, OnnxService
+from infernod.daemon.scheduler import Scheduler
 from infernod.protocol.errors import InfernoError
-from infernod.scheduler import Scheduler
 
 
 class _Models:

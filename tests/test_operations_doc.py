@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from infernod.daemon.registry import Registry
 from infernod.keys import keys_dir
 from infernod.paths import DEFAULT_DAEMON_USER, JOBS_DB
-from infernod.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "operations.md").read_text()

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from onnx_graphs import generic_graph, tiny_encoder
 
-from infernod import cli
-from infernod.gguf_meta import ModelInfo, read_gguf_info
-from infernod.memory import LoadedModel, estimate_memory, plan_load
+from infernod.backends.gguf_meta import ModelInfo, read_gguf_info
+from infernod.cli import app as cli
+from infernod.daemon.memory import LoadedModel, estimate_memory, plan_load
+from infernod.daemon.registry import DEFAULT_MODEL_PACKAGE, Registry
 from infernod.protocol.errors import InfernoError
-from infernod.registry import DEFAULT_MODEL_PACKAGE, Registry
 
 MiB = 1 << 20
 

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
+from infernod.daemon.scheduler import LevelChange, QueueItem, Scheduler
 from infernod.protocol.errors import InfernoError
-from infernod.scheduler import LevelChange, QueueItem, Scheduler
 
 M = "gemma"
 _ids = itertools.count()

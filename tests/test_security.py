@@ -24,10 +24,11 @@ import pytest
 import zmq
 from rawsock import answered, raw_socket
 
-from infernod import cli, keys
-from infernod.auth import RolePolicy, Security, parse_ipc_peer
+from infernod import keys
+from infernod.cli import app as cli
 from infernod.client import Client, CurveKeys
 from infernod.config import SecurityConfig
+from infernod.daemon.auth import RolePolicy, Security, parse_ipc_peer
 from infernod.protocol import codec
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 

@@ -145,7 +145,7 @@ def test_another_uid_cannot_put_text_into_my_generate(daemon_factory, monkeypatc
 def test_a_client_drops_token_events_of_requests_it_did_not_send():
     """Without a daemon: events of a request id the client never sent are not kept, those
     of a stream it is about to start are (they may come before the reply)."""
-    from infernod.client_core import ClientCore, Event
+    from infernod.client.core import ClientCore, Event
 
     c = ClientCore()
     foreign = f"{c.session}.1"

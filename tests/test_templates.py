@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from test_registry import write_gguf
 
-from infernod.gguf_meta import ModelInfo, read_gguf_info
+from infernod.backends.gguf_meta import ModelInfo, read_gguf_info
+from infernod.backends.templates import GEMMA_TEMPLATE, render_chat, template_name_for
 from infernod.protocol.errors import InfernoError
-from infernod.templates import GEMMA_TEMPLATE, render_chat, template_name_for
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

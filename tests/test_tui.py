@@ -38,8 +38,7 @@ def test_tui_imports_no_backend_code() -> None:
     mods = set(json.loads(out.stdout))
     assert "textual" in mods and "infernod.client" in mods
     for banned in ("llama_cpp", "onnxruntime", "pynvml", "infernod.backends",
-                   "infernod.registry", "infernod.gguf_meta", "infernod.memory",
-                   "infernod.service"):
+                   "infernod.daemon", "infernod.telemetry"):
         assert banned not in mods, banned
 
 

@@ -17,9 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STRICT_MODULES = {"infernod.protocol.*", "infernod.client", "infernod.client_base",
-                  "infernod.client_core", "infernod.client_stream", "infernod.client_config",
-                  "infernod.scheduler", "infernod.models", "infernod.generation",
+STRICT_MODULES = {"infernod.protocol.*", "infernod.client", "infernod.client.base",
+                  "infernod.client.core", "infernod.client.stream", "infernod.client.config",
+                  "infernod.daemon.scheduler", "infernod.daemon.models", "infernod.daemon.generation",
                   "infernod.backends.base", "infernod.runner.*"}
 # What mypy's --strict stands for, as per-module settings (see test_strict_is_spelled_out).
 STRICT_FLAGS = ("disallow_any_generics", "disallow_subclassing_any", "disallow_untyped_calls",

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-# metadata_props key written by infernod.convert_onnx: the max sequence length the model was
+# metadata_props key written by infernod.backends.convert_onnx: the max sequence length the model was
 # trained/evaluated with (sentence-transformers' max_seq_length), which beats any guess.
 MAX_LENGTH_KEY = "inferno.max_length"
 DEFAULT_MAX_LENGTH = 512  # BERT's position-embedding limit, when nothing better is known

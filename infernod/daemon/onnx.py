@@ -4,7 +4,7 @@
             -> OnnxEngine worker thread (owns the session) -> loop: reply future resolved
 
 Embed and infer are request/reply, not streams: the handler awaits the job's future. They
-queue in the same :class:`~infernod.scheduler.Scheduler` as generation, so priorities, aging,
+queue in the same :class:`~infernod.daemon.scheduler.Scheduler` as generation, so priorities, aging,
 deadlines and backpressure (``overloaded``, ``would_miss_deadline``) are the same. Each loaded
 ONNX model has one worker thread (:class:`OnnxEngine`) that owns its session, one run at a
 time; nothing here runs onnxruntime on the event loop. When several ``embed`` requests for a
@@ -29,16 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from infernod.daemon.scheduler import QueueItem
 from infernod.protocol.codec import MAX_BIN_LEN
 from infernod.protocol.errors import InfernoError
-from infernod.scheduler import QueueItem
 
 if TYPE_CHECKING:
+    from infernod.backends.gguf_meta import ModelInfo
     from infernod.config import Config
-    from infernod.gguf_meta import ModelInfo
-    from infernod.models import LoadedModel, ModelManager
-    from infernod.scheduler import Scheduler
-    from infernod.server import Request
+    from infernod.daemon.models import LoadedModel, ModelManager
+    from infernod.daemon.scheduler import Scheduler
+    from infernod.daemon.server import Request
 
 log = logging.getLogger("infernod.onnx")
 

@@ -3,7 +3,7 @@ connection setup and security, and every request method written once (``_Request
 client supplies ``_call``, blocking or as a coroutine).
 
 The protocol logic itself (frames, replies, heartbeats, which events to keep) is
-:class:`~infernod.client_core.ClientCore`'s. Scripts import from :mod:`infernod.client`.
+:class:`~infernod.client.core.ClientCore`'s. Scripts import from :mod:`infernod.client`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from infernod.client_core import ClientCore, Event, Notice
+from infernod.client.core import ClientCore, Event, Notice
 from infernod.paths import Endpoints, default_endpoints, untrusted_socket
 from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError

@@ -22,19 +22,19 @@ import psutil
 
 from infernod.backends.base import EngineSink
 from infernod.backends.cpu_features import CpuSupport
+from infernod.backends.gguf_meta import ModelInfo
 from infernod.backends.parking import park_count
 from infernod.config import Config
-from infernod.gguf_meta import ModelInfo
-from infernod.onnx_service import OnnxEngine
+from infernod.daemon.onnx import OnnxEngine
 from infernod.protocol.errors import InfernoError
 from infernod.runner.supervisor import CRASH_HINT, RunnerEngine, RunnerSupervisor
 
 if TYPE_CHECKING:
     from infernod.backends.base import EngineSink, GenerationEngine
-    from infernod.registry import Registry
-    from infernod.systemd import Notifier
+    from infernod.daemon.registry import Registry
+    from infernod.daemon.systemd import Notifier
 
-log = logging.getLogger("infernod.models")
+log = logging.getLogger("infernod.daemon.models")
 
 CRASH_WINDOW_S = 300.0  # crashes older than this are forgotten
 CRASH_LIMIT = 3  # this many crashes within the window: loads are refused
@@ -161,8 +161,8 @@ class ModelManager:
         return 0 if info.kind == "onnx" else self.cfg.models.host_cache_mib << 20
 
     def _plan(self, name: str, need: int) -> list[tuple[str, str]]:
-        from infernod.memory import LoadedModel as LoadedModelRef
-        from infernod.memory import plan_load
+        from infernod.daemon.memory import LoadedModel as LoadedModelRef
+        from infernod.daemon.memory import plan_load
 
         now = time.monotonic()
         refs = [LoadedModelRef(name=lm.name, bytes=lm.memory_bytes, pinned=lm.pinned,
@@ -309,7 +309,7 @@ class ModelManager:
                                "generate text", "use 'embed' or 'infer' for ONNX models")
 
     def _create_onnx_engine(self, info: ModelInfo) -> OnnxEngine:
-        from infernod.onnx_service import create_engine
+        from infernod.daemon.onnx import create_engine
 
         return create_engine(self.cfg, info)  # memory: the registry's file-size estimate
 

@@ -13,22 +13,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infernod import __version__, jobs_service, queueing, uploads
+from infernod import __version__
 from infernod import config as config_mod
 from infernod.backends.cpu_features import CpuSupport, probe_build
-from infernod.generation import Gen, GenerationService
-from infernod.gguf_meta import ModelInfo
-from infernod.jobs_service import JobService
-from infernod.models import ModelManager
-from infernod.onnx_service import OnnxJob, OnnxService
+from infernod.backends.gguf_meta import ModelInfo
+from infernod.daemon import jobs as jobs_service
+from infernod.daemon import queue as queueing
+from infernod.daemon import uploads
+from infernod.daemon.generation import Gen, GenerationService
+from infernod.daemon.jobs import JobService
+from infernod.daemon.models import ModelManager
+from infernod.daemon.onnx import OnnxJob, OnnxService
+from infernod.daemon.queue import QueueService
+from infernod.daemon.scheduler import Scheduler
+from infernod.daemon.server import Daemon, Request
 from infernod.paths import JOBS_DB, private_dir
 from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
-from infernod.queueing import QueueService
 from infernod.runner.supervisor import RunnerSupervisor
-from infernod.scheduler import Scheduler
-from infernod.server import Daemon, Request
-from infernod.telemetry_service import TelemetryService
+from infernod.telemetry.service import TelemetryService
 
 log = logging.getLogger("infernod")
 
@@ -37,7 +40,7 @@ MONITOR_SCAN_AGE_S = 30.0  # a non-operator's models.list/show reuses a scan thi
 
 class InfernoDaemon(Daemon):
     async def start(self) -> None:
-        from infernod.registry import Registry
+        from infernod.daemon.registry import Registry
 
         await super().start()
         self.loop = loop = asyncio.get_running_loop()
@@ -105,7 +108,7 @@ class InfernoDaemon(Daemon):
         return sum(known) if known else None
 
     def _render_user_prompt(self, model: str, text: str) -> str:
-        from infernod import templates
+        from infernod.backends import templates
 
         return templates.render_chat(self.registry.get(model),
                                      [{"role": "user", "content": text}])[0]
@@ -358,7 +361,7 @@ class InfernoDaemon(Daemon):
                 "skipped": self.registry.skipped()}
 
     async def h_models_show(self, req: Request) -> dict[str, Any]:
-        from infernod import templates
+        from infernod.backends import templates
 
         info = await self.lookup(req.body["model"], req)
         out = info.to_dict(include_template=True)
@@ -411,7 +414,7 @@ class InfernoDaemon(Daemon):
         return {"model": name, "state": "removed"}
 
     async def h_generate(self, req: Request) -> dict[str, Any]:
-        from infernod import templates
+        from infernod.backends import templates
 
         b = req.body
         info = await self.lookup(b["model"], req)

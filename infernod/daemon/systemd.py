@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-log = logging.getLogger("infernod.systemd")
+log = logging.getLogger("infernod.daemon.systemd")
 
 
 class Notifier:

@@ -1,5 +1,5 @@
 """`inferno stats`, `inferno metrics` and `inferno bench`: telemetry from the command line.
-Registered into :mod:`infernod.cli`; the benchmark itself lives in :mod:`infernod.bench`."""
+Registered into :mod:`infernod.cli`; the benchmark itself lives in :mod:`infernod.cli.bench`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infernod.cli import (
+from infernod.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -128,7 +128,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 # -- bench ----------------------------------------------------------------------------------
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
-    from infernod import bench
+    from infernod.cli import bench
 
     try:
         clients = [int(x) for x in args.clients.split(",") if x.strip()]
@@ -187,7 +187,7 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add("stats", "latency percentiles computed in the daemon")
     sp.add_argument("--window", choices=WINDOWS, default="5m", help="window shown (default 5m)")
     add("metrics", "the latest system and GPU sample")
-    from infernod.bench import DEFAULT_CLIENTS, DEFAULT_MODEL
+    from infernod.cli.bench import DEFAULT_CLIENTS, DEFAULT_MODEL
 
     sp = add("bench", "measure latency and throughput with concurrent clients",
              json_flag=False)

@@ -25,7 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
-    from infernod.gguf_meta import ModelInfo
+    from infernod.backends.gguf_meta import ModelInfo
 
 GEMMA_TEMPLATE = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}

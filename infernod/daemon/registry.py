@@ -1,7 +1,7 @@
 """Model files: scan, names, import/remove, default model, learned memory corrections.
 
-The GGUF header reader and ``ModelInfo`` are in ``infernod.gguf_meta``; the memory estimate
-and load planner are in ``infernod.memory``.
+The GGUF header reader and ``ModelInfo`` are in ``infernod.backends.gguf_meta``; the memory estimate
+and load planner are in ``infernod.daemon.memory``.
 
 Blocking methods (``scan``, ``import_model``, ``remove``, ``ensure_default_model``) run in the
 daemon's default executor; ``get`` is a dict lookup. Every error is an ``InfernoError``.
@@ -19,7 +19,7 @@ to ``import_dirs`` (the host administrator's choice, none by default), walked wi
 copied from the checked descriptor; headers are validated before and after the copy, which
 is renamed into place only when it passed. ONNX external data is checked again at every scan
 and load (``backends.onnx.external_data_files``). Files a client sends itself arrive through
-``infernod.uploads``.
+``infernod.daemon.uploads``.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from infernod.backends.gguf_meta import ModelInfo, check_gguf_header, read_gguf_info
 from infernod.backends.onnx_header import parse_header
-from infernod.gguf_meta import ModelInfo, check_gguf_header, read_gguf_info
-from infernod.memory import MemoryEstimate, MiB, estimate_memory
+from infernod.daemon.memory import MemoryEstimate, MiB, estimate_memory
 from infernod.protocol.errors import CODES, InfernoError
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,12 @@ import zmq.asyncio
 
 from infernod import __version__
 from infernod import config as config_mod
-from infernod.auth import Security, SecurityError
-from infernod.budget import ByteLedger, Hold
 from infernod.config import Config
+from infernod.daemon.auth import Security, SecurityError
+from infernod.daemon.budget import ByteLedger, Hold
+from infernod.daemon.publisher import Publisher
+from infernod.daemon.ratelimit import RateLimiter
+from infernod.daemon.systemd import Notifier
 from infernod.keys import keys_dir
 from infernod.paths import Endpoints, runtime_dir, state_dir
 from infernod.protocol import codec
@@ -43,9 +46,6 @@ from infernod.protocol.messages import (
     validate_body,
     validate_header,
 )
-from infernod.publisher import Publisher
-from infernod.ratelimit import RateLimiter
-from infernod.systemd import Notifier
 
 log = logging.getLogger("infernod")
 

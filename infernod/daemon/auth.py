@@ -36,7 +36,7 @@ from infernod.paths import Endpoints
 if TYPE_CHECKING:
     from infernod.config import SecurityConfig
 
-log = logging.getLogger("infernod.auth")
+log = logging.getLogger("infernod.daemon.auth")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 KEY_PROPERTY = "X-Key"  # ZAP metadata libzmq attaches to every message of a CURVE connection

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from infernod.client_core import Event, decode_event
+from infernod.client.core import Event, decode_event
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:

@@ -32,10 +32,10 @@ from infernod.telemetry.sampler import MAX_RATE_HZ, MIN_RATE_HZ, TelemetrySample
 from infernod.telemetry.stats import LatencyStats
 
 if TYPE_CHECKING:
-    from infernod.generation import Gen
-    from infernod.onnx_service import OnnxJob
-    from infernod.publisher import Publisher
-    from infernod.server import Request
+    from infernod.daemon.generation import Gen
+    from infernod.daemon.onnx import OnnxJob
+    from infernod.daemon.publisher import Publisher
+    from infernod.daemon.server import Request
     from infernod.telemetry.prometheus import PrometheusExporter
 
 log = logging.getLogger("infernod.telemetry")

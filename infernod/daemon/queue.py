@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
-    from infernod.generation import GenerationService
-    from infernod.models import ModelManager
-    from infernod.onnx_service import OnnxService
-    from infernod.publisher import Publisher
-    from infernod.scheduler import Scheduler
-    from infernod.server import Request
-    from infernod.service import InfernoDaemon
+    from infernod.daemon.core import InfernoDaemon
+    from infernod.daemon.generation import GenerationService
+    from infernod.daemon.models import ModelManager
+    from infernod.daemon.onnx import OnnxService
+    from infernod.daemon.publisher import Publisher
+    from infernod.daemon.scheduler import Scheduler
+    from infernod.daemon.server import Request
 
 log = logging.getLogger("infernod.queue")
 

@@ -10,53 +10,24 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infernod.client import Client, Notice
+from infernod.cli.common import (  # noqa: F401 (re-exported for tests)
+    COMMANDS,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    _bytes,
+    _client,
+    _console,
+    _err,
+    _print_json,
+    command,
+)
+from infernod.client import Notice
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def command(name: str) -> Callable:
-    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable:
-        COMMANDS[name] = fn
-        return fn
-    return deco
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False)
-
-
-def _err(msg: str) -> None:
-    print(f"inferno: {msg}", file=sys.stderr)
-
-
-def _client(args: argparse.Namespace, **kw: Any) -> Client:
-    from infernod.client_config import resolve  # flags, $INFERNO_ENDPOINT, client.toml
-
-    endpoint, curve = resolve(args.endpoint, getattr(args, "server_key", None),
-                              getattr(args, "client_key", None))
-    return Client(endpoint, timeout=args.timeout, name="inferno-cli", curve=curve, **kw)
-
-
-def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-def _bytes(n: Any) -> str:
-    """Sizes for people: GiB from 1 GiB up, MiB below; '-' when unknown."""
-    if not isinstance(n, (int, float)) or isinstance(n, bool):
-        return "-"
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -99,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 @command("models")
 def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "convert-onnx":  # local: exports a model, talks to no daemon
-        from infernod.cli_onnx import convert_onnx
+        from infernod.cli.onnx import convert_onnx
 
         return convert_onnx(args.rest)
     with _client(args) as c:
@@ -138,7 +109,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 @command("embed")
 def cmd_embed(args: argparse.Namespace) -> int:
-    from infernod.cli_onnx import embed
+    from infernod.cli.onnx import embed
 
     return embed(args, _client(args))
 
@@ -397,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("models", "list models; 'models convert-onnx [OUT_DIR]' exports all-MiniLM-L6-v2")
     sp.add_argument("action", nargs="?", choices=("list", "convert-onnx"), default="list")
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="convert-onnx: [OUT_DIR] [--force]")
-    from infernod.cli_onnx import add_embed_parser
+    from infernod.cli.onnx import add_embed_parser
 
     add_embed_parser(add)
     add("show", "show one model's details").add_argument("model")
@@ -444,21 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("value", nargs="?")
     sp.add_argument("--config", help="config file to read/write")
     sp.add_argument("--local", action="store_true", help="read the file, not the daemon")
-    from infernod import cli_jobs  # jobs, queue, reprioritize
+    from infernod.cli import jobs as cli_jobs  # jobs, queue, reprioritize
 
     cli_jobs.add_parsers(add)
-    from infernod import cli_keys  # keys init/add/list/revoke
+    from infernod.cli import keys as cli_keys  # keys init/add/list/revoke
 
     cli_keys.add_parser(sub)
     COMMANDS["keys"] = cli_keys.cmd_keys
-    from infernod import cli_doctor  # doctor
+    from infernod.cli import doctor as cli_doctor  # doctor
 
     cli_doctor.add_parser(add)
     COMMANDS["doctor"] = lambda a: cli_doctor.cmd_doctor(a, _client)
-    from infernod import cli_telemetry  # stats, metrics, bench
+    from infernod.cli import telemetry as cli_telemetry  # stats, metrics, bench
 
     cli_telemetry.add_parsers(add)
-    COMMANDS.update(sys.modules["infernod.cli"].COMMANDS)  # also when run as __main__
     return p
 
 
@@ -486,6 +456,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """JobService: persistent jobs (``jobs.*`` requests) wired to the scheduler and the engines.
 
-The :class:`~infernod.jobs.JobStore` lives in ONE dedicated thread, a single-worker
+The :class:`~infernod.daemon.jobstore.JobStore` lives in ONE dedicated thread, a single-worker
 ``ThreadPoolExecutor`` owned here: the store is created in it and every call runs in it, in
 submission order, so an item's ``mark_running`` always lands before its ``complete_item``.
 The event loop only awaits (or chains callbacks on) the futures.
@@ -36,18 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infernod.generation import Gen
-from infernod.jobs import Job, JobStore
+from infernod.daemon.generation import Gen
+from infernod.daemon.jobstore import Job, JobStore
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
     from infernod.config import Config
-    from infernod.generation import GenerationService
-    from infernod.publisher import Publisher
-    from infernod.server import Request
-    from infernod.service import InfernoDaemon
+    from infernod.daemon.core import InfernoDaemon
+    from infernod.daemon.generation import GenerationService
+    from infernod.daemon.publisher import Publisher
+    from infernod.daemon.server import Request
 
-log = logging.getLogger("infernod.jobs")
+log = logging.getLogger("infernod.daemon.jobstore")
 
 MAX_BACKLOG_ITEMS = 100_000  # job items waiting outside the scheduler, over all models
 WRITE_RETRY_S = 1.0  # a job store write refused by a full disk is tried again this often

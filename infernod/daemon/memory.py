@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
-    from infernod.gguf_meta import ModelInfo
+    from infernod.backends.gguf_meta import ModelInfo
 
 MiB = 1 << 20
 _KV_PAD = 256  # llama.cpp pads KV cache sizes to 256 cells

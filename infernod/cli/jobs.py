@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infernod.cli import EXIT_OK, EXIT_USAGE, _client, _err, _print_json, command
+from infernod.cli.common import EXIT_OK, EXIT_USAGE, _client, _err, _print_json, command
 
 PRIORITIES = ("vip", "high", "normal", "low")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")

@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from infernod.daemon.registry import Registry, _name_from_path, check_name, validate_model_file
 from infernod.protocol.errors import InfernoError
-from infernod.registry import Registry, _name_from_path, check_name, validate_model_file
 
 if TYPE_CHECKING:
-    from infernod.server import Request
-    from infernod.service import InfernoDaemon
+    from infernod.daemon.core import InfernoDaemon
+    from infernod.daemon.server import Request
 
 log = logging.getLogger(__name__)
 

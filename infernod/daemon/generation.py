@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from infernod.backends.base import GenerationRequest, SamplingParams
-from infernod.budget import Hold
+from infernod.daemon.budget import Hold
+from infernod.daemon.scheduler import QueueItem, Scheduler
 from infernod.protocol.errors import InfernoError
-from infernod.scheduler import QueueItem, Scheduler
 
 if TYPE_CHECKING:
     from infernod.config import Config
-    from infernod.models import ModelManager
-    from infernod.publisher import Publisher
+    from infernod.daemon.models import ModelManager
+    from infernod.daemon.publisher import Publisher
 
-log = logging.getLogger("infernod.generation")
+log = logging.getLogger("infernod.daemon.generation")
 
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                   "frequency_penalty", "presence_penalty", "repeat_last_n", "seed")

@@ -62,7 +62,7 @@ def default_convert_dir() -> Path:
 
 def convert_onnx(argv: list[str]) -> int:
     """``inferno models convert-onnx [OUT_DIR] [--force] [--opset N]``."""
-    from infernod import convert_onnx as conv
+    from infernod.backends import convert_onnx as conv
 
     argv = list(argv)
     if not argv or argv[0].startswith("-"):

@@ -18,7 +18,7 @@ again once the daemon is back. Missed stream events (a gap in ``seq``) are fetch
 
 Subscribers pass ``topics=`` and iterate ``events()``: each :class:`Event`, and the
 library's own :class:`Notice` s among them (``events_lost``: a gap in a topic's seq;
-``daemon_restarted``). The protocol logic is :class:`~infernod.client_core.ClientCore`'s, which
+``daemon_restarted``). The protocol logic is :class:`~infernod.client.core.ClientCore`'s, which
 does no I/O; these two classes only move bytes and wait.
 
 Importing this module imports neither llama_cpp, onnxruntime, textual nor pynvml.
@@ -34,9 +34,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from infernod.client_base import CurveKeys, UploadSteps, _Base, _Requests
-from infernod.client_core import STOOD_STILL_S, ClientCore, Event, Notice, decode_event
-from infernod.client_stream import AsyncStream, Stream
+from infernod.client.base import CurveKeys, UploadSteps, _Base, _Requests
+from infernod.client.core import STOOD_STILL_S, ClientCore, Event, Notice, decode_event
+from infernod.client.stream import AsyncStream, Stream
 from infernod.paths import Endpoints
 from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError

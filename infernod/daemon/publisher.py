@@ -46,10 +46,10 @@ from typing import Any
 
 import zmq
 
+from infernod.daemon.ratelimit import KeyedBuckets
 from infernod.protocol.codec import MAGIC, PROTOCOL_VERSION, packb
-from infernod.ratelimit import KeyedBuckets
 
-log = logging.getLogger("infernod.publisher")
+log = logging.getLogger("infernod.daemon.publisher")
 
 STATE_TOPICS = ("heartbeat", "metrics", "models", "queue", "stats")
 PUBLIC_TOPICS = frozenset({*STATE_TOPICS, "profiles", "jobs"})  # aggregates, no text

@@ -6,7 +6,7 @@
 streams the client started or attached to and drops every other ``tokens.*`` event, and
 judges the daemon's liveness from heartbeats and replies. It owns no socket and never blocks:
 a driver feeds it what arrived and asks it what to do, so it is tested without a daemon.
-Ordering and gap filling inside one token stream are :mod:`infernod.client_stream`'s.
+Ordering and gap filling inside one token stream are :mod:`infernod.client.stream`'s.
 
 Scripts use :mod:`infernod.client`; this module is for drivers and tests.
 """

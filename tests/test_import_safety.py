@@ -404,14 +404,14 @@ async def test_uploads_are_private_ordered_and_bounded(tmp_path: Path) -> None:
     """The upload table without a daemon: another principal cannot see or feed an upload,
     chunks must come in order and fit, and one principal holds at most 2 uploads."""
     from infernod.daemon import uploads as up_mod
-    from infernod.daemon.server import Request
+    from infernod.daemon.server import Call
 
     (tmp_path / "models").mkdir()
     reg = Registry([tmp_path / "models"], tmp_path / "state")
     ups = up_mod.Uploads(reg, 65536, lambda *a: None, lambda name: None)
 
-    def req(principal: str, **body) -> Request:
-        return Request(b"id", {"id": "1", "type": "x", "session": "s"}, body, "operator",
+    def req(principal: str, **body) -> Call:
+        return Call(b"id", {"id": "1", "type": "x", "session": "s"}, body, "operator",
                        0.0, principal)
 
     data = write_gguf(tmp_path / "a.gguf", n_vocab=3000).read_bytes()

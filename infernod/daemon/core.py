@@ -26,7 +26,7 @@ from infernod.daemon.models import ModelManager
 from infernod.daemon.onnx import OnnxJob, OnnxService
 from infernod.daemon.queue import QueueService
 from infernod.daemon.scheduler import Scheduler
-from infernod.daemon.server import Daemon, Request
+from infernod.daemon.server import Call, Daemon
 from infernod.paths import JOBS_DB, private_dir
 from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
@@ -154,7 +154,7 @@ class InfernoDaemon(Daemon):
                        {"event": "progress", "model": "gemma3-270m", "done_bytes": done,
                         "total_bytes": total, "message": message})
 
-    async def lookup(self, name: str, req: Request | None = None) -> ModelInfo:
+    async def lookup(self, name: str, req: Call | None = None) -> ModelInfo:
         """The model's info. For an operator a file dropped into a model dir before the
         request arrived is found (a rescan); others see the newest scan (see ``scan_for``)."""
         await asyncio.wait_for(self.scanned.wait(), 60)
@@ -166,7 +166,7 @@ class InfernoDaemon(Daemon):
         await self.scan_for(req)
         return self.registry.get(name)
 
-    async def scan_for(self, req: Request | None) -> None:
+    async def scan_for(self, req: Call | None) -> None:
         """Rescan the model directories as fresh as ``req``'s role may ask for: an operator's
         request sees the directories as they were when it arrived; anyone else's (monitors
         listing models or naming unknown ones) reuses a scan up to MONITOR_SCAN_AGE_S old,
@@ -245,7 +245,7 @@ class InfernoDaemon(Daemon):
                                    aging_interval_s=s.aging_interval_s,
                                    max_queued_per_owner=s.max_queued_per_principal)
 
-    def on_request(self, req: Request) -> None:
+    def on_request(self, req: Call) -> None:
         now = time.monotonic()
         self.last_seen[(req.principal, req.session)] = now
         self.publisher.touch(req.session, req.principal, now)
@@ -298,17 +298,17 @@ class InfernoDaemon(Daemon):
         r("cancel", "monitor")(self.h_cancel)
         r("stream.fetch", "monitor")(self.h_stream_fetch)
 
-    async def h_hello(self, req: Request) -> dict[str, Any]:
+    async def h_hello(self, req: Call) -> dict[str, Any]:
         return {"protocol": PROTOCOL_VERSION, "server": "infernod", "version": __version__,
                 "boot_id": self.boot_id, "role": req.role, "session": req.session,
                 "capabilities": sorted(self.handlers),
                 "heartbeat_interval_s": self.cfg.daemon.heartbeat_interval_s,
                 "max_message_bytes": self.cfg.daemon.max_message_bytes}
 
-    async def h_ping(self, req: Request) -> dict[str, Any]:
+    async def h_ping(self, req: Call) -> dict[str, Any]:
         return {"pong": True, "ts": time.time()}
 
-    async def h_status(self, req: Request) -> dict[str, Any]:
+    async def h_status(self, req: Call) -> dict[str, Any]:
         now = time.monotonic()
         return {
             "version": __version__, "boot_id": self.boot_id, "pid": os.getpid(),
@@ -345,7 +345,7 @@ class InfernoDaemon(Daemon):
                 "unwritten_job_writes": self.jobs.unwritten(),
                 "request_bytes": self.ledger.total}
 
-    async def h_config_get(self, req: Request) -> dict[str, Any]:
+    async def h_config_get(self, req: Call) -> dict[str, Any]:
         key = req.body.get("key")
         if key:
             try:
@@ -354,13 +354,13 @@ class InfernoDaemon(Daemon):
                 raise InfernoError("bad_request", str(e)) from e
         return {"config": self.cfg.to_dict(), "source": self.cfg.source}
 
-    async def h_models_list(self, req: Request) -> dict[str, Any]:
+    async def h_models_list(self, req: Call) -> dict[str, Any]:
         await asyncio.wait_for(self.scanned.wait(), 60)
         await self.scan_for(req)
         return {"models": self.models.list_models(rescan=False),
                 "skipped": self.registry.skipped()}
 
-    async def h_models_show(self, req: Request) -> dict[str, Any]:
+    async def h_models_show(self, req: Call) -> dict[str, Any]:
         from infernod.backends import templates
 
         info = await self.lookup(req.body["model"], req)
@@ -371,7 +371,7 @@ class InfernoDaemon(Daemon):
         out.update(lm.to_wire(time.monotonic()) if lm else {"state": "available"})
         return out
 
-    async def h_models_load(self, req: Request) -> dict[str, Any]:
+    async def h_models_load(self, req: Call) -> dict[str, Any]:
         t0 = time.monotonic()
         await self.lookup(req.body["model"], req)
         lm = await self.models.ensure_loaded(req.body["model"], req.body.get("keep_alive"),
@@ -379,17 +379,17 @@ class InfernoDaemon(Daemon):
         return {"model": lm.name, "state": lm.state, "load_s": round(time.monotonic() - t0, 3),
                 "memory_bytes": lm.memory_bytes, **lm.engine_info()}
 
-    async def h_embed(self, req: Request) -> dict[str, Any]:
+    async def h_embed(self, req: Call) -> dict[str, Any]:
         return await self.onnx.handle("embed", req, await self.lookup(req.body["model"], req))
 
-    async def h_infer(self, req: Request) -> dict[str, Any]:
+    async def h_infer(self, req: Call) -> dict[str, Any]:
         return await self.onnx.handle("infer", req, await self.lookup(req.body["model"], req))
 
-    async def h_models_unload(self, req: Request) -> dict[str, Any]:
+    async def h_models_unload(self, req: Call) -> dict[str, Any]:
         await self.models.unload(req.body["model"])
         return {"model": req.body["model"], "state": "unloaded"}
 
-    async def h_models_import(self, req: Request) -> dict[str, Any]:
+    async def h_models_import(self, req: Call) -> dict[str, Any]:
         from pathlib import Path
 
         b = req.body
@@ -406,14 +406,14 @@ class InfernoDaemon(Daemon):
         self.models.models_event("imported", info.name)
         return {"model": info.name, "path": str(info.path)}
 
-    async def h_models_remove(self, req: Request) -> dict[str, Any]:
+    async def h_models_remove(self, req: Call) -> dict[str, Any]:
         name = req.body["model"]
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.registry.remove, name, set(self.models.loaded))
         self.models.models_event("removed", name)
         return {"model": name, "state": "removed"}
 
-    async def h_generate(self, req: Request) -> dict[str, Any]:
+    async def h_generate(self, req: Call) -> dict[str, Any]:
         from infernod.backends import templates
 
         b = req.body
@@ -443,7 +443,7 @@ class InfernoDaemon(Daemon):
         return {"request_id": request_id, "topic": gen.topic, "model": info.name,
                 "chat_template": template}
 
-    async def h_cancel(self, req: Request) -> dict[str, Any]:
+    async def h_cancel(self, req: Call) -> dict[str, Any]:
         """A generation, or a waiting or running embed/infer (same ids, same rule)."""
         rid = req.body["request_id"]
         target: Gen | OnnxJob | None = self.gen.gens.get(rid) or self.onnx.jobs.get(rid)
@@ -459,7 +459,7 @@ class InfernoDaemon(Daemon):
             return {"request_id": rid, "state": self.gen.cancel(rid)}
         return {"request_id": rid, "state": self.onnx.cancel(rid)}
 
-    async def h_stream_fetch(self, req: Request) -> dict[str, Any]:
+    async def h_stream_fetch(self, req: Call) -> dict[str, Any]:
         """A stream's buffered events: its owner's (the principal that started it) or an
         operator's to read. Someone else's stream answers like a missing one, so request
         ids cannot be probed; the check comes before any work."""

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from infernod.daemon.core import InfernoDaemon
     from infernod.daemon.generation import GenerationService
     from infernod.daemon.publisher import Publisher
-    from infernod.daemon.server import Request
+    from infernod.daemon.server import Call
 
 log = logging.getLogger("infernod.daemon.jobstore")
 
@@ -432,7 +432,7 @@ class JobService:
 
 
 # -- request handlers -------------------------------------------------------------------------
-def _check_owner(req: Request, job: Job, what: str) -> None:
+def _check_owner(req: Call, job: Job, what: str) -> None:
     """A job is its owner's (the principal that submitted it); others need the operator
     role. The principal is the security layer's (uid:N from SO_PEERCRED, key:NAME from
     CURVE), never a body field, so it cannot be named by someone else."""
@@ -445,7 +445,7 @@ def register(daemon: InfernoDaemon) -> None:
     """Add the jobs.* request handlers to ``daemon`` (an InfernoDaemon)."""
     jobs: JobService = daemon.jobs
 
-    async def h_jobs_submit(req: Request) -> dict[str, Any]:
+    async def h_jobs_submit(req: Call) -> dict[str, Any]:
         b = req.body
         info = await daemon.lookup(b["model"], req)
         params = {k: b[k] for k in _PARAM_KEYS if b.get(k) is not None}
@@ -456,7 +456,7 @@ def register(daemon: InfernoDaemon) -> None:
                 "items": len(job.items), "model": job.model, "priority": job.priority,
                 "owner": job.owner}
 
-    async def h_jobs_get(req: Request) -> dict[str, Any]:
+    async def h_jobs_get(req: Call) -> dict[str, Any]:
         # A page of items per reply: a 10,000-item job's results would be tens of MB, built
         # and packed on the event loop in one piece.
         # The owner check first, on the job's summary: a stranger's request must not make
@@ -471,7 +471,7 @@ def register(daemon: InfernoDaemon) -> None:
                    next_offset=end if end < total else None)
         return out
 
-    async def h_jobs_list(req: Request) -> dict[str, Any]:
+    async def h_jobs_list(req: Call) -> dict[str, Any]:
         b = req.body
         owner = b.get("owner")
         if req.role != "operator":  # a monitor lists its own jobs only
@@ -484,7 +484,7 @@ def register(daemon: InfernoDaemon) -> None:
                                 limit=b.get("limit") or 100)
         return {"jobs": [j.to_wire() for j in found]}
 
-    async def h_jobs_cancel(req: Request) -> dict[str, Any]:
+    async def h_jobs_cancel(req: Call) -> dict[str, Any]:
         _check_owner(req, await jobs.summary(req.body["job_id"]), "cancel")
         job, n = await jobs.cancel(req.body["job_id"])
         return {"job_id": job.id, "state": job.state, "cancelled_items": n,

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from infernod.config import Config
     from infernod.daemon.models import LoadedModel, ModelManager
     from infernod.daemon.scheduler import Scheduler
-    from infernod.daemon.server import Request
+    from infernod.daemon.server import Call
 
 log = logging.getLogger("infernod.onnx")
 
@@ -245,7 +245,7 @@ class OnnxService:
         models.on_unloaded.append(self._model_unloaded)
 
     # -- requests ---------------------------------------------------------------------------
-    async def handle(self, op: str, req: Request, info: ModelInfo) -> dict[str, Any]:
+    async def handle(self, op: str, req: Call, info: ModelInfo) -> dict[str, Any]:
         """The body of the ``embed`` / ``infer`` handlers, for a model the registry knows."""
         b = req.body
         onnx = info.onnx

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from infernod.daemon.onnx import OnnxService
     from infernod.daemon.publisher import Publisher
     from infernod.daemon.scheduler import Scheduler
-    from infernod.daemon.server import Request
+    from infernod.daemon.server import Call
 
 log = logging.getLogger("infernod.queue")
 
@@ -163,14 +163,14 @@ def register(daemon: InfernoDaemon) -> None:
     """Add ``queue.list`` and ``reprioritize`` to ``daemon`` (an InfernoDaemon)."""
     queue: QueueService = daemon.queue
 
-    async def h_queue_list(req: Request) -> dict[str, Any]:
+    async def h_queue_list(req: Call) -> dict[str, Any]:
         now = time.monotonic()
         rows = queue.snapshot(now, req.body.get("model"))
         return {"items": rows, "running": sum(r["state"] == "running" for r in rows),
                 "waiting": sum(r["state"] == "queued" for r in rows),
                 "level": daemon.scheduler.level()}
 
-    async def h_reprioritize(req: Request) -> dict[str, Any]:
+    async def h_reprioritize(req: Call) -> dict[str, Any]:
         rid, priority = req.body["request_id"], req.body["priority"]
         state = queue.reprioritize(rid, priority, time.monotonic())
         return {"request_id": rid, "priority": priority, "state": state}

@@ -62,7 +62,10 @@ TRIM_IDLE_FRAMES = 1_000  # ... and after a smaller one once the socket has been
 
 
 @dataclass
-class Request:
+class Call:
+    """One incoming control message (header, body, the sender's role and principal) while
+    its handler runs. Not the work it starts: that has its own record and outlives it."""
+
     identity: bytes
     header: dict[str, Any]
     body: dict[str, Any]
@@ -82,7 +85,7 @@ class Request:
         return self.header["type"]
 
 
-Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+Handler = Callable[[Call], Awaitable[dict[str, Any]]]
 
 
 # sysexits.h EX_SOFTWARE: a background task died. Any non-zero status makes systemd's
@@ -258,7 +261,7 @@ class Daemon:
             task = loop.create_task(self._run(req, handler))
             task.add_done_callback(functools.partial(_finished, slots))
 
-    def _admit(self, frames: list[zmq.Frame], header: dict[str, Any]) -> tuple[Request, Handler]:
+    def _admit(self, frames: list[zmq.Frame], header: dict[str, Any]) -> tuple[Call, Handler]:
         """Everything that can refuse a request before its handler runs. Fills ``header``
         as soon as it parses, so an error reply can still name the request id."""
         identity = frames[0].bytes
@@ -302,7 +305,7 @@ class Daemon:
         except BaseException:
             hold.release()
             raise
-        return Request(identity, header, body, role, received, principal, hold), handler
+        return Call(identity, header, body, role, received, principal, hold), handler
 
     def _check_priority(self, role: str, priority: str) -> None:
         """``security.max_priority``: the highest class each role may ask for."""
@@ -314,7 +317,7 @@ class Daemon:
                                f"use priority {top!r} or lower, or ask an operator to raise "
                                f"security.max_priority for {role}")
 
-    async def _run(self, req: Request, handler: Handler) -> None:
+    async def _run(self, req: Call, handler: Handler) -> None:
         try:
             self.on_request(req)
             result = await handler(req)
@@ -333,7 +336,7 @@ class Daemon:
                 req.hold = None
         self.requests_served += 1
 
-    def on_request(self, req: Request) -> None:
+    def on_request(self, req: Call) -> None:
         """Hook for per-request bookkeeping (client liveness)."""
 
     def role_of(self, frame: zmq.Frame) -> str:

@@ -41,7 +41,7 @@ from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
     from infernod.daemon.core import InfernoDaemon
-    from infernod.daemon.server import Request
+    from infernod.daemon.server import Call
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Uploads:
         self.registry.release(up.name)
         await asyncio.get_running_loop().run_in_executor(None, _discard, up)
 
-    def _get(self, req: Request) -> Upload:
+    def _get(self, req: Call) -> Upload:
         up = self.active.get(req.body["upload_id"])
         if up is None or up.principal != req.principal:
             raise _unknown(req.body["upload_id"])
@@ -134,7 +134,7 @@ class Uploads:
 
     # -- handlers
 
-    async def begin(self, req: Request) -> dict[str, Any]:
+    async def begin(self, req: Call) -> dict[str, Any]:
         b = req.body
         label = str(b["filename"])
         if "/" in label or label in (".", ".."):
@@ -196,7 +196,7 @@ class Uploads:
         return {"upload_id": up.upload_id, "model": up.name, "offset": up.received,
                 "size": up.size, "chunk_bytes": self.chunk_bytes, "idle_timeout_s": IDLE_S}
 
-    async def chunk(self, req: Request) -> dict[str, Any]:
+    async def chunk(self, req: Call) -> dict[str, Any]:
         up = self._get(req)
         data: bytes = req.body["data"]
         offset = int(req.body["offset"])
@@ -229,7 +229,7 @@ class Uploads:
                     "total_bytes": up.size, "message": f"receiving {up.name}"})
             return {"upload_id": up.upload_id, "offset": up.received}
 
-    async def finish(self, req: Request) -> dict[str, Any]:
+    async def finish(self, req: Call) -> dict[str, Any]:
         up = self._get(req)
         async with up.lock:
             if up.upload_id not in self.active:
@@ -266,7 +266,7 @@ class Uploads:
         validate_model_file(up.path, up.kind, up.label)
         return self.registry.add_file(up.name, up.path, up.kind)
 
-    async def abort(self, req: Request) -> dict[str, Any]:
+    async def abort(self, req: Call) -> dict[str, Any]:
         up = self._get(req)
         async with up.lock:
             await self._drop(up)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from infernod.daemon.generation import Gen
     from infernod.daemon.onnx import OnnxJob
     from infernod.daemon.publisher import Publisher
-    from infernod.daemon.server import Request
+    from infernod.daemon.server import Call
     from infernod.telemetry.prometheus import PrometheusExporter
 
 log = logging.getLogger("infernod.telemetry")
@@ -169,13 +169,13 @@ class TelemetryService:
         route("profiles.recent", "monitor")(self.h_profiles_recent)
         route("metrics.get", "monitor")(self.h_metrics_get)
 
-    async def h_stats(self, req: Request) -> dict[str, Any]:
+    async def h_stats(self, req: Call) -> dict[str, Any]:
         return self.stats_summary()
 
-    async def h_profiles_recent(self, req: Request) -> dict[str, Any]:
+    async def h_profiles_recent(self, req: Call) -> dict[str, Any]:
         return self.recent(req.body.get("n") or DEFAULT_RECENT)
 
-    async def h_metrics_get(self, req: Request) -> dict[str, Any]:
+    async def h_metrics_get(self, req: Call) -> dict[str, Any]:
         return {"sample": self.latest(), "sample_hz": self.sampler.rate_hz if self.sampler
                 else None, "prometheus_port": self.exporter.port if self.exporter else 0}
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import statistics
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+from daemon_harness import wait_for
 from onnx_graphs import GENERIC_W, generic_graph, slow_graph
 from test_onnx import _minilm_dir
 
@@ -286,3 +289,120 @@ def test_cancel_reaches_queued_and_running_onnx_requests(onnx_daemon) -> None:
             a.core.parse_reply(await asyncio.wait_for(waiting, 60), mid2)  # other model, unharmed
 
     asyncio.run(scenario())
+
+
+# -- runner processes: every ONNX model runs in one of its own, like a GGUF model -------------
+
+
+def _onnx_runner_pid(c, model: str) -> int:
+    for lm in c.status()["models_loaded"]:
+        if lm["name"] == model and lm.get("runner_pid"):
+            return int(lm["runner_pid"])
+    raise AssertionError(f"{model} has no runner: {c.status()['models_loaded']}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _row(c, model: str) -> dict:
+    return next(m for m in c.models() if m["name"] == model)
+
+
+def test_onnx_model_runs_in_a_runner_process_that_dies_with_the_daemon(onnx_daemon) -> None:
+    with onnx_daemon.client(timeout=60) as c:
+        c.load("minilm")
+        pid = _onnx_runner_pid(c, "minilm")
+        assert pid != onnx_daemon.pid
+        proc = psutil.Process(pid)
+        assert proc.ppid() == onnx_daemon.pid  # a plain child: in the daemon's cgroup
+        assert "infernod.runner" in " ".join(proc.cmdline())
+        lm = next(m for m in c.status()["models_loaded"] if m["name"] == "minilm")
+        assert lm["runner_rss_bytes"] > 20 << 20 and lm["runner_cpu_s"] > 0, lm
+        assert lm["provider"] == "CPUExecutionProvider" and lm["backend"] == "onnx", lm
+        assert lm["memory_bytes"] >= lm["runner_rss_bytes"] // 2  # the budget counts it
+        assert _row(c, "minilm")["runner_pid"] == pid
+        vectors, _ = c.embed("minilm", ["hello world"])
+        assert vectors.shape == (1, 384)
+        # onnxruntime is loaded in the runner, never in the daemon
+        assert any("onnxruntime" in m.path for m in proc.memory_maps())
+        assert not any("onnxruntime" in m.path
+                       for m in psutil.Process(onnx_daemon.pid).memory_maps())
+    onnx_daemon.kill()
+    wait_for(lambda: _gone(pid), 5, f"ONNX runner {pid} to die with its daemon")
+
+
+def test_runner_killed_mid_embed_ends_that_embed_and_the_next_one_reloads(onnx_daemon) -> None:
+    long_texts = [f"text {i} about runners, supervisors and crashes " * 40 for i in range(48)]
+
+    async def scenario() -> None:
+        async with AsyncClient(onnx_daemon.endpoint, timeout=60) as a, \
+                AsyncClient(onnx_daemon.endpoint, timeout=60) as op:
+            await a.load("minilm")
+            await op.wait_welcome()
+            pid = next(int(m["runner_pid"]) for m in (await op.status())["models_loaded"]
+                       if m["name"] == "minilm")
+            mid, fut = await a.send("embed", {"model": "minilm", "texts": long_texts})
+            rid = f"{a.session}.{mid}"
+            for _ in range(500):
+                rows = {r["id"]: r for r in (await op.queue_list())["items"]}
+                if rows.get(rid, {}).get("state") == "running":
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError(f"the embed never ran: {rows}")
+            await asyncio.sleep(0.3)  # well inside its forward passes (seconds long)
+            assert not fut.done(), "the embed finished before the kill: make it longer"
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            with pytest.raises(InfernoError) as e:
+                a.core.parse_reply(await asyncio.wait_for(fut, 10), mid)
+            took = time.monotonic() - killed_at
+            assert e.value.code == "runner_crashed", e.value
+            assert "minilm" in e.value.message and "SIGKILL" in e.value.message, e.value
+            assert "loaded again" in (e.value.hint or "")
+            assert took < 3.0, f"the crash was reported {took:.2f}s after the kill"
+            assert (await op.ping())["pong"]
+            row = next(m for m in await op.models() if m["name"] == "minilm")
+            assert row["state"] == "failed" and "SIGKILL" in row["failed_reason"], row
+            assert row["crashes"] == 1
+            assert [f["name"] for f in (await op.status())["models_failed"]] == ["minilm"]
+            # the next embed loads it again (after the guard's 1 s backoff), in a new runner
+            vectors, _ = await asyncio.wait_for(a.embed("minilm", ["hello world"]), 60)
+            assert vectors.shape == (1, 384)
+            loaded = {m["name"]: m for m in (await op.status())["models_loaded"]}
+            assert loaded["minilm"]["runner_pid"] not in (None, pid)
+            assert (await op.status())["models_failed"] == []
+            for _ in range(50):
+                if _gone(pid):
+                    break
+                await asyncio.sleep(0.1)
+            assert _gone(pid), f"runner {pid} was not reaped"
+
+    asyncio.run(scenario())
+
+
+def test_onnx_load_that_crashes_the_runner_fails_cleanly(daemon_factory, models_dir: Path,
+                                                         onnx_models: Path,
+                                                         tmp_path: Path) -> None:
+    wrapper = tmp_path / "segv-wrapper.sh"
+    wrapper.write_text("#!/bin/sh\n# a runner that dies of SIGSEGV as it starts\nkill -SEGV $$\n")
+    wrapper.chmod(0o755)
+    d = daemon_factory({"models": {"dirs": [str(models_dir), str(onnx_models)],
+                                   "runner_wrapper": [str(wrapper)]}, **ONNX_CONFIG})
+    with d.client(timeout=30) as c:
+        with pytest.raises(InfernoError) as e:
+            c.load("generic")
+        assert e.value.code == "runner_crashed"
+        assert "SIGSEGV" in e.value.message and "while loading" in e.value.message
+        assert "generic" in e.value.message
+        assert c.ping()["pong"]
+        row = _row(c, "generic")
+        assert row["state"] == "failed" and "SIGSEGV" in row["failed_reason"], row
+        with pytest.raises(InfernoError) as e:  # a request reloads it, behind the guard
+            c.infer("generic", {"X": np.zeros((1, 3), np.float32),
+                                "Y": np.zeros((1, 3), np.float32)})
+        assert e.value.code == "runner_crashed" and "SIGSEGV" in e.value.message

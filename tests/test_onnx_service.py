@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from onnx_graphs import tiny_encoder, tiny_expected
 
+from infernod.backends.onnx_engine import OnnxEngine
 from infernod.daemon.generation import GenerationService
 from infernod.daemon.models import LoadedModel
-from infernod.daemon.onnx import OnnxEngine, OnnxJob, OnnxService
+from infernod.daemon.onnx import OnnxJob, OnnxService
 from infernod.daemon.scheduler import Scheduler
 from infernod.protocol.errors import InfernoError
 
@@ -26,6 +27,7 @@ class _Models:
         self.loaded = {"tiny": LoadedModel(name="tiny", info=None, engine=engine,
                                            state="loaded")}
         self.on_unloaded: list = []
+        self.on_failed: list = []
 
     async def ensure_loaded(self, name: str, keep_alive_s: float | None = None) -> LoadedModel:
         return self.loaded[name]

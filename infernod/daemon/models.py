@@ -1,10 +1,10 @@
 """Loaded models: load, unload, keep-alive, memory budget and LRU eviction.
 
-Lives on the event loop. A GGUF model runs in a runner process of its own (infernod/runner):
-a llama.cpp crash ends that runner, the model shows "failed" with the reason, and the next
-request loads it again, after a backoff, until it crashed CRASH_LIMIT times within
-CRASH_WINDOW_S (then loads are refused until the window passes or an operator loads it).
-ONNX engines load in the default executor, in-process; the loop only awaits them.
+Lives on the event loop. Every model runs in a runner process of its own (infernod/runner),
+started by the loader of its kind (``_loaders``: GGUF or ONNX): a llama.cpp or onnxruntime
+crash ends that runner, the model shows "failed" with the reason, and the next request loads
+it again, after a backoff, until it crashed CRASH_LIMIT times within CRASH_WINDOW_S (then
+loads are refused until the window passes or an operator loads it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,11 +23,11 @@ import psutil
 from infernod.backends.base import EngineSink
 from infernod.backends.cpu_features import CpuSupport
 from infernod.backends.gguf_meta import ModelInfo
+from infernod.backends.onnx_engine import OnnxRunEngine
 from infernod.backends.parking import park_count
 from infernod.config import Config
-from infernod.daemon.onnx import OnnxEngine
 from infernod.protocol.errors import InfernoError
-from infernod.runner.supervisor import CRASH_HINT, RunnerEngine, RunnerSupervisor
+from infernod.runner.supervisor import CRASH_HINT, OnnxRunnerEngine, RunnerEngine, RunnerSupervisor
 
 if TYPE_CHECKING:
     from infernod.backends.base import EngineSink, GenerationEngine
@@ -79,7 +79,7 @@ class CrashRecord:
 class LoadedModel:
     name: str
     info: ModelInfo
-    engine: GenerationEngine | OnnxEngine | None = None
+    engine: GenerationEngine | OnnxRunEngine | None = None
     state: str = "loading"  # loading | loaded | unloading
     loaded_at: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
@@ -119,7 +119,7 @@ class LoadedModel:
     @property
     def text_engine(self) -> GenerationEngine | None:
         """The engine, if it generates text (GGUF); None for ONNX or when not loaded."""
-        return None if isinstance(self.engine, OnnxEngine) else self.engine
+        return None if isinstance(self.engine, OnnxRunEngine) else self.engine
 
 
 class ModelManager:
@@ -142,6 +142,9 @@ class ModelManager:
         self.on_failed: list[Callable[[str, str, str], None]] = []
         # Set by the daemon once llama.cpp was probed (backends.cpu_features): None until then.
         self.cpu_support: CpuSupport | None = None
+        # how a model of each kind is started: a runner process either way
+        self._loaders: dict[str, Callable[[str, ModelInfo], Awaitable[RunnerEngine]]] = {
+            "gguf": self._start_runner, "onnx": self._start_onnx_runner}
 
     # -- budget -----------------------------------------------------------------------------
     def budget_bytes(self) -> int:
@@ -246,7 +249,7 @@ class ModelManager:
         self.loaded[name] = lm
         self.models_event("loading", name, estimate_bytes=need)
         t0 = time.monotonic()
-        engine: GenerationEngine | OnnxEngine
+        engine: RunnerEngine
         try:
             if wait_s > 0:  # the crash-loop backoff; requests for it wait on lm.ready
                 log.info("%s crashed recently: loading it again in %.1fs", name, wait_s)
@@ -254,10 +257,11 @@ class ModelManager:
             self.notifier.extend_timeout(120)
             self.notifier.status(f"loading {name}")
             t0 = time.monotonic()
-            if info.kind == "onnx":
-                engine = await loop.run_in_executor(None, self._create_onnx_engine, info)
-            else:
-                engine = await self._start_runner(name, info)
+            loader = self._loaders.get(info.kind)
+            if loader is None:
+                raise InfernoError("not_supported", f"{name} is a {info.kind} model, which "
+                                   "this daemon cannot load")
+            engine = await loader(name, info)
         except BaseException as e:
             del self.loaded[name]
             ready.set_exception(e)
@@ -283,11 +287,9 @@ class ModelManager:
         log.info("loaded %s in %.2fs (%d MiB)", name, load_s, lm.memory_bytes // 2**20)
         return lm
 
-    def _measure(self, lm: LoadedModel, engine: GenerationEngine | OnnxEngine) -> None:
+    def _measure(self, lm: LoadedModel, engine: RunnerEngine) -> None:
         """The budget counts what a model really takes: a runner's resident set (weights,
         context, its interpreter) plus its host cache's budget; the registry learns it."""
-        if not isinstance(engine, RunnerEngine):
-            return  # ONNX: the registry's file-size estimate stands
         total = engine.rss_bytes() or int(engine.memory_bytes().get("total_bytes", 0))
         if total <= 0:
             return
@@ -308,10 +310,17 @@ class ModelManager:
             raise InfernoError("not_supported", f"{name} is a {info.kind} model: it cannot "
                                "generate text", "use 'embed' or 'infer' for ONNX models")
 
-    def _create_onnx_engine(self, info: ModelInfo) -> OnnxEngine:
-        from infernod.daemon.onnx import create_engine
-
-        return create_engine(self.cfg, info)  # memory: the registry's file-size estimate
+    async def _start_onnx_runner(self, name: str, info: ModelInfo) -> RunnerEngine:
+        """Start a runner process for an ONNX model (an OnnxEngine: its session and the
+        worker thread that runs embed/infer) and wait until it has loaded it."""
+        o = self.cfg.onnx
+        kwargs = {"backend": "onnx", "path": str(info.path), "providers": list(o.providers),
+                  "intra_op_threads": o.intra_op_threads,
+                  "inter_op_threads": o.inter_op_threads,
+                  "graph_optimization": o.graph_optimization, "max_batch": o.max_batch}
+        return await self.runners.start(name, kwargs, wrapper=list(self.cfg.models.runner_wrapper),
+                                        sink=None, on_exit=self._runner_exited,
+                                        proxy=OnnxRunnerEngine)
 
     async def _start_runner(self, name: str, info: ModelInfo) -> RunnerEngine:
         """Start a runner process for a GGUF model and wait until it has loaded it."""
@@ -372,7 +381,7 @@ class ModelManager:
         engine, lm.engine = lm.engine, None
         if isinstance(engine, RunnerEngine):
             await engine.aclose()
-        elif engine is not None:
+        elif engine is not None:  # an engine in this process (tests)
             await asyncio.get_running_loop().run_in_executor(None, engine.close)
         self.loaded.pop(name, None)
         self.models_event("unloaded", name, reason=reason)

@@ -1,18 +1,21 @@
 """ONNX requests (``embed``, ``infer``) from admission to the reply, under the one scheduler.
 
     handler -> OnnxService.run(job) -> Scheduler.submit -> ensure_loaded -> dispatch
-            -> OnnxEngine worker thread (owns the session) -> loop: reply future resolved
+            -> the model's runner process (OnnxEngine's worker thread owns the session)
+            -> loop: reply future resolved
 
 Embed and infer are request/reply, not streams: the handler awaits the job's future. They
 queue in the same :class:`~infernod.daemon.scheduler.Scheduler` as generation, so priorities, aging,
 deadlines and backpressure (``overloaded``, ``would_miss_deadline``) are the same. Each loaded
-ONNX model has one worker thread (:class:`OnnxEngine`) that owns its session, one run at a
-time; nothing here runs onnxruntime on the event loop. When several ``embed`` requests for a
+ONNX model runs in a runner process of its own, like a GGUF model (``runner.supervisor.
+OnnxRunnerEngine`` is its proxy here), one run at a time; the daemon never runs onnxruntime.
+A runner that dies ends its run's requests with ``runner_crashed``; queued ones wait for the
+reload (ModelManager's crash-loop guard decides when). When several ``embed`` requests for a
 model wait, the next run takes them together (in the scheduler's pick order, up to
 ``onnx.max_batch`` texts), so a burst of small requests costs one forward pass per batch.
 
-Everything on this side runs on the event loop; the worker hands results back with
-``call_soon_threadsafe``. Final stats have generation's shape (``queue_wait_ms``,
+Everything here runs on the event loop; a run's result comes back through
+``call_soon_threadsafe`` (from the proxy on the loop, or a worker thread in tests). Final stats have generation's shape (``queue_wait_ms``,
 ``load_wait_ms``, ``total_ms``, ``finish_reason``, ...) and go to the same ``on_profile`` /
 ``on_run_start`` hooks, with the job standing in for a ``Gen``.
 """
@@ -21,16 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from infernod.backends.onnx_engine import OnnxRunEngine
 from infernod.daemon.scheduler import QueueItem
-from infernod.protocol.codec import MAX_BIN_LEN
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
@@ -42,157 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("infernod.onnx")
 
-# The codec refuses any single bin object over MAX_BIN_LEN: an array that large could be sent
-# but no client could read it, so it is refused with a clear error instead.
 EMBED_HINT = ("embed needs an ONNX embedding model (a directory with model.onnx and "
               "tokenizer.json); 'inferno models convert-onnx' exports all-MiniLM-L6-v2")
-
-
-# --------------------------------------------------------------------------------------------
-# the worker side (its own thread)
-
-
-class OnnxEngine:
-    """One loaded ONNX model and the thread that owns its session.
-
-    Built in the default executor (the constructor loads the weights); ``submit`` queues a
-    function of the model, which the worker thread runs, then calls ``on_done(result,
-    error)`` from that thread. An :class:`~infernod.backends.base.Engine`, like a GGUF
-    engine: ``n_slots``, ``free_slots()``, ``preempt()``, ``memory_bytes()``, ``close()``.
-    """
-
-    n_slots = 1
-
-    def __init__(self, path: str | Path, *, providers: list[str], intra_op_threads: int,
-                 inter_op_threads: int, graph_optimization: str, max_batch: int) -> None:
-        from infernod.backends.onnx import OnnxModel
-
-        self.model = OnnxModel(path, providers_pref=tuple(providers),
-                               intra_op_threads=intra_op_threads,
-                               inter_op_threads=inter_op_threads,
-                               graph_optimization_level=graph_optimization,
-                               batch_size=max_batch)
-        self.busy = False  # a run is in flight (set and cleared by the loop side only)
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards the three fields below (loop and worker)
-        self._runs = 0  # ids handed out by submit
-        self._started = 0  # the last run id the worker took (ids start in order)
-        self._current: tuple[int, Any] | None = None  # (run id, its RunOptions) while running
-        self._doomed: set[int] = set()  # terminated before their run started
-        self._thread = threading.Thread(target=self._main, name=f"onnx-{self.model.name}",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, fn: Callable[[Any], Any], on_done: Callable[[Any, BaseException | None],
-                                                                   None]) -> int:
-        """Queue a run; returns its id for :meth:`terminate`."""
-        with self._lock:
-            self._runs += 1
-            run_id = self._runs
-        self._work.put((run_id, fn, on_done))
-        return run_id
-
-    def terminate(self, run_id: int) -> None:
-        """Thread-safe: stop run ``run_id`` early (onnxruntime's ``RunOptions.terminate``,
-        checked between graph nodes); it then ends with a ``cancelled`` error. A run not
-        started yet ends as soon as it starts; a finished one is left alone."""
-        with self._lock:
-            if self._current is not None and self._current[0] == run_id:
-                self._current[1].terminate = True
-            elif run_id > self._started:
-                self._doomed.add(run_id)
-
-    def _main(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is None:
-                return
-            run_id, fn, on_done = item
-            try:
-                run_options = self.model.new_run_options()
-                with self._lock:
-                    self._current = (run_id, run_options)
-                    self._started = run_id
-                    if run_id in self._doomed:
-                        self._doomed.discard(run_id)
-                        run_options.terminate = True
-                with self.model.run_scope(run_options):
-                    result, error = fn(self.model), None
-            except BaseException as e:  # noqa: BLE001 - handed to the loop, which translates
-                result, error = None, e
-            with self._lock:
-                self._current = None
-            try:
-                on_done(result, error)
-            except Exception:  # the loop is gone (daemon stopping): nothing to tell
-                log.debug("onnx result dropped", exc_info=True)
-
-    def free_slots(self) -> int:
-        return 0 if self.busy else 1
-
-    def preempt(self, request_id: str) -> None:
-        """ONNX runs are short and not resumable: nothing to pause."""
-
-    def memory_bytes(self) -> dict[str, int] | None:
-        """Not measured: the registry's file-size estimate stands."""
-        return None
-
-    def wire_info(self) -> dict[str, Any]:
-        """What load replies, models.show and ``models`` events add for a loaded ONNX model."""
-        m = self.model
-        return {"backend": "onnx", "onnx_kind": m.kind, "provider": m.provider,
-                "providers": list(m.providers), "fallback_reason": m.fallback_reason}
-
-    def close(self) -> None:
-        """Stop the worker after its current run; blocking (call from the executor)."""
-        self._work.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
-
-
-def embed_batch(model: Any, requests: list[tuple[list[str], bool]]) -> dict[str, Any]:
-    """Worker side: embed every request's texts in one ``embed`` call, split per request.
-
-    Runs unnormalised and normalises per request, so requests with and without
-    ``normalize`` can share a batch; padding is masked, so sharing never changes a vector.
-    """
-    import numpy as np
-
-    from infernod.protocol.arrays import encode_array
-
-    texts = [t for texts, _ in requests for t in texts]
-    vectors, info = model.embed(texts, normalize=False)
-    dim = int(vectors.shape[1])
-    out, pos = [], 0
-    for req_texts, normalize in requests:
-        n = len(req_texts)
-        v = vectors[pos:pos + n]
-        if normalize and n:
-            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        v = np.ascontiguousarray(v, dtype=np.float32)
-        if v.nbytes > MAX_BIN_LEN:
-            raise InfernoError("bad_request", f"{n} vectors of {dim} floats are {v.nbytes} bytes;"
-                               f" one reply array may hold {MAX_BIN_LEN}",
-                               "send fewer texts per request")
-        out.append({"vectors": encode_array(v), "dim": dim,
-                    "truncated": info["truncated"][pos:pos + n],
-                    "tokens": info["tokens"][pos:pos + n]})
-        pos += n
-    return {"results": out, "tokenize_ms": info["tokenize_ms"], "run_ms": info["run_ms"],
-            "max_length": info["max_length"], "texts": len(texts)}
-
-
-def infer_one(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Worker side: validate (names, dtypes, shapes: bad_request) and run one infer."""
-    t0 = time.perf_counter()
-    outputs = model.infer(inputs)
-    for name, arr in outputs.items():
-        if len(arr["data"]) > MAX_BIN_LEN:
-            raise InfernoError("bad_request", f"output {name!r} is {len(arr['data'])} bytes; one "
-                               f"reply array may hold {MAX_BIN_LEN}", "send a smaller batch")
-    return {"outputs": outputs, "run_ms": (time.perf_counter() - t0) * 1000}
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +94,7 @@ class OnnxService:
         self.accepting = True
         self.batches = 0  # runs started (a batch of embeds counts once)
         models.on_unloaded.append(self._model_unloaded)
+        models.on_failed.append(self._model_failed)
 
     # -- requests ---------------------------------------------------------------------------
     async def handle(self, op: str, req: Call, info: ModelInfo) -> dict[str, Any]:
@@ -319,7 +171,7 @@ class OnnxService:
     def dispatch(self, model: str) -> None:
         """Start the next run of ``model`` if its worker is idle and something waits."""
         lm = self.models.loaded.get(model)
-        if lm is None or lm.state != "loaded" or not isinstance(lm.engine, OnnxEngine):
+        if lm is None or lm.state != "loaded" or not isinstance(lm.engine, OnnxRunEngine):
             return
         engine = lm.engine
         if engine.busy:
@@ -340,16 +192,15 @@ class OnnxService:
         self._queue_changed()
         loop = asyncio.get_running_loop()
 
-        def done(result: Any, error: BaseException | None) -> None:  # worker thread
-            loop.call_soon_threadsafe(self._finished, model, batch, now, result, error)
+        def done(result: Any, error: BaseException | None) -> None:  # loop or worker thread
+            loop.call_soon_threadsafe(self._finished, model, engine, batch, now, result, error)
 
         if batch[0].op == "embed":
-            requests = [(list(j.body.get("texts") or []), j.body.get("normalize", True) is not False)
-                        for j in batch]
-            run_id = engine.submit(lambda m: embed_batch(m, requests), done)
+            args = {"requests": [[list(j.body.get("texts") or []),
+                                  j.body.get("normalize", True) is not False] for j in batch]}
         else:
-            inputs = batch[0].body["inputs"]
-            run_id = engine.submit(lambda m: infer_one(m, inputs), done)
+            args = {"inputs": batch[0].body["inputs"]}
+        run_id = engine.run(batch[0].op, args, done)
         self.runs[model] = (run_id, batch)
 
     def _pick(self, model: str) -> list[OnnxJob]:
@@ -383,8 +234,8 @@ class OnnxService:
             batch.append(job)
             texts += job.n_texts
 
-    def _finished(self, model: str, batch: list[OnnxJob], started: float, result: Any,
-                  error: BaseException | None) -> None:
+    def _finished(self, model: str, engine: OnnxRunEngine, batch: list[OnnxJob],
+                  started: float, result: Any, error: BaseException | None) -> None:
         """On the loop: a run ended; answer its jobs and start the next run."""
         now = time.monotonic()
         if self.runs.get(model, (0, None))[1] is batch:
@@ -394,8 +245,7 @@ class OnnxService:
             for job in batch:
                 lm.running.discard(job.request_id)
             lm.last_used = now
-            if isinstance(lm.engine, OnnxEngine):
-                lm.engine.busy = False
+        engine.busy = False
         if error is None:
             self.scheduler.record_service(model, now - started)
         for i, job in enumerate(batch):
@@ -415,7 +265,7 @@ class OnnxService:
                lm: LoadedModel | None) -> dict[str, Any]:
         stats: dict[str, Any] = {"run_ms": round(result["run_ms"], 3)}
         engine = lm.engine if lm is not None else None
-        provider = engine.model.provider if isinstance(engine, OnnxEngine) else None
+        provider = engine.provider if isinstance(engine, OnnxRunEngine) else None
         if job.op == "embed":
             r = result["results"][i]
             stats.update(tokenize_ms=round(result["tokenize_ms"], 3),
@@ -487,7 +337,7 @@ class OnnxService:
             return
         if all(j.state == "done" for j in run[1]):
             lm = self.models.loaded.get(job.model)
-            if lm is not None and isinstance(lm.engine, OnnxEngine):
+            if lm is not None and isinstance(lm.engine, OnnxRunEngine):
                 lm.engine.terminate(run[0])
 
     # -- control ----------------------------------------------------------------------------
@@ -522,6 +372,24 @@ class OnnxService:
             if job.model == model and job.state == "running":
                 self._fail(job, "aborted", f"model {model} was unloaded", None)
 
+    def _model_failed(self, model: str, message: str, hint: str) -> None:
+        """``model``'s runner died. Its run's requests end with ``runner_crashed`` through
+        the run's own error (the proxy fails it); queued ones wait for the model to load
+        again, behind the crash-loop guard."""
+        if any(j.model == model and j.state == "queued" for j in self.jobs.values()):
+            asyncio.get_running_loop().create_task(self._reload(model))
+
+    async def _reload(self, model: str) -> None:
+        try:
+            await self.models.load_for_request(model, None)
+        except InfernoError as e:
+            for job in list(self.jobs.values()):
+                if job.model == model and job.state == "queued":
+                    self.scheduler.cancel(job.request_id)
+                    self._fail(job, e.code, e.message, e.hint)
+            return
+        self.dispatch(model)
+
     def abort_queued(self, message: str) -> None:
         """Daemon stopping: refuse new work, fail what has not started."""
         self.accepting = False
@@ -535,13 +403,3 @@ class OnnxService:
 
     def queued_count(self) -> int:
         return sum(1 for j in self.jobs.values() if j.state == "queued")
-
-
-def create_engine(cfg: Config, info: ModelInfo) -> OnnxEngine:
-    """ModelManager's loader for ONNX models (blocking: runs in the default executor)."""
-    o = cfg.onnx
-    engine = OnnxEngine(str(info.path), providers=list(o.providers),
-                        intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads,
-                        graph_optimization=o.graph_optimization, max_batch=o.max_batch)
-    engine.start()
-    return engine

@@ -1,10 +1,12 @@
-"""The runner process: hosts one GgufEngine and speaks runner/wire.py with the daemon.
+"""The runner process: hosts one engine (a GgufEngine, or an OnnxEngine for an ONNX model)
+and speaks runner/wire.py with the daemon.
 
 Started by the daemon as ``python -m infernod.runner --endpoint ipc://... --id ID
 --daemon-pid PID`` (behind ``models.runner_wrapper`` if configured). The main thread owns
 the ZeroMQ socket; the engine's decode thread only appends events to a buffer and wakes the
 main thread through an eventfd, once per decode step (events outside a step, such as a
 cancel's finish, wake it at once). The main thread sends everything buffered as one message.
+An ONNX runner's worker thread hands each run's result or error to the same buffer.
 
 It never outlives the daemon: PR_SET_PDEATHSIG=SIGKILL (set first thing), and every half
 second it checks that its parent is unchanged, that the daemon's pid still exists and that
@@ -26,6 +28,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from infernod.protocol.errors import InfernoError
 from infernod.runner import wire
 
 log = logging.getLogger("infernod.runner")
@@ -102,6 +105,13 @@ class BatchSink:
     def on_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
         self._add([wire.ERROR, request_id, code, message, hint])
 
+    def on_run_done(self, run_id: int, result: Any, error: InfernoError | None) -> None:
+        """An ONNX run ended (its worker thread): its result, or its error."""
+        if error is None:
+            self._add([wire.RESULT, run_id, result])
+        else:
+            self._add([wire.FAILED, run_id, error.to_wire()])
+
 
 class Runner:
     def __init__(self, endpoint: str, runner_id: str, daemon_pid: int) -> None:
@@ -117,6 +127,9 @@ class Runner:
         self.sock.connect(endpoint)
         self.sink = BatchSink()
         self.engine: Any = None
+        self.model = "?"
+        self.onnx = False  # hosts an OnnxEngine (runs), not a GgufEngine (requests)
+        self.onnx_runs: dict[int, int] = {}  # the daemon's run id -> the OnnxEngine's
         self._last_check = 0.0
         self._last_info: dict[str, Any] | None = None  # the wire_info the daemon has
 
@@ -153,8 +166,10 @@ class Runner:
                 raise SystemExit(0)
 
     def load(self, kwargs: dict[str, Any]) -> bool:
+        kwargs = dict(kwargs)
+        if kwargs.pop("backend", "gguf") == "onnx":
+            return self.load_onnx(kwargs)
         from infernod.backends.gguf import GgufEngine
-        from infernod.protocol.errors import InfernoError
 
         try:
             engine = GgufEngine(sink=self.sink, **kwargs)
@@ -183,6 +198,41 @@ class Runner:
                             "gpu_offload": engine.supports_gpu_offload})
         return True
 
+    def load_onnx(self, kwargs: dict[str, Any]) -> bool:
+        from infernod.backends.onnx_engine import OnnxEngine
+
+        try:
+            engine = OnnxEngine(**kwargs)
+            engine.start()
+        except InfernoError as e:
+            self.send("load_failed", e.to_wire())
+            return False
+        except Exception as e:
+            self.send("load_failed", {"code": "internal", "message": f"loading failed: {e}",
+                                      "hint": None})
+            return False
+        self.engine, self.onnx = engine, True
+        self.send("ready", {"memory": {}, "n_slots": engine.n_slots,
+                            "info": engine.wire_info()})
+        return True
+
+    def run_onnx(self, run_id: int, op: str, args: dict[str, Any]) -> None:
+        """Queue a run on the OnnxEngine's worker; its end goes out as an events batch."""
+        from infernod.backends.onnx_engine import OPS
+
+        model, sink = self.model, self.sink
+
+        def done(result: Any, error: BaseException | None) -> None:  # the worker thread
+            if error is not None and not isinstance(error, InfernoError):
+                log.error("onnx %s on %s failed: %r", op, model, error)
+                error = InfernoError("internal", f"{op} on {model} failed: {error}")
+            sink.on_run_done(run_id, result, error)
+
+        if not self.onnx or op not in OPS:
+            done(None, InfernoError("bad_request", f"this runner cannot run {op!r}"))
+            return
+        self.onnx_runs[run_id] = self.engine.run(op, args, done)
+
     # -- serve --------------------------------------------------------------------------------
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -209,6 +259,10 @@ class Runner:
 
     def flush(self) -> None:
         events = self.sink.take()
+        if self.onnx:
+            for ev in events:
+                if ev[0] in (wire.RESULT, wire.FAILED):
+                    self.onnx_runs.pop(ev[1], None)  # ended: nothing left to terminate
         if events:
             if any(ev[0] != wire.TOKENS for ev in events):
                 # A request started or ended: the host cache may have saved or restored a
@@ -234,7 +288,15 @@ class Runner:
             self.engine.cancel(msg[1])
         elif op == "preempt":
             self.engine.preempt(msg[1])
+        elif op == "run":
+            self.run_onnx(int(msg[1]), str(msg[2]), dict(msg[3]))
+        elif op == "terminate":
+            local = self.onnx_runs.get(int(msg[1]))
+            if local is not None:
+                self.engine.terminate(local)
         elif op == "close":
+            if self.onnx:
+                self.engine.terminate_all()  # stop the run in progress: its worker joins
             self.engine.close()
             self.flush()
             return False
@@ -265,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pid_alive(args.daemon_pid):
         return 0
     runner = Runner(args.endpoint, args.id, args.daemon_pid)
+    runner.model = args.model
     try:
         if runner.load(runner.wait_load()):
             runner.serve()

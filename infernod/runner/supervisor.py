@@ -24,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from infernod.backends.base import EngineSink, GenerationRequest
+from infernod.backends.onnx_engine import RunDone
 from infernod.protocol.errors import InfernoError
 from infernod.runner import wire
 
@@ -63,7 +64,7 @@ class RunnerEngine:
     with the sink's callbacks made on the event loop, in the runner's order."""
 
     def __init__(self, sup: RunnerSupervisor, model: str, runner_id: str,
-                 kwargs: dict[str, Any], sink: EngineSink, on_exit: ExitCallback) -> None:
+                 kwargs: dict[str, Any], sink: EngineSink | None, on_exit: ExitCallback) -> None:
         self.sup = sup
         self.model = model
         self.runner_id = runner_id
@@ -130,6 +131,7 @@ class RunnerEngine:
             log.error("%s's runner (pid %s) died with %s", self.model, self.pid, how)
             self.on_exit(self, f"{self.model}'s runner died with {how}", sig)
         self._inflight.clear()
+        self._lost(sig, how)
         if not self.exited.done():
             self.exited.set_result(rc)
 
@@ -160,8 +162,12 @@ class RunnerEngine:
         else:
             log.warning("%s's runner sent an unknown message %r", self.model, op)
 
+    def _lost(self, sig: str, how: str) -> None:
+        """The process is gone (reaped): end what it still owed (nothing here)."""
+
     def _deliver(self, events: list[list[Any]]) -> None:
         sink = self.sink
+        assert sink is not None, "a generation runner has a sink"
         for ev in events:
             kind, rid = ev[0], ev[1]
             try:
@@ -264,6 +270,74 @@ class RunnerEngine:
                 pass
 
 
+class OnnxRunnerEngine(RunnerEngine):
+    """A runner hosting an ONNX model, seen from the daemon: the OnnxRunEngine surface
+    OnnxService uses (``run``, ``terminate``, ``busy``, ``free_slots``, ``provider``), with
+    each run's ``on_done(result, error)`` called on the loop. One run at a time is the
+    service's rule (``busy``); the runner's worker would queue more in order anyway."""
+
+    def __init__(self, sup: RunnerSupervisor, model: str, runner_id: str,
+                 kwargs: dict[str, Any], sink: EngineSink | None, on_exit: ExitCallback) -> None:
+        super().__init__(sup, model, runner_id, kwargs, sink, on_exit)
+        self.busy = False  # a run is in flight (OnnxService sets and clears it)
+        self._runs: dict[int, RunDone] = {}  # sent, not answered
+        self._run_ids = itertools.count(1)
+
+    @property
+    def provider(self) -> str | None:
+        p = self._info.get("provider")
+        return None if p is None else str(p)
+
+    def run(self, op: str, args: dict[str, Any], on_done: RunDone) -> int:
+        run_id = next(self._run_ids)
+        if self.dead:  # died between dispatch's check and here: answer as the reap would
+            on_done(None, InfernoError("runner_crashed", f"{self.model}'s runner is gone",
+                                       CRASH_HINT))
+            return run_id
+        self._runs[run_id] = on_done
+        self._send("run", run_id, op, args)
+        return run_id
+
+    def terminate(self, run_id: int) -> None:
+        if run_id in self._runs:
+            self._send("terminate", run_id)
+
+    def free_slots(self) -> int:
+        return 0 if self.dead or self.busy else 1
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {"rss_bytes": self.rss_bytes()}
+
+    def _deliver(self, events: list[list[Any]]) -> None:
+        for ev in events:
+            kind, run_id = ev[0], ev[1]
+            on_done = self._runs.pop(run_id, None)
+            if on_done is None:
+                continue
+            try:
+                if kind == wire.RESULT:
+                    on_done(ev[2], None)
+                elif kind == wire.FAILED:
+                    on_done(None, InfernoError.from_wire(ev[2]))
+            except Exception:
+                log.exception("handling %s's runner result for run %s failed", self.model,
+                              run_id)
+
+    def _lost(self, sig: str, how: str) -> None:
+        """Runs the dead runner owed end with runner_crashed (an unload's: aborted)."""
+        runs, self._runs = self._runs, {}
+        if self.closing:
+            error = InfernoError("aborted", f"model {self.model} was unloaded")
+        else:
+            error = InfernoError("runner_crashed", f"{self.model}'s runner died with {how}",
+                                 CRASH_HINT, signal=sig or None)
+        for on_done in runs.values():
+            try:
+                on_done(None, error)
+            except Exception:
+                log.exception("ending a run of %s's dead runner failed", self.model)
+
+
 class RunnerSupervisor:
     """Owns the runners' ROUTER socket and every runner process. Event-loop thread only."""
 
@@ -325,12 +399,14 @@ class RunnerSupervisor:
         return self._gpu_bytes(pid) if self._gpu_bytes is not None and pid else None
 
     async def start(self, model: str, kwargs: dict[str, Any], *, wrapper: list[str],
-                    sink: EngineSink, on_exit: ExitCallback) -> RunnerEngine:
-        """Spawn a runner for ``model`` and wait until it has loaded (or failed to)."""
+                    sink: EngineSink | None, on_exit: ExitCallback,
+                    proxy: type[RunnerEngine] = RunnerEngine) -> RunnerEngine:
+        """Spawn a runner for ``model`` and wait until it has loaded (or failed to).
+        ``proxy``: RunnerEngine (a GGUF engine, events to ``sink``) or OnnxRunnerEngine."""
         if self.sock is None:
             self.bind()
         runner_id = f"r{next(self._ids)}"
-        engine = RunnerEngine(self, model, runner_id, kwargs, sink, on_exit)
+        engine = proxy(self, model, runner_id, kwargs, sink, on_exit)
         self.runners[runner_id] = engine
         argv = [*wrapper, sys.executable, "-m", "infernod.runner", "--endpoint", self.endpoint,
                 "--id", runner_id, "--daemon-pid", str(os.getpid()), "--model", model,

@@ -2,10 +2,15 @@
 
 Daemon -> runner (the daemon's ROUTER adds the runner's routing id in front):
 
-    ["load", engine_kwargs]          first message, answers the runner's "hello"
+    ["load", engine_kwargs]          first message, answers the runner's "hello";
+                                     {"backend": "onnx", ...}: an OnnxEngine, else GGUF
     ["submit", request]              a GenerationRequest as a map (see request_to_wire)
     ["cancel", request_id] / ["preempt", request_id]
     ["close"]                        finish: abort what runs, free the model, exit 0
+    ["run", run_id, op, args]        ONNX runners: run op "embed" ({"requests": [[texts,
+                                     normalize], ...]}) or "infer" ({"inputs": {name: wire
+                                     array}}); run ids are the daemon's, increasing
+    ["terminate", run_id]            ONNX: stop that run (it then fails with "cancelled")
 
 Runner -> daemon:
 
@@ -15,6 +20,8 @@ Runner -> daemon:
     ["events", [[kind, request_id, ...], ...]]  sink events of one decode step, in order:
         ["s", rid, info] started, ["t", rid, text, n] tokens,
         ["f", rid, reason, stats] finished, ["e", rid, code, message, hint] error
+        ONNX runners: ["r", run_id, result] a run's result (embed_batch / infer_one's map),
+        ["x", run_id, {"code", "message", "hint"}] a run's error
     ["info", wire_info]              host-cache counters when changed: before an events batch
                                      that starts or ends a request, else at most once a second
 
@@ -32,6 +39,7 @@ from infernod.backends.base import GenerationRequest, SamplingParams
 
 # runner -> daemon event kinds (single letters: a batch of 8 streams' tokens stays small)
 STARTED, TOKENS, FINISHED, ERROR = "s", "t", "f", "e"
+RESULT, FAILED = "r", "x"  # an ONNX run's result or error
 
 
 def pack(*parts: Any) -> bytes:

@@ -33,3 +33,20 @@ def test_header_fields_and_error_codes_are_documented():
         assert f"| `{field}` |" in DOC, field
     for code in CODES:
         assert f"| `{code}` |" in DOC, code
+
+
+def test_each_request_role_in_the_doc_is_the_handler_tables():
+    """The one table the daemon dispatches from (request type -> minimum role, schema,
+    handler) covers every request type of the protocol, and each section of the doc names
+    the same minimum role."""
+    from infernod.daemon.handlers.table import TABLE
+    from infernod.daemon.server import ROLES
+
+    assert set(TABLE) == set(SCHEMAS)
+    wrong = {}
+    for type_, row in TABLE.items():
+        assert row.role in ROLES, type_
+        m = re.search(r"Role: (\w+)", _section(type_))
+        if m is None or m.group(1) != row.role:
+            wrong[type_] = (row.role, m and m.group(1))
+    assert not wrong, f"table role vs docs/protocol.md: {wrong}"

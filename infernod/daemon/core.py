@@ -1,6 +1,8 @@
 """InfernoDaemon: the server core wired to the registry, models, scheduler and streams.
 
-Each request type is one small handler below, registered with its minimum role.
+It builds the daemon's parts, hands them to the request handlers (one family per module in
+``infernod.daemon.handlers``, one table of request type -> role, schema, handler), and runs
+the background work: startup scan and preloads, the 4 Hz tick, leases, draining.
 """
 
 from __future__ import annotations
@@ -16,32 +18,35 @@ from typing import Any
 from infernod import __version__
 from infernod import config as config_mod
 from infernod.backends.cpu_features import CpuSupport, probe_build
-from infernod.backends.gguf_meta import ModelInfo
-from infernod.daemon import jobs as jobs_service
-from infernod.daemon import queue as queueing
 from infernod.daemon import uploads
-from infernod.daemon.generation import Gen, GenerationService
+from infernod.daemon.catalog import ModelCatalog
+from infernod.daemon.generation import GenerationService
+from infernod.daemon.handlers import table
+from infernod.daemon.handlers.config import ConfigHandlers
+from infernod.daemon.handlers.inference import InferenceHandlers
+from infernod.daemon.handlers.jobs import JobHandlers
+from infernod.daemon.handlers.models import ModelHandlers
+from infernod.daemon.handlers.queue import QueueHandlers
+from infernod.daemon.handlers.session import SessionHandlers
+from infernod.daemon.handlers.streams import StreamHandlers
+from infernod.daemon.handlers.telemetry import TelemetryHandlers
 from infernod.daemon.jobs import JobService
 from infernod.daemon.models import ModelManager
-from infernod.daemon.onnx import OnnxJob, OnnxService
+from infernod.daemon.onnx import OnnxService
 from infernod.daemon.queue import QueueService
+from infernod.daemon.registry import Registry
 from infernod.daemon.scheduler import Scheduler
-from infernod.daemon.server import Call, Daemon
+from infernod.daemon.server import Call, Daemon, Route
 from infernod.paths import JOBS_DB, private_dir
-from infernod.protocol.codec import PROTOCOL_VERSION
 from infernod.protocol.errors import InfernoError
 from infernod.runner.supervisor import RunnerSupervisor
 from infernod.telemetry.service import TelemetryService
 
 log = logging.getLogger("infernod")
 
-MONITOR_SCAN_AGE_S = 30.0  # a non-operator's models.list/show reuses a scan this recent
-
 
 class InfernoDaemon(Daemon):
     async def start(self) -> None:
-        from infernod.daemon.registry import Registry
-
         await super().start()
         self.loop = loop = asyncio.get_running_loop()
         private_dir(self.state_dir)  # jobs' prompts and outputs, keys: the daemon's only
@@ -56,6 +61,7 @@ class InfernoDaemon(Daemon):
         (self.state_dir / "models").mkdir(parents=True, exist_ok=True)
         self.registry = Registry(dirs, self.state_dir,
                                  import_dirs=[_path(p) for p in self.cfg.models.import_dirs])
+        self.catalog = ModelCatalog(self.registry)
         self.runners = RunnerSupervisor(self.runtime_dir, self.cfg.daemon.log_level,
                                         gpu_bytes=self._runner_gpu_bytes)
         self.runners.bind()
@@ -79,13 +85,13 @@ class InfernoDaemon(Daemon):
         # (principal, session) -> last request: a session id is public (queue.list) and
         # anyone may write it in a header, so it only means something with its principal.
         self.last_seen: dict[tuple[str, str], float] = {}
-        self.scanned = asyncio.Event()
-        self.model_scans = 0  # registry scans done (status: model_scans)
-        self._scan_started_at = float("-inf")  # start of the newest finished scan
-        self._scan_task: asyncio.Task | None = None
         self.backend_info: dict[str, Any] = {}
         self.cpu_support: CpuSupport | None = None
-        self._register()
+        self.uploads = uploads.Uploads(self.registry, self.cfg.daemon.max_message_bytes,
+                                       self.publisher.publish,
+                                       lambda name: self.models.models_event("imported", name))
+        self.serve_routes(self._routes())
+        self.spawn(uploads.maintain(self.uploads), "uploads")
         self.spawn(self.runners.serve(), "runners")
         self.spawn(self._tick_loop(), "tick")
         self.spawn(self._startup_models(), "startup-models")
@@ -94,7 +100,7 @@ class InfernoDaemon(Daemon):
         await self.telemetry.start()
 
     async def _start_jobs(self) -> None:
-        await self.scanned.wait()  # recovered items name models: the registry must know them
+        await self.catalog.scanned.wait()  # recovered items name models: the registry must know them
         await self.jobs.start()
 
     def _runner_gpu_bytes(self, pid: int) -> int | None:
@@ -132,7 +138,7 @@ class InfernoDaemon(Daemon):
         # assembling the default model (a few seconds), so `inferno run gemma3-270m` works
         # right after `make run` instead of failing with unknown_model.
         try:
-            await self.rescan(time.monotonic())
+            await self.catalog.rescan(time.monotonic())
             if self.cfg.models.install_default:
                 try:
                     await loop.run_in_executor(None, self.registry.ensure_default_model,
@@ -140,7 +146,7 @@ class InfernoDaemon(Daemon):
                 except InfernoError as e:
                     log.warning("default model not installed: %s (%s)", e.message, e.hint)
         finally:
-            self.scanned.set()
+            self.catalog.scanned.set()
         for name in self.cfg.models.preload:
             try:
                 await self.models.ensure_loaded(name)
@@ -153,44 +159,6 @@ class InfernoDaemon(Daemon):
         self.loop_call(self.publisher.publish, "models", "progress",
                        {"event": "progress", "model": "gemma3-270m", "done_bytes": done,
                         "total_bytes": total, "message": message})
-
-    async def lookup(self, name: str, req: Call | None = None) -> ModelInfo:
-        """The model's info. For an operator a file dropped into a model dir before the
-        request arrived is found (a rescan); others see the newest scan (see ``scan_for``)."""
-        await asyncio.wait_for(self.scanned.wait(), 60)
-        try:
-            return self.registry.get(name)
-        except InfernoError as e:
-            if e.code not in ("unknown_model", "not_supported"):  # not_supported: skipped file
-                raise
-        await self.scan_for(req)
-        return self.registry.get(name)
-
-    async def scan_for(self, req: Call | None) -> None:
-        """Rescan the model directories as fresh as ``req``'s role may ask for: an operator's
-        request sees the directories as they were when it arrived; anyone else's (monitors
-        listing models or naming unknown ones) reuses a scan up to MONITOR_SCAN_AGE_S old,
-        so a flood of monitor requests costs at most one scan per that interval."""
-        if req is None or req.role == "operator":
-            await self.rescan(req.received if req is not None else time.monotonic())
-        else:
-            await self.rescan(time.monotonic() - MONITOR_SCAN_AGE_S)
-
-    async def rescan(self, not_before: float) -> None:
-        """Return once a scan that started at or after ``not_before`` (monotonic) finished.
-        One scan runs at a time; every caller that arrives while it runs shares the next."""
-        while self._scan_started_at < not_before:
-            task = self._scan_task
-            if task is None or task.done():
-                started = time.monotonic()
-                task = self._scan_task = asyncio.get_running_loop().create_task(
-                    self._scan(started))
-            await asyncio.shield(task)
-
-    async def _scan(self, started: float) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.registry.scan)
-        self.model_scans += 1
-        self._scan_started_at = max(self._scan_started_at, started)
 
     def loop_call(self, fn: Any, *args: Any) -> None:
         """Run fn(*args) on the event loop; safe from any thread."""
@@ -275,40 +243,27 @@ class InfernoDaemon(Daemon):
         await self.jobs.close()
         await self.telemetry.close()
 
-    # -- handlers ---------------------------------------------------------------------------
-    def _register(self) -> None:
-        jobs_service.register(self)
-        queueing.register(self)
-        self.telemetry.register(self.route)
-        r = self.route
-        r("hello", "monitor")(self.h_hello)
-        r("ping", "monitor")(self.h_ping)
-        r("status", "monitor")(self.h_status)
-        r("config.get", "monitor")(self.h_config_get)
-        r("models.list", "monitor")(self.h_models_list)
-        r("models.show", "monitor")(self.h_models_show)
-        r("models.load", "operator")(self.h_models_load)
-        r("models.unload", "operator")(self.h_models_unload)
-        r("models.import", "operator")(self.h_models_import)
-        r("models.remove", "operator")(self.h_models_remove)
-        self.uploads = uploads.register(self)  # models.upload.*
-        r("generate", "user")(self.h_generate)
-        r("embed", "user")(self.h_embed)
-        r("infer", "user")(self.h_infer)
-        r("cancel", "monitor")(self.h_cancel)
-        r("stream.fetch", "monitor")(self.h_stream_fetch)
+    # -- requests ---------------------------------------------------------------------------
+    def _routes(self) -> dict[str, Route]:
+        """Each handler family built once with the parts it uses, bound into the table."""
+        cfg = self._current_cfg
+        return table.bind([
+            SessionHandlers(self),
+            ConfigHandlers(cfg),
+            ModelHandlers(self.catalog, self.registry, self.models, self.publisher),
+            self.uploads,
+            InferenceHandlers(cfg, self.catalog, self.gen, self.onnx, self.queue),
+            StreamHandlers(cfg, self.publisher),
+            QueueHandlers(self.queue, self.scheduler),
+            JobHandlers(self.catalog, self.jobs),
+            TelemetryHandlers(self.telemetry),
+        ])
 
-    async def h_hello(self, req: Call) -> dict[str, Any]:
-        return {"protocol": PROTOCOL_VERSION, "server": "infernod", "version": __version__,
-                "boot_id": self.boot_id, "role": req.role, "session": req.session,
-                "capabilities": sorted(self.handlers),
-                "heartbeat_interval_s": self.cfg.daemon.heartbeat_interval_s,
-                "max_message_bytes": self.cfg.daemon.max_message_bytes}
+    def _current_cfg(self) -> config_mod.Config:
+        return self.cfg  # SIGHUP replaces it: handlers read it per request
 
-    async def h_ping(self, req: Call) -> dict[str, Any]:
-        return {"pong": True, "ts": time.time()}
-
-    async def h_status(self, req: Call) -> dict[str, Any]:
+    def status_report(self) -> dict[str, Any]:
+        """The ``status`` reply: everything an operator asks first."""
         now = time.monotonic()
         return {
             "version": __version__, "boot_id": self.boot_id, "pid": os.getpid(),
@@ -322,7 +277,7 @@ class InfernoDaemon(Daemon):
                       "level": self.scheduler.level()},
             "loop_lag_ms": round(self.loop_lag_ms, 3),
             "requests_served": self.requests_served,
-            "model_scans": self.model_scans,
+            "model_scans": self.catalog.scans,
             "versions": {"python": platform.python_version(),
                          "llama_cpp_python": self.backend_info.get("llama_cpp_python")},
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),  # models.cpu_wait
@@ -344,137 +299,6 @@ class InfernoDaemon(Daemon):
                 "telemetry_runs": self.telemetry.runs_open(),
                 "unwritten_job_writes": self.jobs.unwritten(),
                 "request_bytes": self.ledger.total}
-
-    async def h_config_get(self, req: Call) -> dict[str, Any]:
-        key = req.body.get("key")
-        if key:
-            try:
-                return {"key": key, "value": config_mod.get_key(self.cfg, key)}
-            except config_mod.ConfigError as e:
-                raise InfernoError("bad_request", str(e)) from e
-        return {"config": self.cfg.to_dict(), "source": self.cfg.source}
-
-    async def h_models_list(self, req: Call) -> dict[str, Any]:
-        await asyncio.wait_for(self.scanned.wait(), 60)
-        await self.scan_for(req)
-        return {"models": self.models.list_models(rescan=False),
-                "skipped": self.registry.skipped()}
-
-    async def h_models_show(self, req: Call) -> dict[str, Any]:
-        from infernod.backends import templates
-
-        info = await self.lookup(req.body["model"], req)
-        out = info.to_dict(include_template=True)
-        out["chat_template_name"] = templates.template_name_for(info)
-        out["memory_estimate_bytes"] = self.models.estimate_bytes(info)
-        lm = self.models.loaded.get(info.name)
-        out.update(lm.to_wire(time.monotonic()) if lm else {"state": "available"})
-        return out
-
-    async def h_models_load(self, req: Call) -> dict[str, Any]:
-        t0 = time.monotonic()
-        await self.lookup(req.body["model"], req)
-        lm = await self.models.ensure_loaded(req.body["model"], req.body.get("keep_alive"),
-                                             operator=True)
-        return {"model": lm.name, "state": lm.state, "load_s": round(time.monotonic() - t0, 3),
-                "memory_bytes": lm.memory_bytes, **lm.engine_info()}
-
-    async def h_embed(self, req: Call) -> dict[str, Any]:
-        return await self.onnx.handle("embed", req, await self.lookup(req.body["model"], req))
-
-    async def h_infer(self, req: Call) -> dict[str, Any]:
-        return await self.onnx.handle("infer", req, await self.lookup(req.body["model"], req))
-
-    async def h_models_unload(self, req: Call) -> dict[str, Any]:
-        await self.models.unload(req.body["model"])
-        return {"model": req.body["model"], "state": "unloaded"}
-
-    async def h_models_import(self, req: Call) -> dict[str, Any]:
-        from pathlib import Path
-
-        b = req.body
-        loop = asyncio.get_running_loop()
-        label = b.get("name") or Path(b["path"]).stem[:64]  # for progress events only
-
-        def progress(done: int, total: int, message: str) -> None:
-            self.loop_call(self.publisher.publish, "models", "progress",
-                           {"event": "progress", "model": label, "done_bytes": done,
-                            "total_bytes": total, "message": message})
-
-        info = await loop.run_in_executor(None, lambda: self.registry.import_model(
-            b["path"], b.get("name"), bool(b.get("link")), progress))
-        self.models.models_event("imported", info.name)
-        return {"model": info.name, "path": str(info.path)}
-
-    async def h_models_remove(self, req: Call) -> dict[str, Any]:
-        name = req.body["model"]
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.registry.remove, name, set(self.models.loaded))
-        self.models.models_event("removed", name)
-        return {"model": name, "state": "removed"}
-
-    async def h_generate(self, req: Call) -> dict[str, Any]:
-        from infernod.backends import templates
-
-        b = req.body
-        info = await self.lookup(b["model"], req)
-        template = None
-        if b.get("messages") is not None:
-            prompt, template = templates.render_chat(info, b["messages"])
-        else:
-            prompt = b["prompt"]
-        s = self.cfg.scheduler
-        timeout_s = min(b.get("timeout_s") or s.timeout_s, s.max_timeout_s)
-        stall_s = min(b.get("stall_timeout_s") or s.stall_timeout_s, s.max_stall_timeout_s)
-        now = time.monotonic()
-        deadline = req.header.get("deadline")
-        deadline_mono = None if deadline is None else now + (deadline - time.time())
-        if deadline_mono is not None and deadline_mono <= now:
-            raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
-        request_id = f"{req.session}.{req.header['id']}"
-        gen = Gen(request_id=request_id, session=req.session, principal=req.principal,
-                  model=info.name, prompt=prompt,
-                  body=b, priority=b.get("priority") or "normal", submitted=now,
-                  deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
-                  topic=f"tokens.{request_id}")
-        self.gen.submit(gen)
-        gen.hold, req.hold = req.hold, None  # the prompt stays in memory until gen finishes
-        self.queue.admitted(gen.model)
-        return {"request_id": request_id, "topic": gen.topic, "model": info.name,
-                "chat_template": template}
-
-    async def h_cancel(self, req: Call) -> dict[str, Any]:
-        """A generation, or a waiting or running embed/infer (same ids, same rule)."""
-        rid = req.body["request_id"]
-        target: Gen | OnnxJob | None = self.gen.gens.get(rid) or self.onnx.jobs.get(rid)
-        if target is None or target.state == "done":
-            raise InfernoError("unknown_request", f"no active request {rid}")
-        # the owner is the session that sent it, from the same principal: a session id is
-        # visible to everyone (queue.list), the principal is the kernel's or the key's word
-        owner = target.session == req.session and target.principal == req.principal
-        if not owner and req.role != "operator":
-            raise InfernoError("forbidden", "only the request's owner or an operator may "
-                                            "cancel it", "ask an operator")
-        if rid in self.gen.gens:
-            return {"request_id": rid, "state": self.gen.cancel(rid)}
-        return {"request_id": rid, "state": self.onnx.cancel(rid)}
-
-    async def h_stream_fetch(self, req: Call) -> dict[str, Any]:
-        """A stream's buffered events: its owner's (the principal that started it) or an
-        operator's to read. Someone else's stream answers like a missing one, so request
-        ids cannot be probed; the check comes before any work."""
-        rid = req.body["request_id"]
-        stream = self.publisher.fetch(rid)
-        if stream is None or (stream.owner != req.principal and req.role != "operator"):
-            raise InfernoError("unknown_request", f"no stream {rid} of yours (finished more "
-                               f"than {self.cfg.daemon.stream_retention_s:.0f}s ago, never "
-                               "existed, or another user's)")
-        from_seq = req.body.get("from_seq") or 0
-        events = [{"seq": seq, "type": h["type"], "body": body}
-                  for seq, h, body in stream.since(from_seq, 4096)]
-        return {"request_id": rid, "events": events, "first_seq": stream.dropped_before,
-                "finished": stream.finished_at is not None,
-                "more": bool(events) and events[-1]["seq"] < stream.next_seq - 1}
 
 
 def _path(p: str) -> Path:

@@ -42,22 +42,16 @@ from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
     from infernod.config import Config
-    from infernod.daemon.core import InfernoDaemon
     from infernod.daemon.generation import GenerationService
     from infernod.daemon.publisher import Publisher
-    from infernod.daemon.server import Call
 
 log = logging.getLogger("infernod.daemon.jobstore")
 
 MAX_BACKLOG_ITEMS = 100_000  # job items waiting outside the scheduler, over all models
 WRITE_RETRY_S = 1.0  # a job store write refused by a full disk is tried again this often
-JOB_PAGE_ITEMS = 1000  # jobs.get items per reply unless the request says otherwise
 MAX_CRASH_RETRIES = 3  # runs of one item a runner crash may end before it fails for good
 _SUCCESS = ("length", "stop", "eos")
 _CHECKPOINTED = ("aborted", "shutting_down")  # while stopping: left for recover()
-_PARAM_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-               "frequency_penalty", "presence_penalty", "repeat_last_n", "seed", "stop",
-               "ignore_eos", "timeout_s", "stall_timeout_s", "chat")
 
 
 @dataclass(frozen=True)
@@ -429,68 +423,3 @@ class JobService:
     def unwritten(self) -> int:
         """Item writes waiting for disk space (``inferno status``: held.unwritten_job_writes)."""
         return len(self._unwritten)
-
-
-# -- request handlers -------------------------------------------------------------------------
-def _check_owner(req: Call, job: Job, what: str) -> None:
-    """A job is its owner's (the principal that submitted it); others need the operator
-    role. The principal is the security layer's (uid:N from SO_PEERCRED, key:NAME from
-    CURVE), never a body field, so it cannot be named by someone else."""
-    if job.owner != req.principal and req.role != "operator":
-        raise InfernoError("forbidden", f"job {job.id} belongs to {job.owner}; only its owner "
-                           f"or an operator may {what} it", "ask an operator")
-
-
-def register(daemon: InfernoDaemon) -> None:
-    """Add the jobs.* request handlers to ``daemon`` (an InfernoDaemon)."""
-    jobs: JobService = daemon.jobs
-
-    async def h_jobs_submit(req: Call) -> dict[str, Any]:
-        b = req.body
-        info = await daemon.lookup(b["model"], req)
-        params = {k: b[k] for k in _PARAM_KEYS if b.get(k) is not None}
-        job, created = await jobs.submit(req.principal, info.name, b["prompts"], params,
-                                         b.get("priority") or "low", req.header.get("idem"),
-                                         client=b.get("client"))
-        return {"job_id": job.id, "created": created, "state": job.state,
-                "items": len(job.items), "model": job.model, "priority": job.priority,
-                "owner": job.owner}
-
-    async def h_jobs_get(req: Call) -> dict[str, Any]:
-        # A page of items per reply: a 10,000-item job's results would be tens of MB, built
-        # and packed on the event loop in one piece.
-        # The owner check first, on the job's summary: a stranger's request must not make
-        # the store thread load (and hold) a page of up to 10,000 prompts and results.
-        _check_owner(req, await jobs.summary(req.body["job_id"]), "read")
-        offset = req.body.get("offset", 0)
-        job = await jobs.get(req.body["job_id"], offset, req.body.get("limit", JOB_PAGE_ITEMS))
-        out = job.to_wire()
-        total = sum(job.counts.values())
-        end = offset + len(job.items)
-        out.update(items_offset=offset, items_total=total,
-                   next_offset=end if end < total else None)
-        return out
-
-    async def h_jobs_list(req: Call) -> dict[str, Any]:
-        b = req.body
-        owner = b.get("owner")
-        if req.role != "operator":  # a monitor lists its own jobs only
-            if owner not in (None, req.principal):
-                raise InfernoError("forbidden", "only an operator may list another "
-                                   "principal's jobs", "ask an operator")
-            owner = req.principal
-        found = await jobs.list(state=b.get("state"), model=b.get("model"), owner=owner,
-                                client=b.get("client"), since=b.get("since"),
-                                limit=b.get("limit") or 100)
-        return {"jobs": [j.to_wire() for j in found]}
-
-    async def h_jobs_cancel(req: Call) -> dict[str, Any]:
-        _check_owner(req, await jobs.summary(req.body["job_id"]), "cancel")
-        job, n = await jobs.cancel(req.body["job_id"])
-        return {"job_id": job.id, "state": job.state, "cancelled_items": n,
-                "counts": job.counts}
-
-    daemon.route("jobs.submit", "user")(h_jobs_submit)
-    daemon.route("jobs.get", "monitor")(h_jobs_get)
-    daemon.route("jobs.list", "monitor")(h_jobs_list)
-    daemon.route("jobs.cancel", "monitor")(h_jobs_cancel)  # own jobs; anyone's: operator

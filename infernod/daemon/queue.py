@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
-    from infernod.daemon.core import InfernoDaemon
     from infernod.daemon.generation import GenerationService
     from infernod.daemon.models import ModelManager
     from infernod.daemon.onnx import OnnxService
     from infernod.daemon.publisher import Publisher
     from infernod.daemon.scheduler import Scheduler
-    from infernod.daemon.server import Call
 
 log = logging.getLogger("infernod.queue")
 
@@ -157,23 +155,3 @@ class QueueService:
             self.preempt(now, [gen.model])
             self.publish_positions(now)
         return gen.state
-
-
-def register(daemon: InfernoDaemon) -> None:
-    """Add ``queue.list`` and ``reprioritize`` to ``daemon`` (an InfernoDaemon)."""
-    queue: QueueService = daemon.queue
-
-    async def h_queue_list(req: Call) -> dict[str, Any]:
-        now = time.monotonic()
-        rows = queue.snapshot(now, req.body.get("model"))
-        return {"items": rows, "running": sum(r["state"] == "running" for r in rows),
-                "waiting": sum(r["state"] == "queued" for r in rows),
-                "level": daemon.scheduler.level()}
-
-    async def h_reprioritize(req: Call) -> dict[str, Any]:
-        rid, priority = req.body["request_id"], req.body["priority"]
-        state = queue.reprioritize(rid, priority, time.monotonic())
-        return {"request_id": rid, "priority": priority, "state": state}
-
-    daemon.route("queue.list", "monitor")(h_queue_list)
-    daemon.route("reprioritize", "operator")(h_reprioritize)

@@ -41,7 +41,7 @@ from infernod.protocol import codec
 from infernod.protocol.errors import InfernoError
 from infernod.protocol.messages import (
     PRIORITIES,
-    SCHEMAS,
+    F,
     max_body_bytes,
     validate_body,
     validate_header,
@@ -86,6 +86,15 @@ class Call:
 
 
 Handler = Callable[[Call], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One request type as dispatch sees it (built from ``daemon/handlers/table.py``)."""
+
+    role: str  # the minimum role (ROLES)
+    schema: dict[str, F]  # the body's fields (protocol.messages.SCHEMAS[type])
+    handler: Handler
 
 
 # sysexits.h EX_SOFTWARE: a background task died. Any non-zero status makes systemd's
@@ -166,7 +175,9 @@ class Daemon:
         self.state_dir = state_dir(cfg.daemon.state_dir)
         self.endpoints = endpoints or Endpoints.in_dir(self.runtime_dir)
         self.notifier = notifier or Notifier()
-        self.handlers: dict[str, tuple[Handler, str]] = {}
+        # request type -> role, schema, handler: set by the subclass before serving
+        self.routes: dict[str, Route] = {}
+        self._schemas: dict[str, dict[str, F]] = {}
         self.stopping = asyncio.Event()
         self.failure: str | None = None  # set when a background task died: exit non-zero
         self.loop_lag_ms = 0.0
@@ -181,12 +192,11 @@ class Daemon:
         self.ledger = ByteLedger(lambda: (self.cfg.daemon.max_held_bytes_per_principal,
                                           self.cfg.daemon.max_held_bytes_total))
 
-    # -- handler table ----------------------------------------------------------------------
-    def route(self, type_: str, role: str = "operator") -> Callable[[Handler], Handler]:
-        def deco(fn: Handler) -> Handler:
-            self.handlers[type_] = (fn, role)
-            return fn
-        return deco
+    # -- request table ----------------------------------------------------------------------
+    def serve_routes(self, routes: dict[str, Route]) -> None:
+        """The requests this daemon answers (``infernod.daemon.handlers.table``)."""
+        self.routes = dict(routes)
+        self._schemas = {type_: r.schema for type_, r in routes.items()}
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -287,25 +297,26 @@ class Daemon:
         hold = self.ledger.charge(key, sum(len(f) for f in frames[1:]))
         try:
             type_ = header["type"]
-            handler, need = self._lookup(type_)
+            route = self._lookup(type_)
+            need = route.role
             if ROLES[role] < ROLES[need]:  # before the body: a refused body is never decoded
                 raise InfernoError("forbidden", f"'{type_}' needs the {need} role; "
                                                 f"you are {role}", "ask an operator")
             limit = self.cfg.daemon.max_message_bytes
-            limit = min(limit, max_body_bytes(type_) or limit)
+            limit = min(limit, max_body_bytes(type_, self._schemas) or limit)
             if len(bufs[2]) > limit:
                 raise InfernoError("too_large", f"a '{type_}' body is {len(bufs[2])} bytes; "
                                                 f"no valid one is over {limit}",
                                    "see docs/protocol.md for the request's fields and limits",
                                    limit_bytes=limit)
             body = codec.unpackb(bufs[2], max_bytes=limit, what="body")
-            validate_body(type_, body, SCHEMAS)
+            validate_body(type_, body, self._schemas)
             if isinstance(body.get("priority"), str):
                 self._check_priority(role, body["priority"])
         except BaseException:
             hold.release()
             raise
-        return Call(identity, header, body, role, received, principal, hold), handler
+        return Call(identity, header, body, role, received, principal, hold), route.handler
 
     def _check_priority(self, role: str, priority: str) -> None:
         """``security.max_priority``: the highest class each role may ask for."""
@@ -347,12 +358,12 @@ class Daemon:
         return InfernoError("rate_limited", f"too many requests; retry in {ms} ms",
                             retry_after_ms=ms)
 
-    def _lookup(self, type_: str) -> tuple[Handler, str]:
-        entry = self.handlers.get(type_)
-        if entry is None or type_ not in SCHEMAS:
+    def _lookup(self, type_: str) -> Route:
+        route = self.routes.get(type_)
+        if route is None:
             raise InfernoError("unknown_type", f"unknown request type {type_!r}",
-                               f"supported: {', '.join(sorted(self.handlers))}")
-        return entry
+                               f"supported: {', '.join(sorted(self.routes))}")
+        return route
 
     async def _reply(self, identity: bytes, req_header: dict[str, Any], kind: str,
                      body: dict[str, Any]) -> None:

@@ -40,7 +40,6 @@ from infernod.daemon.registry import Registry, _name_from_path, check_name, vali
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
-    from infernod.daemon.core import InfernoDaemon
     from infernod.daemon.server import Call
 
 log = logging.getLogger(__name__)
@@ -289,20 +288,7 @@ def _discard(up: Upload) -> None:
     up.path.unlink(missing_ok=True)
 
 
-def register(daemon: InfernoDaemon) -> Uploads:
-    """Creates the upload table and routes ``models.upload.*`` (operator role)."""
-    uploads = Uploads(daemon.registry, daemon.cfg.daemon.max_message_bytes,
-                      daemon.publisher.publish,
-                      lambda name: daemon.models.models_event("imported", name))
-    r = daemon.route
-    r("models.upload.begin", "operator")(uploads.begin)
-    r("models.upload.chunk", "operator")(uploads.chunk)
-    r("models.upload.finish", "operator")(uploads.finish)
-    r("models.upload.abort", "operator")(uploads.abort)
-    daemon.spawn(_start(uploads), "uploads")
-    return uploads
-
-
-async def _start(uploads: Uploads) -> None:
+async def maintain(uploads: Uploads) -> None:
+    """The daemon's task for uploads: partial files of an earlier run go, idle ones expire."""
     await asyncio.get_running_loop().run_in_executor(None, uploads.remove_stale)
     await uploads.expire_loop()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from infernod.config import Config
@@ -35,13 +34,9 @@ if TYPE_CHECKING:
     from infernod.daemon.generation import Gen
     from infernod.daemon.onnx import OnnxJob
     from infernod.daemon.publisher import Publisher
-    from infernod.daemon.server import Call
     from infernod.telemetry.prometheus import PrometheusExporter
 
 log = logging.getLogger("infernod.telemetry")
-
-DEFAULT_RECENT = 20
-
 
 def _rate(hz: float) -> float:
     clamped = min(max(hz, MIN_RATE_HZ), MAX_RATE_HZ)
@@ -162,22 +157,6 @@ class TelemetryService:
         return {"profiles": [p.to_dict() for p in self.profiler.recent(n)],
                 "ring_size": self.profiler.ring_size,
                 "finished_total": self.profiler.finished_total}
-
-    # -- requests ---------------------------------------------------------------------------
-    def register(self, route: Callable[[str, str], Callable]) -> None:
-        route("stats", "monitor")(self.h_stats)
-        route("profiles.recent", "monitor")(self.h_profiles_recent)
-        route("metrics.get", "monitor")(self.h_metrics_get)
-
-    async def h_stats(self, req: Call) -> dict[str, Any]:
-        return self.stats_summary()
-
-    async def h_profiles_recent(self, req: Call) -> dict[str, Any]:
-        return self.recent(req.body.get("n") or DEFAULT_RECENT)
-
-    async def h_metrics_get(self, req: Call) -> dict[str, Any]:
-        return {"sample": self.latest(), "sample_hz": self.sampler.rate_hz if self.sampler
-                else None, "prometheus_port": self.exporter.port if self.exporter else 0}
 
 
 def _ms(x: Any) -> float | None:

@@ -1,0 +1,77 @@
+"""``models.list`` / ``show`` / ``load`` / ``unload`` / ``import`` / ``remove``.
+
+(``models.upload.*`` are the methods of ``infernod.daemon.uploads.Uploads``: an upload is a
+small state machine of its own.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from infernod.backends import templates
+from infernod.daemon.catalog import ModelCatalog
+from infernod.daemon.models import ModelManager
+from infernod.daemon.publisher import Publisher
+from infernod.daemon.registry import Registry
+from infernod.daemon.server import Call
+
+
+class ModelHandlers:
+    def __init__(self, catalog: ModelCatalog, registry: Registry, models: ModelManager,
+                 publisher: Publisher) -> None:
+        self.catalog = catalog
+        self.registry = registry
+        self.models = models
+        self.publisher = publisher
+
+    async def list(self, req: Call) -> dict[str, Any]:
+        await self.catalog.wait_scanned()
+        await self.catalog.scan_for(req)
+        return {"models": self.models.list_models(rescan=False),
+                "skipped": self.registry.skipped()}
+
+    async def show(self, req: Call) -> dict[str, Any]:
+        info = await self.catalog.lookup(req.body["model"], req)
+        out = info.to_dict(include_template=True)
+        out["chat_template_name"] = templates.template_name_for(info)
+        out["memory_estimate_bytes"] = self.models.estimate_bytes(info)
+        lm = self.models.loaded.get(info.name)
+        out.update(lm.to_wire(time.monotonic()) if lm else {"state": "available"})
+        return out
+
+    async def load(self, req: Call) -> dict[str, Any]:
+        t0 = time.monotonic()
+        await self.catalog.lookup(req.body["model"], req)
+        lm = await self.models.ensure_loaded(req.body["model"], req.body.get("keep_alive"),
+                                             operator=True)
+        return {"model": lm.name, "state": lm.state, "load_s": round(time.monotonic() - t0, 3),
+                "memory_bytes": lm.memory_bytes, **lm.engine_info()}
+
+    async def unload(self, req: Call) -> dict[str, Any]:
+        await self.models.unload(req.body["model"])
+        return {"model": req.body["model"], "state": "unloaded"}
+
+    async def import_(self, req: Call) -> dict[str, Any]:
+        b = req.body
+        loop = asyncio.get_running_loop()
+        label = b.get("name") or Path(b["path"]).stem[:64]  # for progress events only
+        publish = self.publisher.publish
+
+        def progress(done: int, total: int, message: str) -> None:  # a worker thread's
+            loop.call_soon_threadsafe(publish, "models", "progress", {
+                "event": "progress", "model": label, "done_bytes": done,
+                "total_bytes": total, "message": message})
+
+        info = await loop.run_in_executor(None, lambda: self.registry.import_model(
+            b["path"], b.get("name"), bool(b.get("link")), progress))
+        self.models.models_event("imported", info.name)
+        return {"model": info.name, "path": str(info.path)}
+
+    async def remove(self, req: Call) -> dict[str, Any]:
+        name = req.body["model"]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.registry.remove, name, set(self.models.loaded))
+        self.models.models_event("removed", name)
+        return {"model": name, "state": "removed"}

@@ -406,3 +406,40 @@ def test_onnx_load_that_crashes_the_runner_fails_cleanly(daemon_factory, models_
             c.infer("generic", {"X": np.zeros((1, 3), np.float32),
                                 "Y": np.zeros((1, 3), np.float32)})
         assert e.value.code == "runner_crashed" and "SIGSEGV" in e.value.message
+
+
+def test_unload_stops_a_running_onnx_run_and_its_runner_at_once(onnx_daemon) -> None:
+    """Unloading a model whose runner is mid-run: the run is stopped (RunOptions.terminate)
+    and the runner exits promptly, not after the close timeout's SIGKILL."""
+    big = {"X": encode_array(np.ones((1024, 512), np.float32))}  # ~30 s on one CPU thread
+
+    async def scenario() -> None:
+        async with AsyncClient(onnx_daemon.endpoint, timeout=60) as a, \
+                AsyncClient(onnx_daemon.endpoint, timeout=60) as op:
+            await a.load("slow")
+            await op.wait_welcome()
+            pid = next(int(m["runner_pid"]) for m in (await op.status())["models_loaded"]
+                       if m["name"] == "slow")
+            mid, fut = await a.send("infer", {"model": "slow", "inputs": big})
+            rid = f"{a.session}.{mid}"
+            for _ in range(500):
+                rows = {r["id"]: r for r in (await op.queue_list())["items"]}
+                if rows.get(rid, {}).get("state") == "running":
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError(f"the infer never ran: {rows}")
+            t0 = time.monotonic()
+            await asyncio.wait_for(op.unload("slow"), 30)
+            with pytest.raises(InfernoError) as e:
+                a.core.parse_reply(await asyncio.wait_for(fut, 10), mid)
+            assert e.value.code == "aborted", e.value
+            assert time.monotonic() - t0 < 5, time.monotonic() - t0
+            for _ in range(50):
+                if _gone(pid):
+                    break
+                await asyncio.sleep(0.1)
+            assert _gone(pid), f"runner {pid} outlived the unload"
+            assert "did not exit" not in onnx_daemon.log()
+
+    asyncio.run(scenario())

@@ -115,7 +115,7 @@ def test_external_data_is_checked_where_onnxruntime_opens_it(tmp_path: Path,
                                       "sub/../../x"])
 def test_onnx_external_data_leaving_the_directory_is_refused(tmp_path: Path,
                                                             location: str) -> None:
-    from infernod.backends.onnx import inspect_onnx
+    from infernod.backends.onnx_inspect import inspect_onnx
 
     d = tmp_path / "m"
     leaky_graph(d, tmp_path / "nothing")

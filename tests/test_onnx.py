@@ -21,7 +21,8 @@ from onnx_graphs import (
     tiny_expected,
 )
 
-from infernod.backends.onnx import OnnxModel, decode_array, encode_array, inspect_onnx
+from infernod.backends.onnx import OnnxModel, decode_array, encode_array
+from infernod.backends.onnx_inspect import inspect_onnx
 from infernod.protocol.errors import InfernoError
 
 # --------------------------------------------------------------------------------- fixtures
@@ -288,7 +289,7 @@ def test_inspect_imports_no_runtime(tmp_path: Path) -> None:
     """The registry calls inspect_onnx on every scan: it must not load onnxruntime or onnx."""
     path = generic_graph(tmp_path / "generic.onnx")
     code = (
-        "import sys; from infernod.backends.onnx import inspect_onnx; "
+        "import sys; from infernod.backends.onnx_inspect import inspect_onnx; "
         f"assert inspect_onnx({str(path)!r})['kind'] == 'generic'; "
         "print(sorted(m for m in ('onnxruntime', 'onnx', 'tokenizers') if m in sys.modules))"
     )

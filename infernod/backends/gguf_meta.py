@@ -74,7 +74,7 @@ class ModelInfo:
     weights_bytes: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     # ONNX only: {"kind": "embedding"|"generic", "inputs", "outputs", "opset", "ir_version",
-    # "producer", "max_length", "dim", "tokenizer"} from backends.onnx.inspect_onnx
+    # "producer", "max_length", "dim", "tokenizer"} from backends.onnx_inspect.inspect_onnx
     onnx: dict[str, Any] | None = None
 
     @property

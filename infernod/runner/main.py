@@ -166,9 +166,18 @@ class Runner:
                 raise SystemExit(0)
 
     def load(self, kwargs: dict[str, Any]) -> bool:
+        """Build the engine ``load`` names (``backend``: a loader per model kind)."""
         kwargs = dict(kwargs)
-        if kwargs.pop("backend", "gguf") == "onnx":
-            return self.load_onnx(kwargs)
+        backend = kwargs.pop("backend", "gguf")
+        loaders = {"gguf": self.load_gguf, "onnx": self.load_onnx}
+        loader = loaders.get(backend)
+        if loader is None:
+            self.send("load_failed", {"code": "internal", "hint": None,
+                                      "message": f"this runner has no {backend!r} backend"})
+            return False
+        return loader(kwargs)
+
+    def load_gguf(self, kwargs: dict[str, Any]) -> bool:
         from infernod.backends.gguf import GgufEngine
 
         try:

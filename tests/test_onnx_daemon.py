@@ -382,6 +382,26 @@ def test_runner_killed_mid_embed_ends_that_embed_and_the_next_one_reloads(onnx_d
                 await asyncio.sleep(0.1)
             assert _gone(pid), f"runner {pid} was not reaped"
 
+            # killed again with another embed waiting behind the running one: the running
+            # one fails, the waiting one is not lost: it runs once the model is back
+            pid = loaded["minilm"]["runner_pid"]
+            mid, fut = await a.send("embed", {"model": "minilm", "texts": long_texts})
+            rid = f"{a.session}.{mid}"
+            for _ in range(500):
+                rows = {r["id"]: r for r in (await op.queue_list())["items"]}
+                if rows.get(rid, {}).get("state") == "running":
+                    break
+                await asyncio.sleep(0.02)
+            mid2, queued = await a.send("embed", {"model": "minilm", "texts": ["queued"]})
+            await asyncio.sleep(0.3)
+            assert not fut.done(), "the embed finished before the kill: make it longer"
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(InfernoError) as e:
+                a.core.parse_reply(await asyncio.wait_for(fut, 10), mid)
+            assert e.value.code == "runner_crashed", e.value
+            reply = a.core.parse_reply(await asyncio.wait_for(queued, 60), mid2)
+            assert reply["dim"] == 384 and reply["model"] == "minilm", reply
+
     asyncio.run(scenario())
 
 

@@ -185,30 +185,60 @@ def daemon_concurrent(endpoint: str, clients: int, base: int) -> dict[str, float
     return summarise(run_clients(lambda i, b: daemon_stream(endpoint, i, b), clients, base))
 
 
+PINGER = r"""
+import json, sys, time
+from infernod.client import Client
+with Client(sys.argv[1], timeout=30) as c:
+    c.wait_welcome()
+    print("ready", flush=True)
+    rtts = []
+    while not sys.stdin.readline() == "":  # the parent writes a line per ping, EOF to stop
+        t0 = time.perf_counter()
+        c.request("ping", timeout=30)
+        rtts.append((time.perf_counter() - t0) * 1000)
+        print("", flush=True)
+print(json.dumps(rtts), flush=True)
+"""
+
+
 class Pinger:
-    """Pings the daemon from its own client every 10 ms while running: the round trips."""
+    """Pings the daemon every 10 ms from a process of its own, as another user would: the
+    round trips. (A thread beside the 8 stream clients would measure their GIL, not the
+    daemon: a waiting thread can sit up to the 5 ms switch interval before it runs.)"""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.rtts_ms: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._proc = subprocess.Popen([sys.executable, "-c", PINGER, endpoint],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def __enter__(self) -> Pinger:
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the pinger could not reach the daemon")
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(30)
+        try:
+            out, _ = self._proc.communicate(timeout=30)  # EOF on stdin: it prints its RTTs
+            self.rtts_ms = json.loads(out.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            self._proc.kill()
+            self._proc.wait(10)
 
     def _run(self) -> None:
-        with Client(self.endpoint, timeout=30) as c:
-            c.wait_welcome()
-            while not self._stop.wait(0.01):
-                t0 = time.perf_counter()
-                c.request("ping", timeout=30)
-                self.rtts_ms.append((time.perf_counter() - t0) * 1000)
+        """Paces the pinger: one line each 10 ms, after the previous ping's answer."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        while not self._stop.wait(0.01):
+            self._proc.stdin.write("\n")
+            self._proc.stdin.flush()
+            if not self._proc.stdout.readline():
+                return
 
 
 def start_daemon(args: argparse.Namespace, model: Path) -> DaemonProcess:

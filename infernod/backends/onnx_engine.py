@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from infernod.backends.base import Engine
 from infernod.protocol.codec import MAX_BIN_LEN
 from infernod.protocol.errors import InfernoError
 
@@ -29,11 +30,11 @@ RunDone = Callable[[Any, "BaseException | None"], None]  # on_done(result, error
 
 
 @runtime_checkable
-class OnnxRunEngine(Protocol):
-    """What OnnxService needs of a loaded ONNX model: one run at a time (``busy`` is the
-    service's own flag), a run named by ``op``, stoppable by its id."""
+class OnnxRunEngine(Engine, Protocol):
+    """What OnnxService needs of a loaded ONNX model, beyond any engine's surface: one run
+    at a time (``busy`` is the service's own flag), a run named by ``op``, stoppable by its
+    id."""
 
-    n_slots: int
     busy: bool
 
     @property
@@ -42,14 +43,6 @@ class OnnxRunEngine(Protocol):
     def run(self, op: str, args: dict[str, Any], on_done: RunDone) -> int: ...
 
     def terminate(self, run_id: int) -> None: ...
-
-    def free_slots(self) -> int: ...
-
-    def memory_bytes(self) -> dict[str, int] | None: ...
-
-    def wire_info(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
 
 
 class OnnxEngine:

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferno_tui.fmt import num
-
-PRIORITIES = ("vip", "high", "normal", "low")
+from infernod.protocol.vocabulary import LEVELS, PRIORITIES
 
 
 def _d(value: Any) -> Mapping[str, Any]:
@@ -300,8 +299,7 @@ class QueueView:
 
 
 def _level_rank(level: str) -> int:
-    order = ("healthy", "elevated", "critical")  # the daemon's backpressure levels
-    return order.index(level) if level in order else 0
+    return LEVELS.index(level) if level in LEVELS else 0
 
 
 # -- stats -----------------------------------------------------------------------------------

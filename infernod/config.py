@@ -14,6 +14,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from infernod.protocol.vocabulary import PRIORITIES
+
 SYSTEM_CONFIG = Path("/etc/infernod/infernod.toml")
 
 
@@ -199,7 +201,7 @@ class SecurityConfig:
                                                   "for (generate, embed, infer, jobs.submit, "
                                                   "reprioritize); a role not named here may "
                                                   "ask for 'normal' at most",
-                             choices=("vip", "high", "normal", "low"),
+                             choices=PRIORITIES,
                              keys_from="security.default_role")
 
 

@@ -28,6 +28,7 @@ from infernod.cli.common import (  # noqa: F401 (re-exported for tests)
 )
 from infernod.client import Notice
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
+from infernod.protocol.vocabulary import PRIORITIES
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -402,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--top-k", type=int)
         sp.add_argument("--seed", type=int)
         sp.add_argument("--stop", action="append", help="stop string (repeatable)")
-        sp.add_argument("--priority", choices=("vip", "high", "normal", "low"))
+        sp.add_argument("--priority", choices=PRIORITIES)
         sp.add_argument("--deadline", type=float, metavar="SECONDS",
                         help="fail with deadline_exceeded unless done within SECONDS")
     add("cancel", "cancel a request").add_argument("request_id")

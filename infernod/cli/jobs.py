@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from infernod.cli.common import EXIT_OK, EXIT_USAGE, _client, _err, _print_json, command
-
-PRIORITIES = ("vip", "high", "normal", "low")
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+from infernod.protocol.bodies import QueueSnapshot
+from infernod.protocol.vocabulary import JOB_STATES, PRIORITIES
 
 
 def _age(seconds: float | None) -> str:
@@ -113,7 +112,7 @@ _ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
 @command("queue")
 def cmd_queue(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        q = c.queue_list(args.model)
+        q: QueueSnapshot = c.queue_list(args.model)
     if args.json:
         _print_json(q)
         return EXIT_OK
@@ -123,7 +122,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             f"{r['class']}->{r['effective_class']}"
         dl = "-" if r["deadline_in_s"] is None else f"{r['deadline_in_s']:.0f}s"
         pos = "" if r["position"] is None else f"#{r['position']}"
-        print(f"{r['id']:28} {r.get('kind', 'generate'):8} {r['state']:10} {pos:>5} {cls:12} "
+        print(f"{r['id']:28} {r['kind']:8} {r['state']:10} {pos:>5} {cls:12} "
               f"{r['model']:16} age {_age(r['age_s']):>5} deadline {dl:>5} "
               f"tokens {r['tokens']:>5} {r['client']}")
     return EXIT_OK

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from infernod.protocol.vocabulary import PRIORITIES
+
 if TYPE_CHECKING:
     from infernod.client import Client
 
@@ -26,7 +28,7 @@ def add_embed_parser(add: Any) -> None:
     sp.add_argument("texts", nargs="+", metavar="TEXT")
     sp.add_argument("--no-normalize", action="store_true",
                     help="raw mean-pooled vectors instead of unit length")
-    sp.add_argument("--priority", choices=("vip", "high", "normal", "low"))
+    sp.add_argument("--priority", choices=PRIORITIES)
 
 
 def embed(args: argparse.Namespace, client: Client) -> int:

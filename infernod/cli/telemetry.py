@@ -19,6 +19,7 @@ from infernod.cli.common import (
     _print_json,
     command,
 )
+from infernod.protocol.bodies import MetricsSample
 
 WINDOWS = ("1m", "5m", "1h", "all")
 KEY_METRICS = ("ttft_ms", "itl_ms", "e2e_ms", "queue_wait_ms", "tokens_per_s")
@@ -80,7 +81,7 @@ def _stats_table(title: str, metrics: dict[str, Any], window: str) -> Any:
 @command("metrics")
 def cmd_metrics(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        sample = c.metrics()
+        sample: MetricsSample | None = c.metrics()
     if args.json:
         _print_json(sample)
         return EXIT_OK
@@ -90,37 +91,37 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return EXIT_OK
     from rich.table import Table
 
-    s = sample.get("system") or {}
-    p = s.get("process") or {}
+    s = sample["system"]
+    p = s["process"]
     t = Table("host", "", title="system", title_justify="left", show_header=False)
-    load = s.get("load_avg")
-    t.add_row("CPU", f"{_num(s.get('cpu_pct'))} % of {s.get('cpu_count')} cores")
+    load = s["load_avg"]
+    t.add_row("CPU", f"{_num(s['cpu_pct'])} % of {s['cpu_count']} cores")
     t.add_row("load", " ".join(f"{x:.2f}" for x in load) if load else "-")
-    t.add_row("RAM", f"{_bytes(s.get('memory_used_bytes'))} used of "
-                     f"{_bytes(s.get('memory_total_bytes'))} ({_num(s.get('memory_pct'))} %)")
-    t.add_row("swap", f"{_bytes(s.get('swap_used_bytes'))} of {_bytes(s.get('swap_total_bytes'))}")
-    t.add_row("infernod", f"pid {p.get('pid')}, RSS {_bytes(p.get('rss_bytes'))}, "
-                          f"CPU {_num(p.get('cpu_pct'))} %, {p.get('threads')} threads, "
-                          f"{p.get('open_fds')} fds")
+    t.add_row("RAM", f"{_bytes(s['memory_used_bytes'])} used of "
+                     f"{_bytes(s['memory_total_bytes'])} ({_num(s['memory_pct'])} %)")
+    t.add_row("swap", f"{_bytes(s['swap_used_bytes'])} of {_bytes(s['swap_total_bytes'])}")
+    t.add_row("infernod", f"pid {p['pid']}, RSS {_bytes(p['rss_bytes'])}, "
+                          f"CPU {_num(p['cpu_pct'])} %, {p['threads']} threads, "
+                          f"{p['open_fds']} fds")
     con.print(t)
-    gpu = sample.get("gpu") or {}
-    if not gpu.get("available"):
-        con.print(f"GPU: none ({gpu.get('reason')})")
+    gpu = sample["gpu"]
+    if not gpu["available"]:
+        con.print(f"GPU: none ({gpu['reason']})")
         return EXIT_OK
     g_t = Table("gpu", "name", "util %", "memory", "temp C", "power W", "SM MHz", "P", "fan %",
                 title=f"GPUs (driver {gpu.get('driver_version')})", title_justify="left")
-    energy = sample.get("energy_j") or {}
-    for g in gpu.get("gpus") or []:
-        power = _num(g.get("power_w"))
-        if g.get("power_limit_w") is not None:
+    energy = sample["energy_j"]
+    for g in gpu["gpus"]:
+        power = _num(g["power_w"])
+        if g["power_limit_w"] is not None:
             power += f" / {_num(g['power_limit_w'], 0)}"
-        if str(g.get("index")) in energy:
+        if str(g["index"]) in energy:
             power += f" ({energy[str(g['index'])] / 3600:,.2f} Wh)"
-        g_t.add_row(str(g.get("index")), str(g.get("name")), _num(g.get("utilization_gpu_pct"), 0),
-                    f"{_bytes(g.get('memory_used_bytes'))} / {_bytes(g.get('memory_total_bytes'))}",
-                    _num(g.get("temperature_c"), 0), power, _num(g.get("clock_sm_mhz"), 0),
-                    "-" if g.get("performance_state") is None else f"P{g['performance_state']}",
-                    _num(g.get("fan_pct"), 0))
+        g_t.add_row(str(g["index"]), str(g["name"]), _num(g["utilization_gpu_pct"], 0),
+                    f"{_bytes(g['memory_used_bytes'])} / {_bytes(g['memory_total_bytes'])}",
+                    _num(g["temperature_c"], 0), power, _num(g["clock_sm_mhz"], 0),
+                    "-" if g["performance_state"] is None else f"P{g['performance_state']}",
+                    _num(g["fan_pct"], 0))
     con.print(g_t)
     return EXIT_OK
 

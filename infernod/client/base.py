@@ -20,6 +20,7 @@ import zmq
 
 from infernod.client.core import ClientCore, Event, Notice
 from infernod.paths import Endpoints, default_endpoints, untrusted_socket
+from infernod.protocol import bodies
 from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
 
@@ -201,9 +202,8 @@ class _Requests:
         return self._call("status")
 
     def models(self) -> Any:
-        """Every model on disk, with its state (list of dicts)."""
-        return self._call("models.list", post=lambda r: r["models"],
-                          timeout=max(self.timeout, 30))
+        """Every model on disk, with its state: ``list[bodies.ModelState]``."""
+        return self._call("models.list", post=_model_states, timeout=max(self.timeout, 30))
 
     def model_listing(self) -> Any:
         """``{models, skipped}``: the models, and the files the daemon could not use and why."""
@@ -245,15 +245,18 @@ class _Requests:
         return self._call("stats")
 
     def profiles(self, n: int = 20) -> Any:
-        """The latest ``n`` request profiles, oldest first."""
-        return self._call("profiles.recent", {"n": n}, post=lambda r: r["profiles"])
+        """The latest ``n`` request profiles, oldest first: ``list[bodies.Profile]``."""
+        return self._call("profiles.recent", {"n": n}, post=_profiles)
 
     def metrics(self) -> Any:
-        """The latest system/GPU sample (None before the first)."""
-        return self._call("metrics.get", post=lambda r: r["sample"])
+        """The latest system/GPU sample, ``bodies.MetricsSample`` (None before the first)."""
+        return self._call("metrics.get", post=_metrics_sample)
 
     def queue_list(self, model: str | None = None) -> Any:
-        return self._call("queue.list", _drop_none({"model": model}))
+        """Every running and waiting request (``model``'s only, if given):
+        ``bodies.QueueSnapshot``."""
+        return self._call("queue.list", _drop_none({"model": model}),
+                          post=bodies.queue_snapshot_from_wire)
 
     def reprioritize(self, request_id: str, priority: str) -> Any:
         return self._call("reprioritize", {"request_id": request_id, "priority": priority})
@@ -402,3 +405,16 @@ def _infer_result(reply: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 
 def default_client_name() -> str:
     return f"{os.path.basename(sys.argv[0]) or 'python'}:{os.getpid()}"
+
+
+def _model_states(reply: dict[str, Any]) -> list[bodies.ModelState]:
+    return [bodies.model_state_from_wire(m) for m in reply.get("models") or []]
+
+
+def _profiles(reply: dict[str, Any]) -> list[bodies.Profile]:
+    return [bodies.profile_from_wire(p) for p in reply.get("profiles") or []]
+
+
+def _metrics_sample(reply: dict[str, Any]) -> bodies.MetricsSample | None:
+    sample = reply.get("sample")
+    return None if sample is None else bodies.metrics_sample_from_wire(sample)

@@ -16,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from infernod.backends.base import GenerationRequest, SamplingParams
 from infernod.daemon.budget import Hold
+from infernod.daemon.queue import queue_row, queue_snapshot, sort_rows
 from infernod.daemon.scheduler import QueueItem, Scheduler
+from infernod.protocol.bodies import QueueRow, QueueSnapshot, to_wire
 from infernod.protocol.errors import InfernoError
+from infernod.protocol.vocabulary import SAMPLING_KEYS
 
 if TYPE_CHECKING:
     from infernod.config import Config
@@ -32,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("infernod.daemon.generation")
 
-_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                  "frequency_penalty", "presence_penalty", "repeat_last_n", "seed")
 
 
 @dataclass
@@ -74,8 +75,10 @@ class QueuePeer(Protocol):
     def expired(self, item: QueueItem) -> None:
         """The scheduler dropped the peer's queued ``item``: its deadline passed."""
 
-    def queue_items(self, now: float) -> list[dict[str, Any]]:
-        """The peer's waiting and running requests, in the ``queue`` topic's item shape."""
+    def queue_items(self, now: float, waiting: Mapping[str, Mapping[str, Any]],
+                    model: str | None) -> list[QueueRow]:
+        """The peer's waiting and running requests (``model``'s only, if given) as queue
+        rows; ``waiting``: the scheduler's rows by request id."""
 
 
 class GenerationService:
@@ -159,7 +162,7 @@ class GenerationService:
 
     def _engine_request(self, gen: Gen) -> GenerationRequest:
         b = gen.body
-        sampling = SamplingParams(**{k: b[k] for k in _SAMPLING_KEYS if b.get(k) is not None})
+        sampling = SamplingParams(**{k: b[k] for k in SAMPLING_KEYS if b.get(k) is not None})
         return GenerationRequest(
             request_id=gen.request_id, prompt=gen.prompt,
             max_tokens=b.get("max_tokens") or 256, stop=list(b.get("stop") or []),
@@ -370,23 +373,26 @@ class GenerationService:
         return sum(1 for g in self.gens.values() if g.state == "queued")
 
     def publish_queue(self) -> None:
-        self.publisher.publish("queue", "queue", self.queue_snapshot())
+        self.publisher.publish("queue", "queue", to_wire(self.queue_snapshot()))
 
-    def queue_snapshot(self) -> dict[str, Any]:
-        now = time.monotonic()
-        items: list[dict[str, Any]] = []
-        for g in self.gens.values():
-            items.append({
-                "request_id": g.request_id, "kind": "generate", "client": g.client or g.session,
-                "session": g.session, "model": g.model, "priority": g.priority,
-                "state": g.state, "age_s": round(now - g.submitted, 3),
-                "deadline_in_s": None if g.deadline is None else round(g.deadline - now, 3),
-                "tokens": g.n_tokens, "job": g.job[0] if g.job else None,
-            })
+    def queue_snapshot(self, model: str | None = None,
+                       preempting: Collection[str] = (), now: float | None = None
+                       ) -> QueueSnapshot:
+        """Every waiting and running request, the peer's too, in the one queue row shape
+        (queue.list and the ``queue`` topic). ``preempting``: running requests asked to
+        pause (QueueService's), shown in that state."""
+        now = time.monotonic() if now is None else now
+        waiting = {w["id"]: w for w in self.scheduler.snapshot(now)}
+        rows = [queue_row(now, request_id=g.request_id, kind="generate",
+                          client=g.client or g.session, session=g.session, model=g.model,
+                          priority=g.priority,
+                          state="preempting" if g.request_id in preempting else g.state,
+                          submitted=g.submitted, deadline=g.deadline, tokens=g.n_tokens,
+                          job=g.job[0] if g.job else None, preempted=bool(g.resume_tokens),
+                          waiting=waiting.get(g.request_id))
+                for g in self.gens.values() if model in (None, g.model)]
         if self.peer is not None:
-            items += self.peer.queue_items(now)
-        models = {it["model"] for it in items}
-        return {"items": items, "running": sum(it["state"] == "running" for it in items),
-                "queued": sum(it["state"] == "queued" for it in items),
-                "level": self.scheduler.level(),
-                "levels": {m: self.scheduler.level(m) for m in sorted(models)}}
+            rows += self.peer.queue_items(now, waiting, model)
+        models = sorted({r["model"] for r in rows})
+        return queue_snapshot(sort_rows(rows), self.scheduler.level(),
+                              {m: self.scheduler.level(m) for m in models})

@@ -40,10 +40,9 @@ from typing import Any
 
 from infernod.paths import private_sqlite
 from infernod.protocol.errors import InfernoError
+from infernod.protocol.vocabulary import JOB_STATES, PRIORITIES
 
 SCHEMA_VERSION = 2
-PRIORITIES = ("vip", "high", "normal", "low")
-STATES = ("queued", "running", "done", "failed", "cancelled")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 MAX_LIST = 1000
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL (the constant exists from Python 3.11 on)
@@ -543,9 +542,9 @@ class JobStore:
         """Jobs newest first, filtered by state, model, owner, client label and creation time
         (wall clock, ``created_at >= since``); at most ``limit`` (1..1000). Items are not
         loaded."""
-        if state is not None and state not in STATES:
+        if state is not None and state not in JOB_STATES:
             raise InfernoError(
-                "bad_request", f"unknown job state {state!r}", f"use one of {', '.join(STATES)}"
+                "bad_request", f"unknown job state {state!r}", f"use one of {', '.join(JOB_STATES)}"
             )
         where: builtins.list[str] = []
         args: builtins.list[Any] = []

@@ -25,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from infernod.backends.onnx_engine import OnnxRunEngine
+from infernod.daemon.queue import queue_row
 from infernod.daemon.scheduler import QueueItem
+from infernod.protocol.bodies import QueueRow
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
@@ -350,14 +352,16 @@ class OnnxService:
         self._abandon(job, code, message)
         return "cancelled"
 
-    def queue_items(self, now: float) -> list[dict[str, Any]]:
-        """Waiting and running embed/infer requests, in the ``queue`` topic's item shape."""
-        return [{"request_id": j.request_id, "kind": j.op, "client": j.client or j.session,
-                 "session": j.session, "model": j.model, "priority": j.priority,
-                 "state": j.state, "age_s": round(now - j.submitted, 3),
-                 "deadline_in_s": None if j.deadline is None else round(j.deadline - now, 3),
-                 "tokens": 0, "job": None}
-                for j in self.jobs.values() if j.state in ("queued", "running")]
+    def queue_items(self, now: float, waiting: Mapping[str, Mapping[str, Any]],
+                    model: str | None = None) -> list[QueueRow]:
+        """Waiting and running embed/infer requests as queue rows (no tokens, jobs or
+        preemption)."""
+        return [queue_row(now, request_id=j.request_id, kind=j.op,
+                          client=j.client or j.session, session=j.session, model=j.model,
+                          priority=j.priority, state=j.state, submitted=j.submitted,
+                          deadline=j.deadline, waiting=waiting.get(j.request_id))
+                for j in self.jobs.values()
+                if j.state in ("queued", "running") and model in (None, j.model)]
 
     # -- hooks from the daemon --------------------------------------------------------------
     def expired(self, item: QueueItem) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from infernod.protocol.bodies import QueueRow, QueueSnapshot
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
@@ -24,6 +26,40 @@ if TYPE_CHECKING:
 log = logging.getLogger("infernod.queue")
 
 QUEUED_EVENT_MIN_INTERVAL_S = 0.5  # at most 2 ``queued`` events per second per request
+
+
+def queue_row(now: float, *, request_id: str, kind: str, client: str, session: str,
+              model: str, priority: str, state: str, submitted: float,
+              deadline: float | None, tokens: int = 0, job: str | None = None,
+              preempted: bool = False, waiting: Mapping[str, Any] | None = None) -> QueueRow:
+    """The one row shape of queue.list and the ``queue`` topic, for a request of any kind.
+    ``waiting`` is the scheduler's row while it waits (Scheduler.snapshot): its place and
+    its effective class."""
+    w = waiting
+    return {
+        "request_id": request_id, "id": request_id, "kind": kind, "client": client,
+        "session": session, "model": model, "priority": priority, "class": priority,
+        "effective_class": w["effective_class"] if w else priority,
+        "critical": bool(w and w["critical"]),
+        "state": w["state"] if w else state,
+        "position": w["position"] if w else None,
+        "age_s": round(now - submitted, 3),
+        "deadline_in_s": None if deadline is None else round(deadline - now, 3),
+        "tokens": tokens, "job": job, "preempted": preempted,
+    }
+
+
+def sort_rows(rows: list[QueueRow]) -> list[QueueRow]:
+    """Running first, then waiting in pick order (oldest first among equals)."""
+    rows.sort(key=lambda r: (r["state"] not in ("running", "preempting"),
+                             r["position"] or 0, -r["age_s"]))
+    return rows
+
+
+def queue_snapshot(rows: list[QueueRow], level: str, levels: dict[str, str]) -> QueueSnapshot:
+    queued = sum(r["state"] == "queued" for r in rows)
+    return {"items": rows, "running": sum(r["state"] == "running" for r in rows),
+            "queued": queued, "waiting": queued, "level": level, "levels": levels}
 
 
 class QueueService:
@@ -103,47 +139,10 @@ class QueueService:
             self.gen.dispatch(model, extra=1)
 
     # -- queue.list / reprioritize ----------------------------------------------------------
-    def snapshot(self, now: float, model: str | None = None) -> list[dict[str, Any]]:
-        """Every running and waiting request: running first, then waiting in pick order."""
-        waiting = {row["id"]: row for row in self.scheduler.snapshot(now)}
-        rows: list[dict[str, Any]] = []
-        onnx_jobs = list(self.onnx.jobs.values()) if self.onnx is not None else []
-        for j in onnx_jobs:  # embed/infer: no tokens, no jobs, never preempted
-            if j.state not in ("queued", "running") or model not in (None, j.model):
-                continue
-            w = waiting.get(j.request_id)
-            rows.append({
-                "id": j.request_id, "kind": j.op, "client": j.client or j.session,
-                "model": j.model, "class": j.priority,
-                "effective_class": w["effective_class"] if w else j.priority,
-                "critical": bool(w and w["critical"]),
-                "state": w["state"] if w else j.state,
-                "position": w["position"] if w else None,
-                "age_s": round(now - j.submitted, 3),
-                "deadline_in_s": None if j.deadline is None else round(j.deadline - now, 3),
-                "tokens": 0, "job": None, "preempted": False,
-            })
-        for g in self.gen.gens.values():
-            if model is not None and g.model != model:
-                continue
-            w = waiting.get(g.request_id)
-            state = g.state if g.request_id not in self.preempting else "preempting"
-            rows.append({
-                "id": g.request_id, "kind": "generate", "client": g.client or g.session,
-                "model": g.model,
-                "class": g.priority,
-                "effective_class": w["effective_class"] if w else g.priority,
-                "critical": bool(w and w["critical"]),
-                "state": w["state"] if w else state,
-                "position": w["position"] if w else None,
-                "age_s": round(now - g.submitted, 3),
-                "deadline_in_s": None if g.deadline is None else round(g.deadline - now, 3),
-                "tokens": g.n_tokens, "job": g.job[0] if g.job else None,
-                "preempted": bool(g.resume_tokens),
-            })
-        rows.sort(key=lambda r: (r["state"] not in ("running", "preempting"),
-                                 r["position"] or 0, -r["age_s"]))
-        return rows
+    def snapshot(self, now: float, model: str | None = None) -> QueueSnapshot:
+        """Every running and waiting request (``model``'s only, if given): running first,
+        then waiting in pick order. The ``queue`` topic publishes the same shape."""
+        return self.gen.queue_snapshot(model, self.preempting, now)
 
     def reprioritize(self, request_id: str, priority: str, now: float) -> str:
         gen = self.gen.gens.get(request_id)

@@ -30,14 +30,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from infernod.protocol.errors import InfernoError
+from infernod.protocol.vocabulary import PRIORITIES
 
-PRIORITIES: tuple[str, ...] = ("vip", "high", "normal", "low")
 _INDEX = {name: i for i, name in enumerate(PRIORITIES)}
 VIP, HIGH, NORMAL, LOW = 0, 1, 2, 3
 # Stride = lcm(weights) / weight for weights 8/4/2/1. Integers, so 10^6 picks never drift.
 _STRIDE = (1, 2, 4, 8)
 
-LEVELS: tuple[str, ...] = ("healthy", "elevated", "critical")
 ELEVATED_FILL = 0.70  # fill >= 70 % -> elevated
 CRITICAL_FILL = 0.90  # fill > 90 % -> critical
 

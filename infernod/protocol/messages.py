@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from infernod.protocol.errors import InfernoError
+from infernod.protocol.vocabulary import JOB_STATES as JOB_STATES
+from infernod.protocol.vocabulary import PRIORITIES as PRIORITIES
 
-PRIORITIES = ("vip", "high", "normal", "low")
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': it separates topic parts
 
@@ -51,6 +51,7 @@ HEADER: dict[str, F] = {
     "idem": F(STR, False, max_len=128, doc="idempotency key (jobs.submit)"),
 }
 
+# The keys of vocabulary.GENERATION_PARAMS, in its order (tests/test_bodies.py checks).
 _SAMPLING: dict[str, F] = {
     "max_tokens": F(INT, min=1, max=131072, doc="tokens to generate at most (default 256)"),
     "temperature": F(NUM, min=0, max=5, doc="0 = greedy (default 0.8)"),

@@ -13,13 +13,12 @@ from infernod.daemon.jobs import JobService
 from infernod.daemon.jobstore import Job
 from infernod.daemon.server import Call
 from infernod.protocol.errors import InfernoError
+from infernod.protocol.vocabulary import GENERATION_PARAMS
 
 JOB_PAGE_ITEMS = 1000  # jobs.get items per reply unless the request says otherwise
 JOB_LIST_LIMIT = 100  # jobs.list rows unless the request says otherwise
 # the body fields a job keeps for its items (the rest describe the job itself)
-PARAM_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-              "frequency_penalty", "presence_penalty", "repeat_last_n", "seed", "stop",
-              "ignore_eos", "timeout_s", "stall_timeout_s", "chat")
+PARAM_KEYS = (*GENERATION_PARAMS, "timeout_s", "stall_timeout_s", "chat")
 
 
 def _check_owner(req: Call, job: Job, what: str) -> None:

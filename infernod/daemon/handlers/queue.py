@@ -8,6 +8,7 @@ from typing import Any
 from infernod.daemon.queue import QueueService
 from infernod.daemon.scheduler import Scheduler
 from infernod.daemon.server import Call
+from infernod.protocol.bodies import to_wire
 
 
 class QueueHandlers:
@@ -16,10 +17,7 @@ class QueueHandlers:
         self.scheduler = scheduler
 
     async def list(self, req: Call) -> dict[str, Any]:
-        rows = self.queue.snapshot(time.monotonic(), req.body.get("model"))
-        return {"items": rows, "running": sum(r["state"] == "running" for r in rows),
-                "waiting": sum(r["state"] == "queued" for r in rows),
-                "level": self.scheduler.level()}
+        return to_wire(self.queue.snapshot(time.monotonic(), req.body.get("model")))
 
     async def reprioritize(self, req: Call) -> dict[str, Any]:
         rid, priority = req.body["request_id"], req.body["priority"]

@@ -1,8 +1,9 @@
 """Immutable snapshots of daemon state, parsed defensively from wire dicts.
 
-Widgets render these and nothing else. Every parser accepts missing keys and wrong types
-(fields other engineers add later, or older daemons that lack them) and yields None, which
-the widgets show as "n/a".
+Widgets render these and nothing else. The shared bodies (queue rows, model states) are read
+through infernod.protocol.bodies, the one declaration of their fields; every parser accepts
+missing keys and wrong types (fields a newer daemon adds, or an older one lacks) and yields
+None for what the daemon did not say, which the widgets show as "n/a".
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferno_tui.fmt import num
+from infernod.protocol import bodies
 from infernod.protocol.vocabulary import LEVELS, PRIORITIES
 
 
@@ -61,26 +63,26 @@ class ModelRow:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> ModelRow:
+        m = bodies.model_state_from_wire(d)
         return cls(
-            name=str(d.get("name", "?")),
-            kind=_s(d.get("kind")),
-            architecture=_s(d.get("architecture")),
-            param_count=_i(d.get("param_count")),
-            size_label=_s(d.get("size_label")),
-            quantization=_s(d.get("quantization")),
-            size_bytes=_i(d.get("size_bytes")),
-            context_length=_i(d.get("context_length")),
-            state=str(d.get("state") or "available"),
-            memory_bytes=_i(d.get("memory_bytes")),
-            keep_alive_left_s=num(d.get("keep_alive_left_s")),
-            pinned=bool(d.get("pinned")),
-            running=_i(d.get("running")),
-            has_chat_template=(None if d.get("has_chat_template") is None
-                               else bool(d.get("has_chat_template"))),
-            runner_pid=_i(d.get("runner_pid")),
-            runner_rss_bytes=_i(d.get("runner_rss_bytes")),
-            runner_cpu_s=num(d.get("runner_cpu_s")),
-            failed_reason=_s(d.get("failed_reason")),
+            name=m["name"] or "?",
+            kind=m["kind"] or None,
+            architecture=m["architecture"],
+            param_count=m["param_count"],
+            size_label=m["size_label"],
+            quantization=m["quantization"],
+            size_bytes=m["size_bytes"] if "size_bytes" in d else None,
+            context_length=m["context_length"],
+            state=m["state"] or "available",
+            memory_bytes=m.get("memory_bytes"),
+            keep_alive_left_s=m.get("keep_alive_left_s"),
+            pinned=m.get("pinned", False),
+            running=m.get("running"),
+            has_chat_template=m["has_chat_template"] if "has_chat_template" in d else None,
+            runner_pid=m.get("runner_pid"),
+            runner_rss_bytes=m.get("runner_rss_bytes"),
+            runner_cpu_s=m.get("runner_cpu_s"),
+            failed_reason=m.get("failed_reason"),
         )
 
 
@@ -92,28 +94,30 @@ def merge_loaded(rows: tuple[ModelRow, ...], loaded: Iterable[Any],
                  failed: Iterable[Any] = ()) -> tuple[ModelRow, ...]:
     """Apply the ``loaded`` (and ``failed``) lists of a ``models`` event to a table from
     models.list."""
-    live = {str(_d(x).get("name")): _d(x) for x in loaded}
-    dead = {str(_d(x).get("name")): _d(x) for x in failed}
+    live = {w["name"]: (w, _d(x)) for x in loaded
+            for w in (bodies.loaded_model_from_wire(x),)}
+    dead = {f["name"]: f for f in map(bodies.model_failure_from_wire, failed)}
     out = []
     for row in rows:
-        w = live.get(row.name)
-        if w is None:
+        got = live.get(row.name)
+        if got is None:
             f = dead.get(row.name)
             out.append(ModelRow(**{**row.__dict__,
                                    "state": "failed" if f is not None else "available",
                                    "memory_bytes": None, "keep_alive_left_s": None,
                                    "pinned": False, "running": None, "runner_pid": None,
                                    "runner_rss_bytes": None, "runner_cpu_s": None,
-                                   "failed_reason": _s(f.get("failed_reason")) if f else None}))
+                                   "failed_reason": (f["failed_reason"] or None) if f else None}))
         else:
-            out.append(ModelRow(**{**row.__dict__, "state": str(w.get("state") or "loaded"),
-                                   "memory_bytes": _i(w.get("memory_bytes")),
-                                   "keep_alive_left_s": num(w.get("keep_alive_left_s")),
-                                   "pinned": bool(w.get("pinned")),
-                                   "running": _i(w.get("running")),
-                                   "runner_pid": _i(w.get("runner_pid")),
-                                   "runner_rss_bytes": _i(w.get("runner_rss_bytes")),
-                                   "runner_cpu_s": num(w.get("runner_cpu_s")),
+            w, raw = got
+            out.append(ModelRow(**{**row.__dict__, "state": w["state"] or "loaded",
+                                   "memory_bytes": _i(raw.get("memory_bytes")),
+                                   "keep_alive_left_s": w["keep_alive_left_s"],
+                                   "pinned": w["pinned"],
+                                   "running": _i(raw.get("running")),
+                                   "runner_pid": w["runner_pid"],
+                                   "runner_rss_bytes": w.get("runner_rss_bytes"),
+                                   "runner_cpu_s": w.get("runner_cpu_s"),
                                    "failed_reason": None}))
     return tuple(out)
 
@@ -270,13 +274,15 @@ class QueueRow:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> QueueRow:
+        """From a ``bodies.QueueRow`` of any daemon (either old spelling)."""
+        r = bodies.queue_row_from_wire(d)
         return cls(
-            request_id=str(d.get("request_id") or d.get("id") or "?"),
-            state=str(d.get("state") or "queued"), model=_s(d.get("model")),
-            priority=_s(d.get("priority") or d.get("class")),
-            client=_s(d.get("client") or d.get("session")), age_s=num(d.get("age_s")),
-            deadline_in_s=num(d.get("deadline_in_s")), tokens=_i(d.get("tokens")),
-            position=_i(d.get("position")), eta_s=num(d.get("eta_s")))
+            request_id=r["request_id"] or "?", state=r["state"] or "queued",
+            model=r["model"] or None, priority=r["priority"] or None,
+            client=r["client"] or r["session"] or None,
+            age_s=num(d.get("age_s")), deadline_in_s=r["deadline_in_s"],
+            tokens=_i(d.get("tokens")), position=r["position"],
+            eta_s=num(d.get("eta_s")))  # eta_s: from the request's `queued` events
 
 
 @dataclass(frozen=True)
@@ -294,7 +300,11 @@ class QueueView:
         lv = d.get("level")
         if isinstance(lv, Mapping):
             lv = max((str(v) for v in lv.values()), key=_level_rank, default=None)
-        return cls(rows=rows, running=_i(d.get("running")), queued=_i(d.get("queued")),
+        counts = bodies.queue_snapshot_from_wire({k: d.get(k) for k in ("running", "queued",
+                                                                         "waiting") if k in d})
+        return cls(rows=rows,
+                   running=counts["running"] if "running" in d else None,
+                   queued=counts["queued"] if "queued" in d or "waiting" in d else None,
                    level=_s(lv) or level)
 
 

@@ -231,3 +231,24 @@ def test_the_daemon_sends_every_body_in_its_declared_shape(daemon_factory):
         for p in c.profiles(5):
             _exact(Profile, p)
         assert {p["request_id"] for p in c.profiles(5)} >= {waiting.request_id}
+
+
+def test_the_console_reads_the_shared_bodies_by_their_declared_names():
+    """The console's views of a queue row and a model row hold no field the bodies do not
+    declare (a renamed field fails here, not on a user's screen), and read either spelling
+    of a queue row alike."""
+    from dataclasses import fields
+
+    from inferno_tui import views
+
+    view_only = {"eta_s"}  # from the request's own `queued` events, not the row
+    assert {f.name for f in fields(views.QueueRow)} - view_only <= set(
+        bodies.field_names(QueueRow))
+    assert {f.name for f in fields(views.ModelRow)} <= set(bodies.field_names(ModelState))
+    listed = {"id": "s.1", "class": "low", "state": "queued", "model": "m", "client": "c",
+              "position": 1, "age_s": 2.0, "tokens": 0, "deadline_in_s": None}
+    topic = {"request_id": "s.1", "priority": "low", "state": "queued", "model": "m",
+             "client": "c", "position": 1, "age_s": 2.0, "tokens": 0, "deadline_in_s": None}
+    assert views.QueueRow.from_wire(listed) == views.QueueRow.from_wire(topic)
+    q = views.QueueView.from_wire({"items": [listed], "running": 0, "waiting": 1})
+    assert q.queued == 1 and q.rows[0].priority == "low"

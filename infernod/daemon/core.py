@@ -107,9 +107,10 @@ class InfernoDaemon(Daemon):
         """GPU memory NVML attributes to process ``pid`` in the telemetry's latest sample
         (None without NVML, or when no GPU lists the process)."""
         sample = self.telemetry.latest() if hasattr(self, "telemetry") else None
-        gpu = (sample or {}).get("gpu") or {}
-        used = [p.get("used_memory_bytes") for g in gpu.get("gpus") or []
-                for p in g.get("processes") or [] if p.get("pid") == pid]
+        if sample is None:
+            return None
+        used = [p["used_memory_bytes"] for g in sample["gpu"]["gpus"]
+                for p in g["processes"] if p["pid"] == pid]
         known = [u for u in used if isinstance(u, int)]
         return sum(known) if known else None
 

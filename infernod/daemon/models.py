@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psutil
 
@@ -26,6 +26,7 @@ from infernod.backends.gguf_meta import ModelInfo
 from infernod.backends.onnx_engine import OnnxRunEngine
 from infernod.backends.parking import park_count
 from infernod.config import Config
+from infernod.protocol import bodies
 from infernod.protocol.errors import InfernoError
 from infernod.runner.supervisor import CRASH_HINT, OnnxRunnerEngine, RunnerEngine, RunnerSupervisor
 
@@ -68,10 +69,10 @@ class CrashRecord:
             return 0.0
         return max(0.0, self.times[-CRASH_LIMIT] + CRASH_WINDOW_S - now)
 
-    def to_wire(self, now: float) -> dict[str, Any]:
-        return {"state": "failed" if self.current else "available", "failed_reason": self.reason,
-                "failed_signal": self.signal or None, "failed_at": self.at_wall,
-                "crashes": self.prune(now),
+    def to_wire(self, name: str, now: float) -> bodies.ModelFailure:
+        return {"name": name, "state": "failed" if self.current else "available",
+                "failed_reason": self.reason, "failed_signal": self.signal or None,
+                "failed_at": self.at_wall, "crashes": self.prune(now),
                 "loads_refused_for_s": round(self.refused_for_s(now), 1)}
 
 
@@ -97,8 +98,8 @@ class LoadedModel:
             return None
         return max(0.0, self.keep_alive_s - (now - self.last_used))
 
-    def to_wire(self, now: float) -> dict[str, Any]:
-        return {
+    def to_wire(self, now: float) -> bodies.LoadedModel:
+        base: bodies.LoadedModel = {
             "name": self.name,
             "state": self.state,
             "memory_bytes": self.memory_bytes,
@@ -109,8 +110,10 @@ class LoadedModel:
             "idle_s": round(now - self.last_used, 1),
             "slots": None if self.engine is None else self.engine.n_slots,
             "runner_pid": None,
-            **self.engine_info(),
         }
+        # the engine's own fields (runner_*, host_cache, ONNX provider) are NotRequired
+        # in bodies.LoadedModel; tests/test_bodies.py checks the real daemon's against it
+        return cast(bodies.LoadedModel, {**base, **self.engine_info()})
 
     def engine_info(self) -> dict[str, Any]:
         """Backend details of a loaded engine (ONNX: provider actually used, fallback reason)."""
@@ -402,21 +405,21 @@ class ModelManager:
             except InfernoError:
                 pass
 
-    def failed_wire(self) -> list[dict[str, Any]]:
+    def failed_wire(self) -> list[bodies.ModelFailure]:
         """Models whose runner died and that are not loaded again (status: models_failed)."""
         now = time.monotonic()
-        return [{"name": n, **rec.to_wire(now)} for n, rec in self.failures.items()
+        return [rec.to_wire(n, now) for n, rec in self.failures.items()
                 if rec.current and n not in self.loaded]
 
     def status_line(self) -> str:
         names = [n for n, lm in self.loaded.items() if lm.state == "loaded"]
         return f"serving; models loaded: {', '.join(names) or 'none'}"
 
-    def list_models(self, rescan: bool = True) -> list[dict[str, Any]]:
+    def list_models(self, rescan: bool = True) -> list[bodies.ModelState]:
         """Every model with its state; ``rescan=False`` lists the newest scan's result
         (cheap: no file is touched, safe on the event loop)."""
         now = time.monotonic()
-        out = []
+        out: list[bodies.ModelState] = []
         for info in (self.registry.scan() if rescan else self.registry.models()):
             d = info.to_dict()
             lm = self.loaded.get(info.name)
@@ -426,9 +429,9 @@ class ModelManager:
             else:
                 d["state"] = "available"
             if rec is not None and lm is None:
-                d.update(rec.to_wire(now))
+                d.update(rec.to_wire(info.name, now))
             d["name"] = info.name
-            out.append(d)
+            out.append(cast(bodies.ModelState, d))  # the registry's fields, then the above
         return out
 
     def model_dirs(self, state_dir: Path) -> list[Path]:

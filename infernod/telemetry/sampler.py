@@ -19,8 +19,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+from infernod.protocol.bodies import GpuSample, MetricsSample, SystemSample
 from infernod.telemetry.nvml import NvmlReader
 from infernod.telemetry.system import SystemReader
 
@@ -43,7 +44,7 @@ class TelemetrySampler:
     def __init__(
         self,
         rate_hz: float = 2.0,
-        on_sample: Callable[[dict[str, Any]], None] | None = None,
+        on_sample: Callable[[MetricsSample], None] | None = None,
         nvml: NvmlReader | None = None,
         system: SystemReader | None = None,
     ) -> None:
@@ -61,7 +62,7 @@ class TelemetrySampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._latest: dict[str, Any] | None = None
+        self._latest: MetricsSample | None = None
         self._energy_j: dict[int, float] = {}
         self._last_power: dict[int, tuple[float, float]] = {}  # gpu -> (clock s, watts)
         self._callback_failed = False
@@ -120,7 +121,7 @@ class TelemetrySampler:
             self._stop.wait(max(0.0, next_due - now))
 
     # ----------------------------------------------------------------- sampling
-    def sample_once(self, now: float | None = None) -> dict[str, Any]:
+    def sample_once(self, now: float | None = None) -> MetricsSample:
         """Take one sample, update energy counters, publish it and return it.
 
         ``now`` (tests, replays) is used both as the sample's ``ts`` and as the clock for the
@@ -133,10 +134,13 @@ class TelemetrySampler:
             system = self.system.sample()
         except Exception as e:  # psutil on an exotic platform: keep the GPU half alive
             log.warning("system telemetry failed: %s", e)
-            system = {}
+            system = cast(SystemSample, {})  # readers' parsers fill it in (bodies.py)
         gpu = self.nvml.sample()
         energy = self._integrate(gpu, clock)
-        sample = {"ts": ts, "system": system, "gpu": gpu, "energy_j": energy}
+        # nvml.py builds the GPU half field by field (see bodies.GpuSample; the NVML trace
+        # test in tests/test_bodies.py checks it)
+        sample: MetricsSample = {"ts": ts, "system": system, "gpu": cast(GpuSample, gpu),
+                                 "energy_j": energy}
         with self._lock:
             self._latest = sample
             self.samples_taken += 1
@@ -169,7 +173,7 @@ class TelemetrySampler:
             return {str(i): j for i, j in self._energy_j.items()}
 
     # ----------------------------------------------------------------- readers
-    def latest(self) -> dict[str, Any] | None:
+    def latest(self) -> MetricsSample | None:
         """The last sample (None before the first), e.g. for a new ``metrics`` subscriber."""
         with self._lock:
             return self._latest
@@ -197,9 +201,6 @@ class TelemetrySampler:
         sample = self.latest()
         if sample is None:
             return None
-        used = [
-            g["memory_used_bytes"]
-            for g in sample["gpu"].get("gpus", [])
-            if g.get("memory_used_bytes") is not None
-        ]
-        return sum(used) if used else None
+        used = [g["memory_used_bytes"] for g in sample["gpu"]["gpus"]]
+        known = [u for u in used if u is not None]
+        return sum(known) if known else None

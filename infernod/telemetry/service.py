@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from infernod.config import Config
+from infernod.protocol.bodies import MetricsSample, to_wire
 from infernod.telemetry.profiler import Profiler, RequestProfile
 from infernod.telemetry.sampler import MAX_RATE_HZ, MIN_RATE_HZ, TelemetrySampler
 from infernod.telemetry.stats import LatencyStats
@@ -82,7 +83,7 @@ class TelemetryService:
             from infernod.telemetry.prometheus import start_exporter
 
             try:
-                self.exporter = start_exporter(port, self.sampler.latest, self.stats_summary)
+                self.exporter = start_exporter(port, self._latest_wire, self.stats_summary)
             except OSError as e:  # port taken: inference matters more than the exporter
                 log.error("Prometheus exporter not started on 127.0.0.1:%d: %s", port, e)
 
@@ -109,16 +110,20 @@ class TelemetryService:
             self.sampler.set_rate(_rate(cfg.telemetry.sample_hz))
 
     # -- samples ----------------------------------------------------------------------------
-    def _from_thread(self, sample: dict[str, Any]) -> None:
+    def _from_thread(self, sample: MetricsSample) -> None:
         """Sampler thread: hand the sample to the loop, never touch the socket here."""
         if not self._closed and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._publish_sample, sample)
 
-    def _publish_sample(self, sample: dict[str, Any]) -> None:
+    def _publish_sample(self, sample: MetricsSample) -> None:
         if not self._closed:
-            self.publisher.publish("metrics", "metrics", sample)
+            self.publisher.publish("metrics", "metrics", to_wire(sample))
 
-    def latest(self) -> dict[str, Any] | None:
+    def _latest_wire(self) -> dict[str, Any] | None:
+        sample = self.latest()
+        return None if sample is None else to_wire(sample)
+
+    def latest(self) -> MetricsSample | None:
         return self.sampler.latest() if self.sampler is not None else None
 
     # -- profiles ---------------------------------------------------------------------------
@@ -147,7 +152,7 @@ class TelemetryService:
                 and final["itl_ms"].get("mean") is not None:
             profile.itl_ms = dict(final["itl_ms"])  # an engine without raw gaps: its summary
         self.profiler.finish(profile, now, itl_samples_ms=gen.itl_gaps_ms or None)
-        self.publisher.publish("profiles", "profile", profile.to_dict())
+        self.publisher.publish("profiles", "profile", to_wire(profile.to_dict()))
 
     # -- queries ----------------------------------------------------------------------------
     def stats_summary(self) -> dict[str, Any]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
 
 import psutil
+
+from infernod.protocol.bodies import ProcessSample, SystemSample
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class SystemReader:
         psutil.cpu_percent(interval=None, percpu=True)
         self._proc.cpu_percent(interval=None)
 
-    def sample(self) -> dict[str, Any]:
+    def sample(self) -> SystemSample:
         """One reading. Never raises: a value psutil cannot read here becomes ``None``.
 
         ``{"cpu_pct", "cpu_per_core_pct": [..], "cpu_count", "load_avg": [1m, 5m, 15m],
@@ -60,9 +61,9 @@ class SystemReader:
             "process": self._process(now),
         }
 
-    def _process(self, now: float) -> dict[str, Any]:
+    def _process(self, now: float) -> ProcessSample:
         p = self._proc
-        out: dict[str, Any] = {
+        out: ProcessSample = {
             "pid": self.pid,
             "rss_bytes": None,
             "cpu_pct": None,

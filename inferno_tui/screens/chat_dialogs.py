@@ -10,7 +10,7 @@ from textual.widgets import Input, Label, OptionList, Select, Switch
 from textual.widgets.option_list import Option
 
 from inferno_tui.store import ChatSettings, Conversation
-from inferno_tui.views import PRIORITIES
+from infernod.protocol.vocabulary import PRIORITIES
 
 
 class ConversationsDialog(ModalScreen[tuple[str, int] | None]):

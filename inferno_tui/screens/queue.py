@@ -16,8 +16,9 @@ from inferno_tui import fmt
 from inferno_tui.screens.base import InfernoScreen
 from inferno_tui.screens.dialogs import Confirm
 from inferno_tui.state import Snapshot
-from inferno_tui.views import PRIORITIES, QueueRow, QueueView, RecentLatency, StatsRow
+from inferno_tui.views import QueueRow, QueueView, RecentLatency, StatsRow
 from inferno_tui.widgets.graphs import spark
+from infernod.protocol.vocabulary import PRIORITIES
 
 # 60 columns of content + 2 padding per column = 76 (fits 80 columns with a scrollbar).
 COLUMNS = (("id", "Request", 12), ("state", "State", 8), ("model", "Model", 11),

@@ -20,6 +20,7 @@ from infernod.protocol.bodies import (
     ModelFailure,
     ModelState,
     Profile,
+    QueuedEvent,
     QueueRow,
     QueueSnapshot,
     missing_fields,
@@ -135,6 +136,7 @@ def _named(text: str) -> set[str]:
 # Where docs/protocol.md describes each body.
 DOCUMENTED_IN = {
     "QueueRow": ("queue.list",), "QueueSnapshot": ("queue.list",),
+    "QueuedEvent": ("Token streams",),
     "ModelState": ("models.list",), "LoadedModel": ("models.list", "status"),
     "ModelFailure": ("models.list", "status"), "HostCache": ("models.list",),
     "MetricsSample": ("Telemetry",), "SystemSample": ("Telemetry",),
@@ -192,6 +194,13 @@ def test_the_daemon_sends_every_body_in_its_declared_shape(daemon_factory):
         while (listed := both_listed()) is None:
             assert time.monotonic() < end, "the two requests never ran and waited at once"
             c.listen(0.1)
+        end = time.monotonic() + 30
+        while not (told := [ev.body for ev in c.stream_events(waiting.request_id)
+                            if ev.type == "queued"]):
+            assert time.monotonic() < end, "no queued event for the waiting request"
+            c.listen(0.1)
+        for body in told:
+            _exact(QueuedEvent, body)
         published = [q for q in _topic_bodies(c, "queue", 1)]
         # queue.list and the queue topic: one row shape, all of it, nothing undeclared
         _exact(QueueSnapshot, listed)

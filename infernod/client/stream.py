@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from infernod.client.core import Event, decode_event
+from infernod.protocol.bodies import QueuedEvent, queued_event_from_wire
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class _StreamState:
     stats: dict[str, Any] | None = None
     start: dict[str, Any] | None = None
     text: list[str] = field(default_factory=list)
-    queued: dict[str, Any] | None = None  # last 'queued' event: position, eta_s (until start)
+    queued: QueuedEvent | None = None  # the last 'queued' event: position, eta_s (until start)
     preemptions: int = 0
 
     def offer(self, ev: Event) -> list[Event]:
@@ -60,7 +61,7 @@ class _StreamState:
             self.text.append(text)
             return text
         if ev.type == "queued":
-            self.queued = ev.body
+            self.queued = queued_event_from_wire(ev.body)
         elif ev.type == "preempted":
             self.preemptions += 1
         elif ev.type == "start":

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from infernod.protocol.bodies import QueueRow, QueueSnapshot
+from infernod.protocol.bodies import QueuedEvent, QueueRow, QueueSnapshot, to_wire
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
@@ -106,10 +106,11 @@ class QueueService:
             if last is not None and (last[1] == key or now - last[0] < QUEUED_EVENT_MIN_INTERVAL_S):
                 continue
             self._sent[rid] = (now, key)
-            self.publisher.publish(gen.topic, "queued", {
+            body: QueuedEvent = {
                 "request_id": rid, "model": gen.model, "position": pos,
                 "eta_s": None if eta is None else round(eta, 3),
-                "waiting": self.scheduler.depth(gen.model)})
+                "waiting": self.scheduler.depth(gen.model)}
+            self.publisher.publish(gen.topic, "queued", to_wire(body))
 
     # -- preemption -------------------------------------------------------------------------
     def preempt(self, now: float, models: list[str]) -> None:

@@ -56,6 +56,17 @@ class QueueSnapshot(TypedDict):
     levels: dict[str, str]  # per model with a row
 
 
+class QueuedEvent(TypedDict):
+    """A waiting request's place: the ``queued`` event on its token stream (the client keeps
+    the last one in ``Stream.state.queued``; the console shows it)."""
+
+    request_id: str
+    model: str
+    position: int  # 1-based in the model's pick order
+    eta_s: float | None  # None until the model's speed was measured
+    waiting: int  # requests waiting for the model
+
+
 # -- models ----------------------------------------------------------------------------------
 class ModelFailure(TypedDict):
     """A model whose runner died (``status.models_failed``, the ``models`` topic's ``failed``;
@@ -278,7 +289,8 @@ class Profile(TypedDict):
 
 # Every shared body, by the name the tests and the docs use.
 BODIES: dict[str, type] = {
-    "QueueRow": QueueRow, "QueueSnapshot": QueueSnapshot, "ModelState": ModelState,
+    "QueueRow": QueueRow, "QueueSnapshot": QueueSnapshot, "QueuedEvent": QueuedEvent,
+    "ModelState": ModelState,
     "LoadedModel": LoadedModel, "ModelFailure": ModelFailure, "HostCache": HostCache,
     "MetricsSample": MetricsSample, "SystemSample": SystemSample,
     "ProcessSample": ProcessSample, "GpuSample": GpuSample, "GpuDevice": GpuDevice,
@@ -316,6 +328,10 @@ def queue_snapshot_from_wire(d: object) -> QueueSnapshot:
     if not isinstance(m.get("running"), int):
         m["running"] = sum(r["state"] == "running" for r in m["items"])
     return cast(QueueSnapshot, _parse(QueueSnapshot, m))
+
+
+def queued_event_from_wire(d: object) -> QueuedEvent:
+    return cast(QueuedEvent, _parse(QueuedEvent, d))
 
 
 def model_state_from_wire(d: object) -> ModelState:

@@ -13,9 +13,9 @@ import pytest
 from onnx_graphs import tiny_encoder, tiny_expected
 
 from infernod.backends.onnx_engine import OnnxEngine
-from infernod.daemon.generation import GenerationService
 from infernod.daemon.models import LoadedModel
-from infernod.daemon.onnx import OnnxJob, OnnxService
+from infernod.daemon.onnx import OnnxService
+from infernod.daemon.requests import Kind, Request, RequestTable
 from infernod.daemon.scheduler import Scheduler
 from infernod.protocol.errors import InfernoError
 
@@ -45,13 +45,18 @@ def engine(tmp_path: Path):
 def _service(engine: OnnxEngine, *, max_batch: int = 32, max_queue: int = 16) -> OnnxService:
     cfg = SimpleNamespace(onnx=SimpleNamespace(max_batch=max_batch),
                           scheduler=SimpleNamespace(timeout_s=30, max_timeout_s=60))
-    return OnnxService(cfg, _Models(engine), Scheduler(max_queue_per_model=max_queue))
+    scheduler = Scheduler(max_queue_per_model=max_queue)
+    return OnnxService(cfg, _Models(engine), scheduler, RequestTable(scheduler, _no_publish))
+
+
+def _no_publish(topic: str, type_: str, body: dict) -> None:
+    pass
 
 
 def _job(n: int, texts: list[str], *, deadline_s: float | None = None,
-         normalize: bool = False) -> OnnxJob:
+         normalize: bool = False) -> Request:
     now = time.monotonic()
-    return OnnxJob(request_id=f"s.{n}", session="s", model="tiny", op="embed",
+    return Request(kind=Kind.EMBED, request_id=f"s.{n}", session="s", model="tiny",
                    body={"texts": texts, "normalize": normalize}, priority="normal",
                    submitted=now, deadline=None if deadline_s is None else now + deadline_s,
                    timeout_s=30, future=asyncio.get_running_loop().create_future())
@@ -87,15 +92,15 @@ async def test_backpressure_and_queued_deadline(engine: OnnxEngine) -> None:
     with pytest.raises(InfernoError) as e:  # the model's queue holds 2: refused at once
         await svc.run(_job(3, ["c"]))
     assert e.value.code == "overloaded" and e.value.extra.get("retry_after_ms")
-    # The daemon's tick runs in the generation service, which shares the scheduler: it
-    # expires the ONNX service's items too, and its queue topic lists them.
-    gen = GenerationService(None, SimpleNamespace(on_unloaded=[], on_failed=[]), svc.scheduler,
-                            None)
-    gen.peer = svc
-    listed = {it["request_id"]: it for it in gen.queue_snapshot()["items"]}
+    # One table holds every kind's records: the queue topic lists embeds beside generations,
+    # and the daemon's tick expires whatever the shared scheduler drops, through its runner.
+    listed = {it["request_id"]: it for it in svc.requests.queue_snapshot(time.monotonic())["items"]}
     assert listed["s.1"]["kind"] == "embed" and listed["s.1"]["state"] == "queued", listed
-    gen.tick(time.monotonic() + 1.0)  # a tick once the deadline has passed, before the
-    with pytest.raises(InfernoError) as e:  # request's own timer fires: the tick expires it
+    for item in svc.scheduler.expire(time.monotonic() + 1.0):  # a tick once the deadline
+        rec = svc.requests.get(item.request_id)  # passed, before the request's own timer
+        assert rec is not None
+        svc.expired(rec)
+    with pytest.raises(InfernoError) as e:  # fires: the tick expires it
         await asyncio.wait_for(late, 5)
     assert e.value.code == "deadline_exceeded" and "while the request was queued" in str(e.value)
     await asyncio.sleep(0.3)

@@ -342,6 +342,44 @@ def test_requeue_keeps_original_submitted_at() -> None:
     assert s.effective_class(first, 20.0)[0] == "high"  # its age counts from 0, not from 3
 
 
+# ---------------------------------------------------------------- running
+def test_a_pick_runs_until_finished_or_requeued_and_the_slots_follow() -> None:
+    s = Scheduler()
+    s.set_slots(M, 2)
+    a, b, c = item("low", t=0.0), item("low", t=1.0), item("vip", t=2.0)
+    for it in (a, b, c):
+        s.submit(it, 3.0)
+    assert [x.request_id for x in picks(s, s.free_slots(M), 4.0)] == [c.request_id,
+                                                                      a.request_id]
+    assert [r.request_id for r in s.running(M)] == [c.request_id, a.request_id]
+    assert (s.free_slots(M), s.depth(M), s.running_count()) == (0, 1, 2)
+    with pytest.raises(InfernoError):  # a running id is in use, like a waiting one
+        s.submit(item(rid=a.request_id), 4.0)
+    s.mark(a.request_id, preempting=True)  # its slot is as good as free
+    assert s.free_slots(M) == 1 and s.running_count(M) == 2
+    s.requeue(a, 5.0)  # paused: back to waiting, no longer running
+    assert s.running_count(M) == 1 and s.depth(M) == 2
+    s.reprioritize(c.request_id, "low", 5.0)  # a running item's class changes too
+    assert s.running(M)[0].item.priority == "low"
+    finished = s.finish(c.request_id)
+    assert finished is not None and finished.priority == "low"
+    assert s.finish(c.request_id) is None and s.free_slots(M) == 2 and not s.running()
+
+
+def test_pick_victim_reads_the_schedulers_own_running_view() -> None:
+    s = Scheduler()
+    s.set_slots(M, 2)
+    for it in (item("low", t=0.0, rid="l"), item("normal", t=1.0, rid="n")):
+        s.submit(it, 1.0)
+    picks(s, 2, 2.0)
+    s.submit(item("vip", rid="v"), 3.0)
+    assert s.pick_victim(M, 3.0) == "l"
+    s.mark("l", stopping=True)  # being cancelled: its slot frees anyway
+    assert s.pick_victim(M, 3.0) is None
+    s.mark("l", stopping=False, preempting=True)
+    assert s.pick_victim(M, 3.0) is None  # one pause at a time per freed slot
+
+
 # ---------------------------------------------------------------- preemption
 def test_should_preempt_picks_lowest_class_and_never_a_vip() -> None:
     s = Scheduler()

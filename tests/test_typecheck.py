@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STRICT_MODULES = {"infernod.protocol.*", "infernod.client", "infernod.client.base",
                   "infernod.client.core", "infernod.client.stream", "infernod.client.config",
                   "infernod.daemon.scheduler", "infernod.daemon.models", "infernod.daemon.generation",
+                  "infernod.daemon.requests", "infernod.daemon.queueitem",
                   "infernod.backends.base", "infernod.runner.*"}
 # What mypy's --strict stands for, as per-module settings (see test_strict_is_spelled_out).
 STRICT_FLAGS = ("disallow_any_generics", "disallow_subclassing_any", "disallow_untyped_calls",

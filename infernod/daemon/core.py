@@ -35,6 +35,7 @@ from infernod.daemon.models import ModelManager
 from infernod.daemon.onnx import OnnxService
 from infernod.daemon.queue import QueueService
 from infernod.daemon.registry import Registry
+from infernod.daemon.requests import Request, RequestRunner, RequestTable, State
 from infernod.daemon.scheduler import Scheduler
 from infernod.daemon.server import Call, Daemon, Route
 from infernod.paths import JOBS_DB, private_dir
@@ -68,20 +69,19 @@ class InfernoDaemon(Daemon):
         self.models = ModelManager(self.cfg, self.registry,
                                    sink_factory=lambda name: self.gen,
                                    publish=self.publisher.publish, notifier=self.notifier,
-                                   runners=self.runners)
-        self.gen = GenerationService(self.cfg, self.models, self.scheduler, self.publisher)
-        self.queue = QueueService(self.gen, self.scheduler, self.models, self.publisher)
+                                   runners=self.runners, scheduler=self.scheduler)
+        self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
+        # every live request of every kind, from admission to its last event
+        self.requests = RequestTable(self.scheduler, self.publisher.publish)
+        hooks: dict[str, Any] = {"on_profile": self.telemetry.on_profile,
+                                 "on_run_start": self.telemetry.on_run_start}
+        self.gen = GenerationService(self.cfg, self.models, self.scheduler, self.publisher,
+                                     self.requests, **hooks)
+        self.onnx = OnnxService(self.cfg, self.models, self.scheduler, self.requests, **hooks)
+        self.queue = QueueService(self.gen, self.scheduler, self.models, self.publisher,
+                                  self.requests)
         self.jobs = JobService(self.state_dir / JOBS_DB, self.gen, self.publisher,
                                self.cfg, self._render_user_prompt)
-        self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
-        self.gen.on_profile = self.telemetry.on_profile
-        self.gen.on_run_start = self.telemetry.on_run_start
-        self.onnx = OnnxService(self.cfg, self.models, self.scheduler,
-                                on_profile=self.telemetry.on_profile,
-                                on_run_start=self.telemetry.on_run_start)
-        self.gen.peer = self.onnx  # one scheduler: one expiry pass, one queue topic
-        self.onnx.on_queue_change = self.gen.publish_queue
-        self.queue.onnx = self.onnx  # queue.list shows embed/infer too
         # (principal, session) -> last request: a session id is public (queue.list) and
         # anyone may write it in a header, so it only means something with its principal.
         self.last_seen: dict[tuple[str, str], float] = {}
@@ -170,6 +170,10 @@ class InfernoDaemon(Daemon):
             await asyncio.sleep(0.25)
             now = time.monotonic()
             lease = self.cfg.scheduler.client_lease_s
+            for item in self.scheduler.expire(now):  # queued past their deadline, any kind
+                rec = self.requests.get(item.request_id)
+                if rec is not None:
+                    self._runner_of(rec).expired(rec)
             self.gen.tick(now)
             self.queue.tick(now)
             self._expire_leases(now, lease)
@@ -188,7 +192,7 @@ class InfernoDaemon(Daemon):
             for key in self.last_seen:  # fault; their pings are only now arriving
                 self.last_seen[key] += gap
         active = set()
-        for gen in list(self.gen.gens.values()):
+        for gen in self.requests.values(generates=True):
             key = (gen.principal, gen.session)
             active.add(key)
             if gen.job is None and gen.abort is None and \
@@ -223,8 +227,8 @@ class InfernoDaemon(Daemon):
         self.gen.accepting = False
         self.onnx.abort_queued("daemon stopping: this request was still queued and is not kept")
         self.jobs.stopping = True  # queued job items stay queued in SQLite (the checkpoint)
-        for gen in list(self.gen.gens.values()):
-            if gen.state == "queued":
+        for gen in self.requests.values(generates=True):
+            if gen.state is State.QUEUED:
                 self.scheduler.cancel(gen.request_id)
                 if gen.job is not None:
                     msg = "daemon stopping: job item checkpointed, it runs after the restart"
@@ -233,8 +237,8 @@ class InfernoDaemon(Daemon):
                 self.gen._fail(gen, "aborted", msg,
                                "resubmit when the daemon is back (jobs are kept)")
         deadline = time.monotonic() + self.cfg.daemon.drain_timeout_s
-        while self.gen.running_count() and time.monotonic() < deadline:
-            self.notifier.status(f"draining {self.gen.running_count()} requests")
+        while self.scheduler.running_count() and time.monotonic() < deadline:
+            self.notifier.status(f"draining {self.scheduler.running_count()} requests")
             await asyncio.sleep(0.1)
         self.gen.abort_all("aborted", "daemon stopping: drain timeout reached")
         await asyncio.sleep(0.05)  # let the abort events leave the socket
@@ -253,12 +257,16 @@ class InfernoDaemon(Daemon):
             ConfigHandlers(cfg),
             ModelHandlers(self.catalog, self.registry, self.models, self.publisher),
             self.uploads,
-            InferenceHandlers(cfg, self.catalog, self.gen, self.onnx, self.queue),
+            InferenceHandlers(cfg, self.catalog, self.gen, self.onnx, self.queue, self.requests),
             StreamHandlers(cfg, self.publisher),
             QueueHandlers(self.queue, self.scheduler),
             JobHandlers(self.catalog, self.jobs),
             TelemetryHandlers(self.telemetry),
         ])
+
+    def _runner_of(self, req: Request) -> RequestRunner:
+        """The service that runs ``req``: the kinds differ only in this."""
+        return self.gen if req.kind.generates else self.onnx
 
     def _current_cfg(self) -> config_mod.Config:
         return self.cfg  # SIGHUP replaces it: handlers read it per request
@@ -271,10 +279,10 @@ class InfernoDaemon(Daemon):
             "uptime_s": round(now - self.started, 3), "started_at": self.started_wall,
             "endpoints": {"control": self.endpoints.control, "events": self.endpoints.events},
             "config_source": self.cfg.source, "state_dir": str(self.state_dir),
-            "models_loaded": [lm.to_wire(now) for lm in self.models.loaded.values()],
+            "models_loaded": [self.models.wire(lm, now) for lm in self.models.loaded.values()],
             "models_failed": self.models.failed_wire(),
-            "queue": {"queued": self.gen.queued_count() + self.onnx.queued_count(),
-                      "running": self.gen.running_count() + self.onnx.running_count(),
+            "queue": {"queued": self.scheduler.depth(),
+                      "running": self.scheduler.running_count(),
                       "level": self.scheduler.level()},
             "loop_lag_ms": round(self.loop_lag_ms, 3),
             "requests_served": self.requests_served,
@@ -291,7 +299,7 @@ class InfernoDaemon(Daemon):
         """What the daemon keeps per client and per request: each must fall back once its
         clients are gone (sessions after the lease, streams after their retention, rate
         buckets once refilled), or it is a leak. Operators see it in ``inferno status``."""
-        return {"sessions": len(self.last_seen), "requests": len(self.gen.gens),
+        return {"sessions": len(self.last_seen), "requests": len(self.requests),
                 "streams": len(self.publisher.streams),
                 "subscriptions": len(self.publisher.subscriptions),
                 "claims": len(self.publisher.claims),

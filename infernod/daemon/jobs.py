@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infernod.daemon.generation import Gen
 from infernod.daemon.jobstore import Job, JobStore
+from infernod.daemon.requests import Kind, Request, State
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class JobService:
         self._store: JobStore | None = None
         self.ready = asyncio.Event()
         self.backlog: dict[str, deque[_Pending]] = {}
-        self.active: dict[str, Gen] = {}  # request id -> job items handed to generation
+        self.active: dict[str, Request] = {}  # request id -> job items handed to generation
         self._launched: dict[str, _Pending] = {}  # request id -> what it was launched from
         self._crash_retries: dict[str, int] = {}  # request id -> runs a runner crash ended
         self._started: set[str] = set()
@@ -237,7 +237,7 @@ class JobService:
             self.backlog[model] = deque(p for p in q if p.job_id != job_id)
         for index in active:
             rid = f"{job_id}:{index}"
-            if rid in self.gen.gens:
+            if rid in self.gen.requests:
                 self.gen.cancel(rid)
         job = await self._call(self.store.summary, job_id)
         self.publisher.publish("jobs", "cancelled", {"job_id": job_id, "state": job.state,
@@ -264,7 +264,7 @@ class JobService:
         share = self.queue_share()
         for model, q in self.backlog.items():
             queued = sum(1 for g in self.active.values() if g.model == model
-                         and g.state == "queued")
+                         and g.state is State.QUEUED)
             while q and queued < share:
                 p = q.popleft()
                 try:
@@ -281,27 +281,27 @@ class JobService:
 
     def _launch(self, p: _Pending) -> None:
         rid = p.request_id
-        if rid in self.gen.gens:
+        if rid in self.gen.requests:
             return
         params = dict(p.params)
         chat = bool(params.pop("chat", False))
         prompt = self.render_chat(p.model, p.prompt) if chat else p.prompt
         s = self.cfg.scheduler
         now = time.monotonic()
-        gen = Gen(request_id=rid, session=p.owner, client=p.owner, principal=p.owner,
-                  model=p.model,
-                  prompt=prompt, body=params, priority=p.priority, submitted=now, deadline=None,
-                  timeout_s=min(params.get("timeout_s") or s.timeout_s, s.max_timeout_s),
-                  stall_timeout_s=min(params.get("stall_timeout_s") or s.stall_timeout_s,
-                                      s.max_stall_timeout_s),
-                  topic=f"tokens.{rid}", job=(p.job_id, p.index), text=[],
-                  on_start=self._on_start, on_done=self._on_done)
+        gen = Request(kind=Kind.JOB_ITEM, request_id=rid, session=p.owner, client=p.owner,
+                      principal=p.owner, model=p.model, prompt=prompt, body=params,
+                      priority=p.priority, submitted=now, deadline=None,
+                      timeout_s=min(params.get("timeout_s") or s.timeout_s, s.max_timeout_s),
+                      stall_timeout_s=min(params.get("stall_timeout_s") or s.stall_timeout_s,
+                                          s.max_stall_timeout_s),
+                      topic=f"tokens.{rid}", job=(p.job_id, p.index), text=[],
+                      on_start=self._on_start, on_done=self._on_done)
         self.gen.submit(gen)
         self.active[rid] = gen
         self._launched[rid] = p
 
     # -- item events (from GenerationService, on the loop) ----------------------------------
-    def _on_start(self, gen: Gen) -> None:
+    def _on_start(self, gen: Request) -> None:
         if gen.request_id in self._started:  # resumed after a preemption
             return
         self._started.add(gen.request_id)
@@ -309,13 +309,13 @@ class JobService:
         store = self.store
 
         def started(ran: bool) -> None:
-            if not ran and gen.request_id in self.gen.gens:
+            if not ran and gen.request_id in self.gen.requests:
                 self.gen.cancel(gen.request_id)  # the job was cancelled while it waited
 
         self._durable(f"job {job_id} item {index}: start",
                       lambda: store.mark_running(job_id, index), started)
 
-    def _on_done(self, gen: Gen, reason: str, final: dict[str, Any]) -> None:
+    def _on_done(self, gen: Request, reason: str, final: dict[str, Any]) -> None:
         rid = gen.request_id
         self.active.pop(rid, None)
         self._started.discard(rid)

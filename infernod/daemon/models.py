@@ -33,6 +33,7 @@ from infernod.runner.supervisor import CRASH_HINT, OnnxRunnerEngine, RunnerEngin
 if TYPE_CHECKING:
     from infernod.backends.base import EngineSink, GenerationEngine
     from infernod.daemon.registry import Registry
+    from infernod.daemon.scheduler import Scheduler
     from infernod.daemon.systemd import Notifier
 
 log = logging.getLogger("infernod.daemon.models")
@@ -86,27 +87,28 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     keep_alive_s: float = 300.0
     memory_bytes: int = 0
-    running: set[str] = field(default_factory=set)
     ready: asyncio.Future[LoadedModel] | None = None
 
     @property
     def pinned(self) -> bool:
         return self.keep_alive_s < 0
 
-    def keep_alive_left_s(self, now: float) -> float | None:
-        if self.pinned or self.running:
+    def keep_alive_left_s(self, now: float, running: int) -> float | None:
+        """Seconds until idle unloading; None while pinned or while ``running`` (the
+        scheduler's count of its requests holding a slot) is not 0."""
+        if self.pinned or running:
             return None
         return max(0.0, self.keep_alive_s - (now - self.last_used))
 
-    def to_wire(self, now: float) -> bodies.LoadedModel:
+    def to_wire(self, now: float, running: int) -> bodies.LoadedModel:
         base: bodies.LoadedModel = {
             "name": self.name,
             "state": self.state,
             "memory_bytes": self.memory_bytes,
             "keep_alive_s": self.keep_alive_s,
-            "keep_alive_left_s": self.keep_alive_left_s(now),
+            "keep_alive_left_s": self.keep_alive_left_s(now, running),
             "pinned": self.pinned,
-            "running": len(self.running),
+            "running": running,
             "idle_s": round(now - self.last_used, 1),
             "slots": None if self.engine is None else self.engine.n_slots,
             "runner_pid": None,
@@ -131,8 +133,10 @@ class ModelManager:
     def __init__(self, cfg: Config, registry: Registry, *,
                  sink_factory: Callable[[str], EngineSink],
                  publish: Callable[[str, str, dict[str, Any]], object],
-                 notifier: Notifier, runners: RunnerSupervisor) -> None:
+                 notifier: Notifier, runners: RunnerSupervisor,
+                 scheduler: Scheduler) -> None:
         self.cfg = cfg
+        self.scheduler = scheduler  # who runs on each model (idle unloading, eviction)
         self.registry = registry
         self.sink_factory = sink_factory  # events of GGUF runners, delivered on the loop
         self.publish = publish
@@ -148,6 +152,10 @@ class ModelManager:
         # how a model of each kind is started: a runner process either way
         self._loaders: dict[str, Callable[[str, ModelInfo], Awaitable[RunnerEngine]]] = {
             "gguf": self._start_runner, "onnx": self._start_onnx_runner}
+
+    def wire(self, lm: LoadedModel, now: float) -> bodies.LoadedModel:
+        """``lm`` as status, models.show and ``models`` events show it."""
+        return lm.to_wire(now, self.scheduler.running_count(lm.name))
 
     # -- budget -----------------------------------------------------------------------------
     def budget_bytes(self) -> int:
@@ -172,7 +180,8 @@ class ModelManager:
 
         now = time.monotonic()
         refs = [LoadedModelRef(name=lm.name, bytes=lm.memory_bytes, pinned=lm.pinned,
-                               busy=bool(lm.running) or lm.state != "loaded",
+                               busy=bool(self.scheduler.running_count(lm.name))
+                               or lm.state != "loaded",
                                last_used_s=lm.last_used)
                 for lm in self.loaded.values()]
         plan = plan_load(name, need, self.budget_bytes(), refs, now)
@@ -182,7 +191,7 @@ class ModelManager:
     def models_event(self, event: str, name: str, **extra: Any) -> None:
         now = time.monotonic()
         body = {"event": event, "model": name,
-                "loaded": [lm.to_wire(now) for lm in self.loaded.values()],
+                "loaded": [self.wire(lm, now) for lm in self.loaded.values()],
                 "failed": self.failed_wire(), **extra}
         self.publish("models", "models", body)
 
@@ -394,7 +403,7 @@ class ModelManager:
     async def expire_idle(self) -> None:
         now = time.monotonic()
         for lm in list(self.loaded.values()):
-            left = lm.keep_alive_left_s(now)
+            left = lm.keep_alive_left_s(now, self.scheduler.running_count(lm.name))
             if lm.state == "loaded" and left is not None and left <= 0:
                 await self.unload(lm.name, reason=f"idle for {lm.keep_alive_s:.0f}s")
 
@@ -425,7 +434,7 @@ class ModelManager:
             lm = self.loaded.get(info.name)
             rec = self.failures.get(info.name)
             if lm is not None:
-                d.update(lm.to_wire(now))
+                d.update(self.wire(lm, now))
             else:
                 d["state"] = "available"
             if rec is not None and lm is None:

@@ -15,9 +15,10 @@ model wait, the next run takes them together (in the scheduler's pick order, up 
 ``onnx.max_batch`` texts), so a burst of small requests costs one forward pass per batch.
 
 Everything here runs on the event loop; a run's result comes back through
-``call_soon_threadsafe`` (from the proxy on the loop, or a worker thread in tests). Final stats have generation's shape (``queue_wait_ms``,
-``load_wait_ms``, ``total_ms``, ``finish_reason``, ...) and go to the same ``on_profile`` /
-``on_run_start`` hooks, with the job standing in for a ``Gen``.
+``call_soon_threadsafe`` (from the proxy on the loop, or a worker thread in tests). Final
+stats have generation's shape (``queue_wait_ms``, ``load_wait_ms``, ``total_ms``,
+``finish_reason``, ...) and go to the same ``on_profile`` /
+``on_run_start`` hooks: a job is a :class:`~infernod.daemon.requests.Request` too.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from infernod.backends.onnx_engine import OnnxRunEngine
-from infernod.daemon.queue import queue_row
+from infernod.daemon.requests import (
+    Kind,
+    ProfileHook,
+    Request,
+    RequestTable,
+    RunStartHook,
+    State,
+)
 from infernod.daemon.scheduler import QueueItem
-from infernod.protocol.bodies import QueueRow
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
@@ -52,47 +57,19 @@ EMBED_HINT = ("embed needs an ONNX embedding model (a directory with model.onnx 
 # the loop side
 
 
-@dataclass
-class OnnxJob:
-    """One embed or infer request. Has the fields of a ``Gen`` that profile hooks read."""
-
-    request_id: str
-    session: str
-    model: str
-    op: str  # "embed" | "infer"
-    body: dict[str, Any]
-    priority: str
-    submitted: float
-    deadline: float | None
-    timeout_s: float
-    future: asyncio.Future
-    client: str = ""
-    principal: str = ""  # the sender's uid:N / key:NAME (cancel: owner or operator)
-    state: str = "queued"  # queued | running | done
-    admitted_at: float | None = None
-    load_wait_s: float = 0.0
-    first_token_at: float | None = None  # profile hooks read these generation fields
-    itl_gaps_ms: list[float] = field(default_factory=list)
-
-    @property
-    def n_texts(self) -> int:
-        return len(self.body.get("texts") or ()) if self.op == "embed" else 0
-
-
 class OnnxService:
     """Owned by the event-loop thread, like the GenerationService beside it."""
 
     def __init__(self, cfg: Config, models: ModelManager, scheduler: Scheduler,
-                 on_profile: Callable[[OnnxJob, str, dict[str, Any]], None] | None = None,
-                 on_run_start: Callable[[OnnxJob], None] | None = None) -> None:
+                 requests: RequestTable, *, on_profile: ProfileHook | None = None,
+                 on_run_start: RunStartHook | None = None) -> None:
         self.cfg = cfg
         self.models = models
         self.scheduler = scheduler
+        self.requests = requests  # every kind's records; this service adds its own
         self.on_profile = on_profile
         self.on_run_start = on_run_start
-        self.jobs: dict[str, OnnxJob] = {}
-        self.runs: dict[str, tuple[int, list[OnnxJob]]] = {}  # model -> (run id, its batch)
-        self.on_queue_change: Callable[[], None] | None = None  # the daemon's queue topic
+        self.runs: dict[str, tuple[int, list[Request]]] = {}  # model -> (run id, its batch)
         self.accepting = True
         self.batches = 0  # runs started (a batch of embeds counts once)
         models.on_unloaded.append(self._model_unloaded)
@@ -118,47 +95,49 @@ class OnnxService:
         if deadline_mono is not None and deadline_mono <= now:
             raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
         # the same request id as generate's, so `cancel` can name a pending embed/infer
-        job = OnnxJob(request_id=f"{req.session}.{req.header['id']}", session=req.session,
-                      principal=req.principal,
-                      model=info.name, op=op, body=b, priority=b.get("priority") or "normal",
-                      submitted=now, deadline=deadline_mono,
+        job = Request(kind=Kind(op), request_id=f"{req.session}.{req.header['id']}",
+                      session=req.session, principal=req.principal, model=info.name, body=b,
+                      priority=b.get("priority") or "normal", submitted=now,
+                      deadline=deadline_mono,
                       timeout_s=min(b.get("timeout_s") or s.timeout_s, s.max_timeout_s),
                       future=asyncio.get_running_loop().create_future())
         return await self.run(job)
 
-    async def run(self, job: OnnxJob) -> dict[str, Any]:
+    async def run(self, job: Request) -> dict[str, Any]:
         """Queue ``job`` and wait for its reply (admission errors raise at once)."""
         if not self.accepting:
             raise InfernoError("shutting_down", "the daemon is stopping and admits no new work")
-        if job.request_id in self.jobs:
+        if job.request_id in self.requests:
             raise InfernoError("conflict", f"request id {job.request_id} is already in use",
                                "use a fresh message id per request")
         self.scheduler.submit(self._item(job), time.monotonic())
-        self.jobs[job.request_id] = job
+        self.requests.add(job)
         asyncio.get_running_loop().create_task(self._admit(job))
         self._queue_changed()
         limit, code = job.timeout_s, "timeout"
         if job.deadline is not None and job.deadline - time.monotonic() < limit:
             limit, code = max(0.0, job.deadline - time.monotonic()), "deadline_exceeded"
+        future = job.future
+        assert future is not None  # handle() gives every embed/infer one
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), limit)
+            return await asyncio.wait_for(asyncio.shield(future), limit)
         except TimeoutError:
             what = "deadline passed" if code == "deadline_exceeded" else \
                 f"{job.op} ran past its {job.timeout_s:.0f}s limit"
             self._abandon(job, code, f"{what} ({job.state})")
-            return await job.future  # raises the error just set
+            return await future  # raises the error just set
         except asyncio.CancelledError:  # the handler task died (daemon stopping)
             self._abandon(job, "aborted", "request abandoned")
             raise
 
     @staticmethod
-    def _item(job: OnnxJob) -> QueueItem:
+    def _item(job: Request) -> QueueItem:
         return QueueItem(request_id=job.request_id, client=job.client or job.session,
                          model=job.model, priority=job.priority, submitted_at=job.submitted,
                          deadline=job.deadline, est_tokens=0, payload=job,
                          owner=job.principal)
 
-    async def _admit(self, job: OnnxJob) -> None:
+    async def _admit(self, job: Request) -> None:
         try:
             job.load_wait_s = await self.models.load_for_request(job.model,
                                                                  job.body.get("keep_alive"))
@@ -183,9 +162,7 @@ class OnnxService:
             return
         now = time.monotonic()
         for job in batch:
-            job.state = "running"
-            job.admitted_at = now
-            lm.running.add(job.request_id)
+            job.move(State.RUNNING, now)
             if self.on_run_start is not None:
                 self.on_run_start(job)
         lm.last_used = now
@@ -197,7 +174,7 @@ class OnnxService:
         def done(result: Any, error: BaseException | None) -> None:  # loop or worker thread
             loop.call_soon_threadsafe(self._finished, model, engine, batch, now, result, error)
 
-        if batch[0].op == "embed":
+        if batch[0].kind is Kind.EMBED:
             args = {"requests": [[list(j.body.get("texts") or []),
                                   j.body.get("normalize", True) is not False] for j in batch]}
         else:
@@ -205,7 +182,7 @@ class OnnxService:
         run_id = engine.run(batch[0].op, args, done)
         self.runs[model] = (run_id, batch)
 
-    def _pick(self, model: str) -> list[OnnxJob]:
+    def _pick(self, model: str) -> list[Request]:
         """The next run: one infer, or embeds in pick order up to ``onnx.max_batch`` texts.
 
         Items are taken one at a time so the scheduler's order decides; the first one that
@@ -213,7 +190,7 @@ class OnnxService:
         its age and so its place at the head.
         """
         now = time.monotonic()
-        batch: list[OnnxJob] = []
+        batch: list[Request] = []
         texts = 0
         limit = self.cfg.onnx.max_batch
         while True:
@@ -221,37 +198,38 @@ class OnnxService:
             if not items:
                 return batch
             job = items[0].payload
-            if not isinstance(job, OnnxJob) or self.jobs.get(job.request_id) is not job \
-                    or job.state != "queued":
-                continue  # stale (already failed): drop it
+            if not isinstance(job, Request) or self.requests.get(job.request_id) is not job \
+                    or job.state is not State.QUEUED:
+                self.scheduler.finish(items[0].request_id)  # stale (already failed): drop it
+                continue
             if not batch:
                 batch.append(job)
                 texts = job.n_texts
-                if job.op != "embed":
+                if job.kind is not Kind.EMBED:
                     return batch
                 continue
-            if job.op != "embed" or texts + job.n_texts > limit:
+            if job.kind is not Kind.EMBED or texts + job.n_texts > limit:
                 self.scheduler.requeue(items[0], now)
                 return batch
             batch.append(job)
             texts += job.n_texts
 
-    def _finished(self, model: str, engine: OnnxRunEngine, batch: list[OnnxJob],
+    def _finished(self, model: str, engine: OnnxRunEngine, batch: list[Request],
                   started: float, result: Any, error: BaseException | None) -> None:
         """On the loop: a run ended; answer its jobs and start the next run."""
         now = time.monotonic()
         if self.runs.get(model, (0, None))[1] is batch:
             del self.runs[model]
         lm = self.models.loaded.get(model)
+        for job in batch:
+            self.scheduler.finish(job.request_id)
         if lm is not None:
-            for job in batch:
-                lm.running.discard(job.request_id)
             lm.last_used = now
         engine.busy = False
         if error is None:
             self.scheduler.record_service(model, now - started)
         for i, job in enumerate(batch):
-            if job.state == "done":  # timed out or aborted meanwhile: its caller is gone
+            if job.state is State.DONE:  # timed out or aborted meanwhile: its caller is gone
                 continue
             if error is not None:
                 if isinstance(error, InfernoError):
@@ -263,12 +241,12 @@ class OnnxService:
             self._done(job, self._reply(job, i, batch, result, lm))
         self.dispatch(model)
 
-    def _reply(self, job: OnnxJob, i: int, batch: list[OnnxJob], result: dict[str, Any],
+    def _reply(self, job: Request, i: int, batch: list[Request], result: dict[str, Any],
                lm: LoadedModel | None) -> dict[str, Any]:
         stats: dict[str, Any] = {"run_ms": round(result["run_ms"], 3)}
         engine = lm.engine if lm is not None else None
         provider = engine.provider if isinstance(engine, OnnxRunEngine) else None
-        if job.op == "embed":
+        if job.kind is Kind.EMBED:
             r = result["results"][i]
             stats.update(tokenize_ms=round(result["tokenize_ms"], 3),
                          prefill_ms=round(result["run_ms"], 3),
@@ -285,7 +263,7 @@ class OnnxService:
         return reply
 
     # -- endings ----------------------------------------------------------------------------
-    def _final_stats(self, job: OnnxJob, reason: str, stats: dict[str, Any]) -> dict[str, Any]:
+    def _final_stats(self, job: Request, reason: str, stats: dict[str, Any]) -> dict[str, Any]:
         """Generation's final-stats shape, so one profiler reads both."""
         now = time.monotonic()
         out = dict(stats)
@@ -296,25 +274,25 @@ class OnnxService:
                    prompt_tokens=out.get("prompt_tokens", 0), completion_tokens=0)
         return out
 
-    def _done(self, job: OnnxJob, reply: dict[str, Any]) -> None:
+    def _done(self, job: Request, reply: dict[str, Any]) -> None:
         reply["stats"] = self._final_stats(job, "done", reply.get("stats") or {})
-        job.state = "done"
+        job.move(State.DONE, time.monotonic())
         self._finish(job, "done", reply["stats"])
-        if not job.future.done():
+        if job.future is not None and not job.future.done():
             job.future.set_result(reply)
 
-    def _fail(self, job: OnnxJob, code: str, message: str, hint: str | None) -> None:
-        if job.state == "done":
+    def _fail(self, job: Request, code: str, message: str, hint: str | None) -> None:
+        if job.state is State.DONE:
             return
         final = self._final_stats(job, code, {})
-        job.state = "done"
+        job.move(State.DONE, time.monotonic())
         self._finish(job, code, final)
-        if not job.future.done():
+        if job.future is not None and not job.future.done():
             job.future.set_exception(InfernoError(code, message, hint))
             job.future.exception()  # retrieved: nobody may be waiting any more
 
-    def _finish(self, job: OnnxJob, reason: str, final: dict[str, Any]) -> None:
-        self.jobs.pop(job.request_id, None)
+    def _finish(self, job: Request, reason: str, final: dict[str, Any]) -> None:
+        self.requests.pop(job.request_id)
         if self.on_profile is not None:
             try:
                 self.on_profile(job, reason, final)
@@ -323,21 +301,20 @@ class OnnxService:
         self._queue_changed()
 
     def _queue_changed(self) -> None:
-        if self.on_queue_change is not None:
-            self.on_queue_change()
+        self.requests.publish_queue()
 
-    def _abandon(self, job: OnnxJob, code: str, message: str) -> None:
+    def _abandon(self, job: Request, code: str, message: str) -> None:
         """End ``job`` now with the error ``code``. A waiting job leaves the scheduler; a
         running one's result will be dropped, and its run is terminated once no job of
         its batch still wants it, so the worker is free for the next run early."""
         state = job.state
-        if state == "queued":
+        if state is State.QUEUED:
             self.scheduler.cancel(job.request_id)
         self._fail(job, code, message, None)
         run = self.runs.get(job.model)
-        if state != "running" or run is None or not any(j is job for j in run[1]):
+        if state is not State.RUNNING or run is None or not any(j is job for j in run[1]):
             return
-        if all(j.state == "done" for j in run[1]):
+        if all(j.state is State.DONE for j in run[1]):
             lm = self.models.loaded.get(job.model)
             if lm is not None and isinstance(lm.engine, OnnxRunEngine):
                 lm.engine.terminate(run[0])
@@ -346,49 +323,38 @@ class OnnxService:
     def cancel(self, request_id: str, code: str = "cancelled",
                message: str = "cancelled by request") -> str:
         """``cancel``: the caller's pending reply is the error ``code`` at once."""
-        job = self.jobs.get(request_id)
-        if job is None:
+        job = self.requests.get(request_id)
+        if job is None or job.kind.generates:
             raise InfernoError("unknown_request", f"no active request {request_id}")
         self._abandon(job, code, message)
         return "cancelled"
 
-    def queue_items(self, now: float, waiting: Mapping[str, Mapping[str, Any]],
-                    model: str | None = None) -> list[QueueRow]:
-        """Waiting and running embed/infer requests as queue rows (no tokens, jobs or
-        preemption)."""
-        return [queue_row(now, request_id=j.request_id, kind=j.op,
-                          client=j.client or j.session, session=j.session, model=j.model,
-                          priority=j.priority, state=j.state, submitted=j.submitted,
-                          deadline=j.deadline, waiting=waiting.get(j.request_id))
-                for j in self.jobs.values()
-                if j.state in ("queued", "running") and model in (None, j.model)]
-
     # -- hooks from the daemon --------------------------------------------------------------
-    def expired(self, item: QueueItem) -> None:
-        """The scheduler dropped a queued item whose deadline passed (from the tick)."""
-        job = self.jobs.get(item.request_id)
-        if job is not None and job.state == "queued":
+    def expired(self, job: Request) -> None:
+        """The scheduler dropped queued ``job``: its deadline passed (the core's tick)."""
+        if job.state is State.QUEUED:
             self._fail(job, "deadline_exceeded", "the deadline passed while the request was "
                        "queued", None)
 
     def _model_unloaded(self, model: str) -> None:
-        for job in list(self.jobs.values()):
-            if job.model == model and job.state == "running":
+        for job in self.requests.values(generates=False):
+            if job.model == model and job.state is State.RUNNING:
+                self.scheduler.finish(job.request_id)
                 self._fail(job, "aborted", f"model {model} was unloaded", None)
 
     def _model_failed(self, model: str, message: str, hint: str) -> None:
         """``model``'s runner died. Its run's requests end with ``runner_crashed`` through
         the run's own error (the proxy fails it); queued ones wait for the model to load
         again, behind the crash-loop guard."""
-        if any(j.model == model and j.state == "queued" for j in self.jobs.values()):
+        if any(j.model == model and j.state is State.QUEUED for j in self.requests.values(generates=False)):
             asyncio.get_running_loop().create_task(self._reload(model))
 
     async def _reload(self, model: str) -> None:
         try:
             await self.models.load_for_request(model, None)
         except InfernoError as e:
-            for job in list(self.jobs.values()):
-                if job.model == model and job.state == "queued":
+            for job in self.requests.values(generates=False):
+                if job.model == model and job.state is State.QUEUED:
                     self.scheduler.cancel(job.request_id)
                     self._fail(job, e.code, e.message, e.hint)
             return
@@ -397,13 +363,13 @@ class OnnxService:
     def abort_queued(self, message: str) -> None:
         """Daemon stopping: refuse new work, fail what has not started."""
         self.accepting = False
-        for job in list(self.jobs.values()):
-            if job.state == "queued":
+        for job in self.requests.values(generates=False):
+            if job.state is State.QUEUED:
                 self.scheduler.cancel(job.request_id)
                 self._fail(job, "aborted", message, "resubmit when the daemon is back")
 
     def running_count(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.state == "running")
+        return sum(1 for j in self.requests.values(generates=False) if j.state is State.RUNNING)
 
     def queued_count(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.state == "queued")
+        return sum(1 for j in self.requests.values(generates=False) if j.state is State.QUEUED)

@@ -1,6 +1,9 @@
 """Who gets the next free slot: priorities, aging, deadlines, backpressure, preemption.
 
-A pure, synchronous policy object (house-style principle 3). It owns no thread, no socket and
+A pure, synchronous policy object (house-style principle 3). It owns both halves of a
+model's queue: who waits (in policy order) and who runs (picked by :meth:`Scheduler.pop_ready`
+until :meth:`Scheduler.finish` or a preemption's :meth:`Scheduler.requeue`), so queue.list,
+preemption, status and idle unloading all read one answer to "who is running". It owns no thread, no socket and
 no clock: every method that depends on time takes ``now`` (monotonic seconds), so tests drive
 it with a fake clock and the event loop drives it with ``time.monotonic()``. One internal lock
 makes every public method atomic, so the bound holds even if several threads submit at once.
@@ -29,6 +32,10 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
+from infernod.daemon.queueitem import LevelChange as LevelChange
+from infernod.daemon.queueitem import QueueItem as QueueItem
+from infernod.daemon.queueitem import Running as Running
+from infernod.daemon.queueitem import level_for as level_for
 from infernod.protocol.errors import InfernoError
 from infernod.protocol.vocabulary import PRIORITIES
 
@@ -37,39 +44,8 @@ VIP, HIGH, NORMAL, LOW = 0, 1, 2, 3
 # Stride = lcm(weights) / weight for weights 8/4/2/1. Integers, so 10^6 picks never drift.
 _STRIDE = (1, 2, 4, 8)
 
-ELEVATED_FILL = 0.70  # fill >= 70 % -> elevated
-CRITICAL_FILL = 0.90  # fill > 90 % -> critical
-
 _DEFAULT_RETRY_MS = 1000  # retry hint when nothing has been measured yet
 _SERVED_PRUNE = 4096  # round-robin memory is pruned to waiting clients beyond this many
-
-
-@dataclass(frozen=True, slots=True)
-class QueueItem:
-    """One waiting request. ``payload`` is the server's own data; the scheduler never reads it."""
-
-    request_id: str
-    client: str
-    model: str
-    priority: str = "normal"
-    submitted_at: float = 0.0
-    deadline: float | None = None  # absolute, same monotonic clock as ``now``
-    est_tokens: int = 0  # expected output tokens; 0 = unknown
-    payload: object = None
-    # the principal whose quota it counts against (max_queued_per_owner); "" = none (job
-    # items: their job's quota applies when it is submitted)
-    owner: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class LevelChange:
-    """A queue's backpressure level moved; ``model`` is None for the global queue."""
-
-    model: str | None
-    old: str
-    new: str
-    depth: int
-    limit: int
 
 
 @dataclass(slots=True)
@@ -93,16 +69,6 @@ class _ModelQueue:
         self.service_s: float | None = None  # EWMA of slot-seconds per request
         self.tokens_per_s: float | None = None  # EWMA of per-sequence decode rate
         self.slots: int | None = None
-
-
-def level_for(depth: int, limit: int) -> str:
-    """healthy below 70 % fill, elevated from 70 % to 90 %, critical above 90 %."""
-    fill = depth / limit if limit > 0 else 1.0
-    if fill > CRITICAL_FILL:
-        return "critical"
-    if fill >= ELEVATED_FILL:
-        return "elevated"
-    return "healthy"
 
 
 def _check_priority(priority: str) -> int:
@@ -148,7 +114,8 @@ class Scheduler:
         self._urgent_s = deadline_urgent_s
         self._alpha = ewma_alpha
         self._models: dict[str, _ModelQueue] = {}
-        self._where: dict[str, str] = {}  # request_id -> model
+        self._where: dict[str, str] = {}  # request_id -> model (waiting)
+        self._running: dict[str, Running] = {}  # request_id -> its slot (running)
         self._seq = 0
         self._levels: dict[str | None, str] = {None: "healthy"}
         self._changes: dict[str | None, LevelChange] = {}
@@ -200,7 +167,7 @@ class Scheduler:
         ``would_miss_deadline`` (with ``predicted_wait_ms``), ``conflict`` (id already queued)."""
         _check_priority(item.priority)
         with self._lock:
-            if item.request_id in self._where:
+            if item.request_id in self._where or item.request_id in self._running:
                 raise InfernoError("conflict", f"request {item.request_id} is already queued")
             mq = self._models.get(item.model)
             depth = len(mq.entries) if mq else 0
@@ -227,14 +194,16 @@ class Scheduler:
             self._insert(mq, item)
 
     def requeue(self, item: QueueItem, now: float) -> None:
-        """Put back a preempted request, keeping its original ``submitted_at`` (and so its age
-        and its place ahead of its client's later items). Not an admission: it was admitted
-        once and is never refused, so the queue may exceed its bound by at most the number of
-        sequences being preempted (at most the slot count) until those resume."""
+        """Put back a preempted request (or one picked but not started: it leaves the running
+        set), keeping its original ``submitted_at`` (and so its age and its place ahead of its
+        client's later items). Not an admission: it was admitted once and is never refused, so
+        the queue may exceed its bound by at most the number of sequences being preempted (at
+        most the slot count) until those resume."""
         del now  # part of the signature so a future policy may use it
         with self._lock:
             if item.request_id in self._where:
                 raise InfernoError("conflict", f"request {item.request_id} is already queued")
+            self._running.pop(item.request_id, None)
             self._insert(self._queue(item.model), item)
 
     def _insert(self, mq: _ModelQueue, item: QueueItem) -> None:
@@ -287,8 +256,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ picking
     def pop_ready(self, model: str, n: int, now: float) -> list[QueueItem]:
-        """Remove and return up to ``n`` items for the free slots of ``model``, in policy order.
-        Expired items are never returned (they wait for :meth:`expire`)."""
+        """Move up to ``n`` items of ``model`` from waiting to running, in policy order, and
+        return them; each holds a slot until :meth:`finish` (or :meth:`requeue`). Expired
+        items are never returned (they wait for :meth:`expire`)."""
         with self._lock:
             mq = self._models.get(model)
             if mq is None or n <= 0 or not mq.entries:
@@ -296,7 +266,48 @@ class Scheduler:
             picked = self._order(mq, list(mq.entries.values()), now, n, commit=True)
             for e in picked:
                 self._remove(e.item.request_id)
+                self._running[e.item.request_id] = Running(e.item, now)
             return [e.item for e in picked]
+
+    def finish(self, request_id: str) -> QueueItem | None:
+        """A running item's slot is free (it ended, however); None if it was not running."""
+        with self._lock:
+            r = self._running.pop(request_id, None)
+            return None if r is None else r.item
+
+    def mark(self, request_id: str, *, preempting: bool | None = None,
+             stopping: bool | None = None) -> None:
+        """Note what was asked of a running item (a pause for a vip, a stop)."""
+        with self._lock:
+            r = self._running.get(request_id)
+            if r is None:
+                return
+            self._running[request_id] = replace(
+                r, preempting=r.preempting if preempting is None else preempting,
+                stopping=r.stopping if stopping is None else stopping)
+
+    def running(self, model: str | None = None) -> list[Running]:
+        """Items holding a slot of ``model`` (or of every model), oldest pick first."""
+        with self._lock:
+            return sorted((r for r in self._running.values()
+                           if model is None or r.item.model == model),
+                          key=lambda r: r.started_at)
+
+    def running_count(self, model: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for r in self._running.values() if model is None or r.item.model == model)
+
+    def free_slots(self, model: str) -> int:
+        """Slots of ``model`` a pick may fill now: its slot count less the items running,
+        a preempting one excepted (the engine applies commands in order, so the next pick
+        is admitted in the very step that pauses the victim). 0 until ``set_slots``."""
+        with self._lock:
+            mq = self._models.get(model)
+            if mq is None or mq.slots is None:
+                return 0
+            busy = sum(1 for r in self._running.values()
+                       if r.item.model == model and not r.preempting)
+            return max(0, mq.slots - busy)
 
     def expire(self, now: float) -> list[QueueItem]:
         """Remove and return every item whose deadline has passed, oldest deadline first."""
@@ -318,13 +329,19 @@ class Scheduler:
             return self._remove(request_id)
 
     def reprioritize(self, request_id: str, priority: str, now: float) -> QueueItem | None:
-        """Change a waiting item's requested class, keeping its age; None if not waiting."""
+        """Change an item's requested class, keeping its age; None if neither waiting nor
+        running (a running item's new class decides whether a vip may preempt it)."""
         del now  # effective class is computed at pick time; kept for API symmetry
         _check_priority(priority)
         with self._lock:
             model = self._where.get(request_id)
             if model is None:
-                return None
+                r = self._running.get(request_id)
+                if r is None:
+                    return None
+                item = replace(r.item, priority=priority)
+                self._running[request_id] = replace(r, item=item)
+                return item
             entry = self._models[model].entries[request_id]
             entry.item = replace(entry.item, priority=priority)
             return entry.item
@@ -421,6 +438,13 @@ class Scheduler:
                 for key in [k for k in served if k[1] not in waiting]:
                     del served[key]
         return out
+
+    def pick_victim(self, model: str, now: float) -> str | None:
+        """:meth:`should_preempt` over this scheduler's own running items of ``model`` (those
+        not already pausing or stopping); the caller then sends the pause and marks it."""
+        candidates = [(r.request_id, r.item.priority, r.started_at) for r in self.running(model)
+                      if not r.preempting and not r.stopping]
+        return self.should_preempt(model, candidates, now)
 
     def should_preempt(
         self, model: str, running: list[tuple[str, str, float]], now: float

@@ -32,9 +32,8 @@ from infernod.telemetry.sampler import MAX_RATE_HZ, MIN_RATE_HZ, TelemetrySample
 from infernod.telemetry.stats import LatencyStats
 
 if TYPE_CHECKING:
-    from infernod.daemon.generation import Gen
-    from infernod.daemon.onnx import OnnxJob
     from infernod.daemon.publisher import Publisher
+    from infernod.daemon.requests import Request
     from infernod.telemetry.prometheus import PrometheusExporter
 
 log = logging.getLogger("infernod.telemetry")
@@ -136,13 +135,13 @@ class TelemetryService:
         return {"rss": s.rss_bytes(), "gpu_mem": s.gpu_memory_used_bytes(),
                 "energy": s.energy_j()}
 
-    def on_run_start(self, gen: Gen | OnnxJob) -> None:
+    def on_run_start(self, gen: Request) -> None:
         """An engine started the request (called again when a preempted one resumes: the
         first start counts)."""
         if gen.request_id not in self._starts:
             self._starts[gen.request_id] = self._readings()
 
-    def on_profile(self, gen: Gen | OnnxJob, reason: str, final: dict[str, Any]) -> None:
+    def on_profile(self, gen: Request, reason: str, final: dict[str, Any]) -> None:
         """A generation finished, however it ended: profile it, keep it, publish it."""
         now = time.monotonic()
         start = self._starts.pop(gen.request_id, None)
@@ -168,7 +167,7 @@ def _ms(x: Any) -> float | None:
     return None if x is None else round(float(x), 3)
 
 
-def build_profile(gen: Gen | OnnxJob, reason: str, final: dict[str, Any], start: dict[str, Any] | None,
+def build_profile(gen: Request, reason: str, final: dict[str, Any], start: dict[str, Any] | None,
                   end: dict[str, Any] | None, now: float) -> RequestProfile:
     """A :class:`RequestProfile` from the generation, its final stats and the resource
     readings at run start and end (None when it never ran). Pure: ``now`` is monotonic."""

@@ -9,18 +9,21 @@ from typing import Any
 from infernod.backends import templates
 from infernod.config import Config
 from infernod.daemon.catalog import ModelCatalog
-from infernod.daemon.generation import Gen, GenerationService
-from infernod.daemon.onnx import OnnxJob, OnnxService
+from infernod.daemon.generation import GenerationService
+from infernod.daemon.onnx import OnnxService
 from infernod.daemon.queue import QueueService
+from infernod.daemon.requests import Kind, Request, RequestRunner, RequestTable, State
 from infernod.daemon.server import Call
 from infernod.protocol.errors import InfernoError
 
 
 class InferenceHandlers:
     def __init__(self, cfg: Callable[[], Config], catalog: ModelCatalog,
-                 gen: GenerationService, onnx: OnnxService, queue: QueueService) -> None:
+                 gen: GenerationService, onnx: OnnxService, queue: QueueService,
+                 requests: RequestTable) -> None:
         self.cfg = cfg  # read per request: SIGHUP replaces the daemon's config
         self.catalog = catalog
+        self.requests = requests
         self.gen = gen
         self.onnx = onnx
         self.queue = queue
@@ -42,11 +45,11 @@ class InferenceHandlers:
         if deadline_mono is not None and deadline_mono <= now:
             raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
         request_id = f"{req.session}.{req.header['id']}"
-        gen = Gen(request_id=request_id, session=req.session, principal=req.principal,
-                  model=info.name, prompt=prompt,
-                  body=b, priority=b.get("priority") or "normal", submitted=now,
-                  deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
-                  topic=f"tokens.{request_id}")
+        gen = Request(kind=Kind.GENERATE, request_id=request_id, session=req.session,
+                      principal=req.principal, model=info.name, prompt=prompt, body=b,
+                      priority=b.get("priority") or "normal", submitted=now,
+                      deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
+                      topic=f"tokens.{request_id}")
         self.gen.submit(gen)
         gen.hold, req.hold = req.hold, None  # the prompt stays in memory until gen finishes
         self.queue.admitted(gen.model)
@@ -64,8 +67,8 @@ class InferenceHandlers:
     async def cancel(self, req: Call) -> dict[str, Any]:
         """A generation, or a waiting or running embed/infer (same ids, same rule)."""
         rid = req.body["request_id"]
-        target: Gen | OnnxJob | None = self.gen.gens.get(rid) or self.onnx.jobs.get(rid)
-        if target is None or target.state == "done":
+        target = self.requests.get(rid)
+        if target is None or target.state is State.DONE:
             raise InfernoError("unknown_request", f"no active request {rid}")
         # the owner is the session that sent it, from the same principal: a session id is
         # visible to everyone (queue.list), the principal is the kernel's or the key's word
@@ -73,6 +76,5 @@ class InferenceHandlers:
         if not owner and req.role != "operator":
             raise InfernoError("forbidden", "only the request's owner or an operator may "
                                             "cancel it", "ask an operator")
-        if rid in self.gen.gens:
-            return {"request_id": rid, "state": self.gen.cancel(rid)}
-        return {"request_id": rid, "state": self.onnx.cancel(rid)}
+        runner: RequestRunner = self.gen if target.kind.generates else self.onnx
+        return {"request_id": rid, "state": runner.cancel(rid)}

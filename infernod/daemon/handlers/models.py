@@ -38,7 +38,7 @@ class ModelHandlers:
         out["chat_template_name"] = templates.template_name_for(info)
         out["memory_estimate_bytes"] = self.models.estimate_bytes(info)
         lm = self.models.loaded.get(info.name)
-        out.update(lm.to_wire(time.monotonic()) if lm else {"state": "available"})
+        out.update(self.models.wire(lm, time.monotonic()) if lm else {"state": "available"})
         return out
 
     async def load(self, req: Call) -> dict[str, Any]:

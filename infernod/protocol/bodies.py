@@ -17,7 +17,7 @@ No ``from __future__ import annotations``: NotRequired must be seen at class cre
 
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NotRequired, TypedDict, cast
 
 # -- queue: one row shape for queue.list and the `queue` topic ---------------------------------
@@ -425,7 +425,39 @@ def _union_args(tp: Any) -> tuple[Any, ...] | None:
     return None
 
 
+_CHECKERS: dict[Any, Callable[[object], bool]] = {}
+
+
 def _accepts(tp: Any, v: object) -> bool:
+    """Whether ``v`` has type ``tp`` (one compiled check per type: readers parse every
+    queue row and sample, so this runs often)."""
+    check = _CHECKERS.get(tp)
+    if check is None:
+        check = _CHECKERS[tp] = _compile(tp)
+    return check(v)
+
+
+def _compile(tp: Any) -> Callable[[object], bool]:
+    if tp is bool:
+        return lambda v: v is True or v is False
+    if tp is int:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    if tp is str:
+        return lambda v: isinstance(v, str)
+    if tp is type(None) or tp is None:
+        return lambda v: v is None
+    args = _union_args(tp)
+    if args is not None:
+        checks = [_compile(a) for a in args]
+        return lambda v: any(c(v) for c in checks)
+    if typing.is_typeddict(tp):
+        return lambda v: isinstance(v, Mapping)
+    return lambda v: _accepts_slow(tp, v)
+
+
+def _accepts_slow(tp: Any, v: object) -> bool:
     if tp is Any:
         return True
     if tp is type(None) or tp is None:
@@ -466,8 +498,18 @@ def _mismatch(tp: Any, v: object, path: str) -> list[str]:
     return out
 
 
+_BODIES_IN: dict[Any, list[type]] = {}
+
+
 def _bodies_in(tp: Any) -> list[type]:
     """The TypedDicts a field's type holds directly, in a union or as list items."""
+    got = _BODIES_IN.get(tp)
+    if got is None:
+        got = _BODIES_IN[tp] = _find_bodies(tp)
+    return got
+
+
+def _find_bodies(tp: Any) -> list[type]:
     args = _union_args(tp)
     if args is not None:
         return [b for a in args for b in _bodies_in(a)]

@@ -106,6 +106,10 @@ class ModelsConfig:
                                 "keep the cores busy, 'auto' is OpenMP's default (or "
                                 "OMP_WAIT_POLICY from the environment)",
                         choices=("auto", "spin", "sleep"), restart=True)
+    flash_attn: str = opt("auto", "flash attention in llama.cpp: 'auto' uses it where the "
+                                  "backend supports it (as llama-server does), 'on' requires "
+                                  "it, 'off' never uses it",
+                          choices=("auto", "on", "off"), restart=True)
     n_gpu_layers: int = opt(0, "layers offloaded to the GPU; -1 = all", min=-1, max=100000,
                             restart=True)
     swa_full: bool = opt(False, "full-size sliding-window KV cache: prefixes reusable at any "

@@ -54,7 +54,7 @@ class GgufEngine:
         swa_full: bool = False,
         prefill_chunk: int = 256,
         sink: EngineSink | None = None,
-        flash_attn: bool = False,
+        flash_attn: str = "off",  # "auto" | "on" | "off": the daemon passes models.flash_attn
         park_slots: int | None = None,
         host_cache_bytes: int = 256 << 20,
     ) -> None:

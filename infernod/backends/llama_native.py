@@ -87,7 +87,7 @@ def create_context(
     n_batch: int,
     n_threads: tuple[int, int],
     swa_full: bool,
-    flash_attn: bool,
+    flash_attn: str,
 ) -> Any:
     """A context with a unified KV cache of ``n_cells`` cells shared by ``n_seq_max`` sequence
     ids; one ubatch per batch; outputs capped at one per sequence id (llama.cpp reserves that
@@ -103,9 +103,9 @@ def create_context(
     p.kv_unified = True
     p.swa_full = swa_full
     p.no_perf = True
-    p.flash_attn_type = (
-        llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    )
+    p.flash_attn_type = {"auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,  # on where the backend can
+                         "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                         "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
     return llama.llama_init_from_model(model, p)
 
 

@@ -343,7 +343,7 @@ class ModelManager:
         cores = os.cpu_count() or 1
         kwargs = {"path": str(info.path), "n_ctx": m.n_ctx, "n_slots": m.slots,
                   "n_threads": m.threads or cores, "n_threads_batch": m.threads_batch or cores,
-                  "n_gpu_layers": m.n_gpu_layers, "swa_full": m.swa_full,
+                  "n_gpu_layers": m.n_gpu_layers, "swa_full": m.swa_full, "flash_attn": m.flash_attn,
                   "prefill_chunk": m.prefill_chunk,
                   "park_slots": park_count(m.slots, m.park_slots),
                   "host_cache_bytes": m.host_cache_mib << 20}

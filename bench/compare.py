@@ -16,7 +16,8 @@ Every round measures every server in turn, the order alternating from round to r
 drift hits all sides; ratios to ``llama-server`` are taken within a round, and the table
 shows their median and range. Work: 64-token greedy completions (EOS ignored, a distinct
 prompt per request so no side reuses a cached prefix); one stream, then 8 concurrent clients.
-While infernod's 8 streams run, another client pings it (p99 of the round trip). RSS is read
+While a server's 8 streams run, another client pings it from a process of its own
+(infernod: ``ping``; llama-server: ``GET /health``; p99 of the round trip). RSS is read
 after each 8-client run (infernod: the daemon and every process under it).
 
 The long-prompt stall: 4 streams decode, then a 3,000-token prompt arrives; the longest gap
@@ -186,24 +187,35 @@ def daemon_concurrent(endpoint: str, clients: int, base: int) -> dict[str, float
 
 
 PINGER = r"""
-import json, sys, time
-from infernod.client import Client
-with Client(sys.argv[1], timeout=30) as c:
-    c.wait_welcome()
-    print("ready", flush=True)
-    rtts = []
-    while not sys.stdin.readline() == "":  # the parent writes a line per ping, EOF to stop
-        t0 = time.perf_counter()
-        c.request("ping", timeout=30)
-        rtts.append((time.perf_counter() - t0) * 1000)
-        print("", flush=True)
+import http.client, json, sys, time, urllib.parse
+target = sys.argv[1]
+if target.startswith("http://"):  # llama-server: GET /health on one kept-alive connection
+    u = urllib.parse.urlsplit(target)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    def ping():
+        conn.request("GET", u.path)
+        conn.getresponse().read()
+    ready = ping
+else:  # infernod: the ping request
+    from infernod.client import Client
+    c = Client(target, timeout=30)
+    ping = lambda: c.request("ping", timeout=30)
+    ready = c.wait_welcome
+ready()
+print("ready", flush=True)
+rtts = []
+while not sys.stdin.readline() == "":  # the parent writes a line per ping, EOF to stop
+    t0 = time.perf_counter()
+    ping()
+    rtts.append((time.perf_counter() - t0) * 1000)
+    print("", flush=True)
 print(json.dumps(rtts), flush=True)
 """
 
 
 class Pinger:
-    """Pings the daemon every 10 ms from a process of its own, as another user would: the
-    round trips. (A thread beside the 8 stream clients would measure their GIL, not the
+    """Pings a server every 10 ms from a process of its own, as another user would: the
+    round trips (infernod: ``ping``; llama-server: ``GET /health``). (A thread beside the 8 stream clients would measure their GIL, not the
     daemon: a waiting thread can sit up to the 5 ms switch interval before it runs.)"""
 
     def __init__(self, endpoint: str) -> None:
@@ -245,7 +257,9 @@ def start_daemon(args: argparse.Namespace, model: Path) -> DaemonProcess:
     d = DaemonProcess({"models": {"dirs": [str(model.parent / "models")], "n_ctx": N_CTX,
                                   "slots": CLIENTS, "install_default": False,
                                   "threads": args.daemon_threads,
-                                  "host_cache_mib": args.host_cache_mib}})
+                                  "host_cache_mib": args.host_cache_mib,
+                                  **({"flash_attn": args.flash_attn} if args.flash_attn
+                                     else {})}})
     d.start()
     with d.client(timeout=300) as c:
         c.load("gemma3-270m")
@@ -465,6 +479,8 @@ def main() -> int:
                     "batched example server (examples/server in its sdist)")
     ap.add_argument("--daemon-threads", type=int, default=0,
                     help="infernod models.threads (decode threads; 0 = its default)")
+    ap.add_argument("--flash-attn", choices=("auto", "on", "off"),
+                    help="infernod's models.flash_attn (default: the daemon's own default)")
     ap.add_argument("--host-cache-mib", type=int, default=256,
                     help="infernod models.host_cache_mib (0 = idle cells stay in the KV cache)")
     args = ap.parse_args()
@@ -492,7 +508,7 @@ def main() -> int:
             proc, url = start_llama_server(bindir / "llama-server", model)
             procs.append(proc)
             sides.append(Side("llama-server", lambda i, b, **kw: llama_server_stream(
-                url, i, b, **kw), proc.pid))
+                url, i, b, **kw), proc.pid, pinger=lambda: Pinger(url + "/health")))
         daemon = start_daemon(args, model)
         endpoint = daemon.endpoint
         sides.append(Side("infernod", lambda i, b, **kw: daemon_stream(endpoint, i, b, **kw),
@@ -539,7 +555,7 @@ def main() -> int:
 def measure(args: argparse.Namespace, llm: Any, sides: list[Side]) -> dict[str, Any]:
     runs: dict[str, Any] = {s.name: {"single": [], "clients": [], "rss": []} for s in sides}
     runs["llama-cpp-python in process"] = {"single": []}
-    runs["ping_ms"] = []
+    runs["ping_ms"] = {s.name: [] for s in sides if s.pinger is not None}
     base = 0
     direct_single(llm, 10_000)  # warm up every side once
     for s in sides:
@@ -557,7 +573,8 @@ def measure(args: argparse.Namespace, llm: Any, sides: list[Side]) -> dict[str, 
             base += CLIENTS
             runs[s.name]["clients"].append(res)
             runs[s.name]["rss"].append(s.rss())
-            runs["ping_ms"] += rtts
+            if rtts:
+                runs["ping_ms"][s.name] += rtts
     return runs
 
 
@@ -597,10 +614,12 @@ def report(runs: dict[str, Any]) -> dict[str, Any]:
             row["rss_mib"] = max(r["rss"]) / 2**20
         sides[name] = row
     out: dict[str, Any] = {"sides": sides}
-    if runs["ping_ms"]:
-        out["infernod_ping_ms_under_8_streams"] = {
-            "p50": statistics.median(runs["ping_ms"]), "p99": p99(runs["ping_ms"]),
-            "n": len(runs["ping_ms"])}
+    # A second client's round trip while a side's 8 streams run (infernod: ping,
+    # llama-server: GET /health): both sides carry the same pinger, so their throughput is
+    # measured under the same extra load.
+    out["ping_ms_under_8_streams"] = {
+        name: {"p50": statistics.median(xs), "p99": p99(xs), "n": len(xs)}
+        for name, xs in runs["ping_ms"].items() if xs}
     if "stall" in runs:
         out["stall"] = {name: {"max_gap_s": max(x["max_gap_s"] for x in xs),
                                "long_prompt_ttft_s": statistics.median(
@@ -634,9 +653,9 @@ def print_table(r: dict[str, Any]) -> None:
               f" | {rss} |")
     if "llama_bench_tg64" in r:
         print(f"| llama-bench tg{r['tokens']} (no server) | {r['llama_bench_tg64']:.1f} | | | | |")
-    if "infernod_ping_ms_under_8_streams" in r:
-        p = r["infernod_ping_ms_under_8_streams"]
-        print(f"\ninfernod `ping` while its {r['clients']} streams run: p50 {p['p50']:.1f} ms, "
+    for name, p in r.get("ping_ms_under_8_streams", {}).items():
+        what = "`ping`" if name == "infernod" else "`GET /health`"
+        print(f"\n{name} {what} while its {r['clients']} streams run: p50 {p['p50']:.1f} ms, "
               f"p99 {p['p99']:.1f} ms ({p['n']} pings)")
     if "stall" in r:
         print(f"\n| {STALL_PROMPT_TOKENS}-token prompt arrives while {STALL_STREAMS} streams run "

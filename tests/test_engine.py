@@ -496,3 +496,42 @@ def test_vip_prompt_gets_a_step_of_its_own(engine: Any, sink: Recorder) -> None:
         sink.wait(rid, *busy)
         results[prio] = first_after(rid, busy)
     assert results == {"normal": False, "vip": True}
+
+
+@pytest.mark.model
+def test_a_context_smaller_than_the_prefill_chunk_still_generates(
+        default_model_path: Path, tmp_path: Path) -> None:
+    """n_ctx 64 x 1 slot with the default 256-token chunk: llama.cpp clamps n_batch to the 64
+    cells and used to abort on the first prompt chunk (GGML_ASSERT), so this runs in a child
+    process: an abort there fails the test instead of killing the session."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading
+from infernod.backends.base import GenerationRequest, SamplingParams
+from infernod.backends.gguf import GgufEngine
+done = threading.Event()
+out = {{}}
+class Sink:
+    def on_started(self, rid, info): pass
+    def on_tokens(self, rid, text, n): pass
+    def on_finished(self, rid, reason, stats):
+        out["stats"] = stats
+        done.set()
+    def on_error(self, rid, code, message, hint):
+        out["error"] = code
+        done.set()
+eng = GgufEngine({str(default_model_path)!r}, n_ctx=64, n_slots=1, sink=Sink())
+eng.start()
+eng.submit(GenerationRequest("r", prompt="one two three four five six seven eight nine ten "
+                             "eleven twelve", max_tokens=8, ignore_eos=True,
+                             sampling=SamplingParams(temperature=0.0)))
+assert done.wait(60), "no finish"
+eng.close()
+print(out.get("error"), out.get("stats", {{}}).get("completion_tokens"))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["None", "8"], proc.stdout

@@ -67,7 +67,9 @@ class GgufEngine:
         self.n_threads_batch = n_threads_batch
         self.n_gpu_layers = n_gpu_layers
         self.swa_full = swa_full
-        self.prefill_chunk = prefill_chunk
+        # A step's batch (one token per decoding slot plus the prompt chunk) must fit the
+        # context's cells: llama.cpp clamps n_batch to them and aborts on a larger batch.
+        self.prefill_chunk = prefill_chunk = min(prefill_chunk, n_slots * (n_ctx - 1))
         self.flash_attn = flash_attn
         self.park_slots = park_count(n_slots, park_slots)
         self.sink = GuardedSink(sink)  # a failing sink must not kill the decode thread

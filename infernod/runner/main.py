@@ -166,7 +166,8 @@ class Runner:
                 raise SystemExit(0)
 
     def load(self, kwargs: dict[str, Any]) -> bool:
-        """Build the engine ``load`` names (``backend``: a loader per model kind)."""
+        """Build the engine ``load`` names (``backend``: a loader per model kind) and answer
+        ``ready``, or ``load_failed`` with the reason."""
         kwargs = dict(kwargs)
         backend = kwargs.pop("backend", "gguf")
         loaders = {"gguf": self.load_gguf, "onnx": self.load_onnx}
@@ -175,55 +176,45 @@ class Runner:
             self.send("load_failed", {"code": "internal", "hint": None,
                                       "message": f"this runner has no {backend!r} backend"})
             return False
-        return loader(kwargs)
+        try:
+            ready = loader(kwargs)
+        except InfernoError as e:
+            self.send("load_failed", e.to_wire())
+            return False
+        except Exception as e:
+            self.send("load_failed", {"code": "internal", "message": f"loading failed: {e}",
+                                      "hint": None})
+            return False
+        self.send("ready", ready)
+        return True
 
-    def load_gguf(self, kwargs: dict[str, Any]) -> bool:
+    def load_gguf(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         from infernod.backends.gguf import GgufEngine
 
-        try:
-            engine = GgufEngine(sink=self.sink, **kwargs)
-            step = engine.step
-            sink = self.sink
+        engine = GgufEngine(sink=self.sink, **kwargs)
+        step = engine.step
+        sink = self.sink
 
-            def batched_step() -> None:  # one wake-up (one message) per decode step
-                sink.step_started()
-                try:
-                    step()
-                finally:
-                    sink.step_ended()
+        def batched_step() -> None:  # one wake-up (one message) per decode step
+            sink.step_started()
+            try:
+                step()
+            finally:
+                sink.step_ended()
 
-            engine.step = batched_step  # type: ignore[method-assign]
-            engine.start()
-        except InfernoError as e:
-            self.send("load_failed", e.to_wire())
-            return False
-        except Exception as e:
-            self.send("load_failed", {"code": "internal", "message": f"loading failed: {e}",
-                                      "hint": None})
-            return False
+        engine.step = batched_step  # type: ignore[method-assign]
+        engine.start()
         self.engine = engine
-        self.send("ready", {"memory": engine.memory_bytes(), "n_slots": engine.n_slots,
-                            "info": engine.wire_info(),
-                            "gpu_offload": engine.supports_gpu_offload})
-        return True
+        return {"memory": engine.memory_bytes(), "n_slots": engine.n_slots,
+                "info": engine.wire_info(), "gpu_offload": engine.supports_gpu_offload}
 
-    def load_onnx(self, kwargs: dict[str, Any]) -> bool:
+    def load_onnx(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         from infernod.backends.onnx_engine import OnnxEngine
 
-        try:
-            engine = OnnxEngine(**kwargs)
-            engine.start()
-        except InfernoError as e:
-            self.send("load_failed", e.to_wire())
-            return False
-        except Exception as e:
-            self.send("load_failed", {"code": "internal", "message": f"loading failed: {e}",
-                                      "hint": None})
-            return False
+        engine = OnnxEngine(**kwargs)
+        engine.start()
         self.engine, self.onnx = engine, True
-        self.send("ready", {"memory": {}, "n_slots": engine.n_slots,
-                            "info": engine.wire_info()})
-        return True
+        return {"memory": {}, "n_slots": engine.n_slots, "info": engine.wire_info()}
 
     def run_onnx(self, run_id: int, op: str, args: dict[str, Any]) -> None:
         """Queue a run on the OnnxEngine's worker; its end goes out as an events batch."""

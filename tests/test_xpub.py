@@ -426,12 +426,15 @@ def test_a_subscription_flood_does_not_freeze_the_daemon(daemon_factory):
           f"{rss0 / 2**20:.1f} -> {rss / 2**20:.1f} MiB; held {held}")
     assert flood["sent"] == 300_000, flood
     assert len(texts) == 4 and all(texts), texts
-    # The bounds are a kept period and p99 < 50 ms. On the shared 2-core machine
-    # this was written on (load ~10, p99 26-80 ms with no flood at all) it measured one late
-    # beat of 1.0-2.4 s and p99 60-120 ms; old main stalled replies for 11 s and more.
+    # The bounds are a kept period and p99 < 50 ms. With the models in runner
+    # processes a quiet 2-core VM measures p99 10-21 ms during the flood (7-10 ms before it);
+    # old main stalled replies for 11 s and more. A busy machine is slower with no flood at
+    # all, so the bound is 50 ms or five times what this run measured before the flood.
     # What must hold anywhere: no client misses 3 beats (it would declare the daemon lost),
     # replies never stall for long, and memory comes back.
     assert max(gaps) < 3.0, gaps
-    assert p99 < 0.25, f"ping p99 {p99 * 1000:.1f} ms (before: {base99 * 1000:.1f})"
+    bound = max(0.05, 5 * base99)
+    assert p99 < bound, (f"ping p99 {p99 * 1000:.1f} ms over {bound * 1000:.0f} ms "
+                         f"(before: {base99 * 1000:.1f})")
     assert rss - rss0 < 10 * 2**20, f"RSS grew {(rss - rss0) / 2**20:.1f} MiB"
     assert _welcome(d)["seqs"]  # and a new client connects at once

@@ -101,8 +101,10 @@ class QueueService:
         return self.requests.queue_snapshot(now, model)
 
     def reprioritize(self, request_id: str, priority: str, now: float) -> str:
+        """A live request of any kind (a generate, a job item, an embed, an infer) gets
+        ``priority`` for its next pick, or, running, for the next victim choice."""
         gen = self.requests.get(request_id)
-        if gen is None or not gen.kind.generates:
+        if gen is None or gen.state is State.DONE:
             raise InfernoError("unknown_request", f"no active request {request_id}")
         gen.priority = priority
         self.scheduler.reprioritize(request_id, priority, now)  # waiting or running

@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $INFERNO_ENDPOINT or the local daemon)")
     p.add_argument("--server-key", help="server public key file (tcp:// with CURVE)")
     p.add_argument("--client-key", help="client secret key file (tcp:// with CURVE)")
+    p.add_argument("--daemon", metavar="NAME",
+                   help="a daemon named in client.toml ([daemons.NAME]); see 'inferno fleet'")
     p.add_argument("--timeout", type=float, default=10.0, help="request timeout, seconds")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -430,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     from infernod.cli import telemetry as cli_telemetry  # stats, metrics, bench
 
     cli_telemetry.add_parsers(add)
+    from infernod.cli import fleet as cli_fleet  # fleet
+
+    cli_fleet.add_parser(add)
+    COMMANDS["fleet"] = cli_fleet.cmd_fleet
     return p
 
 

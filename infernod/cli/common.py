@@ -38,7 +38,7 @@ def _client(args: argparse.Namespace, **kw: Any) -> Client:
     from infernod.client.config import resolve  # flags, $INFERNO_ENDPOINT, client.toml
 
     endpoint, curve = resolve(args.endpoint, getattr(args, "server_key", None),
-                              getattr(args, "client_key", None))
+                              getattr(args, "client_key", None), getattr(args, "daemon", None))
     return Client(endpoint, timeout=args.timeout, name="inferno-cli", curve=curve, **kw)
 
 

@@ -285,6 +285,8 @@ class InfernoDaemon(Daemon):
                       "running": self.scheduler.running_count(),
                       "level": self.scheduler.level()},
             "loop_lag_ms": round(self.loop_lag_ms, 3),
+            "tokens_per_s": round(self.gen.throughput.rate(now), 2),
+            "runner_crashes_1h": self.models.crashes_since(now - 3600),
             "requests_served": self.requests_served,
             "model_scans": self.catalog.scans,
             "versions": {"python": platform.python_version(),

@@ -23,6 +23,7 @@ from infernod.daemon.requests import ProfileHook, Request, RequestTable, RunStar
 from infernod.daemon.scheduler import QueueItem, Scheduler
 from infernod.protocol.errors import InfernoError
 from infernod.protocol.vocabulary import SAMPLING_KEYS
+from infernod.telemetry.rate import RateWindow
 
 if TYPE_CHECKING:
     from infernod.config import Config
@@ -48,6 +49,7 @@ class GenerationService:
         self.on_profile = on_profile
         self.on_run_start = on_run_start
         self.accepting = True
+        self.throughput = RateWindow()  # tokens generated, all requests: status' tok/s now
         models.on_unloaded.append(self._model_unloaded)
         models.on_failed.append(self._model_failed)
 
@@ -148,6 +150,7 @@ class GenerationService:
             gen.first_token_at = now
         gen.last_event_at = now
         gen.n_tokens += n_tokens
+        self.throughput.add(n_tokens, now)
         if gen.text is not None:
             gen.text.append(text)
         self.publisher.publish(gen.topic, "token", {"text": text, "n": n_tokens})

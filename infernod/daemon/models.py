@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,7 @@ class ModelManager:
         self.runners = runners
         self.loaded: dict[str, LoadedModel] = {}
         self.failures: dict[str, CrashRecord] = {}  # models whose runner died
+        self.crash_times: deque[float] = deque(maxlen=1000)  # every runner crash, monotonic
         self.on_unloaded: list[Callable[[str], None]] = []
         # (model, message, hint): its runner died; its running requests must end
         self.on_failed: list[Callable[[str, str, str], None]] = []
@@ -360,7 +362,12 @@ class ModelManager:
             reason, sig, now, time.time(), True)
         rec.prune(now)
         rec.times.append(now)
+        self.crash_times.append(now)
         return rec
+
+    def crashes_since(self, since: float) -> int:
+        """Runner crashes at or after ``since`` (monotonic), every model counted."""
+        return sum(1 for t in self.crash_times if t >= since)
 
     def _runner_exited(self, engine: RunnerEngine, reason: str, sig: str) -> None:
         """A loaded model's runner died (not asked to): the model is gone, its requests end

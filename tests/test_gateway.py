@@ -4,6 +4,7 @@ real `inferno-gateway` process in front of a real daemon with the default model.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,3 +77,121 @@ def test_non_loopback_listen_is_refused_without_keys(tmp_path: Path) -> None:
     r = run_gateway(["--listen", "0.0.0.0:0", "--endpoint", f"ipc://{tmp_path}/control.sock"])
     assert r.returncode == 2
     assert "refusing to listen on 0.0.0.0" in r.stderr and "API keys" in r.stderr
+
+
+def test_chat_non_streaming_uses_the_daemons_template_fallback(oai: openai.OpenAI) -> None:
+    got = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "You answer briefly."},
+                               {"role": "user", "content": "Name a colour."}],
+        max_completion_tokens=6, temperature=0, seed=1, user="alice")
+    assert got.object == "chat.completion"
+    msg = got.choices[0].message
+    assert msg.role == "assistant" and msg.content
+    assert got.usage is not None and 1 <= got.usage.completion_tokens <= 6
+
+
+def test_chat_streaming_chunks_as_openai_sends_them(oai: openai.OpenAI) -> None:
+    chunks = list(oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count: one, two,"}],
+        max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason in ("length", "stop")
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert 1 <= last.usage.completion_tokens <= 6
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_streaming_matches_non_streaming(oai: openai.OpenAI) -> None:
+    kw = {"model": MODEL, "prompt": "Water boils at", "max_tokens": 10, "temperature": 0}
+    whole = oai.completions.create(**kw)
+    parts = list(oai.completions.create(stream=True, **kw))
+    assert all(p.object == "text_completion" for p in parts)
+    assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
+    assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert parts[-1].usage is None  # no include_usage: no usage chunk
+
+
+def test_stop_strings_end_the_text(oai: openai.OpenAI) -> None:
+    kw = {"model": MODEL, "prompt": "The days of the week are Monday,", "max_tokens": 12,
+          "temperature": 0}
+    text = oai.completions.create(**kw).choices[0].text
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[2]
+    got = oai.completions.create(stop=stop, **kw).choices[0]
+    assert got.finish_reason == "stop" and stop not in got.text
+    assert text.startswith(got.text)
+
+
+def _read_response(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """One HTTP/1.1 response from ``sock``: status line, headers, the body de-chunked (or by
+    Content-Length). Reads exactly the response, so the next one can follow."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        assert data, "connection closed before the headers"
+        buf += data
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+
+    def need(n: int) -> None:
+        nonlocal rest
+        while len(rest) < n:
+            data = sock.recv(65536)
+            assert data, "connection closed inside the body"
+            rest += data
+
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        need(n)
+        return lines[0], headers, rest[:n]
+    assert headers.get("transfer-encoding") == "chunked", headers
+    body = b""
+    while True:
+        while b"\r\n" not in rest:
+            need(len(rest) + 1)
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line.split(b";")[0], 16)
+        need(size + 2)
+        body += rest[:size]
+        rest = rest[size + 2:]
+        if size == 0:
+            return lines[0], headers, body
+
+
+def _post(sock: socket.socket, path: str, body: dict) -> None:
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+
+
+def test_sse_framing_at_the_byte_level_on_one_kept_alive_connection(
+        stack: tuple[DaemonProcess, GatewayProcess]) -> None:
+    with socket.create_connection(("127.0.0.1", stack[1].port), timeout=120) as sock:
+        _post(sock, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 3})
+        status, headers, body = _read_response(sock)
+        assert status == "HTTP/1.1 200 OK" and json.loads(body)["object"] == "text_completion"
+        assert headers.get("connection", "keep-alive").lower() != "close"
+        # The same socket: a second request, streamed.
+        _post(sock, "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "stream": True, "stream_options": {"include_usage": True}})
+        status, headers, body = _read_response(sock)
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["x-request-id"]
+    assert body.endswith(b"\n\ndata: [DONE]\n\n")
+    events = body.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+    for ev in events[:-2]:  # every event: exactly one `data: ` line holding one JSON object
+        assert ev.startswith(b"data: {") and b"\n" not in ev, ev
+        json.loads(ev[len(b"data: "):])
+    objs = [json.loads(ev[len(b"data: "):]) for ev in events[:-2]]
+    assert objs[-1]["choices"] == [] and objs[-1]["usage"]["completion_tokens"] >= 1

@@ -113,6 +113,17 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     seed = _int(body, "seed")
     if seed is not None:
         params["seed"] = seed
+    # vLLM's extra sampling fields, for clients that already send them to vLLM.
+    for key, ours in (("top_k", "top_k"), ("min_p", "min_p"),
+                      ("repetition_penalty", "repeat_penalty")):
+        v = _num(body, key) if ours != "top_k" else _int(body, key)
+        if v is not None:
+            params[ours] = 0 if ours == "top_k" and v == -1 else v  # vLLM: -1 = off
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None:
+        if not isinstance(ignore_eos, bool):
+            raise bad_request("'ignore_eos' must be a boolean", "ignore_eos")
+        params["ignore_eos"] = ignore_eos
     stop = body.get("stop")
     if isinstance(stop, str):
         params["stop"] = [stop]

@@ -282,8 +282,8 @@ def test_bad_bodies_answer_400_in_openais_shape(stack) -> None:
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_draining_then_gone_daemon_answers_503(stack) -> None:
-    """Last in the module: it stops the daemon."""
+def test_draining_then_gone_daemon_answers_503_until_it_is_back(stack) -> None:
+    """Last in the module: it stops the daemon (and starts it again)."""
     daemon, gw = stack
     blocker = _blocker(stack)  # keeps the drain going
     daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
@@ -307,3 +307,9 @@ def test_draining_then_gone_daemon_answers_503(stack) -> None:
     r = http("POST", gw.url + "/v1/completions", timeout=30,
                    body={"model": MODEL, "prompt": "x", "max_tokens": 1})
     assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    # The daemon comes back: the same gateway serves again, no restart needed.
+    daemon.start()
+    r = http("POST", gw.url + "/v1/completions", timeout=120,
+             body={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert http("GET", gw.url + "/health").json()["status"] == "ready"

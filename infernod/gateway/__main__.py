@@ -1,8 +1,8 @@
 """`inferno-gateway`: the OpenAI-compatible HTTP front of infernod, a process of its own.
 
 It reaches the daemon like any client (``--endpoint``/``--server-key``/``--client-key``,
-``$INFERNO_ENDPOINT``, client.toml), so it may run on another host over CURVE, and a bug in
-its HTTP handling can stop only the gateway.
+``--daemon NAME``, ``$INFERNO_ENDPOINT``, client.toml), so it may run on another host over
+CURVE, and a bug in its HTTP handling can stop only the gateway.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $INFERNO_ENDPOINT, client.toml, or the local daemon)")
     p.add_argument("--server-key", help="server public key file (tcp:// with CURVE)")
     p.add_argument("--client-key", help="client secret key file (tcp:// with CURVE)")
+    p.add_argument("--daemon", metavar="NAME",
+                   help="a daemon named in client.toml ([daemons.NAME])")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="daemon request timeout, seconds (generation waits longer)")
     p.add_argument("--default-model", help="model used when a request names none")
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from infernod.client.config import resolve
 
     try:
-        endpoint, curve = resolve(args.endpoint, args.server_key, args.client_key)
+        endpoint, curve = resolve(args.endpoint, args.server_key, args.client_key,
+                                  args.daemon)
     except InfernoError as e:
         print(f"inferno-gateway: {e.message} ({e.hint})", file=sys.stderr)
         return 2

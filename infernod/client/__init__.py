@@ -7,6 +7,7 @@ the request methods both share, ``core`` the protocol logic without I/O, ``strea
 streams, ``config`` where a client connects. Importing this package stays cheap.
 """
 
+from infernod.client.core import api_key
 from infernod.client.drivers import (
                                      AsyncClient,
                                      AsyncStream,
@@ -24,4 +25,4 @@ from infernod.client.drivers import (
 
 __all__ = ["AsyncClient", "AsyncStream", "Client", "ClientCore", "CurveKeys",
            "DaemonUnavailable", "Event", "InfernoError", "Notice", "Stream", "decode_array",
-           "encode_array"]
+           "api_key", "encode_array"]

@@ -16,7 +16,9 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,22 @@ HEARTBEAT_MISSES = 3
 # daemon's silence, and not part of a request's timeout.
 STOOD_STILL_S = 0.5
 INBOX_LIMIT = 100_000  # events kept for events(); the oldest go first
+
+# The HTTP user's API key that requests sent from this context carry (header ``api_key``).
+_API_KEY: ContextVar[str | None] = ContextVar("inferno_api_key", default=None)
+
+
+@contextmanager
+def api_key(key: str | None) -> Iterator[None]:
+    """Requests sent inside the block (this thread or asyncio task, and tasks it starts)
+    carry ``key``: the daemon runs them as that key's principal and role. ``""`` says "an
+    HTTP caller without a key" (refused once the daemon has API keys); None sends none.
+    For a gateway: one shared client, each HTTP request in its own ``with api_key(...)``."""
+    token = _API_KEY.set(key)
+    try:
+        yield
+    finally:
+        _API_KEY.reset(token)
 
 
 @dataclass
@@ -126,6 +144,9 @@ class ClientCore:
             header["deadline"] = deadline
         if idem is not None:
             header["idem"] = idem
+        key = _API_KEY.get()
+        if key is not None:
+            header["api_key"] = key
         return msg_id, codec.encode_request(header, body or {})
 
     def saw_life(self) -> None:

@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils import z85
 
+from infernod.apikeys import API_KEYS_FILE, ApiKeyStore
 from infernod.keys import AllowList, KeyStoreError, load_server
 from infernod.paths import Endpoints
+from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
     from infernod.config import SecurityConfig
@@ -108,6 +110,8 @@ class Security:
         self._get_security = get_security  # re-read on every decision: SIGHUP applies
         self.keys_dir = keys_dir
         self.allow = AllowList(keys_dir / "clients")
+        self.api_keys = ApiKeyStore(keys_dir / API_KEYS_FILE)  # HTTP users (the gateway's)
+        self._api_key_warned = ""
         self.daemon_uid = os.getuid()
         self._policy: tuple[int, RolePolicy] | None = None
         self._log_refusal = log_refusal or log.warning
@@ -256,6 +260,37 @@ class Security:
                 return "none"
             return entry.role
         return "none"  # no ZAP identity: fail closed
+
+    def authenticate(self, api_key: str, principal: str, role: str) -> tuple[str, str]:
+        """(principal, role) a request runs as when it carries ``api_key`` (the HTTP user's
+        key the gateway forwards), sent over a connection of ``principal`` with ``role``.
+
+        A known key: ``key:NAME`` with that key's role, never more. ``""`` (an HTTP caller
+        without a key): the connection's own principal while no API keys exist, else
+        ``unauthenticated``; so is a wrong or revoked key. A connection without a role
+        stays without one, whatever key it presents."""
+        if role == "none":
+            return principal, role
+        store = self.api_keys
+        if store.error and store.error != self._api_key_warned:
+            self._api_key_warned = store.error
+            self._log_refusal("API keys unusable, every key refused: %s", store.error)
+        if api_key == "":
+            if store.count() == 0 and not store.error:
+                return principal, role
+            raise InfernoError("unauthenticated", "this daemon requires an API key",
+                               "send 'Authorization: Bearer KEY' (a key from "
+                               "'inferno keys add NAME --role ROLE --http')")
+        entry = store.verify(api_key)
+        if entry is None:
+            raise InfernoError("unauthenticated", "unknown or revoked API key",
+                               "ask an operator for a key ('inferno keys list' shows them)")
+        if self.allow.by_name(entry.name) is not None:  # key:NAME would be two principals
+            self._log_refusal("API key %s refused: a CURVE key has the same name", entry.name)
+            raise InfernoError("unauthenticated", f"API key {entry.name} is not usable",
+                               "an operator must revoke the HTTP or the CURVE key of "
+                               "that name")
+        return f"key:{entry.name}", entry.role
 
     @staticmethod
     def key_of(frame: zmq.Frame) -> bytes:

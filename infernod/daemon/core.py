@@ -193,7 +193,7 @@ class InfernoDaemon(Daemon):
                 self.last_seen[key] += gap
         active = set()
         for gen in self.requests.values(generates=True):
-            key = (gen.principal, gen.session)
+            key = (gen.connection or gen.principal, gen.session)
             active.add(key)
             if gen.job is None and gen.abort is None and \
                     now - self.last_seen.get(key, now) > lease:
@@ -220,8 +220,9 @@ class InfernoDaemon(Daemon):
 
     def on_request(self, req: Call) -> None:
         now = time.monotonic()
-        self.last_seen[(req.principal, req.session)] = now
-        self.publisher.touch(req.session, req.principal, now)
+        # the connection's: a gateway's pings keep its HTTP users' requests alive
+        self.last_seen[(req.connection or req.principal, req.session)] = now
+        self.publisher.touch(req.session, req.connection or req.principal, now)
 
     async def drain(self) -> None:
         self.gen.accepting = False

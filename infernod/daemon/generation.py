@@ -62,7 +62,7 @@ class GenerationService:
             raise InfernoError("conflict", f"request id {gen.request_id} is already in use",
                                "use a fresh message id per request")
         # the stream first: it refuses a session that belongs to another principal
-        self.publisher.open_stream(gen.request_id, gen.principal)
+        self.publisher.open_stream(gen.request_id, gen.principal, gen.connection)
         try:
             self.scheduler.submit(self._item(gen), time.monotonic())
         except BaseException:

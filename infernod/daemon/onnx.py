@@ -96,7 +96,8 @@ class OnnxService:
             raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
         # the same request id as generate's, so `cancel` can name a pending embed/infer
         job = Request(kind=Kind(op), request_id=f"{req.session}.{req.header['id']}",
-                      session=req.session, principal=req.principal, model=info.name, body=b,
+                      session=req.session, principal=req.principal,
+                      connection=req.connection, model=info.name, body=b,
                       priority=b.get("priority") or "normal", submitted=now,
                       deadline=deadline_mono,
                       timeout_s=min(b.get("timeout_s") or s.timeout_s, s.max_timeout_s),

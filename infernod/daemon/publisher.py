@@ -87,6 +87,7 @@ class StreamBuffer:
     dropped_before: int = 0  # seq of the first event still held
     finished_at: float | None = None
     owner: str = ""  # the principal (uid:N / key:NAME) whose request this is
+    via: str = ""  # the connection's principal that sent it (a gateway, for an HTTP user)
     next_seq: int = 0
 
     def add(self, seq: int, header: dict[str, Any], body: dict[str, Any]) -> None:
@@ -163,13 +164,16 @@ class Publisher:
             pass
 
     # -- streams ----------------------------------------------------------------------------
-    def open_stream(self, request_id: str, owner: str) -> str:
-        """Open ``tokens.<request_id>`` for principal ``owner``; claims its scope (refused
-        with ``forbidden`` when another principal holds it: its subscribers would read it)."""
+    def open_stream(self, request_id: str, owner: str, via: str = "") -> str:
+        """Open ``tokens.<request_id>`` for principal ``owner`` sent over a connection of
+        ``via`` (default: the owner's own); claims its scope for the connection, which
+        subscribes to it (refused with ``forbidden`` when another principal holds it: its
+        subscribers would read it)."""
         from infernod.protocol.errors import InfernoError
 
+        via = via or owner
         scope = scope_of(request_id)
-        if scope is None or not self.claim(scope, owner):
+        if scope is None or not self.claim(scope, via):
             raise InfernoError("forbidden", f"request id {request_id!r} is in a session that "
                                             "belongs to another user", "use a fresh session")
         old = self.streams.get(request_id)
@@ -178,10 +182,10 @@ class Publisher:
                 raise InfernoError("conflict", f"request id {request_id} is already in use",
                                    "use a fresh message id per request")
             self._drop_stream(request_id)  # a finished namesake's buffer goes
-            self.claim(scope, owner)
+            self.claim(scope, via)
         claim = self.claims[scope]
         claim.streams += 1
-        self.streams[request_id] = StreamBuffer(limit=self.stream_limit, owner=owner)
+        self.streams[request_id] = StreamBuffer(limit=self.stream_limit, owner=owner, via=via)
         return f"tokens.{request_id}"
 
     def close_stream(self, request_id: str) -> None:
@@ -221,7 +225,7 @@ class Publisher:
     def live_streams(self, principal: str, everyone: bool) -> dict[str, int]:
         """Next seq of each unfinished stream the principal may see."""
         return {f"tokens.{rid}": s.next_seq for rid, s in self.streams.items()
-                if s.finished_at is None and (everyone or s.owner == principal)}
+                if s.finished_at is None and (everyone or principal in (s.owner, s.via))}
 
     # -- scopes: who owns a session's (or job's) streams ------------------------------------
     def claim(self, scope: str, principal: str, now: float | None = None) -> bool:

@@ -86,6 +86,7 @@ class Request:
     topic: str = ""  # generating kinds: tokens.<request id>
     client: str = ""
     principal: str = ""  # the sender's uid:N / key:NAME (cancel: owner or operator)
+    connection: str = ""  # the connection's principal: its lease, its stream subscription
     job: tuple[str, int] | None = None  # (job id, item index) of a job item
     state: State = field(default=State.QUEUED, init=False)
     # timestamps (monotonic): admitted = picked for a slot (the latest pick after a

@@ -75,6 +75,14 @@ class Call:
     # its bytes, charged to the principal until the handler returns; a handler that keeps
     # the request's data longer (a queued generation) takes it over and sets this to None
     hold: Hold | None = None
+    connection: str = ""  # the connection's principal (differs with an HTTP user's api_key)
+
+    def acts_for(self, principal: str, connection: str) -> bool:
+        """May this request act on work of ``principal`` sent over ``connection``? Its own
+        principal's; and, sent without an API key, what its connection sent for HTTP users
+        (a gateway follows and cancels the requests it submitted on their behalf)."""
+        return principal == self.principal or (
+            self.principal == self.connection and connection == self.connection)
 
     @property
     def session(self) -> str:
@@ -287,6 +295,10 @@ class Daemon:
         codec.check_frames(bufs)
         header.update(codec.unpackb(bufs[1], max_bytes=codec.MAX_HEADER_BYTES, what="header"))
         validate_header(header)  # (at most 4 KiB) so that even a refusal names its request
+        connection = principal
+        if "api_key" in header:  # an HTTP user's key: the request is theirs, with their role
+            principal, role = self.security.authenticate(header.pop("api_key"), principal, role)
+            key = principal or key
         # A session's bucket belongs to its principal: anyone can write a session id (they
         # are public, queue.list), so charging the bare id would let one user spend another's.
         wait = max(peer_wait, self.limiter.session(f"{key}|{header['session']}", received))
@@ -316,7 +328,8 @@ class Daemon:
         except BaseException:
             hold.release()
             raise
-        return Call(identity, header, body, role, received, principal, hold), route.handler
+        return (Call(identity, header, body, role, received, principal, hold, connection),
+                route.handler)
 
     def _check_priority(self, role: str, priority: str) -> None:
         """``security.max_priority``: the highest class each role may ask for."""

@@ -30,6 +30,7 @@ CODES: dict[str, str] = {
     "unknown_request": "the request id is not known (finished long ago, or never existed)",
     "unknown_job": "run 'inferno jobs list' to see job ids",
     "forbidden": "your role does not allow this request",
+    "unauthenticated": "the API key is missing, unknown or revoked; ask an operator for one",
     "rate_limited": "slow down; retry after retry_after_ms",
     "shutting_down": "the daemon is stopping; retry when it is back",
     "unavailable": "is infernod running? try 'systemctl status infernod'",

@@ -49,6 +49,8 @@ HEADER: dict[str, F] = {
     "ts": F(NUM, False, doc="client wall-clock time, seconds since the epoch"),
     "deadline": F(NUM, False, doc="absolute wall-clock deadline, seconds since the epoch"),
     "idem": F(STR, False, max_len=128, doc="idempotency key (jobs.submit)"),
+    "api_key": F(STR, False, max_len=128, doc="an HTTP user's API key, forwarded by the "
+                 "gateway: the request runs as that key's principal and role"),
 }
 
 # The keys of vocabulary.GENERATION_PARAMS, in its order (tests/test_bodies.py checks).

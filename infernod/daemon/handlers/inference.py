@@ -46,7 +46,8 @@ class InferenceHandlers:
             raise InfernoError("deadline_exceeded", "the deadline had already passed on arrival")
         request_id = f"{req.session}.{req.header['id']}"
         gen = Request(kind=Kind.GENERATE, request_id=request_id, session=req.session,
-                      principal=req.principal, model=info.name, prompt=prompt, body=b,
+                      principal=req.principal, connection=req.connection, model=info.name,
+                      prompt=prompt, body=b,
                       priority=b.get("priority") or "normal", submitted=now,
                       deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
                       topic=f"tokens.{request_id}")
@@ -72,7 +73,8 @@ class InferenceHandlers:
             raise InfernoError("unknown_request", f"no active request {rid}")
         # the owner is the session that sent it, from the same principal: a session id is
         # visible to everyone (queue.list), the principal is the kernel's or the key's word
-        owner = target.session == req.session and target.principal == req.principal
+        owner = target.session == req.session and req.acts_for(target.principal,
+                                                               target.connection)
         if not owner and req.role != "operator":
             raise InfernoError("forbidden", "only the request's owner or an operator may "
                                             "cancel it", "ask an operator")

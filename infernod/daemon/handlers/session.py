@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from infernod import __version__
 from infernod.config import Config
+from infernod.daemon.auth import Security
 from infernod.daemon.server import Call, Route
 from infernod.protocol.codec import PROTOCOL_VERSION
 
@@ -17,6 +18,7 @@ class DaemonFacts(Protocol):
     boot_id: str
     cfg: Config
     routes: dict[str, Route]
+    security: Security
 
     def status_report(self) -> dict[str, Any]: ...
 
@@ -31,7 +33,8 @@ class SessionHandlers:
                 "boot_id": d.boot_id, "role": req.role, "session": req.session,
                 "capabilities": sorted(d.routes),
                 "heartbeat_interval_s": d.cfg.daemon.heartbeat_interval_s,
-                "max_message_bytes": d.cfg.daemon.max_message_bytes}
+                "max_message_bytes": d.cfg.daemon.max_message_bytes,
+                "principal": req.principal, "api_keys": d.security.api_keys.count()}
 
     async def ping(self, req: Call) -> dict[str, Any]:
         return {"pong": True, "ts": time.time()}

@@ -24,7 +24,8 @@ class StreamHandlers:
         ids cannot be probed; the check comes before any work."""
         rid = req.body["request_id"]
         stream = self.publisher.fetch(rid)
-        if stream is None or (stream.owner != req.principal and req.role != "operator"):
+        if stream is None or (not req.acts_for(stream.owner, stream.via)
+                              and req.role != "operator"):
             retention = self.cfg().daemon.stream_retention_s
             raise InfernoError("unknown_request", f"no stream {rid} of yours (finished more "
                                f"than {retention:.0f}s ago, never existed, or another user's)")

@@ -35,6 +35,7 @@ STATUS: dict[str, int] = {
     "unknown_request": 404,
     "unknown_job": 404,
     "forbidden": 403,
+    "unauthenticated": 401,
     "rate_limited": 429,
     "shutting_down": 503,
     "unavailable": 503,

@@ -44,7 +44,7 @@ def oai(stack: tuple[DaemonProcess, GatewayProcess]) -> openai.OpenAI:
 
 def test_every_daemon_error_code_has_an_http_status() -> None:
     assert not missing_codes()
-    assert set(STATUS) == set(CODES)
+    assert set(CODES) <= set(STATUS)
     assert STATUS["overloaded"] == 429 and STATUS["unknown_model"] == 404
     assert STATUS["shutting_down"] == 503 and STATUS["deadline_exceeded"] == 504
 

@@ -42,6 +42,7 @@ STATUS: dict[str, int] = {
     "config_error": 500,
     "conflict": 409,
     "not_supported": 400,
+    "bad_schema": 400,
     "quota_exceeded": 429,
     "busy": 429,
     "too_large": 413,
@@ -71,6 +72,9 @@ TYPES: dict[int, str] = {
 # Codes OpenAI's clients know under another name.
 OPENAI_CODES: dict[str, str] = {"unknown_model": "model_not_found",
                                 "context_exceeded": "context_length_exceeded"}
+# The request field a code is about, when the daemon's error does not name one.
+PARAMS: dict[str, str] = {"bad_schema": "response_format", "unknown_model": "model",
+                          "context_exceeded": "messages"}
 
 
 class HttpError(Exception):
@@ -112,9 +116,10 @@ def from_inferno(e: InfernoError) -> HttpError:
     retry_s = retry_ms / 1000 if isinstance(retry_ms, (int, float)) else None
     if retry_s is None and status in (429, 503) and e.code != "unavailable":
         retry_s = 1.0
+    param = e.extra.get("param")
     return HttpError(status, message, code=OPENAI_CODES.get(e.code, e.code),
-                     param=e.extra.get("param") if isinstance(e.extra.get("param"), str)
-                     else None, retry_after_s=retry_s)
+                     param=param if isinstance(param, str) else PARAMS.get(e.code),
+                     retry_after_s=retry_s)
 
 
 def missing_codes() -> set[str]:

@@ -11,16 +11,19 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from textual import on, work
+from textual import on
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
 
 from inferno_tui import messages as m
 from inferno_tui.connection import Connection, Settings
+from inferno_tui.fleet import STATUS_EVERY_S, DaemonView
 from inferno_tui.screens.base import InfernoScreen
 from inferno_tui.screens.chat import ChatScreen
+from inferno_tui.screens.fleet import FleetScreen
 from inferno_tui.screens.gpu import GpuScreen
 from inferno_tui.screens.models import ModelsScreen
 from inferno_tui.screens.queue import QueueScreen
@@ -34,6 +37,7 @@ from inferno_tui.views import (
     models_from_list,
     stats_rows,
 )
+from infernod.client.config import DaemonEntry
 
 SCREENS = (("models", "Models", "m"), ("gpu", "GPU & system", "g"), ("chat", "Chat", "c"),
            ("queue", "Queue & profiler", "q"))
@@ -43,7 +47,7 @@ class InfernoApp(App[None]):
     CSS_PATH = "inferno.tcss"
     TITLE = "inferno"
     MODES = {"models": ModelsScreen, "gpu": GpuScreen, "chat": ChatScreen,
-             "queue": QueueScreen}
+             "queue": QueueScreen, "fleet": FleetScreen}
     DEFAULT_MODE = "models"
     BINDINGS = [
         *(Binding(key, f"switch_mode('{mode}')", label.split(" ")[0], show=False)
@@ -52,6 +56,9 @@ class InfernoApp(App[None]):
           for i, (mode, label, _) in enumerate(SCREENS, 1)),
         *(Binding(f"f{i}", f"switch_mode('{mode}')", label, show=False, priority=True)
           for i, (mode, label, _) in enumerate(SCREENS, 1)),
+        Binding("0,f5", "switch_mode('fleet')", "Fleet", show=False, priority=True),
+        Binding("f6,right_square_bracket", "next_daemon", "Next daemon", show=False,
+                priority=True),
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
     ]
     REDRAW_HZ = 4.0
@@ -59,33 +66,109 @@ class InfernoApp(App[None]):
     connection_state: reactive[str] = reactive("connecting")
 
     def __init__(self, settings: Settings | None = None, *, connect: bool = True,
-                 snapshot: Snapshot | None = None) -> None:
+                 snapshot: Snapshot | None = None,
+                 daemons: list[DaemonEntry] | None = None) -> None:
         super().__init__()
-        self.settings = settings or Settings()
-        self.connection = Connection(self.settings, self.post_message)
-        self.snapshot = snapshot or Snapshot()
-        self.history = MetricsHistory()
+        self.settings = s = settings or Settings()
+        entries = daemons or [DaemonEntry(s.endpoint or "local", s.endpoint, s.server_key,
+                                          s.client_key)]
+        self.daemons = [self._daemon_view(i, e) for i, e in enumerate(entries)]
+        self.active = 0
+        if snapshot is not None:
+            self.daemons[0].snapshot = snapshot
         self._connect = connect
         self._dirty = True
-        self._profiles_seen = False
+
+    def _daemon_view(self, i: int, entry: DaemonEntry) -> DaemonView:
+        settings = replace(self.settings, endpoint=entry.endpoint, server_key=entry.server_key,
+                           client_key=entry.client_key)
+
+        def post(msg: Message) -> None:
+            if isinstance(msg, m.DaemonMessage):
+                msg.daemon = i
+            self.post_message(msg)
+
+        return DaemonView(entry.name, entry.endpoint or "local", Connection(settings, post))
+
+    @property
+    def fleet(self) -> bool:
+        return len(self.daemons) > 1
+
+    @property
+    def current(self) -> DaemonView:
+        """The daemon the models, GPU, chat and queue screens show."""
+        return self.daemons[self.active]
+
+    @property
+    def connection(self) -> Connection:
+        return self.current.connection
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.current.snapshot
+
+    @property
+    def history(self) -> MetricsHistory:
+        return self.current.history
 
     # -- lifecycle --------------------------------------------------------------------------
     def on_mount(self) -> None:
         self.set_interval(1 / self.REDRAW_HZ, self._redraw)
         if self._connect:
-            self.run_connection()
+            for i, d in enumerate(self.daemons):  # each keeps its subscriptions open
+                self.run_worker(d.connection.run(), group=f"connection-{i}", exclusive=True,
+                                exit_on_error=False)
+            if self.fleet:
+                self.set_interval(STATUS_EVERY_S, self._poll_status)
+        if self.fleet:
+            self.switch_mode("fleet")
 
-    @work(exclusive=True, group="connection", exit_on_error=False)
-    async def run_connection(self) -> None:
-        await self.connection.run()
+    def _poll_status(self) -> None:
+        for i, d in enumerate(self.daemons):
+            if d.snapshot.connection == "connected":
+                self.run_worker(self._status(d), group=f"status-{i}", exclusive=True,
+                                exit_on_error=False)
+
+    async def _status(self, d: DaemonView) -> None:
+        try:
+            d.note_status(await d.connection.request("status", timeout=STATUS_EVERY_S * 2))
+        except Exception:  # the connection worker reports a lost daemon in words
+            return
+        self._dirty = True
+
+    def open_daemon(self, i: int) -> None:
+        """Show daemon ``i`` in the other screens (the fleet screen's Enter)."""
+        self.active = i
+        self._dirty = True
+        self.connection_state = self.current.snapshot.connection
+        if self.current_mode == "fleet":
+            self.switch_mode("models")
+        else:
+            self._redraw()
+
+    def action_next_daemon(self) -> None:
+        self.open_daemon((self.active + 1) % len(self.daemons))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "next_daemon" or (action == "switch_mode" and parameters == ("fleet",)):
+            return self.fleet
+        return True
 
     @property
     def readonly(self) -> bool:
         return self.settings.readonly or self.snapshot.role == "monitor"
 
     def update_snapshot(self, **changes: Any) -> None:
-        self.snapshot = replace(self.snapshot, **changes)
-        self._dirty = True
+        """Change what the screens show for the current daemon."""
+        self._update(self.current, **changes)
+
+    def _update(self, d: DaemonView, **changes: Any) -> None:
+        d.snapshot = replace(d.snapshot, **changes)
+        if d is self.current or self.fleet:
+            self._dirty = True
+
+    def _source(self, msg: m.DaemonMessage) -> DaemonView:
+        return self.daemons[msg.daemon] if 0 <= msg.daemon < len(self.daemons) else self.current
 
     def _redraw(self) -> None:
         """Show the newest snapshot, at most REDRAW_HZ times a second. (Not ``_flush``:
@@ -114,26 +197,30 @@ class InfernoApp(App[None]):
         self._dirty = True
         self.refresh_bindings()
 
-    # -- messages from the connection worker ------------------------------------------------
+    # -- messages from the connection workers (one per daemon) -----------------------------
     @on(m.ConnectionChanged)
     def _connection_changed(self, msg: m.ConnectionChanged) -> None:
+        d = self._source(msg)
         changes: dict[str, object] = {"connection": msg.state, "detail": msg.detail}
         if msg.state == "connected":
             changes.update(hello_fields(msg.hello))
-            self.history.clear()
+            d.history.clear()
         elif msg.state == "disconnected":
             changes["queue"] = QueueView()
             changes["progress"] = {}
-        self.update_snapshot(**changes)
-        self.connection_state = msg.state
+        d.note_connection(msg.state)
+        self._update(d, **changes)
+        if d is self.current:
+            self.connection_state = msg.state
 
     @on(m.ModelsListed)
     def _models_listed(self, msg: m.ModelsListed) -> None:
-        self.update_snapshot(models=models_from_list(msg.models))
+        self._update(self._source(msg), models=models_from_list(msg.models))
 
     @on(m.ModelsEventReceived)
     def _models_event(self, msg: m.ModelsEventReceived) -> None:
-        body, snap = msg.body, self.snapshot
+        d = self._source(msg)
+        body, snap = msg.body, d.snapshot
         event, name = str(body.get("event") or msg.type), str(body.get("model") or "")
         progress = dict(snap.progress)
         if event == "progress":
@@ -153,46 +240,54 @@ class InfernoApp(App[None]):
         models = snap.models
         if isinstance(body.get("loaded"), list):
             models = merge_loaded(models, body["loaded"], body.get("failed") or ())
-        self.update_snapshot(progress=progress, notice=notice, models=models)
+        self._update(d, progress=progress, notice=notice, models=models)
         if event in ("imported", "removed", "ready") or (name and snap.model(name) is None
                                                          and event != "progress"):
-            self.refresh_models()
+            self.refresh_models(msg.daemon)
 
-    @work(exclusive=True, group="models-list", exit_on_error=False)
-    async def refresh_models(self) -> None:
+    def refresh_models(self, daemon: int | None = None) -> None:
+        i = self.active if daemon is None else daemon
+        self.run_worker(self._refresh_models(self.daemons[i]), group=f"models-list-{i}",
+                        exclusive=True, exit_on_error=False)
+
+    async def _refresh_models(self, d: DaemonView) -> None:
         try:
-            models = await self.connection.request("models.list", timeout=30)
+            models = await d.connection.request("models.list", timeout=30)
         except Exception:
             return
-        self.update_snapshot(models=models_from_list(models.get("models") or []))
+        self._update(d, models=models_from_list(models.get("models") or []))
 
     @on(m.MetricsSampled)
     def _metrics(self, msg: m.MetricsSampled) -> None:
+        d = self._source(msg)
         view = MetricsView.from_wire(msg.sample)
-        self.history.add(view)
-        self.update_snapshot(metrics=view, histories=self.history.snapshot())
+        d.history.add(view)
+        self._update(d, metrics=view, histories=d.history.snapshot())
 
     @on(m.QueueUpdated)
     def _queue(self, msg: m.QueueUpdated) -> None:
-        self.update_snapshot(queue=QueueView.from_wire(msg.snapshot, self.snapshot.queue.level))
+        d = self._source(msg)
+        self._update(d, queue=QueueView.from_wire(msg.snapshot, d.snapshot.queue.level))
 
     @on(m.BackpressureChanged)
     def _backpressure(self, msg: m.BackpressureChanged) -> None:
+        d = self._source(msg)
         level = msg.body.get("level")
-        self.update_snapshot(queue=replace(self.snapshot.queue,
-                                           level=None if level is None else str(level)))
+        self._update(d, queue=replace(d.snapshot.queue,
+                                      level=None if level is None else str(level)))
 
     @on(m.StatsUpdated)
     def _stats(self, msg: m.StatsUpdated) -> None:
-        self.update_snapshot(stats=stats_rows(msg.summary))
+        self._update(self._source(msg), stats=stats_rows(msg.summary))
 
     @on(m.ProfileReceived)
     def _profile(self, msg: m.ProfileReceived) -> None:
-        self._profiles_seen = True
-        self.update_snapshot(recent=add_profile(self.snapshot.recent, msg.profile))
+        d = self._source(msg)
+        d.profiles_seen = True
+        self._update(d, recent=add_profile(d.snapshot.recent, msg.profile))
 
     def record_local_profile(self, stats: dict) -> None:
         """Our own finished generations feed the sparklines on daemons without ``profiles``."""
-        if self._profiles_seen:
+        if self.current.profiles_seen:
             return
         self.update_snapshot(recent=add_profile(self.snapshot.recent, stats))

@@ -12,8 +12,15 @@ from typing import Any
 from textual.message import Message
 
 
+class DaemonMessage(Message):
+    """From one daemon's connection: ``daemon`` is its index in the app's fleet (0 when the
+    console watches one daemon)."""
+
+    daemon: int = 0
+
+
 @dataclass
-class ConnectionChanged(Message):
+class ConnectionChanged(DaemonMessage):
     """state: connecting | connected | disconnected."""
 
     state: str
@@ -22,12 +29,12 @@ class ConnectionChanged(Message):
 
 
 @dataclass
-class ModelsListed(Message):
+class ModelsListed(DaemonMessage):
     models: list[dict[str, Any]]
 
 
 @dataclass
-class ModelsEventReceived(Message):
+class ModelsEventReceived(DaemonMessage):
     """A ``models`` topic event: loading/loaded/unloaded/progress/imported/removed/..."""
 
     type: str
@@ -35,34 +42,34 @@ class ModelsEventReceived(Message):
 
 
 @dataclass
-class MetricsSampled(Message):
+class MetricsSampled(DaemonMessage):
     sample: dict[str, Any]
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, MetricsSampled)
+        return isinstance(message, MetricsSampled) and message.daemon == self.daemon
 
 
 @dataclass
-class QueueUpdated(Message):
+class QueueUpdated(DaemonMessage):
     snapshot: dict[str, Any]
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, QueueUpdated)
+        return isinstance(message, QueueUpdated) and message.daemon == self.daemon
 
 
 @dataclass
-class BackpressureChanged(Message):
+class BackpressureChanged(DaemonMessage):
     body: dict[str, Any]
 
 
 @dataclass
-class StatsUpdated(Message):
+class StatsUpdated(DaemonMessage):
     summary: dict[str, Any]
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, StatsUpdated)
+        return isinstance(message, StatsUpdated) and message.daemon == self.daemon
 
 
 @dataclass
-class ProfileReceived(Message):
+class ProfileReceived(DaemonMessage):
     profile: dict[str, Any]

@@ -37,7 +37,9 @@ class InfernoScreen(Screen[None]):
 
     def show(self, snap: Snapshot) -> None:
         """Render the app's latest snapshot (called at most REDRAW_HZ times a second)."""
-        self.query_one(StatusBar).show(snap, self.MODE, self.inferno.readonly)
+        app = self.inferno
+        self.query_one(StatusBar).show(snap, self.MODE, app.readonly,
+                                       app.current.name if app.fleet else "")
         self.render_snapshot(snap)
 
     def render_snapshot(self, snap: Snapshot) -> None:

@@ -91,7 +91,8 @@ class ModelsScreen(InfernoScreen):
     def __init__(self) -> None:
         super().__init__()
         self._rows: tuple[ModelRow, ...] = ()
-        self._details: dict[str, dict[str, Any]] = {}
+        self._details: dict[str, dict[str, Any]] = {}  # models.show of the daemon shown
+        self._daemon = 0
         self._selected: str | None = None
 
     def compose_body(self) -> ComposeResult:
@@ -108,8 +109,8 @@ class ModelsScreen(InfernoScreen):
         self.query_one("#models-bar").display = False
 
     def render_snapshot(self, snap: Snapshot) -> None:
-        if snap.models != self._rows:
-            self._rows = snap.models
+        if snap.models != self._rows or self.inferno.active != self._daemon:
+            self._rows, self._daemon = snap.models, self.inferno.active
             table = self.query_one(DataTable)
             cursor = table.cursor_row
             table.clear()

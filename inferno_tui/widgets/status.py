@@ -13,10 +13,16 @@ STATE_STYLE = {"connected": "bold green", "connecting": "bold yellow",
                "disconnected": "bold red"}
 
 
-def status_text(snap: Snapshot, current: str, readonly: bool, width: int = 80) -> Text:
+def status_text(snap: Snapshot, current: str, readonly: bool, width: int = 80,
+                daemon: str = "") -> Text:
+    """``daemon``: the name of the daemon shown, when the console watches several."""
     t = Text(no_wrap=True, overflow="ellipsis")
     t.append("inferno", "bold reverse")
-    for mode, key, label in TABS:
+    if daemon:
+        t.append(" ")
+        t.append(daemon, "bold cyan")
+    tabs = ((("fleet", "0", "Fleet"),) if daemon else ()) + TABS
+    for mode, key, label in tabs:
         style = "bold reverse" if mode == current else "dim"
         t.append(" ")
         t.append(f"{key}:{label}", style)
@@ -43,5 +49,6 @@ def status_text(snap: Snapshot, current: str, readonly: bool, width: int = 80) -
 class StatusBar(Static):
     DEFAULT_CSS = "StatusBar { height: 1; background: $panel; }"
 
-    def show(self, snap: Snapshot, current: str, readonly: bool) -> None:
-        self.update(status_text(snap, current, readonly, max(20, self.size.width or 80)))
+    def show(self, snap: Snapshot, current: str, readonly: bool, daemon: str = "") -> None:
+        self.update(status_text(snap, current, readonly, max(20, self.size.width or 80),
+                                daemon))

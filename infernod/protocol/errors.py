@@ -53,6 +53,10 @@ CODES: dict[str, str] = {
                          "send it again",
     "unknown_upload": "the upload finished, was aborted or expired; start it again",
     "insufficient_storage": "free disk space in the model directory, or import a smaller file",
+    "pull_failed": "the download failed (see the message, and http_status if the server "
+                   "answered); pull again to resume it",
+    "source_not_found": "the URL, repository or file does not exist; check SOURCE",
+    "unknown_pull": "the pull finished long ago or never existed; 'inferno pull --list'",
 }
 
 

@@ -108,6 +108,17 @@ SCHEMAS: dict[str, dict[str, F]] = {
     },
     "models.upload.abort": {"upload_id": F(STR, True, max_len=64)},
     "models.remove": {"model": F(STR, True, max_len=64)},
+    "models.pull": {
+        "source": F(STR, True, max_len=2048, doc="an http(s):// URL of a .gguf/.onnx file, "
+                    "hf://org/repo/file.gguf, or org/repo:QUANT"),
+        "name": F(STR, max_len=64, doc="model name (default from the file name)"),
+        "sha256": F(STR, max_len=64, doc="hex sha256 the file must have (default: the hub's, "
+                    "if any)"),
+        "stall_timeout_s": F(NUM, min=1, max=3600, doc="fail when no byte arrives for this "
+                             "long (default 60)"),
+    },
+    "models.pull.cancel": {"pull": F(STR, True, max_len=64, doc="pull_id or model name")},
+    "models.pulls": {},
     "generate": {
         "model": F(STR, True, max_len=64),
         "prompt": F(STR, max_len=4 * 1024 * 1024, doc="raw completion prompt"),

@@ -27,6 +27,7 @@ from infernod.daemon.handlers.queue import QueueHandlers
 from infernod.daemon.handlers.session import SessionHandlers
 from infernod.daemon.handlers.streams import StreamHandlers
 from infernod.daemon.handlers.telemetry import TelemetryHandlers
+from infernod.daemon.pulls import Pulls
 from infernod.daemon.server import ROLES, Call, Handler, Route
 from infernod.daemon.uploads import Uploads
 from infernod.protocol.messages import SCHEMAS, F
@@ -58,6 +59,9 @@ TABLE: dict[str, Row] = {
     "models.upload.chunk":  Row("operator", Uploads.chunk),
     "models.upload.finish": Row("operator", Uploads.finish),
     "models.upload.abort":  Row("operator", Uploads.abort),
+    "models.pull":          Row("operator", Pulls.pull),
+    "models.pull.cancel":   Row("operator", Pulls.cancel),
+    "models.pulls":         Row("monitor",  Pulls.list),
     "generate":             Row("user",     InferenceHandlers.generate),
     "embed":                Row("user",     InferenceHandlers.embed),
     "infer":                Row("user",     InferenceHandlers.infer),

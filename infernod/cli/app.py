@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     from infernod.cli import jobs as cli_jobs  # jobs, queue, reprioritize
 
     cli_jobs.add_parsers(add)
+    from infernod.cli import pull as cli_pull  # pull
+
+    cli_pull.add_parser(add)
     from infernod.cli import keys as cli_keys  # keys init/add/list/revoke
 
     cli_keys.add_parser(sub)

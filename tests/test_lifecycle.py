@@ -53,7 +53,8 @@ class _Models:
     def check_generate(self, name: str) -> None:
         pass
 
-    async def load_for_request(self, name: str, keep_alive: object) -> float:
+    async def load_for_request(self, name: str, keep_alive: object,
+                               wanted: object = None) -> float:
         return 0.0
 
 

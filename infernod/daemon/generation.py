@@ -27,7 +27,7 @@ from infernod.telemetry.rate import RateWindow
 
 if TYPE_CHECKING:
     from infernod.config import Config
-    from infernod.daemon.models import ModelManager
+    from infernod.daemon.models import ModelManager, UnloadCause
     from infernod.daemon.publisher import Publisher
 
 log = logging.getLogger("infernod.daemon.generation")
@@ -80,8 +80,8 @@ class GenerationService:
 
     async def _admit(self, gen: Request) -> None:
         try:
-            gen.load_wait_s = await self.models.load_for_request(gen.model,
-                                                                 gen.body.get("keep_alive"))
+            gen.load_wait_s = await self.models.load_for_request(
+                gen.model, gen.body.get("keep_alive"), lambda: gen.state is State.QUEUED)
         except InfernoError as e:
             self.scheduler.cancel(gen.request_id)
             self._fail(gen, e.code, e.message, e.hint)
@@ -269,11 +269,22 @@ class GenerationService:
             engine.cancel(request_id)
         return "cancelling"
 
-    def _model_unloaded(self, model: str) -> None:
+    def _model_unloaded(self, model: str, cause: UnloadCause) -> None:
+        """Running requests end (``aborted``); queued ones fail with ``model_unloaded`` if
+        an operator unloaded it, else (an eviction, keep-alive) they load it again."""
         for gen in self.requests.values(generates=True):
             if gen.model == model and gen.state is State.RUNNING:
                 self._release(gen)
                 self._fail(gen, "aborted", f"model {model} was unloaded", None)
+        queued = [g for g in self.requests.values(generates=True)
+                  if g.model == model and g.state is State.QUEUED]
+        if cause == "operator":
+            for gen in queued:
+                self.scheduler.cancel(gen.request_id)
+                self._fail(gen, "model_unloaded", f"model {model} was unloaded by an "
+                           "operator while this request waited for it", None)
+        elif queued and cause != "stopping":
+            asyncio.get_running_loop().create_task(self._reload(model))
 
     def _model_failed(self, model: str, message: str, hint: str) -> None:
         """``model``'s runner died: its running requests end with runner_crashed; its queued
@@ -287,7 +298,7 @@ class GenerationService:
 
     async def _reload(self, model: str) -> None:
         try:
-            await self.models.load_for_request(model, None)
+            await self.models.load_for_request(model, None, lambda: self._waiting(model))
         except InfernoError as e:
             for gen in self.requests.values(generates=True):
                 if gen.model == model and gen.state is State.QUEUED:
@@ -298,6 +309,10 @@ class GenerationService:
         if lm is not None and lm.engine is not None:
             self.scheduler.set_slots(model, lm.engine.n_slots)
         self.dispatch(model)
+
+    def _waiting(self, model: str) -> bool:
+        return any(g.model == model and g.state is State.QUEUED
+                   for g in self.requests.values(generates=True))
 
     def expired(self, gen: Request) -> None:
         """The scheduler dropped queued ``gen``: its deadline passed (the core's tick)."""

@@ -139,13 +139,16 @@ def plan_load(
     if need_bytes > budget_bytes or need_bytes > free + freeable:
         kept = [f"{m.name} {'pinned' if m.pinned else 'busy'}" for m in others
                 if m.pinned or m.busy]  # fmt: skip
+        # busy_bytes: held by models that are running or loading; once they are idle the
+        # candidate fits if need <= free + freeable + busy (a request may wait for that)
+        busy = sum(m.bytes for m in others if m.busy and not m.pinned)
         raise InfernoError(
             "insufficient_memory",
             f"cannot load {candidate_name}: needs {_mib(need_bytes)}, budget "
             f"{_mib(budget_bytes)}, {_mib(used)} used by {len(others)} loaded model(s), "
             f"only {_mib(freeable)} could be freed" + (f" ({', '.join(kept)})" if kept else ""),
             need_bytes=need_bytes, budget_bytes=budget_bytes, used_bytes=used,
-            freeable_bytes=freeable,
+            freeable_bytes=freeable, busy_bytes=busy,
         )  # fmt: skip
     evict: list[str] = []
     messages: list[str] = []

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import psutil
 
@@ -42,6 +42,13 @@ log = logging.getLogger("infernod.daemon.models")
 CRASH_WINDOW_S = 300.0  # crashes older than this are forgotten
 CRASH_LIMIT = 3  # this many crashes within the window: loads are refused
 BACKOFF_MAX_S = 30.0  # wait before the n-th reload after a crash: 2**(n-1) s, at most this
+MEMORY_WAIT_POLL_S = 0.25  # a request whose model waits for busy models to go idle
+
+# Why a model was unloaded, which decides what happens to the requests still queued for it:
+# an operator's unload fails them (model_unloaded); an eviction (the memory planner made room
+# for another model) or an idle unload loads it again for them; a stopping daemon has
+# already ended them.
+UnloadCause = Literal["operator", "evicted", "idle", "stopping"]
 
 
 @dataclass
@@ -89,6 +96,7 @@ class LoadedModel:
     keep_alive_s: float = 300.0
     memory_bytes: int = 0
     ready: asyncio.Future[LoadedModel] | None = None
+    gone: asyncio.Future[None] | None = None  # set while unloading, done once it is gone
 
     @property
     def pinned(self) -> bool:
@@ -146,7 +154,7 @@ class ModelManager:
         self.loaded: dict[str, LoadedModel] = {}
         self.failures: dict[str, CrashRecord] = {}  # models whose runner died
         self.crash_times: deque[float] = deque(maxlen=1000)  # every runner crash, monotonic
-        self.on_unloaded: list[Callable[[str], None]] = []
+        self.on_unloaded: list[Callable[[str, UnloadCause], None]] = []
         # (model, message, hint): its runner died; its running requests must end
         self.on_failed: list[Callable[[str, str, str], None]] = []
         # Set by the daemon once llama.cpp was probed (backends.cpu_features): None until then.
@@ -197,17 +205,27 @@ class ModelManager:
                 "failed": self.failed_wire(), **extra}
         self.publish("models", "models", body)
 
-    async def load_for_request(self, name: str, keep_alive_s: float | None) -> float:
+    async def load_for_request(self, name: str, keep_alive_s: float | None,
+                               wanted: Callable[[], bool] | None = None) -> float:
         """Make sure ``name`` is loaded for a request; return the seconds it waited.
-        Any failure is an InfernoError (the load path logged the cause)."""
+        Any failure is an InfernoError (the load path logged the cause).
+
+        A model that does not fit only because other models are busy (running or loading:
+        ``insufficient_memory`` whose ``busy_bytes`` would make room) waits until they are
+        idle and the planner can evict them, while ``wanted()`` says someone still waits
+        for it; a model that can never fit (bigger than the budget, pinned models hold the
+        rest) fails at once."""
         t0 = time.monotonic()
-        try:
-            await self.ensure_loaded(name, keep_alive_s)
-        except InfernoError:
-            raise
-        except Exception as e:
-            raise InfernoError("internal", f"loading {name} failed: {e}") from e
-        return time.monotonic() - t0
+        while True:
+            try:
+                await self.ensure_loaded(name, keep_alive_s)
+                return time.monotonic() - t0
+            except InfernoError as e:
+                if not _fits_once_idle(e) or wanted is None or not wanted():
+                    raise
+            except Exception as e:
+                raise InfernoError("internal", f"loading {name} failed: {e}") from e
+            await asyncio.sleep(MEMORY_WAIT_POLL_S)
 
     async def ensure_loaded(self, name: str, keep_alive_s: float | None = None, *,
                             operator: bool = False) -> LoadedModel:
@@ -216,6 +234,9 @@ class ModelManager:
         if operator:
             self.failures.pop(name, None)
         lm = self.loaded.get(name)
+        while lm is not None and lm.state == "unloading" and lm.gone is not None:
+            await asyncio.shield(lm.gone)  # evicted or unloaded just now: load it again
+            lm = self.loaded.get(name)
         if lm is not None:
             if keep_alive_s is not None:
                 lm.keep_alive_s = keep_alive_s
@@ -253,7 +274,7 @@ class ModelManager:
         need = self.estimate_bytes(info)
         for victim, reason in self._plan(name, need):
             log.info(reason)
-            await self.unload(victim, reason=reason)
+            await self.unload(victim, reason=reason, cause="evicted")
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[LoadedModel] = loop.create_future()
         lm = LoadedModel(name=name, info=info,
@@ -385,7 +406,10 @@ class ModelManager:
         for cb in self.on_failed:
             cb(engine.model, reason, CRASH_HINT)
 
-    async def unload(self, name: str, reason: str = "unloaded by request") -> None:
+    async def unload(self, name: str, reason: str = "unloaded by request", *,
+                     cause: UnloadCause = "operator") -> None:
+        """Stop ``name``'s runner. Its running requests end (``aborted``); what becomes of
+        its queued ones is the ``cause``'s (see UnloadCause)."""
         lm = self.loaded.get(name)
         if lm is None:
             raise InfernoError("model_not_loaded", f"model {name} is not loaded")
@@ -394,15 +418,25 @@ class ModelManager:
                 await asyncio.shield(lm.ready)
             except Exception:
                 return
+        if lm.state == "unloading":
+            if lm.gone is not None:
+                await asyncio.shield(lm.gone)
+            return
         lm.state = "unloading"
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lm.gone = gone
         for cb in self.on_unloaded:
-            cb(name)
+            cb(name, cause)
         engine, lm.engine = lm.engine, None
-        if isinstance(engine, RunnerEngine):
-            await engine.aclose()
-        elif engine is not None:  # an engine in this process (tests)
-            await asyncio.get_running_loop().run_in_executor(None, engine.close)
-        self.loaded.pop(name, None)
+        try:
+            if isinstance(engine, RunnerEngine):
+                await engine.aclose()
+            elif engine is not None:  # an engine in this process (tests)
+                await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        finally:
+            if self.loaded.get(name) is lm:
+                self.loaded.pop(name, None)
+            gone.set_result(None)
         self.models_event("unloaded", name, reason=reason)
         self.notifier.status(self.status_line())
         log.info("unloaded %s: %s", name, reason)
@@ -412,12 +446,13 @@ class ModelManager:
         for lm in list(self.loaded.values()):
             left = lm.keep_alive_left_s(now, self.scheduler.running_count(lm.name))
             if lm.state == "loaded" and left is not None and left <= 0:
-                await self.unload(lm.name, reason=f"idle for {lm.keep_alive_s:.0f}s")
+                await self.unload(lm.name, reason=f"idle for {lm.keep_alive_s:.0f}s",
+                                  cause="idle")
 
     async def close(self) -> None:
         for name in list(self.loaded):
             try:
-                await self.unload(name, reason="daemon stopping")
+                await self.unload(name, reason="daemon stopping", cause="stopping")
             except InfernoError:
                 pass
 
@@ -452,3 +487,16 @@ class ModelManager:
 
     def model_dirs(self, state_dir: Path) -> list[Path]:
         return [state_dir / "models", *(Path(p) for p in self.cfg.models.dirs)]
+
+
+def _fits_once_idle(e: InfernoError) -> bool:
+    """An ``insufficient_memory`` that waiting cures: the models in the way are only busy."""
+    if e.code != "insufficient_memory":
+        return False
+    x = e.extra
+    try:
+        room = int(x["budget_bytes"]) - int(x["used_bytes"]) + int(x["freeable_bytes"]) \
+            + int(x["busy_bytes"])
+        return int(x["need_bytes"]) <= min(room, int(x["budget_bytes"]))
+    except (KeyError, TypeError, ValueError):
+        return False

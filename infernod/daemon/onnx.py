@@ -43,7 +43,7 @@ from infernod.protocol.errors import InfernoError
 if TYPE_CHECKING:
     from infernod.backends.gguf_meta import ModelInfo
     from infernod.config import Config
-    from infernod.daemon.models import LoadedModel, ModelManager
+    from infernod.daemon.models import LoadedModel, ModelManager, UnloadCause
     from infernod.daemon.scheduler import Scheduler
     from infernod.daemon.server import Call
 
@@ -140,8 +140,8 @@ class OnnxService:
 
     async def _admit(self, job: Request) -> None:
         try:
-            job.load_wait_s = await self.models.load_for_request(job.model,
-                                                                 job.body.get("keep_alive"))
+            job.load_wait_s = await self.models.load_for_request(
+                job.model, job.body.get("keep_alive"), lambda: job.state is State.QUEUED)
         except InfernoError as e:
             self.scheduler.cancel(job.request_id)
             self._fail(job, e.code, e.message, e.hint)
@@ -337,11 +337,22 @@ class OnnxService:
             self._fail(job, "deadline_exceeded", "the deadline passed while the request was "
                        "queued", None)
 
-    def _model_unloaded(self, model: str) -> None:
+    def _model_unloaded(self, model: str, cause: UnloadCause) -> None:
+        """As GenerationService._model_unloaded: running ones are aborted; queued ones fail
+        with ``model_unloaded`` after an operator's unload, else load it again."""
         for job in self.requests.values(generates=False):
             if job.model == model and job.state is State.RUNNING:
                 self.scheduler.finish(job.request_id)
                 self._fail(job, "aborted", f"model {model} was unloaded", None)
+        queued = [j for j in self.requests.values(generates=False)
+                  if j.model == model and j.state is State.QUEUED]
+        if cause == "operator":
+            for job in queued:
+                self.scheduler.cancel(job.request_id)
+                self._fail(job, "model_unloaded", f"model {model} was unloaded by an "
+                           "operator while this request waited for it", None)
+        elif queued and cause != "stopping":
+            asyncio.get_running_loop().create_task(self._reload(model))
 
     def _model_failed(self, model: str, message: str, hint: str) -> None:
         """``model``'s runner died. Its run's requests end with ``runner_crashed`` through
@@ -352,7 +363,9 @@ class OnnxService:
 
     async def _reload(self, model: str) -> None:
         try:
-            await self.models.load_for_request(model, None)
+            await self.models.load_for_request(model, None, lambda: any(
+                j.model == model and j.state is State.QUEUED
+                for j in self.requests.values(generates=False)))
         except InfernoError as e:
             for job in self.requests.values(generates=False):
                 if job.model == model and job.state is State.QUEUED:

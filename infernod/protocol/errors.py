@@ -17,6 +17,8 @@ CODES: dict[str, str] = {
     "unknown_model": "run 'inferno models' to list available models",
     "model_not_loaded": "load it first: 'inferno load MODEL'",
     "model_busy": "the model is in use; retry when its requests finish",
+    "model_unloaded": "an operator unloaded the model while the request waited for it; "
+                      "resubmit to load it again",
     "cpu_unsupported": "this llama.cpp build cannot run on this CPU; see inferno doctor",
     "backend_unavailable": "llama.cpp could not be loaded; see inferno doctor",
     "insufficient_memory": "unload another model or raise the memory budget in infernod.toml",

@@ -50,7 +50,8 @@ class ModelHandlers:
                 "memory_bytes": lm.memory_bytes, **lm.engine_info()}
 
     async def unload(self, req: Call) -> dict[str, Any]:
-        await self.models.unload(req.body["model"])
+        await self.models.unload(req.body["model"], f"unloaded by {req.principal}",
+                                 cause="operator")
         return {"model": req.body["model"], "state": "unloaded"}
 
     async def import_(self, req: Call) -> dict[str, Any]:

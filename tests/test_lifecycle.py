@@ -62,7 +62,7 @@ class _Publisher:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
 
-    def open_stream(self, request_id: str, owner: str) -> str:
+    def open_stream(self, request_id: str, owner: str, connection: str = "") -> str:
         return request_id
 
     def close_stream(self, request_id: str) -> None:

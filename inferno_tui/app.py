@@ -18,6 +18,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
 
+from inferno_tui import fmt
 from inferno_tui import messages as m
 from inferno_tui.connection import Connection, Settings
 from inferno_tui.fleet import STATUS_EVERY_S, DaemonView
@@ -224,8 +225,9 @@ class InfernoApp(App[None]):
         event, name = str(body.get("event") or msg.type), str(body.get("model") or "")
         progress = dict(snap.progress)
         if event == "progress":
-            progress[name] = Progress(name, "importing", body.get("done_bytes"),
-                                      body.get("total_bytes"), str(body.get("message") or ""))
+            action, words = _progress_words(body)
+            progress[name] = Progress(name, action, body.get("done_bytes"),
+                                      body.get("total_bytes"), words)
         elif event == "loading":
             progress[name] = Progress(name, "loading", None, body.get("estimate_bytes"))
         else:
@@ -236,12 +238,15 @@ class InfernoApp(App[None]):
             "load_failed": f"loading {name} failed: {body.get('error', '')}",
             "failed": str(body.get("reason") or f"{name} failed"),
             "imported": f"{name} imported", "removed": f"{name} removed",
+            "pulled": f"{name} pulled",
+            "pull_failed": f"pull of {name} {body.get('state', 'failed')}: "
+                           f"{(body.get('error') or {}).get('message', '')}",
         }.get(event, snap.notice)
         models = snap.models
         if isinstance(body.get("loaded"), list):
             models = merge_loaded(models, body["loaded"], body.get("failed") or ())
         self._update(d, progress=progress, notice=notice, models=models)
-        if event in ("imported", "removed", "ready") or (name and snap.model(name) is None
+        if event in ("imported", "pulled", "removed", "ready") or (name and snap.model(name) is None
                                                          and event != "progress"):
             self.refresh_models(msg.daemon)
 
@@ -291,3 +296,16 @@ class InfernoApp(App[None]):
         if self.current.profiles_seen:
             return
         self.update_snapshot(recent=add_profile(self.snapshot.recent, stats))
+
+
+def _progress_words(body: dict[str, Any]) -> tuple[str, str]:
+    """(action, message) of a ``progress`` event: a pull's says its rate and time left."""
+    if body.get("pull_id") is None:
+        return "importing", str(body.get("message") or "")
+    state = str(body.get("state") or "downloading")
+    if state != "downloading":
+        return "pulling", state
+    return "pulling", (f"{fmt.size(body.get('done_bytes'))} of "
+                       f"{fmt.size(body.get('total_bytes'))}, "
+                       f"{fmt.size(body.get('rate_bytes_s'))}/s, "
+                       f"{fmt.secs(body.get('eta_s'))} left (D stops)")

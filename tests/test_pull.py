@@ -261,3 +261,35 @@ def test_hugging_face_pulls_through_hf_endpoint(daemon_factory, server, tiny,
     token = "Bearer hf_secret_for_test"  # HF_TOKEN: on the listing and on every download
     assert {("api", token), ("org", token), ("cdn", token)} <= auth, auth
     assert ("org", None) not in auth and ("cdn", None) not in auth
+
+
+# ---------------------------------------------------------------- the console
+
+
+async def test_pull_from_the_console_shows_progress(daemon_factory, server, tiny,
+                                                    tmp_path: Path) -> None:
+    from test_tui import _until
+    from textual.widgets import DataTable, ProgressBar
+
+    from inferno_tui.app import InfernoApp
+    from inferno_tui.connection import Settings
+
+    url = server.add("/console.gguf", tiny, Plan(rate=1_000_000))
+    d = daemon_factory()
+    app = InfernoApp(Settings(endpoint=d.endpoint, data_dir=str(tmp_path)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _until(pilot, lambda: app.snapshot.connection == "connected"
+                     and app.snapshot.models, 30, "connected with a model list")
+        await pilot.press("d")
+        await pilot.press(*url, "enter")
+        bar = app.screen.query_one("#models-bar", ProgressBar)
+        await _until(pilot, lambda: bar.display and (bar.progress or 0) > 0, 30,
+                     "the pull's progress bar")
+        p = app.snapshot.progress["console"]
+        assert p.action == "pulling" and p.total_bytes == len(tiny) and "/s" in p.message
+        table = app.screen.query_one("#models-table", DataTable)
+        await _until(pilot, lambda: "console" in {str(k.value) for k in table.rows}, 60,
+                     "the pulled model in the table")
+        await _until(pilot, lambda: "console pulled" in app.snapshot.notice, 10, "notice")
+        assert not bar.display
+    assert (d.state / "models" / "console.gguf").read_bytes() == tiny

@@ -78,12 +78,15 @@ def detail_text(info: dict[str, Any] | None, row: ModelRow | None) -> Text:
 
 class ModelsScreen(InfernoScreen):
     MODE = "models"
-    MUTATING = frozenset({"load", "unload", "pin", "import_model", "remove"})
+    MUTATING = frozenset({"load", "unload", "pin", "import_model", "pull_model", "cancel_pull",
+                          "remove"})
     BINDINGS = [
         Binding("l", "load", "Load"),
         Binding("u", "unload", "Unload"),
         Binding("p", "pin", "Pin"),
         Binding("i", "import_model", "Import"),
+        Binding("d", "pull_model", "Pull"),
+        Binding("D", "cancel_pull", "Stop pull", show=False),
         Binding("x", "remove", "Remove"),
         Binding("r", "refresh", "Refresh"),
     ]
@@ -131,7 +134,7 @@ class ModelsScreen(InfernoScreen):
             notice.update(Text(snap.notice, "italic"))
             return
         bar.display = True
-        if p.action == "importing" and p.total_bytes:
+        if p.action in ("importing", "pulling") and p.total_bytes:
             bar.update(total=p.total_bytes, progress=p.done_bytes or 0)
         else:
             bar.update(total=None)
@@ -210,6 +213,23 @@ class ModelsScreen(InfernoScreen):
             return
         self.inferno.update_snapshot(notice=f"{reply['model']}: imported")
         self.inferno.refresh_models()
+
+    def action_pull_model(self) -> None:
+        def done(source: str | None) -> None:
+            if source and source.strip():
+                self.model_request("models.pull", {"source": source.strip()},
+                                   f"pulling {source.strip()}")
+
+        self.app.push_screen(AskText("Pull a model onto the daemon's host (https://.../x.gguf, "
+                                     "hf://org/repo/file.gguf or org/repo:QUANT):",
+                                     placeholder="ggml-org/gemma-3-270m-it-GGUF:Q8_0"), done)
+
+    def action_cancel_pull(self) -> None:
+        """Stops the pull shown in the progress line (shift+d)."""
+        pulling = [p for p in self.inferno.snapshot.progress.values() if p.action == "pulling"]
+        if pulling:
+            self.model_request("models.pull.cancel", {"pull": pulling[0].model},
+                               f"stopping the pull of {pulling[0].model}")
 
     def action_remove(self) -> None:
         row = self.selected()

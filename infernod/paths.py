@@ -11,6 +11,7 @@ from pathlib import Path
 # The user the packaged systemd unit runs infernod as (systemd/infernod.service, User=).
 DEFAULT_DAEMON_USER = "inferno"
 JOBS_DB = "jobs.sqlite3"  # in the state directory (docs/operations.md names it)
+MODEL_SETTINGS = "model-settings.toml"  # in the state directory: 'inferno models set'
 
 
 def runtime_dir(configured: str = "") -> Path:

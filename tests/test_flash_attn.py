@@ -14,7 +14,8 @@ import pytest
 from infernod import config as cfgmod
 from infernod.backends import llama_native as native
 from infernod.backends.gguf import GgufEngine
-from infernod.daemon.models import ModelManager
+from infernod.daemon.models import LoadedModel, ModelManager
+from infernod.model_settings import SettingsStore
 
 
 class _Runners:
@@ -26,13 +27,15 @@ class _Runners:
         return "engine"
 
 
-def _runner_kwargs(cfg: cfgmod.Config) -> dict[str, Any]:
+def _runner_kwargs(cfg: cfgmod.Config, settings: SettingsStore | None = None) -> dict[str, Any]:
     runners = _Runners()
     mm = ModelManager(cfg, cast(Any, None), sink_factory=lambda name: cast(Any, None),
                       publish=lambda *a: None, notifier=cast(Any, None),
-                      runners=cast(Any, runners), scheduler=cast(Any, None))
-    info = SimpleNamespace(path=Path("/models/m.gguf"))
-    asyncio.run(asyncio.wait_for(mm._start_runner("m", cast(Any, info)), 10))
+                      runners=cast(Any, runners), scheduler=cast(Any, None),
+                      settings=settings)
+    info = SimpleNamespace(path=Path("/models/m.gguf"), name="m")
+    lm = LoadedModel(name="m", info=cast(Any, info))
+    asyncio.run(asyncio.wait_for(mm._start_runner(lm, cast(Any, info)), 10))
     return runners.kwargs
 
 
@@ -40,6 +43,13 @@ def test_the_setting_reaches_the_runner_and_defaults_to_auto() -> None:
     assert _runner_kwargs(cfgmod.from_dict({}))["flash_attn"] == "auto"
     off = cfgmod.from_dict({"models": {"flash_attn": "off"}})
     assert _runner_kwargs(off)["flash_attn"] == "off"
+
+
+def test_the_models_own_setting_wins_over_the_config() -> None:
+    store = SettingsStore()
+    store.update("m", {"flash_attn": "on", "n_ctx": 512, "slots": 2, "threads": 1})
+    kw = _runner_kwargs(cfgmod.from_dict({"models": {"flash_attn": "off"}}), store)
+    assert (kw["flash_attn"], kw["n_ctx"], kw["n_slots"], kw["n_threads"]) == ("on", 512, 2, 1)
 
 
 def test_a_bad_value_is_refused_with_the_choices() -> None:

@@ -16,6 +16,7 @@ from infernod.daemon.models import LoadedModel
 from infernod.daemon.queue import QueueService
 from infernod.daemon.requests import Kind, Request, RequestTable, State
 from infernod.daemon.scheduler import Scheduler
+from infernod.model_settings import SettingsStore
 
 M = "m"
 
@@ -49,6 +50,7 @@ class _Models:
                                       state="loaded")}
         self.on_unloaded: list[Any] = []
         self.on_failed: list[Any] = []
+        self.settings = SettingsStore()  # no model settings: the request's own values
 
     def check_generate(self, name: str) -> None:
         pass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from infernod.daemon.registry import Registry
 from infernod.keys import keys_dir
-from infernod.paths import DEFAULT_DAEMON_USER, JOBS_DB
+from infernod.paths import DEFAULT_DAEMON_USER, JOBS_DB, MODEL_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "operations.md").read_text()
@@ -17,7 +17,8 @@ UNIT = (ROOT / "systemd" / "infernod.service").read_text()
 
 def test_state_dir_entries_in_the_doc_are_the_ones_the_daemon_makes(tmp_path):
     state = tmp_path / "state"
-    made = {JOBS_DB, keys_dir(state).name, Registry([], state).model_dirs[-1].name}
+    made = {JOBS_DB, MODEL_SETTINGS, keys_dir(state).name,
+            Registry([], state).model_dirs[-1].name}
     unit_state = "/var/lib/" + re.search(r"^StateDirectory=(\S+)", UNIT, re.M).group(1)
     named = set(re.findall(rf"{re.escape(unit_state)}/([\w.-]+)", DOC))
     assert f"{unit_state}/{JOBS_DB}" in DOC

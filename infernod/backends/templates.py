@@ -152,15 +152,28 @@ def _normalize(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+def compile_error(text: str) -> str | None:
+    """Why the jinja template ``text`` does not compile, or None when it does."""
+    try:
+        _compile(text)
+    except jinja2.TemplateSyntaxError as e:
+        return f"line {e.lineno}: {e.message}"
+    return None
+
+
 def render_chat(
     info_or_template: ModelInfo | str | None,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
+    *,
+    override: str = "",
 ) -> tuple[str, str]:
     """Renders a conversation to a prompt. Returns ``(prompt, template_name)``.
 
     ``info_or_template`` is a ModelInfo (its GGUF template, else the architecture's
-    fallback), a jinja template text ("custom"), or None (chatml).
+    fallback), a jinja template text ("custom"), or None (chatml). ``override`` (a model's
+    ``chat_template`` setting) replaces a ModelInfo's template by a fallback's name or a
+    jinja text ("custom"); the model's BOS/EOS texts still apply.
     """
     msgs = _normalize(messages)
     bos = eos = ""
@@ -173,7 +186,11 @@ def render_chat(
         info = info_or_template
         name = template_name_for(info)
         text = info.chat_template or FALLBACK_TEMPLATES[name]
-        bos = info.bos_token or ("" if info.chat_template else _FALLBACK_BOS[name])
+        if override:
+            name = override if override in FALLBACK_TEMPLATES else "custom"
+            text = FALLBACK_TEMPLATES.get(override, override)
+        bos = info.bos_token or ("" if info.chat_template and not override
+                                 else _FALLBACK_BOS.get(name, ""))
         eos = info.eos_token or ""
         strip_bos = info.add_bos_token
     source = "model's embedded" if name == "gguf" else name

@@ -74,6 +74,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         from infernod.cli.onnx import convert_onnx
 
         return convert_onnx(args.rest)
+    if args.action in ("set", "unset", "keys"):
+        from infernod.cli.settings import models_settings
+
+        return models_settings(args)
     with _client(args) as c:
         listing = c.model_listing()
     models, skipped = listing["models"], listing.get("skipped") or []
@@ -122,9 +126,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
     else:
+        from infernod.cli.settings import print_settings
+
         for k, v in info.items():
-            if k not in ("metadata", "chat_template"):
+            if k not in ("metadata", "chat_template", "settings"):
                 print(f"{k:22} {v}")
+        if info.get("settings"):
+            print_settings(info["settings"])
     return EXIT_OK
 
 
@@ -368,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("status", "daemon status")
-    sp = add("models", "list models; 'models convert-onnx [OUT_DIR]' exports all-MiniLM-L6-v2")
-    sp.add_argument("action", nargs="?", choices=("list", "convert-onnx"), default="list")
-    sp.add_argument("rest", nargs=argparse.REMAINDER, help="convert-onnx: [OUT_DIR] [--force]")
+    sp = add("models", "list models; 'models set NAME key=value ...' / 'unset NAME key ...' "
+                       "a model's own settings ('models keys' lists them); 'models "
+                       "convert-onnx [OUT_DIR]' exports all-MiniLM-L6-v2")
+    from infernod.cli.settings import add_arguments
+
+    add_arguments(sp)
     from infernod.cli.onnx import add_embed_parser
 
     add_embed_parser(add)

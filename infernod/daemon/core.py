@@ -38,7 +38,8 @@ from infernod.daemon.registry import Registry
 from infernod.daemon.requests import Request, RequestRunner, RequestTable, State
 from infernod.daemon.scheduler import Scheduler
 from infernod.daemon.server import Call, Daemon, Route
-from infernod.paths import JOBS_DB, private_dir
+from infernod.model_settings import SettingsStore
+from infernod.paths import JOBS_DB, MODEL_SETTINGS, private_dir
 from infernod.protocol.errors import InfernoError
 from infernod.runner.supervisor import RunnerSupervisor
 from infernod.telemetry.service import TelemetryService
@@ -69,7 +70,8 @@ class InfernoDaemon(Daemon):
         self.models = ModelManager(self.cfg, self.registry,
                                    sink_factory=lambda name: self.gen,
                                    publish=self.publisher.publish, notifier=self.notifier,
-                                   runners=self.runners, scheduler=self.scheduler)
+                                   runners=self.runners, scheduler=self.scheduler,
+                                   settings=SettingsStore(self.state_dir / MODEL_SETTINGS))
         self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
         # every live request of every kind, from admission to its last event
         self.requests = RequestTable(self.scheduler, self.publisher.publish)
@@ -118,10 +120,8 @@ class InfernoDaemon(Daemon):
         return sum(known) if known else None
 
     def _render_user_prompt(self, model: str, text: str) -> str:
-        from infernod.backends import templates
-
-        return templates.render_chat(self.registry.get(model),
-                                     [{"role": "user", "content": text}])[0]
+        return self.models.render_chat(self.registry.get(model),
+                                       [{"role": "user", "content": text}])[0]
 
     async def _startup_models(self) -> None:
         loop = asyncio.get_running_loop()
@@ -266,7 +266,7 @@ class InfernoDaemon(Daemon):
             InferenceHandlers(cfg, self.catalog, self.gen, self.onnx, self.queue, self.requests),
             StreamHandlers(cfg, self.publisher),
             QueueHandlers(self.queue, self.scheduler),
-            JobHandlers(self.catalog, self.jobs),
+            JobHandlers(self.catalog, self.jobs, self.models),
             TelemetryHandlers(self.telemetry),
         ])
 

@@ -71,11 +71,11 @@ class GenerationService:
         self.requests.add(gen)
         asyncio.get_running_loop().create_task(self._admit(gen))
 
-    @staticmethod
-    def _item(gen: Request) -> QueueItem:
+    def _item(self, gen: Request) -> QueueItem:
         return QueueItem(request_id=gen.request_id, client=gen.client or gen.session,
                          model=gen.model, priority=gen.priority, submitted_at=gen.submitted,
-                         deadline=gen.deadline, est_tokens=gen.body.get("max_tokens") or 256,
+                         deadline=gen.deadline,
+                         est_tokens=self._params(gen).get("max_tokens") or 256,
                          payload=gen, owner="" if gen.job is not None else gen.principal)
 
     async def _admit(self, gen: Request) -> None:
@@ -113,8 +113,14 @@ class GenerationService:
             engine.submit(self._engine_request(gen))
         self.publish_queue()
 
+    def _params(self, gen: Request) -> dict[str, Any]:
+        """The body's generation parameters over the model's own defaults (a request's
+        value wins; the engine's defaults fill the rest)."""
+        own = self.models.settings.request_defaults(gen.model)
+        return {**own, **{k: v for k, v in gen.body.items() if v is not None}}
+
     def _engine_request(self, gen: Request) -> GenerationRequest:
-        b = gen.body
+        b = self._params(gen)
         sampling = SamplingParams(**{k: b[k] for k in SAMPLING_KEYS if b.get(k) is not None})
         return GenerationRequest(
             request_id=gen.request_id, prompt=gen.prompt,

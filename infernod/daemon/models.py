@@ -27,6 +27,7 @@ from infernod.backends.gguf_meta import ModelInfo
 from infernod.backends.onnx_engine import OnnxRunEngine
 from infernod.backends.parking import park_count
 from infernod.config import Config
+from infernod.model_settings import LOAD_KEYS, SettingsStore
 from infernod.protocol import bodies
 from infernod.protocol.errors import InfernoError
 from infernod.runner.supervisor import CRASH_HINT, OnnxRunnerEngine, RunnerEngine, RunnerSupervisor
@@ -97,6 +98,9 @@ class LoadedModel:
     memory_bytes: int = 0
     ready: asyncio.Future[LoadedModel] | None = None
     gone: asyncio.Future[None] | None = None  # set while unloading, done once it is gone
+    keep_alive_source: str = "config"  # request | model | config (models.show)
+    params: dict[str, Any] = field(default_factory=dict)  # the load settings it runs with
+    gpu_layers: int = 0  # n_gpu_layers as loaded ('auto' resolved)
 
     @property
     def pinned(self) -> bool:
@@ -122,6 +126,9 @@ class LoadedModel:
             "slots": None if self.engine is None else self.engine.n_slots,
             "runner_pid": None,
         }
+        if "n_ctx" in self.params:  # GGUF: the context it was loaded with
+            base["n_ctx"] = self.params["n_ctx"]
+            base["n_gpu_layers"] = self.gpu_layers
         # the engine's own fields (runner_*, host_cache, ONNX provider) are NotRequired
         # in bodies.LoadedModel; tests/test_bodies.py checks the real daemon's against it
         return cast(bodies.LoadedModel, {**base, **self.engine_info()})
@@ -143,8 +150,9 @@ class ModelManager:
                  sink_factory: Callable[[str], EngineSink],
                  publish: Callable[[str, str, dict[str, Any]], object],
                  notifier: Notifier, runners: RunnerSupervisor,
-                 scheduler: Scheduler) -> None:
+                 scheduler: Scheduler, settings: SettingsStore | None = None) -> None:
         self.cfg = cfg
+        self.settings = settings if settings is not None else SettingsStore()
         self.scheduler = scheduler  # who runs on each model (idle unloading, eviction)
         self.registry = registry
         self.sink_factory = sink_factory  # events of GGUF runners, delivered on the loop
@@ -160,7 +168,8 @@ class ModelManager:
         # Set by the daemon once llama.cpp was probed (backends.cpu_features): None until then.
         self.cpu_support: CpuSupport | None = None
         # how a model of each kind is started: a runner process either way
-        self._loaders: dict[str, Callable[[str, ModelInfo], Awaitable[RunnerEngine]]] = {
+        self._loaders: dict[str, Callable[[LoadedModel, ModelInfo],
+                                          Awaitable[RunnerEngine]]] = {
             "gguf": self._start_runner, "onnx": self._start_onnx_runner}
 
     def wire(self, lm: LoadedModel, now: float) -> bodies.LoadedModel:
@@ -172,13 +181,62 @@ class ModelManager:
         configured = self.cfg.models.memory_budget_bytes
         return configured or int(psutil.virtual_memory().total * 0.75)
 
+    def load_params(self, name: str) -> dict[str, Any]:
+        """The load settings ``name`` gets on its next load: its own, else the config's."""
+        return {k: self.settings.value(name, k, self.cfg) for k in LOAD_KEYS}
+
     def estimate_bytes(self, info: ModelInfo) -> int:
-        """What loading ``info`` with the current config is expected to take (see _load)."""
+        """What loading ``info`` with its settings is expected to take (see _load)."""
         m = self.cfg.models
-        est = self.registry.estimate_memory(info, n_ctx=m.n_ctx, n_slots=m.slots,
+        p = self.load_params(info.name)
+        est = self.registry.estimate_memory(info, n_ctx=p["n_ctx"], n_slots=p["slots"],
                                             swa_full=m.swa_full,
-                                            park_slots=park_count(m.slots, m.park_slots))
+                                            park_slots=park_count(p["slots"], m.park_slots))
         return int(est.total_bytes) + self._host_cache_bytes(info)
+
+    def gpu_layers(self, info: ModelInfo, params: dict[str, Any]) -> int:
+        """n_gpu_layers for a load: the setting, 'auto' resolved."""
+        layers = params["n_gpu_layers"]
+        return 0 if layers == "auto" else int(layers)
+
+    def keep_alive_for(self, name: str, requested: float | None) -> tuple[float, str]:
+        """(keep_alive_s, source) for ``name``: pinned models stay pinned; else a request's
+        value, the model's own, the config's."""
+        if self.settings.value(name, "pin", self.cfg):
+            return -1.0, "model"
+        if requested is not None:
+            return float(requested), "request"
+        own = self.settings.get(name)
+        if "keep_alive_s" in own:
+            return float(own["keep_alive_s"]), "model"
+        return self.cfg.models.keep_alive_s, "config"
+
+    def effective_settings(self, name: str) -> dict[str, dict[str, Any]]:
+        """Every setting of ``name``: {value, source}, and for a loaded model the value it
+        runs with where the next load would differ (``loaded``: what runs now)."""
+        out = self.settings.effective(name, self.cfg)
+        lm = self.loaded.get(name)
+        if lm is None:
+            return out
+        out["keep_alive_s"] = {"value": lm.keep_alive_s, "source": lm.keep_alive_source}
+        for key, was in lm.params.items():
+            if out[key]["value"] != was:
+                out[key]["loaded"] = was
+        if lm.params and lm.params.get("n_gpu_layers") == "auto":
+            out["n_gpu_layers"]["resolved"] = lm.gpu_layers
+        return out
+
+    def settings_changed(self, name: str) -> list[str]:
+        """A model's settings changed: what acts in the daemon applies to it at once (its
+        keep-alive, pin); returns the load keys whose new value waits for the next load."""
+        lm = self.loaded.get(name)
+        if lm is None:
+            return []
+        lm.keep_alive_s, lm.keep_alive_source = self.keep_alive_for(name, None)
+        if not lm.params:
+            return []
+        want = self.load_params(name)
+        return [k for k in LOAD_KEYS if k in lm.params and lm.params[k] != want[k]]
 
     def _host_cache_bytes(self, info: ModelInfo) -> int:
         """RAM a GGUF engine may fill with idle conversations (counted at its full budget)."""
@@ -239,7 +297,7 @@ class ModelManager:
             lm = self.loaded.get(name)
         if lm is not None:
             if keep_alive_s is not None:
-                lm.keep_alive_s = keep_alive_s
+                lm.keep_alive_s, lm.keep_alive_source = self.keep_alive_for(name, keep_alive_s)
             if lm.state == "loading" and lm.ready is not None:
                 await asyncio.shield(lm.ready)
             if lm.state != "loaded":
@@ -277,9 +335,8 @@ class ModelManager:
             await self.unload(victim, reason=reason, cause="evicted")
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[LoadedModel] = loop.create_future()
-        lm = LoadedModel(name=name, info=info,
-                         keep_alive_s=(keep_alive_s if keep_alive_s is not None
-                                       else self.cfg.models.keep_alive_s),
+        keep, source = self.keep_alive_for(name, keep_alive_s)
+        lm = LoadedModel(name=name, info=info, keep_alive_s=keep, keep_alive_source=source,
                          memory_bytes=need, ready=ready)
         self.loaded[name] = lm
         self.models_event("loading", name, estimate_bytes=need)
@@ -296,7 +353,7 @@ class ModelManager:
             if loader is None:
                 raise InfernoError("not_supported", f"{name} is a {info.kind} model, which "
                                    "this daemon cannot load")
-            engine = await loader(name, info)
+            engine = await loader(lm, info)
         except BaseException as e:
             del self.loaded[name]
             ready.set_exception(e)
@@ -334,6 +391,26 @@ class ModelManager:
             log.warning("could not record the memory of %s: %s", lm.name, e)
         lm.memory_bytes = total + self._host_cache_bytes(lm.info)
 
+    def check_role(self, name: str, role: str) -> None:
+        """Refuse a request on ``name`` from a role its ``allowed_roles`` setting leaves out
+        (operators always pass)."""
+        allowed = self.settings.value(name, "allowed_roles", self.cfg)
+        if allowed and role != "operator" and role not in allowed:
+            raise InfernoError("forbidden", f"model {name} serves only {', '.join(allowed)} "
+                               f"requests, and this one comes from a {role}",
+                               "ask an operator (the model's allowed_roles setting)")
+
+    def render_chat(self, info: ModelInfo, messages: list[dict[str, Any]]) -> tuple[str, str]:
+        """A chat rendered with the model's settings: its ``system_prompt`` first unless the
+        chat has a system message, its ``chat_template`` instead of the model's own."""
+        from infernod.backends import templates
+
+        own = self.settings.get(info.name)
+        system = own.get("system_prompt")
+        if system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        return templates.render_chat(info, messages, override=own.get("chat_template") or "")
+
     def check_generate(self, name: str) -> None:
         """Refuse generation on a model that cannot generate (ONNX); unknown names pass here
         and fail where the load looks them up."""
@@ -345,9 +422,10 @@ class ModelManager:
             raise InfernoError("not_supported", f"{name} is a {info.kind} model: it cannot "
                                "generate text", "use 'embed' or 'infer' for ONNX models")
 
-    async def _start_onnx_runner(self, name: str, info: ModelInfo) -> RunnerEngine:
+    async def _start_onnx_runner(self, lm: LoadedModel, info: ModelInfo) -> RunnerEngine:
         """Start a runner process for an ONNX model (an OnnxEngine: its session and the
         worker thread that runs embed/infer) and wait until it has loaded it."""
+        name = lm.name
         o = self.cfg.onnx
         kwargs = {"backend": "onnx", "path": str(info.path), "providers": list(o.providers),
                   "intra_op_threads": o.intra_op_threads,
@@ -357,18 +435,23 @@ class ModelManager:
                                         sink=None, on_exit=self._runner_exited,
                                         proxy=OnnxRunnerEngine)
 
-    async def _start_runner(self, name: str, info: ModelInfo) -> RunnerEngine:
-        """Start a runner process for a GGUF model and wait until it has loaded it."""
+    async def _start_runner(self, lm: LoadedModel, info: ModelInfo) -> RunnerEngine:
+        """Start a runner process for a GGUF model, with the model's own load settings
+        (else the config's), and wait until it has loaded it."""
+        name = lm.name
         if self.cpu_support is not None and not self.cpu_support.ok:
             raise InfernoError(self.cpu_support.code, f"cannot load {name}: "
                                f"{self.cpu_support.reason()}", self.cpu_support.hint())
         m = self.cfg.models
+        p = lm.params = self.load_params(name)
+        lm.gpu_layers = self.gpu_layers(info, p)
         cores = os.cpu_count() or 1
-        kwargs = {"path": str(info.path), "n_ctx": m.n_ctx, "n_slots": m.slots,
-                  "n_threads": m.threads or cores, "n_threads_batch": m.threads_batch or cores,
-                  "n_gpu_layers": m.n_gpu_layers, "swa_full": m.swa_full, "flash_attn": m.flash_attn,
-                  "prefill_chunk": m.prefill_chunk,
-                  "park_slots": park_count(m.slots, m.park_slots),
+        kwargs = {"path": str(info.path), "n_ctx": p["n_ctx"], "n_slots": p["slots"],
+                  "n_threads": p["threads"] or cores,
+                  "n_threads_batch": p["threads_batch"] or cores,
+                  "n_gpu_layers": lm.gpu_layers, "swa_full": m.swa_full,
+                  "flash_attn": p["flash_attn"], "prefill_chunk": m.prefill_chunk,
+                  "park_slots": park_count(p["slots"], m.park_slots),
                   "host_cache_bytes": m.host_cache_mib << 20}
         return await self.runners.start(name, kwargs, wrapper=list(m.runner_wrapper),
                                         sink=self.sink_factory(name),

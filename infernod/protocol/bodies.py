@@ -106,6 +106,8 @@ class LoadedModel(TypedDict):
     idle_s: float
     slots: int | None
     runner_pid: int | None  # GGUF: the runner process; ONNX: None
+    n_ctx: NotRequired[int]  # GGUF: the context per slot it was loaded with
+    n_gpu_layers: NotRequired[int]  # GGUF: layers offloaded ('auto' resolved)
     runner_rss_bytes: NotRequired[int | None]
     runner_cpu_s: NotRequired[float | None]
     runner_gpu_bytes: NotRequired[int]
@@ -160,6 +162,8 @@ class ModelState(TypedDict):
     idle_s: NotRequired[float]
     slots: NotRequired[int | None]
     runner_pid: NotRequired[int | None]
+    n_ctx: NotRequired[int]
+    n_gpu_layers: NotRequired[int]
     runner_rss_bytes: NotRequired[int | None]
     runner_cpu_s: NotRequired[float | None]
     runner_gpu_bytes: NotRequired[int]

@@ -37,6 +37,7 @@ CODES: dict[str, str] = {
     "shutting_down": "the daemon is stopping; retry when it is back",
     "unavailable": "is infernod running? try 'systemctl status infernod'",
     "config_error": "fix the named key in infernod.toml",
+    "invalid_setting": "see 'inferno models keys' for each per-model setting and its rules",
     "conflict": "the target already exists or is in the wrong state",
     "not_supported": "this build or model does not support the request",
     "quota_exceeded": "you have reached a per-principal quota; see the message and its "

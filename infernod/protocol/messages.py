@@ -119,6 +119,16 @@ SCHEMAS: dict[str, dict[str, F]] = {
     },
     "models.pull.cancel": {"pull": F(STR, True, max_len=64, doc="pull_id or model name")},
     "models.pulls": {},
+    "models.set": {
+        "model": F(STR, True, max_len=64),
+        "settings": F(MAP, True, doc="{key: value}: the model's own settings (see "
+                      "'inferno models keys')"),
+    },
+    "models.unset": {
+        "model": F(STR, True, max_len=64),
+        "keys": F(LIST, True, max_len=64, items=str, doc="settings to remove: the model "
+                  "falls back to the config's value"),
+    },
     "generate": {
         "model": F(STR, True, max_len=64),
         "prompt": F(STR, max_len=4 * 1024 * 1024, doc="raw completion prompt"),

@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from infernod.backends import templates
 from infernod.config import Config
 from infernod.daemon.catalog import ModelCatalog
 from infernod.daemon.generation import GenerationService
@@ -31,9 +30,10 @@ class InferenceHandlers:
     async def generate(self, req: Call) -> dict[str, Any]:
         b = req.body
         info = await self.catalog.lookup(b["model"], req)
+        self.gen.models.check_role(info.name, req.role)
         template = None
         if b.get("messages") is not None:
-            prompt, template = templates.render_chat(info, b["messages"])
+            prompt, template = self.gen.models.render_chat(info, b["messages"])
         else:
             prompt = b["prompt"]
         s = self.cfg().scheduler
@@ -58,12 +58,14 @@ class InferenceHandlers:
                 "chat_template": template}
 
     async def embed(self, req: Call) -> dict[str, Any]:
-        return await self.onnx.handle("embed", req,
-                                      await self.catalog.lookup(req.body["model"], req))
+        info = await self.catalog.lookup(req.body["model"], req)
+        self.gen.models.check_role(info.name, req.role)
+        return await self.onnx.handle("embed", req, info)
 
     async def infer(self, req: Call) -> dict[str, Any]:
-        return await self.onnx.handle("infer", req,
-                                      await self.catalog.lookup(req.body["model"], req))
+        info = await self.catalog.lookup(req.body["model"], req)
+        self.gen.models.check_role(info.name, req.role)
+        return await self.onnx.handle("infer", req, info)
 
     async def cancel(self, req: Call) -> dict[str, Any]:
         """A generation, or a waiting or running embed/infer (same ids, same rule)."""

@@ -11,6 +11,7 @@ from typing import Any
 from infernod.daemon.catalog import ModelCatalog
 from infernod.daemon.jobs import JobService
 from infernod.daemon.jobstore import Job
+from infernod.daemon.models import ModelManager
 from infernod.daemon.server import Call
 from infernod.protocol.errors import InfernoError
 from infernod.protocol.vocabulary import GENERATION_PARAMS
@@ -28,13 +29,15 @@ def _check_owner(req: Call, job: Job, what: str) -> None:
 
 
 class JobHandlers:
-    def __init__(self, catalog: ModelCatalog, jobs: JobService) -> None:
+    def __init__(self, catalog: ModelCatalog, jobs: JobService, models: ModelManager) -> None:
         self.catalog = catalog
         self.jobs = jobs
+        self.models = models  # the model's allowed_roles
 
     async def submit(self, req: Call) -> dict[str, Any]:
         b = req.body
         info = await self.catalog.lookup(b["model"], req)
+        self.models.check_role(info.name, req.role)
         params = {k: b[k] for k in PARAM_KEYS if b.get(k) is not None}
         job, created = await self.jobs.submit(req.principal, info.name, b["prompts"], params,
                                               b.get("priority") or "low",

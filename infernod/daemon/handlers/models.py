@@ -1,4 +1,5 @@
-"""``models.list`` / ``show`` / ``load`` / ``unload`` / ``import`` / ``remove``.
+"""``models.list`` / ``show`` / ``load`` / ``unload`` / ``import`` / ``remove`` / ``set`` /
+``unset``.
 
 (``models.upload.*`` are the methods of ``infernod.daemon.uploads.Uploads``: an upload is a
 small state machine of its own.)"""
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infernod import model_settings
 from infernod.backends import templates
 from infernod.daemon.catalog import ModelCatalog
 from infernod.daemon.models import ModelManager
@@ -35,11 +37,38 @@ class ModelHandlers:
     async def show(self, req: Call) -> dict[str, Any]:
         info = await self.catalog.lookup(req.body["model"], req)
         out = info.to_dict(include_template=True)
-        out["chat_template_name"] = templates.template_name_for(info)
+        own_template = self.models.settings.get(info.name).get("chat_template")
+        out["chat_template_name"] = (templates.template_name_for(info) if not own_template
+                                     else own_template if own_template
+                                     in model_settings.TEMPLATE_NAMES else "custom")
         out["memory_estimate_bytes"] = self.models.estimate_bytes(info)
         lm = self.models.loaded.get(info.name)
         out.update(self.models.wire(lm, time.monotonic()) if lm else {"state": "available"})
+        out["settings"] = self.models.effective_settings(info.name)
         return out
+
+    async def set(self, req: Call) -> dict[str, Any]:
+        """The model's own settings: validated by the config's (or the wire's) rules, kept
+        in the state directory; what acts in the daemon applies at once, the rest on the
+        next load."""
+        info = await self.catalog.lookup(req.body["model"], req)
+        values = {k: model_settings.check(k, v) for k, v in req.body["settings"].items()}
+        return await self._change(info.name, values, ())
+
+    async def unset(self, req: Call) -> dict[str, Any]:
+        info = await self.catalog.lookup(req.body["model"], req)
+        return await self._change(info.name, {}, tuple(req.body["keys"]))
+
+    async def _change(self, name: str, values: dict[str, Any],
+                      unset: tuple[str, ...]) -> dict[str, Any]:
+        store = self.models.settings
+        own = store.update(name, values, unset)
+        await asyncio.get_running_loop().run_in_executor(None, store.save, store.snapshot())
+        pending = self.models.settings_changed(name)
+        changed = [*values, *unset]
+        self.models.models_event("settings", name, changed=changed)
+        return {"model": name, "settings": own, "changed": changed,
+                "loaded": name in self.models.loaded, "next_load": pending}
 
     async def load(self, req: Call) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -74,5 +103,8 @@ class ModelHandlers:
         name = req.body["model"]
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.registry.remove, name, set(self.models.loaded))
+        store = self.models.settings
+        if store.forget(name):
+            await loop.run_in_executor(None, store.save, store.snapshot())
         self.models.models_event("removed", name)
         return {"model": name, "state": "removed"}

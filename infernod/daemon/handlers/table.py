@@ -55,6 +55,8 @@ TABLE: dict[str, Row] = {
     "models.unload":        Row("operator", ModelHandlers.unload),
     "models.import":        Row("operator", ModelHandlers.import_),
     "models.remove":        Row("operator", ModelHandlers.remove),
+    "models.set":           Row("operator", ModelHandlers.set),
+    "models.unset":         Row("operator", ModelHandlers.unset),
     "models.upload.begin":  Row("operator", Uploads.begin),
     "models.upload.chunk":  Row("operator", Uploads.chunk),
     "models.upload.finish": Row("operator", Uploads.finish),

@@ -40,6 +40,7 @@ STATUS: dict[str, int] = {
     "shutting_down": 503,
     "unavailable": 503,
     "config_error": 500,
+    "invalid_setting": 400,
     "conflict": 409,
     "not_supported": 400,
     "bad_schema": 400,

@@ -73,6 +73,26 @@ def test_reload_applies_runtime_keys_and_reports_restart_keys():
     assert eff.models.slots == 8 and eff.models.keep_alive_s == 5.0
 
 
+def test_cli_config_set_keeps_every_comment_of_the_shipped_file(tmp_path, capsys):
+    shipped = Path(__file__).resolve().parent.parent / "etc" / "infernod.toml"
+    p = tmp_path / "infernod.toml"
+    p.write_text(shipped.read_text())
+    comments = [ln for ln in shipped.read_text().splitlines() if ln.startswith("#")]
+    assert len(comments) > 100
+    assert cli.main(["config", "set", "models.n_ctx", "2048", "--config", str(p)]) == 0
+    assert cli.main(["config", "set", "security.max_priority", "operator=vip,user=high",
+                     "--config", str(p)]) == 0
+    assert cli.main(["config", "set", "models.n_ctx", "8192", "--config", str(p)]) == 0
+    text = p.read_text()
+    lines = text.splitlines()
+    assert [ln for ln in lines if ln.startswith("#")] == comments  # all kept, in order
+    assert lines.index("n_ctx = 8192") > lines.index("[models]")
+    data = {k: v for k, v in tomllib.loads(text).items() if v}  # the empty [sections] stay
+    assert data == {"models": {"n_ctx": 8192},
+                    "security": {"max_priority": {"operator": "vip", "user": "high"}}}
+    assert cfgmod.load(str(p)).models.n_ctx == 8192
+
+
 def test_cli_config_set_writes_valid_toml(tmp_path, capsys):
     p = tmp_path / "infernod.toml"
     p.write_text("[models]\nslots = 4\n")

@@ -329,26 +329,37 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def config_set(explicit: str | None, key: str, text: str) -> int:
+    """Set one key in the config file, keeping every comment, blank line and key order
+    (tomlkit edits the document in place), after validating the value and the whole file."""
     import os
     import tomllib
 
-    import tomli_w
+    import tomlkit
 
     from infernod import config as cfgmod
 
     value = cfgmod.check_value(key, cfgmod.parse_cli_value(key, text))
     path = Path(explicit) if explicit else (cfgmod.find_config() or cfgmod.user_config_path())
-    data: dict[str, Any] = {}
-    if path.exists():
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+    doc = tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
     section, _, name = key.partition(".")
-    data.setdefault(section, {})[name] = value
-    cfgmod.from_dict(data, path)  # the whole file must still be valid
+    table = doc.get(section)
+    if table is None:
+        table = tomlkit.table()
+        doc.add(section, table)
+    if isinstance(value, dict):  # one line, as the shipped file shows it
+        item = tomlkit.inline_table()
+        item.update(value)
+        table[name] = item
+    else:
+        table[name] = value
+    out = tomlkit.dumps(doc)
+    cfgmod.from_dict(tomllib.loads(out), path)  # the whole file must still be valid
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".toml.tmp")
-    with open(tmp, "wb") as fh:
-        tomli_w.dump(data, fh)
+    tmp = path.with_name(f".{path.name}.tmp")
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(out)
     os.replace(tmp, path)
     spec = cfgmod.key_spec(key)[1]
     note = "restart infernod to apply" if spec.metadata["restart"] else \

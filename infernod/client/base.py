@@ -298,6 +298,24 @@ class _Requests:
         return self._drive(_upload_steps(Path(path), name, progress, resume,
                                          max(self.timeout, 60.0)))
 
+    def pull(self, source: str, name: str | None = None, *, sha256: str | None = None,
+             stall_timeout_s: float | None = None, timeout: float = 180) -> Any:
+        """Ask the daemon to download a model (a URL, ``hf://org/repo/file.gguf`` or
+        ``org/repo:QUANT``) onto its own host. Returns once the server answered: the pull's
+        state (``pull_id``, ``state``, ``done_bytes``, ``total_bytes``, ...); follow it with
+        :meth:`pulls` or the ``progress`` events of the ``models`` topic."""
+        return self._call("models.pull", _drop_none({
+            "source": source, "name": name, "sha256": sha256,
+            "stall_timeout_s": stall_timeout_s}), timeout=timeout)
+
+    def pulls(self) -> Any:
+        """The running pulls and the last finished ones: ``list[dict]``."""
+        return self._call("models.pulls", post=lambda r: r["pulls"])
+
+    def pull_cancel(self, pull: str) -> Any:
+        """Stop a pull (by ``pull_id`` or model name) and delete what it fetched."""
+        return self._call("models.pull.cancel", {"pull": pull})
+
     def import_path(self, path: str, name: str | None = None, *, link: bool = False,
                     timeout: float = 3600) -> Any:
         """Import a model that is already on the daemon's host, by path: only from the

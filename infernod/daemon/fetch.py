@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from infernod.daemon.importing import validate_model_file
-from infernod.daemon.pullsource import Target
+from infernod.daemon.pullsource import Target, shown
 from infernod.protocol.errors import InfernoError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Fetch:
                  cancelled: threading.Event, stopping: threading.Event,
                  report: Report) -> None:
         self.t = target
+        self.where = shown(target.url)  # for messages: no query string, no credentials
         self.dir = directory / PULLS_DIR
         self.part = self.dir / f"{target.key}.part"
         self.meta_path = self.dir / f"{target.key}.json"
@@ -203,7 +204,7 @@ class Fetch:
         except (httpx2.RemoteProtocolError, httpx2.ReadError) as e:
             raise _Transient(f"connection lost ({type(e).__name__})") from None
         except httpx2.HTTPError as e:
-            raise InfernoError("pull_failed", f"{self.t.label}: cannot reach {self.t.url}: "
+            raise InfernoError("pull_failed", f"{self.t.label}: cannot reach {self.where}: "
                                f"{type(e).__name__}: {e}", "check the URL, the daemon "
                                "host's network and its HTTPS_PROXY/NO_PROXY") from None
 
@@ -213,18 +214,18 @@ class Fetch:
             self._restart("the server refused the range")
             raise _Transient("range refused")
         if r.status_code in (404, 410):
-            raise InfernoError("source_not_found", f"{self.t.url}: HTTP {r.status_code}",
+            raise InfernoError("source_not_found", f"{self.where}: HTTP {r.status_code}",
                                "check the URL (or the repository and file name)",
                                http_status=r.status_code)
         if r.status_code in (401, 403):
             hint = ("a private or gated repository needs HF_TOKEN in the daemon's environment"
                     if self.t.hub else "the server wants credentials the daemon does not have")
-            raise InfernoError("pull_failed", f"{self.t.url}: HTTP {r.status_code}", hint,
+            raise InfernoError("pull_failed", f"{self.where}: HTTP {r.status_code}", hint,
                                http_status=r.status_code)
         if r.status_code >= 500:
             raise _Transient(f"HTTP {r.status_code}")
         if r.status_code not in (200, 206):
-            raise InfernoError("pull_failed", f"{self.t.url}: HTTP {r.status_code}",
+            raise InfernoError("pull_failed", f"{self.where}: HTTP {r.status_code}",
                                "the server did not send the file", http_status=r.status_code)
         etag = r.headers.get("etag")
         self.ctype = r.headers.get("content-type", "")
@@ -240,7 +241,7 @@ class Fetch:
                 self._restart("the server ignored the range request")
             total = length
         if total is not None and self.t.size is not None and total != self.t.size:
-            raise InfernoError("pull_failed", f"{self.t.url}: the server announces {total} "
+            raise InfernoError("pull_failed", f"{self.where}: the server announces {total} "
                                f"bytes, the hub's metadata says {self.t.size}",
                                "retry later; the file may be changing")
         self.total = total if total is not None else self.total
@@ -270,7 +271,7 @@ class Fetch:
                     if len(head) >= len(MAGIC[self.t.kind]):
                         self._check_magic(head)
                 if self.total is not None and self.have + len(block) > self.total:
-                    raise InfernoError("pull_failed", f"{self.t.url}: more bytes than the "
+                    raise InfernoError("pull_failed", f"{self.where}: more bytes than the "
                                        f"{self.total} announced", "retry later")
                 _write_all(fd, block, self)
                 self.digest.update(block)
@@ -295,7 +296,7 @@ class Fetch:
         magic = MAGIC[self.t.kind]
         if not head.startswith(magic):
             self.discard()
-            raise InfernoError("invalid_model", f"{self.t.url} did not send a "
+            raise InfernoError("invalid_model", f"{self.where} did not send a "
                                f"{self.t.kind.upper()} model (it starts with {head[:8]!r}"
                                f"{', Content-Type ' + self.ctype if self.ctype else ''}); "
                                "nothing was kept", "check the URL: it may lead to a web page "

@@ -74,8 +74,9 @@ class Pull:
     thread: threading.Thread | None = None
 
     def wire(self) -> dict[str, Any]:
-        out = {"pull_id": self.pull_id, "model": self.name, "source": self.source,
-               "url": self.target.url, "kind": self.target.kind, "state": self.state,
+        out = {"pull_id": self.pull_id, "model": self.name,
+               "source": pullsource.shown(self.source),
+               "url": pullsource.shown(self.target.url), "kind": self.target.kind, "state": self.state,
                "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                "rate_bytes_s": round(self.rate_bytes_s), "eta_s": _round(self.eta_s),
                "started": self.started, "finished": self.finished,
@@ -114,23 +115,23 @@ class Pulls:
         loop = asyncio.get_running_loop()
         target = await loop.run_in_executor(None, pullsource.resolve, spec)
         if want_sha and target.sha256 and want_sha != target.sha256:
-            raise InfernoError("checksum_mismatch", f"{spec.source}: the hub says sha256 "
+            raise InfernoError("checksum_mismatch", f"{pullsource.shown(spec.source)}: the hub says sha256 "
                                f"{target.sha256}, you gave {want_sha}; nothing was pulled",
                                "check --sha256")
         if want_sha:
             target = _with_sha(target, want_sha)
         if target.hub and pullsource.offline():
-            raise InfernoError("pull_failed", f"{spec.source}: Hugging Face offline mode is "
+            raise InfernoError("pull_failed", f"{pullsource.shown(spec.source)}: Hugging Face offline mode is "
                                "on", "unset HF_HUB_OFFLINE in the daemon's environment")
         name = b.get("name")
         for p in self.active.values():  # the same file again: one download
             if p.target.key == target.key:
                 if name is not None and name != p.name:
-                    raise InfernoError("conflict", f"{target.url} is being pulled as "
+                    raise InfernoError("conflict", f"{pullsource.shown(target.url)} is being pulled as "
                                        f"{p.name} already", f"wait for it, or cancel it: "
                                        f"inferno pull --cancel {p.pull_id}")
                 if want_sha and p.target.sha256 not in (None, want_sha):
-                    raise InfernoError("conflict", f"{target.url} is being pulled with "
+                    raise InfernoError("conflict", f"{pullsource.shown(target.url)} is being pulled with "
                                        f"sha256 {p.target.sha256}", "wait for it, or cancel "
                                        "it and pull again")
                 return await self._answer(p, joined=True)
@@ -154,7 +155,7 @@ class Pulls:
                                     name=f"pull-{p.pull_id}", daemon=True)
         p.thread.start()
         log.info("pulls: %s started by %s: %s as %s", p.pull_id, req.principal or "?",
-                 target.url, name)
+                 pullsource.shown(target.url), name)
         return await self._answer(p, joined=False)
 
     async def _answer(self, p: Pull, joined: bool) -> dict[str, Any]:
@@ -262,10 +263,12 @@ class Pulls:
         self.finished.append(p)
         p.answered.set()
         if error is None:
-            self.models_event("pulled", p.name, pull_id=p.pull_id, source=p.source,
+            self.models_event("pulled", p.name, pull_id=p.pull_id,
+                              source=pullsource.shown(p.source),
                               size_bytes=p.done_bytes, sha256=p.sha256)
         else:
-            self.models_event("pull_failed", p.name, pull_id=p.pull_id, source=p.source,
+            self.models_event("pull_failed", p.name, pull_id=p.pull_id,
+                              source=pullsource.shown(p.source),
                               state=p.state, error=p.error)
 
     def _end(self, p: Pull) -> None:

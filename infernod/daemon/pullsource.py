@@ -70,10 +70,23 @@ class Target:
         return hashlib.sha256(self.url.encode()).hexdigest()[:32]
 
 
+def shown(url: str) -> str:
+    """A URL as logs, replies and events show it: without credentials or query string (a
+    presigned URL's signature is a secret; monitors see ``models.pulls`` and events)."""
+    if not url.startswith(("http://", "https://")):
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}" + ("?..." if parts.query else "")
+
+
 def _kind_of(name: str, source: str) -> str:
     suffix = PurePosixPath(name).suffix.lower()
     if suffix not in KINDS:
-        raise InfernoError("bad_request", f"{source}: {name!r} is not a .gguf or .onnx file",
+        raise InfernoError("bad_request", f"{shown(source)}: {name!r} is not a .gguf or .onnx "
+                           "file",
                            "pull a single .gguf or .onnx file (an ONNX model with external "
                            "data or a tokenizer is a directory: copy it onto the host)")
     return suffix[1:]

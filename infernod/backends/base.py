@@ -45,6 +45,12 @@ class GenerationRequest:
     # "vip" prompts are prefilled in a step of their own, ahead of everyone's next token:
     # the one place where a class changes how the engine batches (see GgufEngine._fill_batch).
     priority: str = "normal"
+    # None: no log-probabilities; N (0..20): each token's, with its N most likely
+    # alternatives (backends/logprobs.py), in the token event that delivers its text.
+    logprobs: int | None = None
+    # A GBNF grammar (root rule "root") the output must match: a json_schema converted by the
+    # daemon (backends/grammar.py), or the client's own. Enforced in the sampler chain.
+    grammar: str | None = None
 
 
 class EngineSink(Protocol):
@@ -52,7 +58,11 @@ class EngineSink(Protocol):
 
     def on_started(self, request_id: str, info: dict[str, Any]) -> None: ...
 
-    def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None: ...
+    def on_tokens(self, request_id: str, text: str, n_tokens: int,
+                  logprobs: list[dict[str, Any]] | None = None) -> None:
+        """``text`` holds ``n_tokens`` tokens; ``logprobs`` (when the request asked) has one
+        entry per token, in order."""
+        ...
 
     def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None: ...
 
@@ -73,10 +83,14 @@ class GuardedSink:
             except Exception:
                 log.exception("sink.on_started failed for request %s", request_id)
 
-    def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
+    def on_tokens(self, request_id: str, text: str, n_tokens: int,
+                  logprobs: list[dict[str, Any]] | None = None) -> None:
         if self.sink is not None:
             try:
-                self.sink.on_tokens(request_id, text, n_tokens)
+                if logprobs is None:  # sinks that never ask for logprobs take three arguments
+                    self.sink.on_tokens(request_id, text, n_tokens)
+                else:
+                    self.sink.on_tokens(request_id, text, n_tokens, logprobs)
             except Exception:
                 log.exception("sink.on_tokens failed for request %s", request_id)
 

@@ -17,7 +17,6 @@ only touch a command queue under a lock. Everything else runs on the decode thre
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -26,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from infernod.backends import llama_native as native
-from infernod.backends.base import EngineSink, GenerationRequest, GuardedSink, SamplingParams
+from infernod.backends.base import EngineSink, GenerationRequest, GuardedSink
 from infernod.backends.cells import KvPlacement
 from infernod.backends.hostcache import HostCache
+from infernod.backends.logprobs import token_logprobs
 from infernod.backends.parking import ParkingLot, park_count
 from infernod.backends.runstate import Run, Slot
 from infernod.backends.textstream import TextStream
@@ -93,7 +93,7 @@ class GgufEngine:
         self._reserved = 0  # submitted and not yet finished (guarded by _cond)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self._piece = native.Pieces()
 
     # ---- public, thread-safe -------------------------------------------------------------
 
@@ -206,6 +206,7 @@ class GgufEngine:
         try:
             self._model = native.load_model(self.path, self.n_gpu_layers)
             self._vocab = llama.llama_model_get_vocab(self._model)
+            self._piece = native.Pieces(self._vocab)
             self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
             self.n_swa = int(llama.llama_model_n_swa(self._model))
             rss0 = native.rss_bytes()
@@ -214,7 +215,8 @@ class GgufEngine:
             self._parks.attach(self._mem)
             self._cells.attach(self._ctx, self._mem, 0 if self.swa_full else self.n_swa)
             self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
-            self._warm_up(llama)
+            # one full batch, so compute buffers are touched (and measured) before serving
+            native.warm_up(self._ctx, self._mem, self._batch, self._vocab, self._n_batch)
             context_bytes = max(0, native.rss_bytes() - rss0)
         except InfernoError:
             self._free_native()
@@ -245,18 +247,6 @@ class GgufEngine:
                 "lower n_ctx or n_slots for this model",
             )
         return ctx
-
-    def _warm_up(self, llama: Any) -> None:
-        """Run one full batch so compute buffers are touched (and measured) before serving."""
-        bos = int(llama.llama_vocab_bos(self._vocab))
-        n = self._n_batch
-        for i in range(n):
-            self._put(i, bos, i, 0, i == n - 1)
-        self._batch.n_tokens = n
-        rc = llama.llama_decode(self._ctx, self._batch)
-        llama.llama_memory_clear(self._mem, True)
-        if rc != 0:
-            raise InfernoError("internal", f"warm-up decode failed (llama_decode returned {rc})")
 
     def _free_native(self) -> None:
         llama = native.bindings()
@@ -362,6 +352,12 @@ class GgufEngine:
         if req.max_tokens <= len(req.resume_tokens):
             self._finish_without_slot(req, "length")
             return
+        try:
+            sampler = native.make_sampler(self._n_vocab, req.sampling, tokens, vocab=self._vocab,
+                                          grammar=req.grammar, resume=req.resume_tokens)
+        except InfernoError as e:
+            self._reject(req, e.code, e.message, e.hint)
+            return
         slot, cached, shared = self._cells.pick_slot(tokens)
         self._parks.make_room(len(tokens) - cached, self._slots, self.n_ctx * self.n_slots)
         run = Run(
@@ -369,8 +365,8 @@ class GgufEngine:
             submit_ns=submit_ns,
             tokens=tokens,
             n_resume=len(req.resume_tokens),
-            sampler=self._make_sampler(req.sampling, tokens),
-            greedy=native.plain_greedy(req.sampling),
+            sampler=sampler,
+            greedy=native.plain_greedy(req.sampling) and req.grammar is None,
             text=TextStream(req.stop),
             n_done=cached,
             cached=cached,
@@ -406,9 +402,6 @@ class GgufEngine:
         """Tokenize with the model's vocabulary (read-only, safe from any thread after start)."""
         return native.tokenize(self._vocab, text, add_bos, special)
 
-    def _make_sampler(self, sp: SamplingParams, context: list[int]) -> Any:
-        return native.make_sampler(self._n_vocab, sp, context)
-
     # ---- one step --------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -433,6 +426,10 @@ class GgufEngine:
                 token = native.argmax_token(self._ctx, idx, self._n_vocab)
             else:
                 token = int(llama.llama_sampler_sample(run.sampler, self._ctx, idx))
+            if run.req.logprobs is not None:  # before the next decode overwrites the logits
+                run.unsent_logprobs.append(token_logprobs(
+                    native.logits_row(self._ctx, idx, self._n_vocab), token,
+                    run.req.logprobs, self._piece))
             self._on_token(slot, run, token, now)
 
     def _fill_batch(self) -> list[tuple[int, Slot]]:
@@ -517,6 +514,8 @@ class GgufEngine:
         run.last_ns = now
         llama = native.bindings()
         if not run.req.ignore_eos and llama.llama_vocab_is_eog(self._vocab, token):
+            if run.unsent_logprobs:
+                run.unsent_logprobs.pop()  # the end-of-generation token delivers no text
             self._finish(slot, "eos")
             return
         run.generated.append(token)
@@ -525,7 +524,7 @@ class GgufEngine:
         text = run.text.push(self._piece(token))
         run.detok_ns += time.perf_counter_ns() - t0
         if text:
-            self.sink.on_tokens(run.req.request_id, text, run.unsent_tokens)
+            self.sink.on_tokens(run.req.request_id, text, run.unsent_tokens, run.take_logprobs())
             run.unsent_tokens = 0
         if run.text.stopped:
             self._finish(slot, "stop")
@@ -541,15 +540,6 @@ class GgufEngine:
         while idle): it reuses one buffer."""
         return self._piece(token)
 
-    def _piece(self, token: int) -> bytes:
-        llama = native.bindings()
-        buf = self._piece_buf
-        n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            self._piece_buf = buf = ctypes.create_string_buffer(-n)
-            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
-
     # ---- finishing -------------------------------------------------------------------------
 
     def _finish(self, slot: Slot, reason: str) -> None:
@@ -563,7 +553,7 @@ class GgufEngine:
         else:
             tail = ""
         if tail:
-            self.sink.on_tokens(run.req.request_id, tail, run.unsent_tokens)
+            self.sink.on_tokens(run.req.request_id, tail, run.unsent_tokens, run.take_logprobs())
         if reason == "preempted":  # its slot may go to a vip in this very step
             self._parks.park(slot, run.req.request_id)
         self._release(slot, keep_cells=reason != "cancelled")

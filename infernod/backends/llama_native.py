@@ -121,6 +121,39 @@ def seq_state(mem: Any, seq_id: int, kv: list[int], request_id: str | None) -> d
     }
 
 
+def warm_up(ctx: Any, mem: Any, batch: Any, vocab: Any, n: int) -> None:
+    """Decode one full batch of ``n`` BOS tokens (sequence 0), then clear the cache."""
+    llama = bindings()
+    bos = int(llama.llama_vocab_bos(vocab))
+    for i in range(n):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = bos, i, 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = i == n - 1
+    batch.n_tokens = n
+    rc = llama.llama_decode(ctx, batch)
+    llama.llama_memory_clear(mem, True)
+    if rc != 0:
+        raise InfernoError("internal", f"warm-up decode failed (llama_decode returned {rc})")
+
+
+class Pieces:
+    """Token -> its bytes (special tokens render as nothing), reusing one buffer: one
+    thread at a time."""
+
+    def __init__(self, vocab: Any = None) -> None:
+        self.vocab = vocab
+        self._buf = ctypes.create_string_buffer(256)
+
+    def __call__(self, token: int) -> bytes:
+        llama = bindings()
+        buf = self._buf
+        n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            self._buf = buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+
 def tokenize(vocab: Any, text: str, add_bos: bool, special: bool) -> list[int]:
     """Tokenize text; the vocabulary is read-only, so any thread may call this."""
     llama = bindings()
@@ -145,38 +178,53 @@ def plain_greedy(sp: SamplingParams) -> bool:
     return sp.temperature <= 0.0 and not _penalised(sp)
 
 
+def logits_row(ctx: Any, idx: int, n_vocab: int) -> Any:
+    """The logits of batch position ``idx`` as a float32 numpy view, read in place (valid
+    until the next decode)."""
+    import numpy as np
+
+    row = bindings().llama_get_logits_ith(ctx, idx)
+    if not row:
+        raise InfernoError("internal", f"no logits for batch position {idx}")
+    return np.ctypeslib.as_array(row, shape=(n_vocab,))
+
+
 def argmax_token(ctx: Any, idx: int, n_vocab: int) -> int:
     """The highest-logit token of batch position ``idx``, read in place: the first of equal
     maxima, as llama.cpp's greedy sampler picks. ``llama_sampler_sample`` first copies the
     whole vocabulary (262,144 entries for Gemma 3, 3 MiB) into candidates per sequence and
     step; numpy's argmax over the logits row costs a small fraction of that."""
-    import numpy as np
-
-    llama = bindings()
-    row = llama.llama_get_logits_ith(ctx, idx)
-    if not row:
-        raise InfernoError("internal", f"no logits for batch position {idx}")
-    return int(np.ctypeslib.as_array(row, shape=(n_vocab,)).argmax())
+    return int(logits_row(ctx, idx, n_vocab).argmax())
 
 
-def make_sampler(n_vocab: int, sp: SamplingParams, context: list[int]) -> Any:
-    """A C sampler chain for one request: greedy when temperature is 0, else penalties ->
-    top_k -> top_p -> min_p -> temperature -> seeded dist. Penalties see the prompt tail."""
+def make_sampler(n_vocab: int, sp: SamplingParams, context: list[int], *, vocab: Any = None,
+                 grammar: str | None = None, resume: list[int] | None = None) -> Any:
+    """A C sampler chain for one request: grammar (if any) -> penalties -> greedy when
+    temperature is 0, else top_k -> top_p -> min_p -> temperature -> seeded dist. Penalties
+    see the prompt tail; the grammar sees only ``resume`` (tokens generated before a
+    preemption, already matched against it). Raises ``bad_schema`` when llama.cpp refuses
+    the grammar."""
     llama = bindings()
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     add = llama.llama_sampler_chain_add
-    penal = _penalised(sp)
-    if penal:
-        add(
-            chain,
-            llama.llama_sampler_init_penalties(
-                n_vocab,
-                sp.repeat_last_n,
-                sp.repeat_penalty,
-                sp.frequency_penalty,
-                sp.presence_penalty,
-            ),
-        )
+    if grammar is not None:
+        g = llama.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if not g:
+            llama.llama_sampler_free(chain)
+            raise InfernoError("bad_schema", "llama.cpp could not parse the grammar (the "
+                               "daemon log has its reason)", "check the GBNF grammar: "
+                               "https://github.com/ggml-org/llama.cpp/blob/master/grammars/"
+                               "README.md")
+        for tok in resume or []:
+            llama.llama_sampler_accept(g, tok)
+        add(chain, g)  # first: every later sampler sees only what the grammar allows
+    if _penalised(sp):
+        pen = llama.llama_sampler_init_penalties(
+            n_vocab, sp.repeat_last_n, sp.repeat_penalty, sp.frequency_penalty,
+            sp.presence_penalty)
+        for tok in context[-max(sp.repeat_last_n, 0) :] if sp.repeat_last_n else []:
+            llama.llama_sampler_accept(pen, tok)  # the penalties only: never the grammar
+        add(chain, pen)
     if sp.temperature <= 0.0:
         add(chain, llama.llama_sampler_init_greedy())
     else:
@@ -189,7 +237,4 @@ def make_sampler(n_vocab: int, sp: SamplingParams, context: list[int]) -> Any:
         add(chain, llama.llama_sampler_init_temp(sp.temperature))
         seed = llama.LLAMA_DEFAULT_SEED if sp.seed is None else sp.seed & 0xFFFFFFFF
         add(chain, llama.llama_sampler_init_dist(seed))
-    if penal:
-        for tok in context[-max(sp.repeat_last_n, 0) :] if sp.repeat_last_n else []:
-            llama.llama_sampler_accept(chain, tok)
     return chain

@@ -35,12 +35,20 @@ class Run:
     generated: list[int] = field(default_factory=list)
     pending: int | None = None  # sampled, delivered, not yet in the KV cache
     unsent_tokens: int = 0
+    unsent_logprobs: list[dict[str, Any]] = field(default_factory=list)  # one per unsent token
     tokenize_ns: int = 0
     admit_ns: int = 0
     first_ns: int = 0
     last_ns: int = 0
     detok_ns: int = 0
     itl_ns: list[int] = field(default_factory=list)
+
+    def take_logprobs(self) -> list[dict[str, Any]] | None:
+        """The logprobs of the tokens about to be sent (None: the request did not ask)."""
+        if self.req.logprobs is None:
+            return None
+        out, self.unsent_logprobs = self.unsent_logprobs, []
+        return out
 
     def stats(self, reason: str) -> dict[str, Any]:
         """The on_finished stats; durations in ms, ``generated_tokens`` includes resume tokens."""

@@ -36,6 +36,7 @@ class _StreamState:
     stats: dict[str, Any] | None = None
     start: dict[str, Any] | None = None
     text: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # requests with logprobs
     queued: QueuedEvent | None = None  # the last 'queued' event: position, eta_s (until start)
     preemptions: int = 0
 
@@ -59,6 +60,7 @@ class _StreamState:
         if ev.type == "token":
             text: str = ev.body.get("text", "")
             self.text.append(text)
+            self.logprobs.extend(ev.body.get("logprobs") or ())
             return text
         if ev.type == "queued":
             self.queued = queued_event_from_wire(ev.body)
@@ -103,6 +105,11 @@ class _StreamBase:
     @property
     def text(self) -> str:
         return "".join(self.state.text)
+
+    @property
+    def logprobs(self) -> list[dict[str, Any]]:
+        """Each token's ``{id, token, logprob, bytes, top}`` so far (``logprobs=True``)."""
+        return self.state.logprobs
 
     def _fetch_body(self) -> dict[str, Any]:
         self.fetches += 1

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from infernod.backends.base import GenerationRequest, SamplingParams
+from infernod.backends.grammar import request_grammar
 from infernod.daemon.requests import ProfileHook, Request, RequestTable, RunStartHook, State
 from infernod.daemon.scheduler import QueueItem, Scheduler
 from infernod.protocol.errors import InfernoError
@@ -61,6 +62,7 @@ class GenerationService:
         if gen.request_id in self.requests:
             raise InfernoError("conflict", f"request id {gen.request_id} is already in use",
                                "use a fresh message id per request")
+        request_grammar(gen.body)  # bad_schema now, before anything is queued (cached)
         # the stream first: it refuses a session that belongs to another principal
         self.publisher.open_stream(gen.request_id, gen.principal, gen.connection)
         try:
@@ -127,6 +129,8 @@ class GenerationService:
             max_tokens=b.get("max_tokens") or 256, stop=list(b.get("stop") or []),
             sampling=sampling, add_bos=True, resume_tokens=list(gen.resume_tokens),
             ignore_eos=bool(b.get("ignore_eos")), priority=gen.priority,
+            logprobs=(b.get("top_logprobs") or 0) if b.get("logprobs") else None,
+            grammar=request_grammar(b),
         )
 
     def _mine(self, request_id: str) -> Request | None:
@@ -147,7 +151,8 @@ class GenerationService:
         if gen.on_start is not None:
             gen.on_start(gen)
 
-    def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
+    def on_tokens(self, request_id: str, text: str, n_tokens: int,
+                  logprobs: list[dict[str, Any]] | None = None) -> None:
         gen = self._mine(request_id)
         if gen is None or gen.state is not State.RUNNING:
             return
@@ -159,7 +164,10 @@ class GenerationService:
         self.throughput.add(n_tokens, now)
         if gen.text is not None:
             gen.text.append(text)
-        self.publisher.publish(gen.topic, "token", {"text": text, "n": n_tokens})
+        body: dict[str, Any] = {"text": text, "n": n_tokens}
+        if logprobs is not None:
+            body["logprobs"] = logprobs
+        self.publisher.publish(gen.topic, "token", body)
 
     def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None:
         gen = self._mine(request_id)

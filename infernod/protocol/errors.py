@@ -40,6 +40,9 @@ CODES: dict[str, str] = {
     "invalid_setting": "see 'inferno models keys' for each per-model setting and its rules",
     "conflict": "the target already exists or is in the wrong state",
     "not_supported": "this build or model does not support the request",
+    "bad_schema": "json_schema (or grammar) cannot be enforced: use the JSON Schema subset "
+                  "llama.cpp converts (type, properties, required, items, enum, const, "
+                  "anyOf/oneOf, local $ref, string pattern ^...$)",
     "quota_exceeded": "you have reached a per-principal quota; see the message and its "
                       "quota field",
     "busy": "your (or everyone's) unfinished requests hold too many bytes; retry after "

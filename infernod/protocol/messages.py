@@ -69,6 +69,15 @@ _SAMPLING: dict[str, F] = {
     "ignore_eos": F(BOOL, doc="keep generating past end-of-generation tokens (benchmarks)"),
 }
 
+# Structured output (generate and jobs.submit): at most one of the two.
+_STRUCTURED: dict[str, F] = {
+    "json_schema": F(MAP, doc="a JSON Schema the output must match (enforced with a llama.cpp "
+                     "grammar; {\"type\": \"object\"} = any JSON object); bad_schema if it "
+                     "cannot be converted"),
+    "grammar": F(STR, max_len=256 * 1024, doc="a GBNF grammar (root rule 'root') the output "
+                 "must match"),
+}
+
 SCHEMAS: dict[str, dict[str, F]] = {
     "hello": {
         "client": F(STR, max_len=64, doc="client program name"),
@@ -137,6 +146,10 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "keep_alive": F(NUM, min=-1, max=10**7),
         "timeout_s": F(NUM, min=0.1, max=86400, doc="total inference timeout"),
         "stall_timeout_s": F(NUM, min=0.1, max=3600, doc="max time between tokens"),
+        "logprobs": F(BOOL, doc="token events carry each token's log-probability"),
+        "top_logprobs": F(INT, min=0, max=20, doc="with logprobs: the N most likely "
+                          "alternatives of each token (default 0)"),
+        **_STRUCTURED,
         **_SAMPLING,
     },
     "embed": {
@@ -169,6 +182,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "chat": F(BOOL, doc="wrap each prompt as one user message in the chat template"),
         "timeout_s": F(NUM, min=0.1, max=86400, doc="total inference timeout per item"),
         "stall_timeout_s": F(NUM, min=0.1, max=3600, doc="max time between tokens"),
+        **_STRUCTURED,
         **_SAMPLING,
     },
     "jobs.get": {
@@ -300,6 +314,8 @@ def _validate_generate(body: dict[str, Any]) -> None:
             "bad_request",
             "generate needs exactly one of 'prompt' (completion) or 'messages' (chat)",
         )
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise InfernoError("bad_request", "generate.top_logprobs needs logprobs: true")
     for i, msg in enumerate(body.get("messages") or []):
         role, content = msg.get("role"), msg.get("content")
         if role not in ("system", "user", "assistant") or not isinstance(content, str):

@@ -96,8 +96,12 @@ class BatchSink:
     def on_started(self, request_id: str, info: dict[str, Any]) -> None:
         self._add([wire.STARTED, request_id, info])
 
-    def on_tokens(self, request_id: str, text: str, n_tokens: int) -> None:
-        self._add([wire.TOKENS, request_id, text, n_tokens])
+    def on_tokens(self, request_id: str, text: str, n_tokens: int,
+                  logprobs: list[dict[str, Any]] | None = None) -> None:
+        if logprobs is None:
+            self._add([wire.TOKENS, request_id, text, n_tokens])
+        else:
+            self._add([wire.TOKENS, request_id, text, n_tokens, logprobs])
 
     def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None:
         self._add([wire.FINISHED, request_id, reason, stats])

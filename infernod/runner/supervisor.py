@@ -172,7 +172,10 @@ class RunnerEngine:
             kind, rid = ev[0], ev[1]
             try:
                 if kind == wire.TOKENS:
-                    sink.on_tokens(rid, ev[2], ev[3])
+                    if len(ev) > 4:
+                        sink.on_tokens(rid, ev[2], ev[3], ev[4])
+                    else:
+                        sink.on_tokens(rid, ev[2], ev[3])
                 elif kind == wire.STARTED:
                     sink.on_started(rid, ev[2])
                 elif kind == wire.FINISHED:

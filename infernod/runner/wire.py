@@ -18,7 +18,8 @@ Runner -> daemon:
     ["ready", {"memory": {...}, "n_slots": int, "info": {...}}]   the model is loaded
     ["load_failed", {"code", "message", "hint"}]                   a clean load failure
     ["events", [[kind, request_id, ...], ...]]  sink events of one decode step, in order:
-        ["s", rid, info] started, ["t", rid, text, n] tokens,
+        ["s", rid, info] started, ["t", rid, text, n] tokens (["t", rid, text, n, logprobs]
+        when the request asked for logprobs: one entry per token),
         ["f", rid, reason, stats] finished, ["e", rid, code, message, hint] error
         ONNX runners: ["r", run_id, result] a run's result (embed_batch / infer_one's map),
         ["x", run_id, {"code", "message", "hint"}] a run's error

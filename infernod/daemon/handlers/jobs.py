@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from infernod.backends.grammar import request_grammar
 from infernod.daemon.catalog import ModelCatalog
 from infernod.daemon.jobs import JobService
 from infernod.daemon.jobstore import Job
@@ -19,7 +20,8 @@ from infernod.protocol.vocabulary import GENERATION_PARAMS
 JOB_PAGE_ITEMS = 1000  # jobs.get items per reply unless the request says otherwise
 JOB_LIST_LIMIT = 100  # jobs.list rows unless the request says otherwise
 # the body fields a job keeps for its items (the rest describe the job itself)
-PARAM_KEYS = (*GENERATION_PARAMS, "timeout_s", "stall_timeout_s", "chat")
+PARAM_KEYS = (*GENERATION_PARAMS, "timeout_s", "stall_timeout_s", "chat", "json_schema",
+              "grammar")
 
 
 def _check_owner(req: Call, job: Job, what: str) -> None:
@@ -39,6 +41,7 @@ class JobHandlers:
         info = await self.catalog.lookup(b["model"], req)
         self.models.check_role(info.name, req.role)
         params = {k: b[k] for k in PARAM_KEYS if b.get(k) is not None}
+        request_grammar(params)  # bad_schema now, not once per item
         job, created = await self.jobs.submit(req.principal, info.name, b["prompts"], params,
                                               b.get("priority") or "low",
                                               req.header.get("idem"), client=b.get("client"))

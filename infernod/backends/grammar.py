@@ -1,0 +1,90 @@
+"""Structured output: a request's ``json_schema`` (or raw ``grammar``) as a llama.cpp GBNF grammar.
+
+The daemon converts a JSON Schema at admission, so a schema the converter cannot handle is
+refused (``bad_schema``) before anything is queued; the runner puts the grammar first in the
+request's sampler chain (llama_native.make_sampler), so every sampled token keeps the output
+a prefix of a document that parses and matches the schema.
+
+The converter is llama-cpp-python's ``llama_grammar.json_schema_to_gbnf`` (a port of
+llama.cpp's json_schema_to_grammar.py). That module is plain Python, but importing it as
+``llama_cpp.llama_grammar`` would run the package's ``__init__`` and load libllama into the
+daemon, which never loads native inference code: it is loaded from its file under a private
+name instead. Remote ``$ref`` fetching stays off (the converter's ``allow_fetch=False``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from infernod.protocol.errors import InfernoError
+
+_MODULE = "infernod._llama_grammar"
+MAX_GRAMMAR_CHARS = 256 * 1024  # a converted schema larger than this is refused
+
+
+def _converter() -> ModuleType:
+    mod = sys.modules.get(_MODULE)
+    if mod is not None:
+        return mod
+    spec = importlib.util.find_spec("llama_cpp")  # a top-level spec: nothing is imported
+    if spec is None or not spec.submodule_search_locations:
+        raise InfernoError("not_supported", "llama-cpp-python is not installed: no JSON "
+                           "Schema converter", "install infernod's dependencies")
+    path = Path(next(iter(spec.submodule_search_locations))) / "llama_grammar.py"
+    file_spec = importlib.util.spec_from_file_location(_MODULE, path)
+    if file_spec is None or file_spec.loader is None:
+        raise InfernoError("not_supported", f"cannot load the JSON Schema converter {path}")
+    mod = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(mod)
+    sys.modules[_MODULE] = mod
+    return mod
+
+
+@functools.lru_cache(maxsize=64)
+def _convert(schema_json: str) -> str:
+    try:
+        gbnf: str = _converter().json_schema_to_gbnf(schema_json)
+    except InfernoError:
+        raise
+    except RecursionError as e:
+        raise InfernoError("bad_schema", "json_schema nests too deeply to convert") from e
+    except Exception as e:  # the converter asserts and raises freely on what it cannot do
+        raise InfernoError("bad_schema", f"json_schema cannot be turned into a grammar: "
+                           f"{type(e).__name__}: {e}") from e
+    if len(gbnf) > MAX_GRAMMAR_CHARS:
+        raise InfernoError("bad_schema", f"json_schema converts to a grammar of {len(gbnf)} "
+                           f"characters, over {MAX_GRAMMAR_CHARS}", "simplify the schema")
+    return gbnf
+
+
+def schema_to_gbnf(schema: dict[str, Any]) -> str:
+    """The GBNF grammar (root rule ``root``) for a JSON Schema; ``bad_schema`` if the
+    converter cannot handle it. ``{"type": "object"}`` is any JSON object (OpenAI's
+    ``json_object`` response format)."""
+    try:
+        key = json.dumps(schema, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InfernoError("bad_schema", f"json_schema is not JSON: {e}") from e
+    return _convert(key)
+
+
+def request_grammar(body: dict[str, Any]) -> str | None:
+    """The grammar a generate body (or a job's parameters) asks for: ``json_schema``
+    converted, or ``grammar`` as given, or None. Raises ``bad_schema`` / ``bad_request``."""
+    schema, grammar = body.get("json_schema"), body.get("grammar")
+    if schema is not None and grammar is not None:
+        raise InfernoError("bad_request", "give json_schema or grammar, not both")
+    if (schema is not None or grammar is not None) and body.get("ignore_eos"):
+        raise InfernoError("bad_request", "ignore_eos cannot go with json_schema or grammar: "
+                           "a finished document can only be followed by end-of-generation")
+    if schema is not None:
+        return schema_to_gbnf(schema)
+    if grammar is not None and not grammar.strip():
+        raise InfernoError("bad_schema", "grammar is empty")
+    return grammar if grammar is not None else None

@@ -26,11 +26,10 @@ def valid_person(doc: Any) -> bool:
 
 
 @pytest.mark.model
-def test_generate_fields_through_the_daemon(daemon) -> None:
+def test_logprobs_through_the_daemon(daemon) -> None:
+    """Aligned with the text, finite, <= 0, top sorted, greedy = top-1; only when asked."""
     with daemon.client() as c:
-        c.load(MODEL)
-        # logprobs: aligned with the text, finite, <= 0, top sorted, greedy = top-1
-        s = c.generate(MODEL, "The capital of France is", max_tokens=12, temperature=0,
+        s = c.generate(MODEL, "The capital of France is", max_tokens=10, temperature=0,
                        logprobs=True, top_logprobs=3)
         text = "".join(s)
         lp = s.logprobs
@@ -41,47 +40,50 @@ def test_generate_fields_through_the_daemon(daemon) -> None:
             tops = [t["logprob"] for t in e["top"]]
             assert len(tops) == 3 and tops == sorted(tops, reverse=True)
             assert e["top"][0]["id"] == e["id"] and tops[0] == e["logprob"]
-        plain = c.generate(MODEL, "The capital of France is", max_tokens=12, temperature=0)
-        assert "".join(plain) == text and plain.logprobs == []  # only when asked
+        plain = c.generate(MODEL, "The capital of France is", max_tokens=10, temperature=0)
+        assert "".join(plain) == text and plain.logprobs == []
+        with pytest.raises(InfernoError) as e:
+            c.generate(MODEL, "x", top_logprobs=2)
+        assert e.value.code == "bad_request"
 
-        # json_schema: the output parses and validates, at any seed
-        for seed in (7, 8):
-            s = c.generate(MODEL, "A person as JSON:", max_tokens=80, temperature=1.0,
-                           seed=seed, json_schema=PERSON)
-            out = "".join(s)
-            assert s.stats["finish_reason"] == "eos", out
-            assert valid_person(json.loads(out)), out
-        s = c.generate(MODEL, "Write JSON:", max_tokens=60, temperature=0.7, seed=3,
+
+@pytest.mark.model
+def test_json_schema_and_grammar_through_the_daemon(daemon) -> None:
+    with daemon.client() as c:
+        s = c.generate(MODEL, "A person as JSON:", max_tokens=60, temperature=1.0, seed=7,
+                       json_schema=PERSON)
+        out = "".join(s)
+        assert s.stats["finish_reason"] == "eos", out
+        assert valid_person(json.loads(out)), out
+        s = c.generate(MODEL, "Write JSON:", max_tokens=20, temperature=0.7, seed=3,
                        grammar='root ::= "{\\"ok\\": " ("true" | "false") "}"')
         assert json.loads("".join(s)) in ({"ok": True}, {"ok": False})
-
         # a schema the converter cannot handle: refused at admission with its code
         with pytest.raises(InfernoError) as e:
             c.generate(MODEL, "x", json_schema={"type": "object",
                                                 "properties": {"a": {"type": "nope"}}})
         assert e.value.code == "bad_schema" and "nope" in e.value.message
-        with pytest.raises(InfernoError) as e:
-            c.generate(MODEL, "x", top_logprobs=2)
-        assert e.value.code == "bad_request"
         # a GBNF grammar llama.cpp cannot parse: the stream's error, before any token
         with pytest.raises(InfernoError) as e:
             "".join(c.generate(MODEL, "x", grammar="root ::= undefined-rule"))
         assert e.value.code == "bad_schema"
 
-        # seed reproducibility, penalties and stop strings, end to end
-        hot = {"max_tokens": 24, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+
+@pytest.mark.model
+def test_seed_penalties_and_stop_through_the_daemon(daemon) -> None:
+    with daemon.client() as c:
+        hot = {"max_tokens": 12, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
         a = "".join(c.generate(MODEL, "Once upon a time", seed=42, **hot))
         b = "".join(c.generate(MODEL, "Once upon a time", seed=42, **hot))
         other = "".join(c.generate(MODEL, "Once upon a time", seed=43, **hot))
         assert a == b and a != other
-        base = "".join(c.generate(MODEL, "one, two, one, two, one,", max_tokens=16,
-                                  temperature=0))
-        pen = "".join(c.generate(MODEL, "one, two, one, two, one,", max_tokens=16,
-                                 temperature=0, presence_penalty=1.5, frequency_penalty=1.5))
+        prompt = "one, two, one, two, one,"
+        base = "".join(c.generate(MODEL, prompt, max_tokens=12, temperature=0))
+        pen = "".join(c.generate(MODEL, prompt, max_tokens=12, temperature=0,
+                                 presence_penalty=1.5, frequency_penalty=1.5))
         assert pen != base
-        cut = base[: max(1, len(base) // 2)].split()[-1] if base.split() else base[:2]
-        s = c.generate(MODEL, "one, two, one, two, one,", max_tokens=16, temperature=0,
-                       stop=[cut])
+        cut = base.split()[len(base.split()) // 2] if base.split() else base[:2]
+        s = c.generate(MODEL, prompt, max_tokens=12, temperature=0, stop=[cut])
         stopped = "".join(s)
         assert s.stats["finish_reason"] == "stop" and cut not in stopped
         assert base.startswith(stopped)

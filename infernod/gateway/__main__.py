@@ -121,11 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     except InfernoError as e:
         print(f"inferno-gateway: {e.message} ({e.hint})", file=sys.stderr)
         return 2
-    if not is_loopback(host) and not auth.keys_configured():
-        print(f"inferno-gateway: refusing to listen on {host}: without API keys anyone who "
-              "can reach it could use the daemon as this gateway's user; listen on "
-              "127.0.0.1 (behind your own proxy), or configure API keys", file=sys.stderr)
-        return 2
     from infernod.client.config import resolve
 
     try:
@@ -134,6 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     except InfernoError as e:
         print(f"inferno-gateway: {e.message} ({e.hint})", file=sys.stderr)
         return 2
+    if not is_loopback(host):
+        auth.require_key = True  # every HTTP caller needs a key the daemon knows
+        try:
+            has_keys = auth_mod.daemon_has_keys(endpoint, curve, args.timeout)
+            why = "the daemon has no API keys"
+        except InfernoError as e:
+            has_keys, why = False, f"cannot ask the daemon whether it has API keys ({e})"
+        if not has_keys:
+            print(f"inferno-gateway: refusing to listen on {host}: {why}; without API keys "
+                  "anyone who can reach it could use the daemon as this gateway's user. "
+                  "Add one ('inferno keys add NAME --role user --http') or listen on "
+                  "127.0.0.1 (behind your own proxy)", file=sys.stderr)
+            return 2
 
     def client() -> AsyncClient:
         return AsyncClient(endpoint, timeout=args.timeout, name="inferno-gateway",

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +24,7 @@ from infernod.gateway import openai_wire as wire
 from infernod.gateway import sse
 from infernod.gateway.auth import Auth
 from infernod.gateway.errors import HttpError, bad_request, from_inferno
+from infernod.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from infernod.protocol.errors import InfernoError
 
 log = logging.getLogger("inferno-gateway")
@@ -50,6 +51,7 @@ class Gateway:
         self._client: AsyncClient | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.draining_since: float | None = None
+        self.metrics = GatewayMetrics()
 
     # -- the client ---------------------------------------------------------------------
     @property
@@ -82,12 +84,15 @@ class Gateway:
 
     # -- the application ----------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[self._count, self._errors,
+                                           self.auth.middleware(lambda: self.client)],
+                              client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
 
         async def cleanup(_: web.Application) -> None:
             for task in list(self._background):
@@ -99,6 +104,29 @@ class Gateway:
 
         app.on_cleanup.append(cleanup)
         return app
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every HTTP answer by route and status (499: the client left first); stamps the
+        arrival time the latency metrics count from."""
+        request["inferno_t0"] = time.monotonic()
+        resource = request.match_info.route.resource
+        path = resource.canonical if resource is not None else "unmatched"
+        self.metrics.in_flight.inc()
+        status = 499
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.answered(path, status)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -199,7 +227,8 @@ class Gateway:
             if call.stream:
                 resp = await self._stream(request, call, stream, headers, rid, created)
             else:
-                parts = [text async for text in _texts(stream)]
+                parts = [text async for text in self._texts(request, call, stream)]
+                self._finished(request, call, stream)
                 resp = web.json_response(
                     wire.completion_object(call, rid, created, "".join(parts), stream.stats),
                     headers=headers)
@@ -215,13 +244,14 @@ class Gateway:
         if call.kind == "chat":
             await sse.send(resp, wire.chunk(call, rid, created, text="", first=True))
         try:
-            async for text in _texts(stream):
+            async for text in self._texts(request, call, stream):
                 await sse.send(resp, wire.chunk(call, rid, created, text=text))
         except InfernoError as e:
             # Headers are gone: the error travels as a data frame, as OpenAI does it.
             await sse.send(resp, self._noted(e).body())
             await sse.done(resp)
             return resp
+        self._finished(request, call, stream)
         await sse.send(resp, wire.chunk(call, rid, created, finish=wire.finish_reason(
             stream.stats)))
         if call.include_usage:
@@ -256,6 +286,20 @@ class Gateway:
         return web.json_response(wire.embeddings_object(model, vectors, fmt, tokens),
                                  headers={REQUEST_ID_HEADER: request_id})
 
+    def _texts(self, request: web.Request, call: wire.GenCall,
+               stream: AsyncStream) -> AsyncIterator[str]:
+        """The stream's text deltas; the first observes the time to first token."""
+        return self.metrics.first_token(call.model, request["inferno_t0"], _texts(stream))
+
+    def _finished(self, request: web.Request, call: wire.GenCall, stream: AsyncStream) -> None:
+        self.metrics.finished(call.model, request["inferno_t0"], stream.stats,
+                              wire.finish_reason(stream.stats))
+
+    async def prometheus(self, request: web.Request) -> web.StreamResponse:
+        """``GET /metrics``: Prometheus text (gateway/metrics.py), as the gateway itself."""
+        body = await self.metrics.scrape(self.client)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
     async def health(self, request: web.Request) -> web.StreamResponse:
         """ready / degraded / down, with the reason: 200 unless down (503)."""
         await self.auth.authorize(request, "health")
@@ -284,7 +328,7 @@ class Gateway:
                        "level": level}})
 
 
-async def _texts(stream: AsyncStream) -> AsyncIterator[str]:
+async def _texts(stream: AsyncStream) -> AsyncGenerator[str, None]:
     """The stream's text deltas, its iterator closed whatever happens (so the client stops
     following it)."""
     it = stream.__aiter__()

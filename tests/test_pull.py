@@ -293,3 +293,51 @@ async def test_pull_from_the_console_shows_progress(daemon_factory, server, tiny
         await _until(pilot, lambda: "console pulled" in app.snapshot.notice, 10, "notice")
         assert not bar.display
     assert (d.state / "models" / "console.gguf").read_bytes() == tiny
+
+
+# ---------------------------------------------------------------- ONNX directories
+
+
+def _tar(src: Path, top: str, extra: Any = None) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        tf.add(src, arcname=top)
+        if extra is not None:
+            tf.addfile(extra)
+    return buf.getvalue()
+
+
+def test_an_onnx_directory_pulled_as_an_archive(daemon_factory, server,
+                                               tmp_path: Path) -> None:
+    import tarfile
+    import zipfile
+
+    from onnx_graphs import tiny_encoder
+
+    model = tiny_encoder(tmp_path / "enc")
+    server.add("/enc/tiny-encoder.tar.gz", _tar(model, "tiny-encoder"))
+    zpath = tmp_path / "flat.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in model.iterdir():
+            zf.write(f, f.name)
+    server.add("/enc/flat.zip", zpath.read_bytes())
+    link = tarfile.TarInfo("tiny-encoder/secret")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
+    server.add("/enc/evil.tar.gz", _tar(model, "tiny-encoder", link))
+    d = daemon_factory()
+    with d.client() as c:
+        for path in ("/enc/tiny-encoder.tar.gz", "/enc/flat.zip"):
+            r = c.pull(server.url(path))
+            assert _wait_end(c, r["pull_id"])["state"] == "done"
+        listed = {m["name"]: m for m in c.models()}
+        assert listed["tiny-encoder"]["kind"] == "onnx" and "flat" in listed
+        vectors, _ = c.embed("tiny-encoder", ["hello world"])
+        assert vectors.shape[0] == 1
+    assert sorted(p.name for p in (d.state / "models" / "tiny-encoder").iterdir()) == \
+        ["model.onnx", "tokenizer.json"]
+    e = _pull_error(d, {"source": server.url("/enc/evil.tar.gz"), "name": "evil"})
+    assert e.code == "unsafe_path" and "secret" in e.message
+    assert _entries(d) == ["flat", "tiny-encoder"]

@@ -49,6 +49,16 @@ SPACE_MARGIN = 64 * 1024 * 1024  # left free on the model directory's filesystem
 STALE_S = 7 * 86400  # partial downloads untouched this long are deleted at start
 MAGIC = {"gguf": b"GGUF", "onnx": b"\x08"}
 
+
+def magic_of(t: Target) -> bytes:
+    """What the first bytes must be: the model kind's magic, or the archive's."""
+    low = t.label.lower()
+    if t.archive is None:
+        return MAGIC[t.kind]
+    if low.endswith((".gz", ".tgz")):
+        return b"\x1f\x8b"
+    return b"PK\x03\x04" if t.archive == "zip" else b""  # a plain tar: tarfile checks it
+
 Report = Callable[[str, int, int | None, float, float | None], None]
 """``report(state, done_bytes, total_bytes, rate_bytes_s, eta_s)``, at most 4 times a
 second, from the worker thread."""
@@ -67,6 +77,7 @@ class Fetch:
                  cancelled: threading.Event, stopping: threading.Event,
                  report: Report) -> None:
         self.t = target
+        self.magic = magic_of(target)
         self.where = shown(target.url)  # for messages: no query string, no credentials
         self.dir = directory / PULLS_DIR
         self.part = self.dir / f"{target.key}.part"
@@ -115,7 +126,8 @@ class Fetch:
                                    "kept", "check --sha256; if it is right, the server sent "
                                    "another file: pull again")
             try:
-                validate_model_file(self.part, self.t.kind, self.t.label)
+                if self.t.archive is None:  # an archive is checked as it is unpacked
+                    validate_model_file(self.part, self.t.kind, self.t.label)
             except InfernoError:
                 self.discard()
                 raise
@@ -266,9 +278,9 @@ class Fetch:
             head = b""
             for block in r.iter_raw():  # as it arrives: a drop loses no buffered bytes
                 self._check_stop()
-                if self.have < len(MAGIC[self.t.kind]):
+                if self.have < len(self.magic):
                     head = (head + block)[:16]
-                    if len(head) >= len(MAGIC[self.t.kind]):
+                    if len(head) >= len(self.magic):
                         self._check_magic(head)
                 if self.total is not None and self.have + len(block) > self.total:
                     raise InfernoError("pull_failed", f"{self.where}: more bytes than the "
@@ -288,16 +300,16 @@ class Fetch:
             os.close(fd)
         if self.have == 0 or (self.total is not None and self.have < self.total):
             raise _Transient(f"the server closed the connection at {self.have} bytes")
-        if self.have < len(MAGIC[self.t.kind]):
+        if self.have < len(self.magic):
             self._check_magic(self.part.read_bytes()[:16])
         self.total = self.have
 
     def _check_magic(self, head: bytes) -> None:
-        magic = MAGIC[self.t.kind]
-        if not head.startswith(magic):
+        if not head.startswith(self.magic):
             self.discard()
-            raise InfernoError("invalid_model", f"{self.where} did not send a "
-                               f"{self.t.kind.upper()} model (it starts with {head[:8]!r}"
+            what = (self.t.archive or self.t.kind).upper()
+            raise InfernoError("invalid_model", f"{self.where} did not send a {what} file "
+                               f"(it starts with {head[:8]!r}"
                                f"{', Content-Type ' + self.ctype if self.ctype else ''}); "
                                "nothing was kept", "check the URL: it may lead to a web page "
                                "instead of the file")

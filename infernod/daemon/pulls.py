@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections import deque
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infernod.daemon import fetch, pullsource
+from infernod.daemon import fetch, pullsource, unpack
 from infernod.daemon.registry import Registry, _name_from_path, check_name
 from infernod.protocol.errors import InfernoError
 
@@ -139,8 +141,10 @@ class Pulls:
             raise InfernoError("conflict", f"{len(self.active)} pulls are running (at most "
                                f"{MAX_PULLS})", "wait for one to finish, or cancel one: "
                                "inferno pull --cancel ID")
-        name = check_name(name if name is not None else _name_from_path(Path(target.label),
-                                                                        is_dir=False))
+        if name is None:
+            name = (_name_from_path(Path(unpack.stem(target.label)), is_dir=True)
+                    if target.archive else _name_from_path(Path(target.label), is_dir=False))
+        name = check_name(name)
         self.registry._reserve(name)
         stall = float(b.get("stall_timeout_s") or DEFAULT_STALL_S)
         p = Pull(pull_id=secrets.token_hex(8), source=spec.source, name=name, target=target,
@@ -226,13 +230,37 @@ class Pulls:
 
     def _install(self, p: Pull, part: Path, directory: Path) -> Any:
         """The verified file into place: renamed beside the model directory's entries under
-        a hidden name first, then linked under the model's name by the registry."""
+        a hidden name first, then linked under the model's name by the registry. An
+        archive is unpacked into a hidden directory there, checked, and renamed."""
+        if p.target.archive is not None:
+            return self._install_dir(p, part, directory)
         ready = directory / f".pull-{p.target.key}.ready"
         part.rename(ready)
         try:
             return self.registry.add_file(p.name, ready, p.target.kind)
         finally:
             ready.unlink(missing_ok=True)
+
+    def _install_dir(self, p: Pull, part: Path, directory: Path) -> Any:
+        assert p.target.archive is not None
+        try:
+            tmp, root = unpack.unpack(part, p.target.archive, directory, p.name, p.target.label)
+        finally:
+            part.unlink(missing_ok=True)
+        dest = directory / p.name
+        try:
+            if dest.exists() or dest.is_symlink():
+                raise InfernoError("conflict", f"a model named {p.name!r} appeared meanwhile",
+                                   "pick another name with --name")
+            os.rename(root, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.registry.scan()
+        try:
+            return self.registry.get(p.name)
+        except InfernoError:
+            shutil.rmtree(dest, ignore_errors=True)  # read back differently: keep nothing
+            raise
 
     # -- on the loop
 

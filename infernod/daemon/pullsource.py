@@ -2,7 +2,8 @@
 
 SOURCE is one of:
 
-* ``https://host/path/model.gguf`` (or ``http://``, or ``.onnx``): that URL;
+* ``https://host/path/model.gguf`` (or ``http://``, or ``.onnx``, or a ``.tar``/``.tar.gz``/
+  ``.zip`` of an ONNX model directory, see ``unpack``): that URL;
 * ``hf://org/repo/path/file.gguf``: that file of a Hugging Face repository;
 * ``org/repo:QUANT`` (``hf.co/`` or ``huggingface.co/`` in front is allowed): the repository's
   ``.gguf`` file of that quantisation, picked as llama-server's ``-hf`` does: the repository's
@@ -27,6 +28,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from infernod.daemon.unpack import archive_of
 from infernod.protocol.errors import InfernoError
 
 KINDS = (".gguf", ".onnx")
@@ -65,6 +67,11 @@ class Target:
     hub: bool = False
 
     @property
+    def archive(self) -> str | None:
+        """``tar`` or ``zip`` for an archive of an ONNX model directory."""
+        return archive_of(self.label)
+
+    @property
     def key(self) -> str:
         """Names the partial download: the same URL finds its partial file again."""
         return hashlib.sha256(self.url.encode()).hexdigest()[:32]
@@ -84,9 +91,11 @@ def shown(url: str) -> str:
 
 def _kind_of(name: str, source: str) -> str:
     suffix = PurePosixPath(name).suffix.lower()
+    if archive_of(name):
+        return "onnx"  # an ONNX model directory, packed
     if suffix not in KINDS:
         raise InfernoError("bad_request", f"{shown(source)}: {name!r} is not a .gguf or .onnx "
-                           "file",
+                           "file (or a .tar, .tar.gz, .zip of an ONNX model directory)",
                            "pull a single .gguf or .onnx file (an ONNX model with external "
                            "data or a tokenizer is a directory: copy it onto the host)")
     return suffix[1:]

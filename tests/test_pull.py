@@ -341,3 +341,18 @@ def test_an_onnx_directory_pulled_as_an_archive(daemon_factory, server,
     e = _pull_error(d, {"source": server.url("/enc/evil.tar.gz"), "name": "evil"})
     assert e.code == "unsafe_path" and "secret" in e.message
     assert _entries(d) == ["flat", "tiny-encoder"]
+
+
+def test_the_daemons_proxy_and_hub_offline_mode_are_honoured(daemon_factory, server,
+                                                             tiny) -> None:
+    far = "http://models.example.invalid/p/tiny.gguf"  # resolvable only through the proxy
+    server.add(far, tiny)
+    d = daemon_factory(env={"HTTP_PROXY": server.base, "http_proxy": server.base,
+                            "NO_PROXY": "", "no_proxy": "", "HF_HUB_OFFLINE": "1"})
+    with d.client() as c:
+        r = c.pull(far)
+        assert _wait_end(c, r["pull_id"])["state"] == "done"
+    assert [s.path for s in server.seen] == [far]  # the request went to the proxy
+    e = _pull_error(d, {"source": "org/repo:Q4_K_M"})
+    assert e.code == "pull_failed" and "offline" in e.message
+    assert _entries(d) == ["tiny.gguf"]

@@ -77,10 +77,10 @@ def _value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_count_what_http_users_saw(stack: Stack) -> None:
+def test_metrics_count_what_http_users_saw(stack: Stack, keys: dict[str, str]) -> None:
     _, gw = stack
-    before = _scrape(gw)
-    oai = _oai(gw, "unused")  # no keys yet: any bearer is the gateway's own principal
+    before = _scrape(gw)  # no key needed
+    oai = _oai(gw, keys["alice"])
     usage = []
     for prompt in ("The capital of France is", "Water boils at"):
         got = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
@@ -117,9 +117,9 @@ def test_metrics_count_what_http_users_saw(stack: Stack) -> None:
     assert _value(after, "inferno_gateway_daemon_up") == 1
 
 
-def test_metrics_show_a_running_request(stack: Stack) -> None:
+def test_metrics_show_a_running_request(stack: Stack, keys: dict[str, str]) -> None:
     _, gw = stack
-    oai = _oai(gw, "unused")
+    oai = _oai(gw, keys["alice"])
     stream = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=400,
                                     temperature=0, stream=True,
                                     extra_body={"ignore_eos": True})
@@ -132,10 +132,9 @@ def test_metrics_show_a_running_request(stack: Stack) -> None:
         stream.close()
 
 
-def test_keys_401_403_success_and_revocation(stack: Stack, request: pytest.FixtureRequest
-                                             ) -> None:
+def test_keys_401_403_success_and_revocation(stack: Stack, keys: dict[str, str]) -> None:
     daemon, gw = stack
-    k: dict[str, str] = request.getfixturevalue("keys")
+    k = keys
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
     # keys exist: a wrong key, and no key at all, are 401 (OpenAI's shape)
     with pytest.raises(openai.AuthenticationError) as ei:

@@ -356,3 +356,22 @@ def test_the_daemons_proxy_and_hub_offline_mode_are_honoured(daemon_factory, ser
     e = _pull_error(d, {"source": "org/repo:Q4_K_M"})
     assert e.code == "pull_failed" and "offline" in e.message
     assert _entries(d) == ["tiny.gguf"]
+
+
+def test_leftovers_of_a_killed_daemon_are_removed_at_start(tmp_path: Path) -> None:
+    import os
+
+    from infernod.daemon.fetch import STALE_S, remove_stale
+
+    d = tmp_path / "models"
+    (d / ".pulls").mkdir(parents=True)
+    keep = [d / "m.gguf", d / ".pulls" / ("a" * 32 + ".part"), d / ".other-hidden"]
+    gone = [d / f".pull-{'b' * 32}.ready", d / ".pulls" / ("c" * 32 + ".part")]
+    for p in keep + gone:
+        p.write_bytes(b"x")
+    (d / ".enc.x1y2z3.unpack" / "sub").mkdir(parents=True)
+    old = time.time() - STALE_S - 10
+    os.utime(gone[1], (old, old))
+    assert remove_stale([d]) == 3
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
+    assert not (d / ".enc.x1y2z3.unpack").exists()

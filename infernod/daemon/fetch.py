@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -363,11 +364,26 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+_ORPHAN_RE = re.compile(r"^\.pull-[0-9a-f]{32}\.ready$|^\.[a-z0-9][a-z0-9._-]*\.\w+\.unpack$")
+
+
 def remove_stale(model_dirs: list[Path], now: float | None = None) -> int:
-    """Deletes partial downloads untouched for ``STALE_S`` (blocking: executor)."""
+    """At start (no pull runs): deletes partial downloads untouched for ``STALE_S``, and what
+    a daemon killed between the last check and the rename left beside the models (a
+    ``.pull-KEY.ready`` file, a ``.NAME.*.unpack`` directory). Blocking: executor."""
     now = time.time() if now is None else now
     removed = 0
     for d in model_dirs:
+        try:
+            orphans = [p for p in d.iterdir() if _ORPHAN_RE.match(p.name)] if d.is_dir() else []
+        except OSError:
+            orphans = []
+        for p in orphans:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed += 1
         pulls = d / PULLS_DIR
         try:
             entries = list(pulls.iterdir()) if pulls.is_dir() else []
@@ -381,6 +397,6 @@ def remove_stale(model_dirs: list[Path], now: float | None = None) -> int:
             except OSError:
                 continue
     if removed:
-        log.info("pulls: removed %d partial downloads untouched for %d days", removed,
-                 STALE_S // 86400)
+        log.info("pulls: removed %d leftovers (partial downloads untouched for %d days, "
+                 "unfinished installs)", removed, STALE_S // 86400)
     return removed

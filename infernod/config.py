@@ -92,8 +92,9 @@ class ModelsConfig:
                               min=-1, max=10**7)
     memory_budget_bytes: int = opt(0, "RAM for models; 0 = 75% of total RAM", min=0,
                                    max=2**50)
-    vram_budget_bytes: int = opt(0, "VRAM for models; 0 = 90% of the GPU's memory", min=0,
-                                 max=2**50)
+    vram_budget_bytes: int = opt(0, "GPU memory for models, per GPU; 0 = 90% of each GPU's "
+                                    "memory. Memory other processes hold (NVML) is never "
+                                    "counted as free", min=0, max=2**50)
     n_ctx: int = opt(4096, "context tokens per slot (per conversation)", min=64,
                      max=1_048_576, restart=True)
     slots: int = opt(8, "sequences decoded together per model", min=1, max=256, restart=True)

@@ -21,13 +21,16 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infernod import config as config_mod
 from infernod.backends.base import SamplingParams
 from infernod.protocol.errors import InfernoError
 from infernod.protocol.messages import BOOL, INT, LIST, NUM, SCHEMAS, F, validate
 from infernod.protocol.vocabulary import SAMPLING_KEYS
+
+if TYPE_CHECKING:
+    from infernod.backends.gguf_meta import ModelInfo
 
 log = logging.getLogger("infernod.model_settings")
 
@@ -224,6 +227,39 @@ class SettingsStore:
             value, source = (own[key], "model") if key in own else default_of(key, cfg)
             out[key] = {"value": value, "source": source}
         return out
+
+    def keep_alive_for(self, name: str, requested: float | None,
+                       cfg: config_mod.Config) -> tuple[float, str]:
+        """(keep_alive_s, source) for ``name``: pinned models stay pinned; else a request's
+        value, the model's own, the config's."""
+        own = self._models.get(name, {})
+        if own.get("pin"):
+            return -1.0, "model"
+        if requested is not None:
+            return float(requested), "request"
+        if "keep_alive_s" in own:
+            return float(own["keep_alive_s"]), "model"
+        return cfg.models.keep_alive_s, "config"
+
+    def check_role(self, name: str, role: str, cfg: config_mod.Config) -> None:
+        """Refuse a request on ``name`` from a role its ``allowed_roles`` leaves out
+        (operators always pass)."""
+        allowed = self.value(name, "allowed_roles", cfg)
+        if allowed and role != "operator" and role not in allowed:
+            raise InfernoError("forbidden", f"model {name} serves only {', '.join(allowed)} "
+                               f"requests, and this one comes from a {role}",
+                               "ask an operator (the model's allowed_roles setting)")
+
+    def render_chat(self, info: ModelInfo, messages: list[dict[str, Any]]) -> tuple[str, str]:
+        """A chat rendered with the model's settings: its ``system_prompt`` first unless the
+        chat has a system message, its ``chat_template`` instead of the model's own."""
+        from infernod.backends import templates
+
+        own = self._models.get(info.name, {})
+        system = own.get("system_prompt")
+        if system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        return templates.render_chat(info, messages, override=own.get("chat_template") or "")
 
     def request_defaults(self, name: str) -> dict[str, Any]:
         """The model's own defaults for what a generate body may carry."""

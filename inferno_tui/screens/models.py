@@ -67,6 +67,17 @@ def detail_text(info: dict[str, Any] | None, row: ModelRow | None) -> Text:
     for key, value in fields:
         t.append(f"\n{key:>9} ", "cyan")
         t.append(fmt.text(value))
+    memory = info.get("memory")
+    if isinstance(memory, dict) and isinstance(memory.get("devices"), dict):
+        t.append(f"\n{'gpu layers':>9} ", "cyan")
+        t.append(fmt.text(memory.get("n_gpu_layers")))
+        for device, d in memory["devices"].items():  # host RAM, then each GPU
+            if not isinstance(d, dict):
+                continue
+            t.append(f"\n{device:>9} ", "cyan")
+            t.append(f"needs {fmt.size(d.get('estimate_bytes'))} of "
+                     f"{fmt.size(d.get('budget_bytes'))}, "
+                     f"{fmt.size(d.get('used_bytes'))} used by other models")
     meta = info.get("metadata")
     if isinstance(meta, dict):
         for key in sorted(meta)[:40]:

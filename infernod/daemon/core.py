@@ -67,12 +67,13 @@ class InfernoDaemon(Daemon):
         self.runners = RunnerSupervisor(self.runtime_dir, self.cfg.daemon.log_level,
                                         gpu_bytes=self._runner_gpu_bytes)
         self.runners.bind()
+        self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
         self.models = ModelManager(self.cfg, self.registry,
                                    sink_factory=lambda name: self.gen,
                                    publish=self.publisher.publish, notifier=self.notifier,
                                    runners=self.runners, scheduler=self.scheduler,
-                                   settings=SettingsStore(self.state_dir / MODEL_SETTINGS))
-        self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
+                                   settings=SettingsStore(self.state_dir / MODEL_SETTINGS),
+                                   gpu_sample=self.telemetry.latest)
         # every live request of every kind, from admission to its last event
         self.requests = RequestTable(self.scheduler, self.publisher.publish)
         hooks: dict[str, Any] = {"on_profile": self.telemetry.on_profile,

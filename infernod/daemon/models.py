@@ -27,6 +27,8 @@ from infernod.backends.gguf_meta import ModelInfo
 from infernod.backends.onnx_engine import OnnxRunEngine
 from infernod.backends.parking import park_count
 from infernod.config import Config
+from infernod.daemon import memory
+from infernod.daemon.crashes import CRASH_WINDOW_S, CrashRecord
 from infernod.model_settings import LOAD_KEYS, SettingsStore
 from infernod.protocol import bodies
 from infernod.protocol.errors import InfernoError
@@ -37,53 +39,18 @@ if TYPE_CHECKING:
     from infernod.daemon.registry import Registry
     from infernod.daemon.scheduler import Scheduler
     from infernod.daemon.systemd import Notifier
+    from infernod.protocol.bodies import MetricsSample
 
 log = logging.getLogger("infernod.daemon.models")
 
-CRASH_WINDOW_S = 300.0  # crashes older than this are forgotten
-CRASH_LIMIT = 3  # this many crashes within the window: loads are refused
-BACKOFF_MAX_S = 30.0  # wait before the n-th reload after a crash: 2**(n-1) s, at most this
 MEMORY_WAIT_POLL_S = 0.25  # a request whose model waits for busy models to go idle
+
 
 # Why a model was unloaded, which decides what happens to the requests still queued for it:
 # an operator's unload fails them (model_unloaded); an eviction (the memory planner made room
 # for another model) or an idle unload loads it again for them; a stopping daemon has
 # already ended them.
 UnloadCause = Literal["operator", "evicted", "idle", "stopping"]
-
-
-@dataclass
-class CrashRecord:
-    """Why a model's runner last died, and when it died recently (the crash-loop guard)."""
-
-    reason: str
-    signal: str
-    at: float  # monotonic, the newest crash
-    at_wall: float
-    times: list[float] = field(default_factory=list)  # monotonic, within CRASH_WINDOW_S
-    current: bool = True  # no successful load since: the model shows as "failed"
-
-    def prune(self, now: float) -> int:
-        self.times = [t for t in self.times if now - t < CRASH_WINDOW_S]
-        return len(self.times)
-
-    def backoff_s(self, now: float) -> float:
-        n = self.prune(now)
-        if not n:
-            return 0.0
-        return max(0.0, self.at + min(BACKOFF_MAX_S, 2.0 ** (n - 1)) - now)
-
-    def refused_for_s(self, now: float) -> float:
-        """Seconds loads stay refused (0: not refused)."""
-        if self.prune(now) < CRASH_LIMIT:
-            return 0.0
-        return max(0.0, self.times[-CRASH_LIMIT] + CRASH_WINDOW_S - now)
-
-    def to_wire(self, name: str, now: float) -> bodies.ModelFailure:
-        return {"name": name, "state": "failed" if self.current else "available",
-                "failed_reason": self.reason, "failed_signal": self.signal or None,
-                "failed_at": self.at_wall, "crashes": self.prune(now),
-                "loads_refused_for_s": round(self.refused_for_s(now), 1)}
 
 
 @dataclass
@@ -101,6 +68,7 @@ class LoadedModel:
     keep_alive_source: str = "config"  # request | model | config (models.show)
     params: dict[str, Any] = field(default_factory=dict)  # the load settings it runs with
     gpu_layers: int = 0  # n_gpu_layers as loaded ('auto' resolved)
+    gpu_bytes: dict[str, int] = field(default_factory=dict)  # gpuN -> bytes it is charged
 
     @property
     def pinned(self) -> bool:
@@ -118,6 +86,7 @@ class LoadedModel:
             "name": self.name,
             "state": self.state,
             "memory_bytes": self.memory_bytes,
+            "gpu_memory_bytes": dict(self.gpu_bytes),
             "keep_alive_s": self.keep_alive_s,
             "keep_alive_left_s": self.keep_alive_left_s(now, running),
             "pinned": self.pinned,
@@ -150,8 +119,10 @@ class ModelManager:
                  sink_factory: Callable[[str], EngineSink],
                  publish: Callable[[str, str, dict[str, Any]], object],
                  notifier: Notifier, runners: RunnerSupervisor,
-                 scheduler: Scheduler, settings: SettingsStore | None = None) -> None:
+                 scheduler: Scheduler, settings: SettingsStore | None = None,
+                 gpu_sample: Callable[[], MetricsSample | None] | None = None) -> None:
         self.cfg = cfg
+        self.gpu_sample = gpu_sample or (lambda: None)  # telemetry's latest (NVML) sample
         self.settings = settings if settings is not None else SettingsStore()
         self.scheduler = scheduler  # who runs on each model (idle unloading, eviction)
         self.registry = registry
@@ -181,35 +152,53 @@ class ModelManager:
         configured = self.cfg.models.memory_budget_bytes
         return configured or int(psutil.virtual_memory().total * 0.75)
 
+    def gpus(self) -> dict[str, dict[str, int]]:
+        """Each GPU's budget from the newest NVML sample (memory.gpu_budgets): what this
+        daemon may use there, others' memory excepted, capped by models.vram_budget_bytes."""
+        sample = self.gpu_sample()
+        ours: dict[str, int] = {}
+        for lm in self.loaded.values():
+            for key, n in lm.gpu_bytes.items():
+                ours[key] = ours.get(key, 0) + n
+        pids = {e.pid for lm in self.loaded.values() if isinstance(e := lm.engine, RunnerEngine)
+                and e.pid is not None}
+        return memory.gpu_budgets(sample["gpu"] if sample else None,  # type: ignore[arg-type]
+                                  self.cfg.models.vram_budget_bytes, ours, pids)
+
+    def _offload(self) -> dict[str, dict[str, int]]:
+        """The GPUs a load may offload to: none while this llama.cpp cannot offload."""
+        ok = self.cpu_support is not None and self.cpu_support.gpu_offload_supported
+        return self.gpus() if ok else {}
+
+    def demand(self, info: ModelInfo, params: dict[str, Any] | None = None,
+               ) -> tuple[dict[str, int], int]:
+        """(bytes per device, n_gpu_layers) a load of ``info`` with ``params`` (default: its
+        settings) is expected to take: the estimate split by the layers offloaded, 'auto'
+        fitted to the GPUs' room; the host cache's budget counts on the host."""
+        p = params or self.load_params(info.name)
+        m = self.cfg.models
+        est = self.registry.estimate_memory(info, n_ctx=p["n_ctx"], n_slots=p["slots"],
+                                            swa_full=m.swa_full,
+                                            park_slots=park_count(p["slots"], m.park_slots))
+        gpus = self._offload()
+        free = {k: g["free_bytes"] for k, g in gpus.items()}
+        layers = p["n_gpu_layers"]
+        layers = memory.fit_gpu_layers(est, info, free) if layers == "auto" and gpus \
+            else 0 if layers == "auto" else int(layers)
+        out = memory.split_memory(est, info, layers, {k: float(max(1, v)) for k, v in free.items()})
+        out[memory.HOST] += self._host_cache_bytes(info)
+        return out, layers
+
     def load_params(self, name: str) -> dict[str, Any]:
         """The load settings ``name`` gets on its next load: its own, else the config's."""
         return {k: self.settings.value(name, k, self.cfg) for k in LOAD_KEYS}
 
     def estimate_bytes(self, info: ModelInfo) -> int:
-        """What loading ``info`` with its settings is expected to take (see _load)."""
-        m = self.cfg.models
-        p = self.load_params(info.name)
-        est = self.registry.estimate_memory(info, n_ctx=p["n_ctx"], n_slots=p["slots"],
-                                            swa_full=m.swa_full,
-                                            park_slots=park_count(p["slots"], m.park_slots))
-        return int(est.total_bytes) + self._host_cache_bytes(info)
-
-    def gpu_layers(self, info: ModelInfo, params: dict[str, Any]) -> int:
-        """n_gpu_layers for a load: the setting, 'auto' resolved."""
-        layers = params["n_gpu_layers"]
-        return 0 if layers == "auto" else int(layers)
+        """Host RAM loading ``info`` with its settings is expected to take (see _load)."""
+        return self.demand(info)[0][memory.HOST]
 
     def keep_alive_for(self, name: str, requested: float | None) -> tuple[float, str]:
-        """(keep_alive_s, source) for ``name``: pinned models stay pinned; else a request's
-        value, the model's own, the config's."""
-        if self.settings.value(name, "pin", self.cfg):
-            return -1.0, "model"
-        if requested is not None:
-            return float(requested), "request"
-        own = self.settings.get(name)
-        if "keep_alive_s" in own:
-            return float(own["keep_alive_s"]), "model"
-        return self.cfg.models.keep_alive_s, "config"
+        return self.settings.keep_alive_for(name, requested, self.cfg)
 
     def effective_settings(self, name: str) -> dict[str, dict[str, Any]]:
         """Every setting of ``name``: {value, source}, and for a loaded model the value it
@@ -242,17 +231,17 @@ class ModelManager:
         """RAM a GGUF engine may fill with idle conversations (counted at its full budget)."""
         return 0 if info.kind == "onnx" else self.cfg.models.host_cache_mib << 20
 
-    def _plan(self, name: str, need: int) -> list[tuple[str, str]]:
-        from infernod.daemon.memory import LoadedModel as LoadedModelRef
-        from infernod.daemon.memory import plan_load
-
+    def _plan(self, name: str, need: dict[str, int]) -> list[tuple[str, str]]:
+        """Per device (host RAM, each GPU): the idle models to unload so ``name`` fits."""
         now = time.monotonic()
-        refs = [LoadedModelRef(name=lm.name, bytes=lm.memory_bytes, pinned=lm.pinned,
-                               busy=bool(self.scheduler.running_count(lm.name))
-                               or lm.state != "loaded",
-                               last_used_s=lm.last_used)
+        refs = [memory.LoadedModel(name=lm.name, bytes=lm.memory_bytes, pinned=lm.pinned,
+                                   busy=bool(self.scheduler.running_count(lm.name))
+                                   or lm.state != "loaded", last_used_s=lm.last_used,
+                                   device_bytes={memory.HOST: lm.memory_bytes, **lm.gpu_bytes})
                 for lm in self.loaded.values()]
-        plan = plan_load(name, need, self.budget_bytes(), refs, now)
+        budgets = {memory.HOST: self.budget_bytes(),
+                   **{k: g["budget_bytes"] for k, g in self.gpus().items()}}
+        plan = memory.plan_devices(name, need, budgets, refs, now)
         return list(zip(plan.evict, plan.messages, strict=True))
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -329,17 +318,20 @@ class ModelManager:
     async def _load(self, name: str, keep_alive_s: float | None) -> LoadedModel:
         info = self.registry.get(name)
         wait_s = self._check_crash_guard(name)
-        need = self.estimate_bytes(info)
-        for victim, reason in self._plan(name, need):
+        params = self.load_params(name)
+        demand, layers = self.demand(info, params)
+        need = demand[memory.HOST]
+        for victim, reason in self._plan(name, demand):
             log.info(reason)
             await self.unload(victim, reason=reason, cause="evicted")
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[LoadedModel] = loop.create_future()
         keep, source = self.keep_alive_for(name, keep_alive_s)
         lm = LoadedModel(name=name, info=info, keep_alive_s=keep, keep_alive_source=source,
-                         memory_bytes=need, ready=ready)
+                         memory_bytes=need, ready=ready, params=params, gpu_layers=layers,
+                         gpu_bytes={k: v for k, v in demand.items() if k != memory.HOST})
         self.loaded[name] = lm
-        self.models_event("loading", name, estimate_bytes=need)
+        self.models_event("loading", name, estimate_bytes=need, estimate_gpu_bytes=lm.gpu_bytes)
         t0 = time.monotonic()
         engine: RunnerEngine
         try:
@@ -386,30 +378,17 @@ class ModelManager:
         if total <= 0:
             return
         try:
-            self.registry.record_measured(lm.name, total)
+            if not lm.gpu_bytes:  # what a GPU holds is not in the resident set
+                self.registry.record_measured(lm.name, total)
         except Exception as e:  # measuring is best effort; the estimate stands
             log.warning("could not record the memory of %s: %s", lm.name, e)
         lm.memory_bytes = total + self._host_cache_bytes(lm.info)
 
     def check_role(self, name: str, role: str) -> None:
-        """Refuse a request on ``name`` from a role its ``allowed_roles`` setting leaves out
-        (operators always pass)."""
-        allowed = self.settings.value(name, "allowed_roles", self.cfg)
-        if allowed and role != "operator" and role not in allowed:
-            raise InfernoError("forbidden", f"model {name} serves only {', '.join(allowed)} "
-                               f"requests, and this one comes from a {role}",
-                               "ask an operator (the model's allowed_roles setting)")
+        self.settings.check_role(name, role, self.cfg)
 
     def render_chat(self, info: ModelInfo, messages: list[dict[str, Any]]) -> tuple[str, str]:
-        """A chat rendered with the model's settings: its ``system_prompt`` first unless the
-        chat has a system message, its ``chat_template`` instead of the model's own."""
-        from infernod.backends import templates
-
-        own = self.settings.get(info.name)
-        system = own.get("system_prompt")
-        if system and not any(m.get("role") == "system" for m in messages):
-            messages = [{"role": "system", "content": system}, *messages]
-        return templates.render_chat(info, messages, override=own.get("chat_template") or "")
+        return self.settings.render_chat(info, messages)
 
     def check_generate(self, name: str) -> None:
         """Refuse generation on a model that cannot generate (ONNX); unknown names pass here
@@ -443,8 +422,11 @@ class ModelManager:
             raise InfernoError(self.cpu_support.code, f"cannot load {name}: "
                                f"{self.cpu_support.reason()}", self.cpu_support.hint())
         m = self.cfg.models
-        p = lm.params = self.load_params(name)
-        lm.gpu_layers = self.gpu_layers(info, p)
+        if not lm.params:  # not planned by _load (tests start a runner directly)
+            lm.params = self.load_params(name)
+            ngl = lm.params["n_gpu_layers"]
+            lm.gpu_layers = self.demand(info, lm.params)[1] if ngl == "auto" else int(ngl)
+        p = lm.params
         cores = os.cpu_count() or 1
         kwargs = {"path": str(info.path), "n_ctx": p["n_ctx"], "n_slots": p["slots"],
                   "n_threads": p["threads"] or cores,

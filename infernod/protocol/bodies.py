@@ -106,6 +106,7 @@ class LoadedModel(TypedDict):
     idle_s: float
     slots: int | None
     runner_pid: int | None  # GGUF: the runner process; ONNX: None
+    gpu_memory_bytes: dict[str, int]  # gpuN -> bytes it is charged there ({}: none)
     n_ctx: NotRequired[int]  # GGUF: the context per slot it was loaded with
     n_gpu_layers: NotRequired[int]  # GGUF: layers offloaded ('auto' resolved)
     runner_rss_bytes: NotRequired[int | None]
@@ -162,6 +163,7 @@ class ModelState(TypedDict):
     idle_s: NotRequired[float]
     slots: NotRequired[int | None]
     runner_pid: NotRequired[int | None]
+    gpu_memory_bytes: NotRequired[dict[str, int]]
     n_ctx: NotRequired[int]
     n_gpu_layers: NotRequired[int]
     runner_rss_bytes: NotRequired[int | None]

@@ -13,7 +13,9 @@ from typing import Any
 
 from infernod import model_settings
 from infernod.backends import templates
+from infernod.backends.gguf_meta import ModelInfo
 from infernod.daemon.catalog import ModelCatalog
+from infernod.daemon.memory import HOST
 from infernod.daemon.models import ModelManager
 from infernod.daemon.publisher import Publisher
 from infernod.daemon.registry import Registry
@@ -42,10 +44,26 @@ class ModelHandlers:
                                      else own_template if own_template
                                      in model_settings.TEMPLATE_NAMES else "custom")
         out["memory_estimate_bytes"] = self.models.estimate_bytes(info)
+        out["memory"] = self._memory(info)
         lm = self.models.loaded.get(info.name)
         out.update(self.models.wire(lm, time.monotonic()) if lm else {"state": "available"})
         out["settings"] = self.models.effective_settings(info.name)
         return out
+
+    def _memory(self, info: ModelInfo) -> dict[str, Any]:
+        """What a load of ``info`` would take on each device (host RAM, each GPU) beside that
+        device's budget and what the loaded models (this one excepted) hold there."""
+        demand, layers = self.models.demand(info)
+        others = [lm for lm in self.models.loaded.values() if lm.name != info.name]
+        devices: dict[str, dict[str, Any]] = {HOST: {
+            "estimate_bytes": demand[HOST], "budget_bytes": self.models.budget_bytes(),
+            "used_bytes": sum(lm.memory_bytes for lm in others)}}
+        for key, gpu in self.models.gpus().items():
+            devices[key] = {"estimate_bytes": demand.get(key, 0), **gpu,
+                            "used_bytes": sum(lm.gpu_bytes.get(key, 0) for lm in others)}
+        support = self.models.cpu_support
+        return {"n_gpu_layers": layers, "devices": devices,
+                "gpu_offload_supported": support.gpu_offload_supported if support else None}
 
     async def set(self, req: Call) -> dict[str, Any]:
         """The model's own settings: validated by the config's (or the wire's) rules, kept

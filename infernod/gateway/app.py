@@ -230,8 +230,8 @@ class Gateway:
                 parts = [text async for text in self._texts(request, call, stream)]
                 self._finished(request, call, stream)
                 resp = web.json_response(
-                    wire.completion_object(call, rid, created, "".join(parts), stream.stats),
-                    headers=headers)
+                    wire.completion_object(call, rid, created, "".join(parts), stream.stats,
+                                           stream.logprobs), headers=headers)
             finished = True
             return resp
         finally:
@@ -243,9 +243,14 @@ class Gateway:
         resp = await sse.open_stream(request, headers)
         if call.kind == "chat":
             await sse.send(resp, wire.chunk(call, rid, created, text="", first=True))
+        seen = offset = 0  # logprob entries already sent; characters already sent
         try:
             async for text in self._texts(request, call, stream):
-                await sse.send(resp, wire.chunk(call, rid, created, text=text))
+                entries = stream.logprobs[seen:]
+                seen += len(entries)
+                await sse.send(resp, wire.chunk(call, rid, created, text=text,
+                                                logprobs=entries, text_offset=offset))
+                offset += len(text)
         except InfernoError as e:
             # Headers are gone: the error travels as a data frame, as OpenAI does it.
             await sse.send(resp, self._noted(e).body())

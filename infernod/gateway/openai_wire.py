@@ -55,6 +55,10 @@ class GenCall:
     params: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
 
+    @property
+    def logprobs(self) -> bool:
+        return bool(self.params.get("logprobs"))
+
 
 def _num(body: dict[str, Any], key: str) -> float | None:
     v = body.get(key)
@@ -82,16 +86,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         raise bad_request("best_of is not supported", "best_of", "unsupported_parameter")
-    for key in ("logprobs", "top_logprobs"):
-        if body.get(key) not in (None, False, 0):
-            raise bad_request(f"'{key}' is not supported by this daemon yet",
-                              key, "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind != "text":
-            raise bad_request("response_format other than 'text' is not supported by this "
-                              "daemon yet", "response_format", "unsupported_parameter")
     for key in ("tools", "functions", "logit_bias", "suffix"):
         if body.get(key):
             raise bad_request(f"'{key}' is not supported", key, "unsupported_parameter")
@@ -133,6 +127,55 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     elif stop is not None:
         raise bad_request("'stop' must be a string or a list of strings", "stop")
     return params
+
+
+def _logprobs(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Chat: ``logprobs`` (bool) + ``top_logprobs`` (0-20). Completions: ``logprobs`` is the
+    number of alternatives (0-5 at OpenAI; up to 20 here). The daemon's ``logprobs`` /
+    ``top_logprobs``."""
+    value, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind == "completion":
+        if value is None:
+            return {}
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+            raise bad_request("'logprobs' must be an integer 0-20 (alternatives per token)",
+                              "logprobs")
+        return {"logprobs": True, "top_logprobs": value}
+    if value is not None and not isinstance(value, bool):
+        raise bad_request("'logprobs' must be a boolean", "logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+            raise bad_request("'top_logprobs' must be an integer 0-20", "top_logprobs")
+        if not value:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if not value:
+        return {}
+    return {"logprobs": True, "top_logprobs": top or 0}
+
+
+def _response_format(body: dict[str, Any]) -> dict[str, Any]:
+    """``json_object`` -> the daemon's ``json_schema: {"type": "object"}``; ``json_schema``
+    -> its ``schema`` (enforced by a llama.cpp grammar in the daemon)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return {}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")  # type: ignore[union-attr]
+        if not isinstance(spec, dict):
+            raise bad_request("response_format.json_schema must be an object with 'name' "
+                              "and 'schema'", "response_format")
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON Schema "
+                              "object", "response_format")
+        return {"json_schema": schema}
+    raise bad_request("response_format.type must be 'text', 'json_object' or 'json_schema'",
+                      "response_format")
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -200,8 +243,9 @@ def parse_chat(body: dict[str, Any], default_model: str | None) -> GenCall:
                               f"(use {', '.join(ROLES)})", "messages")
         out.append({"role": role, "content": _content(m.get("content"), i)})
     stream, include = _stream_flags(body)
+    params = {**_sampling(body), **_logprobs(body, "chat"), **_response_format(body)}
     return GenCall("chat", _model(body, default_model), stream, include, messages=out,
-                   params=_sampling(body), user=_user(body))
+                   params=params, user=_user(body))
 
 
 def parse_completion(body: dict[str, Any], default_model: str | None) -> GenCall:
@@ -213,7 +257,7 @@ def parse_completion(body: dict[str, Any], default_model: str | None) -> GenCall
         raise bad_request("'prompt' must be a string (a list of one string is accepted; "
                           "token arrays and batches are not supported)", "prompt")
     stream, include = _stream_flags(body)
-    params = _sampling(body)
+    params = {**_sampling(body), **_logprobs(body, "completion"), **_response_format(body)}
     params.setdefault("max_tokens", 16)  # OpenAI's default for /v1/completions
     return GenCall("completion", _model(body, default_model), stream, include,
                    prompt=prompt, params=params, user=_user(body))
@@ -258,16 +302,42 @@ def finish_reason(stats: dict[str, Any] | None) -> str:
     return FINISH.get(str((stats or {}).get("finish_reason")), "stop")
 
 
+def logprobs_object(call: GenCall, entries: list[dict[str, Any]] | None,
+                    text_offset: int = 0) -> dict[str, Any] | None:
+    """The daemon's per-token entries (``{id, token, logprob, bytes, top}``, see
+    docs/protocol.md) in OpenAI's shape: chat's ``{content: [...], refusal}``, or the legacy
+    completions' parallel lists (``text_offset`` counts from the text's start)."""
+    if not call.logprobs or entries is None:
+        return None
+    if call.kind == "chat":
+        return {"content": [
+            {"token": e["token"], "logprob": e["logprob"], "bytes": e.get("bytes"),
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
+                               "bytes": t.get("bytes")} for t in e.get("top") or []]}
+            for e in entries], "refusal": None}
+    offsets = []
+    for e in entries:
+        offsets.append(text_offset)
+        text_offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top") or []}
+                             for e in entries],
+            "text_offset": offsets}
+
+
 def completion_object(call: GenCall, rid: str, created: int, text: str,
-                      stats: dict[str, Any] | None) -> dict[str, Any]:
+                      stats: dict[str, Any] | None,
+                      logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     reason = finish_reason(stats)
+    lp = logprobs_object(call, logprobs)
     if call.kind == "chat":
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant",
                                                           "content": text, "refusal": None},
-                                  "logprobs": None, "finish_reason": reason}
+                                  "logprobs": lp, "finish_reason": reason}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": call.model,
             "system_fingerprint": None, "choices": [choice], "usage": usage(stats)}
@@ -275,11 +345,13 @@ def completion_object(call: GenCall, rid: str, created: int, text: str,
 
 def chunk(call: GenCall, rid: str, created: int, *, text: str | None = None,
           first: bool = False, finish: str | None = None,
-          usage_of: dict[str, Any] | None = None, final_usage: bool = False
+          usage_of: dict[str, Any] | None = None, final_usage: bool = False,
+          logprobs: list[dict[str, Any]] | None = None, text_offset: int = 0
           ) -> dict[str, Any]:
-    """One streamed chunk as OpenAI sends it: a delta, the finish, or (``final_usage``) the
-    last chunk with empty choices and ``usage``."""
+    """One streamed chunk as OpenAI sends it: a delta (with its tokens' ``logprobs``), the
+    finish, or (``final_usage``) the last chunk with empty choices and ``usage``."""
     choices: list[dict[str, Any]] = []
+    lp = logprobs_object(call, logprobs, text_offset)
     if not final_usage:
         if call.kind == "chat":
             delta: dict[str, Any] = {}
@@ -287,10 +359,10 @@ def chunk(call: GenCall, rid: str, created: int, *, text: str | None = None,
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choices = [{"index": 0, "delta": delta, "logprobs": None,
+            choices = [{"index": 0, "delta": delta, "logprobs": lp,
                         "finish_reason": finish}]
         else:
-            choices = [{"index": 0, "text": text or "", "logprobs": None,
+            choices = [{"index": 0, "text": text or "", "logprobs": lp,
                         "finish_reason": finish}]
     out: dict[str, Any] = {
         "id": rid, "object": "chat.completion.chunk" if call.kind == "chat"

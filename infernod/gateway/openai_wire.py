@@ -165,7 +165,7 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any]:
     if kind == "json_object":
         return {"json_schema": {"type": "object"}}
     if kind == "json_schema":
-        spec = fmt.get("json_schema")  # type: ignore[union-attr]
+        spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
             raise bad_request("response_format.json_schema must be an object with 'name' "
                               "and 'schema'", "response_format")

@@ -22,6 +22,7 @@ STATUS: dict[str, int] = {
     "unknown_model": 404,
     "model_not_loaded": 503,
     "model_busy": 503,
+    "model_unloaded": 503,
     "cpu_unsupported": 501,
     "backend_unavailable": 503,
     "insufficient_memory": 503,
@@ -56,6 +57,9 @@ STATUS: dict[str, int] = {
     "checksum_mismatch": 400,
     "unknown_upload": 404,
     "insufficient_storage": 507,
+    "pull_failed": 502,
+    "source_not_found": 404,
+    "unknown_pull": 404,
 }
 
 # HTTP status -> OpenAI's error `type` (what its SDKs and LiteLLM read besides the status).

@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Static
 from inferno_tui.fleet import COLUMNS, fleet_detail, fleet_row
 from inferno_tui.screens.base import InfernoScreen
 from inferno_tui.state import Snapshot
+from inferno_tui.widgets.status import update_if_changed
 
 STATE_STYLE = {"connected": "bold green", "connecting": "yellow", "reconnecting": "bold red",
                "refused": "bold red"}
@@ -51,7 +52,7 @@ class FleetScreen(InfernoScreen):
         i = self.query_one(DataTable).cursor_row
         daemons = self.inferno.daemons
         text = fleet_detail(daemons[i]) if 0 <= i < len(daemons) else ""
-        self.query_one("#fleet-detail", Static).update(Text(text, "dim"))
+        update_if_changed(self.query_one("#fleet-detail", Static), Text(text, "dim"))
 
     @on(DataTable.RowHighlighted)
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:

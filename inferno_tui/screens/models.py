@@ -16,6 +16,7 @@ from inferno_tui.screens.base import InfernoScreen
 from inferno_tui.screens.dialogs import AskText, Confirm
 from inferno_tui.state import Progress, Snapshot
 from inferno_tui.views import ModelRow
+from inferno_tui.widgets.status import update_if_changed
 
 # 62 columns of content + 2 padding per column = 80 (the table fits an 80x24 terminal).
 COLUMNS = (("name", "Name", 14), ("state", "State", 7), ("arch", "Arch", 7),
@@ -142,7 +143,7 @@ class ModelsScreen(InfernoScreen):
         p: Progress | None = next(iter(snap.progress.values()), None)
         if p is None:
             bar.display = False
-            notice.update(Text(snap.notice, "italic"))
+            update_if_changed(notice, Text(snap.notice, "italic"))
             return
         bar.display = True
         if p.action in ("importing", "pulling") and p.total_bytes:
@@ -152,7 +153,7 @@ class ModelsScreen(InfernoScreen):
         what = f"{p.action} {p.model}"
         if p.action == "loading" and p.total_bytes:
             what += f" (~{fmt.size(p.total_bytes)})"
-        notice.update(Text(f"{what} {p.message}", "bold yellow"))
+        update_if_changed(notice, Text(f"{what} {p.message}", "bold yellow"))
 
     # -- selection and detail ---------------------------------------------------------------
     def selected(self) -> ModelRow | None:

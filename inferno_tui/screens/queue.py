@@ -18,6 +18,7 @@ from inferno_tui.screens.dialogs import Confirm
 from inferno_tui.state import Snapshot
 from inferno_tui.views import QueueRow, QueueView, RecentLatency, StatsRow
 from inferno_tui.widgets.graphs import spark
+from inferno_tui.widgets.status import update_if_changed
 from infernod.protocol.vocabulary import PRIORITIES
 
 # 60 columns of content + 2 padding per column = 76 (fits 80 columns with a scrollbar).
@@ -97,7 +98,7 @@ class QueueScreen(InfernoScreen):
 
     def render_snapshot(self, snap: Snapshot) -> None:
         q = snap.queue
-        self.query_one("#queue-summary", Static).update(summary_text(q))
+        update_if_changed(self.query_one("#queue-summary", Static), summary_text(q))
         if q != self._queue:
             self._queue = q
             table = self.query_one(DataTable)
@@ -107,8 +108,10 @@ class QueueScreen(InfernoScreen):
                 table.add_row(*queue_cells(r), key=r.request_id)
             if q.rows:
                 table.move_cursor(row=min(cursor, len(q.rows) - 1))
-        self.query_one("#queue-stats", Static).update(stats_table(snap.stats))
-        self.query_one("#queue-recent", Static).update(recent_text(snap.recent))
+        update_if_changed(self.query_one("#queue-stats", Static), stats_table(snap.stats),
+                          key=snap.stats)
+        update_if_changed(self.query_one("#queue-recent", Static), recent_text(snap.recent),
+                          key=snap.recent)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         allowed = super().check_action(action, parameters)

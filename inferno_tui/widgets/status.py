@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import RenderableType
 from rich.text import Text
 from textual.widgets import Static
 
@@ -50,5 +51,18 @@ class StatusBar(Static):
     DEFAULT_CSS = "StatusBar { height: 1; background: $panel; }"
 
     def show(self, snap: Snapshot, current: str, readonly: bool, daemon: str = "") -> None:
-        self.update(status_text(snap, current, readonly, max(20, self.size.width or 80),
-                                daemon))
+        update_if_changed(self, status_text(snap, current, readonly,
+                                            max(20, self.size.width or 80), daemon))
+
+
+def update_if_changed(widget: Static, content: RenderableType, key: object = None) -> bool:
+    """``widget.update(content)`` unless it already shows the same: Textual repaints (and
+    so writes to the terminal, across the SSH link) every line of an updated widget, even
+    when nothing in it changed. ``key`` stands for content that cannot be compared
+    (a Rich table): pass the data it was made from. True when it updated."""
+    mark = content if key is None else key
+    if getattr(widget, "_inferno_shown", None) == mark:
+        return False
+    widget._inferno_shown = mark  # type: ignore[attr-defined]
+    widget.update(content)
+    return True

@@ -133,7 +133,7 @@ async def test_load_chat_queue_and_cancel(daemon, tmp_path: Path) -> None:
         assert [v.role for v in views] == ["user", "assistant"]
         reply = views[-1]
         # Streamed text appears while the generation is still running.
-        await _until(pilot, lambda: len(reply.markdown.source) > 20 and chat.generating, 60,
+        await _until(pilot, lambda: len(reply.shown_text) > 20 and chat.generating, 60,
                      "streamed text")
 
         # The queue screen lists the running request.

@@ -47,6 +47,7 @@ class MessageView(Vertical):
 
         self._header = Static(self.header(), classes="message-header")
         self._body = Markdown(content, classes="message-body")
+        self._live: StreamingText | None = None
 
     def compose(self) -> ComposeResult:
         yield self._header
@@ -71,10 +72,15 @@ class MessageView(Vertical):
     def markdown(self) -> Markdown:
         return self._body
 
+    @property
+    def shown_text(self) -> str:
+        """What the body shows: the streamed text while it streams, then the Markdown."""
+        return self._live.shown if self._live is not None else self._body.source
+
     async def start_streaming(self, reserve: int) -> StreamingText:
         """Show text as it arrives, cheaply (see widgets/streaming.py), until
         :meth:`finish_streaming` renders the whole message as Markdown once."""
-        live = StreamingText(reserve=reserve, classes="message-body")
+        live = self._live = StreamingText(reserve=reserve, classes="message-body")
         self._body.display = False
         await self.mount(live, before=self._body)
         return live
@@ -82,6 +88,7 @@ class MessageView(Vertical):
     async def finish_streaming(self, live: StreamingText, content: str) -> None:
         await self._body.update(content)
         self._body.display = True
+        self._live = None
         await live.remove()
 
 

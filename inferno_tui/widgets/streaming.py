@@ -61,6 +61,7 @@ class StreamingText(Vertical):
         self._tail = ""  # text after the last finished line
         self._dirty = False
         self._lines = 0  # finished lines mounted
+        self._shown: list[str] = []  # their text
         self._current = Static("", classes="streaming-current")
 
     def compose(self) -> ComposeResult:
@@ -74,6 +75,12 @@ class StreamingText(Vertical):
     def text_lines(self) -> int:
         """Lines of text so far, the current one included."""
         return self._lines + 1
+
+    @property
+    def shown(self) -> str:
+        """The text on screen now (as wrapped), the current line included."""
+        current = str(self._current.render()) if self.is_mounted else ""
+        return "\n".join([*self._shown, current])
 
     def append(self, text: str) -> None:
         self._tail += text
@@ -94,6 +101,7 @@ class StreamingText(Vertical):
         if finished:
             self.mount_all([Static(line) for line in finished], before=self._current)
             self._lines += len(finished)
+            self._shown += finished
             self._tail = current
             self._set_height()
         update_if_changed(self._current, current)

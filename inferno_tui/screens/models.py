@@ -68,6 +68,12 @@ def detail_text(info: dict[str, Any] | None, row: ModelRow | None) -> Text:
     for key, value in fields:
         t.append(f"\n{key:>9} ", "cyan")
         t.append(fmt.text(value))
+    own = {k: v.get("value") for k, v in (info.get("settings") or {}).items()
+           if isinstance(v, dict) and v.get("source") == "model"}
+    if own:
+        t.append(f"\n{'settings':>9} ", "cyan")
+        t.append(" ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                          for k, v in own.items()))
     memory = info.get("memory")
     if isinstance(memory, dict) and isinstance(memory.get("devices"), dict):
         t.append(f"\n{'gpu layers':>9} ", "cyan")
@@ -99,8 +105,9 @@ class ModelsScreen(InfernoScreen):
         Binding("i", "import_model", "Import"),
         Binding("d", "pull_model", "Pull"),
         Binding("D", "cancel_pull", "Stop pull", show=False),
+        Binding("s", "settings", "Set"),
         Binding("x", "remove", "Remove"),
-        Binding("r", "refresh", "Refresh"),
+        Binding("r", "refresh", "Refresh", show=False),  # the list follows the models events
     ]
 
     def __init__(self) -> None:
@@ -242,6 +249,56 @@ class ModelsScreen(InfernoScreen):
         if pulling:
             self.model_request("models.pull.cancel", {"pull": pulling[0].model},
                                f"stopping the pull of {pulling[0].model}")
+
+    def action_settings(self) -> None:
+        """The model's own settings: ``key=value`` sets (as typed, the daemon reads it as
+        the key's type), ``key=`` removes one (back to the config's value)."""
+        row = self.selected()
+        if row is None:
+            return
+
+        def done(text: str | None) -> None:
+            if text and text.strip():
+                self.model_settings(row.name, text)
+
+        self.app.push_screen(AskText(f"Settings of {row.name}: key=value ... ('key=' removes "
+                                     "one; 'inferno models keys' lists them):",
+                                     placeholder='n_ctx=8192 temperature=0.2 system_prompt="Be '
+                                                 'brief."'), done)
+
+    @work(group="model-actions", exit_on_error=False)
+    async def model_settings(self, name: str, text: str) -> None:
+        import shlex
+
+        try:
+            pairs = [item.partition("=") for item in shlex.split(text)]
+        except ValueError as e:
+            self.inferno.update_snapshot(notice=f"settings of {name} not understood: {e}")
+            return
+        values = {k: v for k, sep, v in pairs if sep and v}
+        unset = [k for k, sep, v in pairs if sep and not v]
+        if len(values) + len(unset) != len(pairs):
+            self.inferno.update_snapshot(notice=f"settings of {name}: write key=value")
+            return
+        try:
+            reply: dict[str, Any] = {}
+            if values:
+                reply = await self.inferno.connection.request(
+                    "models.set", {"model": name, "settings": values})
+            if unset:
+                reply = await self.inferno.connection.request(
+                    "models.unset", {"model": name, "keys": unset})
+        except Exception as e:
+            self.notify_error(e)
+            self.inferno.update_snapshot(notice=f"settings of {name} refused: "
+                                                f"{getattr(e, 'message', None) or e}")
+            return
+        later = reply.get("next_load") or []
+        self.inferno.update_snapshot(notice=f"{name}: {', '.join([*values, *unset])} changed"
+                                     + (f"; {', '.join(later)} on its next load" if later
+                                        else ""))
+        self._details.pop(name, None)
+        self._show_detail()
 
     def action_remove(self) -> None:
         row = self.selected()

@@ -70,7 +70,9 @@ class ModelHandlers:
         in the state directory; what acts in the daemon applies at once, the rest on the
         next load."""
         info = await self.catalog.lookup(req.body["model"], req)
-        values = {k: model_settings.check(k, v) for k, v in req.body["settings"].items()}
+        values = {k: model_settings.check(k, model_settings.parse_text(k, v)
+                                          if isinstance(v, str) else v)
+                  for k, v in req.body["settings"].items()}
         return await self._change(info.name, values, ())
 
     async def unset(self, req: Call) -> dict[str, Any]:

@@ -94,6 +94,13 @@ def test_load_settings_apply_on_load_show_says_where_from_and_persist(daemon_fac
         assert s["n_ctx"] == {"value": 768, "source": "model", "loaded": 512}
         c.load(M, keep_alive=30)  # a request's keep_alive: source "request"
         assert c.show(M)["settings"]["keep_alive_s"] == {"value": 30.0, "source": "request"}
+        _set(c, pin=True)  # acts at once on the loaded model, and a request cannot unpin it
+        c.load(M, keep_alive=5)
+        (lm,) = c.status()["models_loaded"]
+        assert lm["pinned"] is True and lm["keep_alive_left_s"] is None
+        c.request("models.unset", {"model": M, "keys": ["pin"]})
+        (lm,) = c.status()["models_loaded"]
+        assert lm["pinned"] is False and lm["keep_alive_s"] == 120.0  # the model's own again
         # an invalid value: a code and a hint, nothing stored, the daemon serves on
         for bad in ({"slots": 0}, {"n_ctx": "big"}, {"flash_attn": "maybe"}, {"bogus": 1}):
             with pytest.raises(InfernoError) as e:
@@ -205,7 +212,8 @@ def test_the_cli_sets_shows_and_unsets(daemon, capsys) -> None:
     assert "applies when the model is next loaded" in capsys.readouterr().out
     assert cli.main([*ep, "show", M]) == 0
     out = capsys.readouterr().out
-    assert "settings:" in out
+    assert "settings:" in out and "memory:" in out
+    assert any(ln.strip().startswith("host") and "needs" in ln for ln in out.splitlines())
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("n_ctx"))
     assert "512" in line and "model" in line
     assert cli.main([*ep, "models", "set", M, "n_ctx=1"]) == 1

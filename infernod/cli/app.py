@@ -126,11 +126,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
     else:
-        from infernod.cli.settings import print_settings
+        from infernod.cli.settings import print_memory, print_settings
 
         for k, v in info.items():
-            if k not in ("metadata", "chat_template", "settings"):
+            if k not in ("metadata", "chat_template", "settings", "memory"):
                 print(f"{k:22} {v}")
+        if info.get("memory"):
+            print_memory(info["memory"])
         if info.get("settings"):
             print_settings(info["settings"])
     return EXIT_OK

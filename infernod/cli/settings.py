@@ -71,6 +71,20 @@ def print_settings(settings: dict[str, dict[str, Any]]) -> None:
         print(f"  {key:18} {shown:24} {s['source']}{extra}")
 
 
+def print_memory(memory: dict[str, Any]) -> None:
+    """`inferno show`'s memory block: what a load takes on each device beside its budget."""
+    from infernod.cli.common import _bytes
+
+    print(f"memory:                n_gpu_layers {memory.get('n_gpu_layers')}"
+          + ("" if memory.get("gpu_offload_supported") is not False
+             else " (this llama.cpp cannot offload to a GPU)"))
+    for device, d in (memory.get("devices") or {}).items():
+        print(f"  {device:18} needs {_bytes(d.get('estimate_bytes')):>9} of "
+              f"{_bytes(d.get('budget_bytes'))}, {_bytes(d.get('used_bytes'))} used by "
+              "other models" + (f", {_bytes(d['others_bytes'])} by other processes"
+                                if "others_bytes" in d else ""))
+
+
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     """The `models` command's actions and their operands."""
     sp.add_argument("action", nargs="?", choices=("list", "convert-onnx", "set", "unset", "keys"),

@@ -20,6 +20,7 @@ from gateway_harness import GatewayProcess
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 MODEL = "gemma3-270m"
+BATCH = "gemma3-270m-batch"  # a LiteLLM model group: the same model at low priority
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydantic")
 REQUESTS = 16
 
@@ -47,21 +48,27 @@ def test_litellm_router_spreads_requests_over_two_nodes(models_dir: Path,
             g = GatewayProcess(d.endpoint, tmp_path / f"gateway{i}.log")
             gateways.append(g)
             g.start()
+
+        def node(g: GatewayProcess, **extra: object) -> dict[str, object]:
+            return {"model": f"openai/{MODEL}", "api_base": g.url + "/v1",
+                    "api_key": "unused", "timeout": 120, **extra}
+
+        # one model group per use: interactive work, and the same nodes as a batch group
+        # whose every request runs at Inferno's low priority (set once, in the router)
         router = litellm.Router(
-            model_list=[{"model_name": MODEL,
-                         "litellm_params": {"model": f"openai/{MODEL}",
-                                            "api_base": g.url + "/v1", "api_key": "unused",
-                                            "timeout": 120}}
-                        for g in gateways],
+            model_list=[{"model_name": MODEL, "litellm_params": node(g)} for g in gateways]
+            + [{"model_name": BATCH, "litellm_params": node(
+                g, extra_headers={"X-Inferno-Priority": "low"})} for g in gateways],
             routing_strategy="least-busy", num_retries=0, timeout=120)
 
         async def one(i: int) -> str:
-            # half as a batch job (vLLM's integer, in the body), half with the header
+            # interactive: the priority per request, as a header or vLLM's integer field
             extra: dict[str, object] = (
-                {"extra_body": {"priority": 1}} if i % 2
-                else {"extra_headers": {"X-Inferno-Priority": "high"}})
+                {"extra_headers": {"X-Inferno-Priority": "high"}} if i % 4 == 0
+                else {"extra_body": {"priority": -1}} if i % 4 == 2 else {})
             got = await router.acompletion(
-                model=MODEL, messages=[{"role": "user", "content": f"Say {i}."}],
+                model=BATCH if i % 2 else MODEL,
+                messages=[{"role": "user", "content": f"Say {i}."}],
                 max_tokens=4, temperature=0, **extra)
             assert got.choices[0].message.content is not None
             return str(got.choices[0].finish_reason)

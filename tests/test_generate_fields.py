@@ -48,7 +48,18 @@ def test_logprobs_through_the_daemon(daemon) -> None:
 
 
 @pytest.mark.model
-def test_json_schema_and_grammar_through_the_daemon(daemon) -> None:
+def test_json_schema_and_grammar_through_the_daemon(daemon, tmp_path, capsys) -> None:
+    from infernod.cli import app as cli
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    rc = cli.main(["--endpoint", daemon.endpoint, "run", MODEL, "A person as JSON:",
+                   "--json-schema", str(schema), "--temperature", "0", "--max-tokens", "60",
+                   "--logprobs", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and valid_person(json.loads(out["text"])), out["text"]
+    assert len(out["logprobs"]) == out["stats"]["completion_tokens"]
+    assert all(len(e["top"]) == 2 for e in out["logprobs"])
     with daemon.client() as c:
         s = c.generate(MODEL, "A person as JSON:", max_tokens=60, temperature=1.0, seed=7,
                        json_schema=PERSON)

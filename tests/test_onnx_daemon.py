@@ -89,9 +89,9 @@ def test_minilm_served_by_the_daemon_matches_reference(onnx_daemon, onnx_models:
         assert abs(np.linalg.norm(raw[0]) - 1.0) > 0.01 and info["normalized"] is False
         assert info["truncated"] == [False, True] and info["tokens"][1] == 256
 
-        with pytest.raises(InfernoError) as e:
-            c.embed("gemma3-270m", ["hello"])
-        assert e.value.code == "not_supported" and "convert-onnx" in (e.value.hint or "")
+        with pytest.raises(InfernoError) as e:  # GGUF models embed (test_gguf_embed.py)
+            c.infer("gemma3-270m", {"x": np.zeros(1, dtype=np.float32)})
+        assert e.value.code == "not_supported" and "generate" in (e.value.hint or "")
         with pytest.raises(InfernoError) as e:
             c.embed("generic", ["hello"])
         assert e.value.code == "not_supported" and "infer" in (e.value.hint or "")

@@ -27,10 +27,13 @@ from typing import Any
 from infernod.backends import llama_native as native
 from infernod.backends.base import EngineSink, GenerationRequest, GuardedSink
 from infernod.backends.cells import KvPlacement
+from infernod.backends.gguf_embed import MAX_LENGTH as EMBED_MAX_TOKENS
+from infernod.backends.gguf_embed import EmbedRuns
 from infernod.backends.hostcache import HostCache
 from infernod.backends.logprobs import token_logprobs
+from infernod.backends.onnx_engine import RunDone
 from infernod.backends.parking import ParkingLot, park_count
-from infernod.backends.runstate import Run, Slot
+from infernod.backends.runstate import Run, Slot, unstarted_stats
 from infernod.backends.textstream import TextStream
 from infernod.protocol.errors import CODES, InfernoError
 
@@ -86,6 +89,7 @@ class GgufEngine:
         self._slots = [Slot(i) for i in range(n_slots)]
         self._parks = ParkingLot(n_slots, self.park_slots)
         self._host = HostCache(host_cache_bytes)
+        self._embeds = EmbedRuns(min(n_ctx, EMBED_MAX_TOKENS))  # made on first use
         self._cells = KvPlacement(self._slots, self._parks, self._host)
         self._waiting: deque[tuple[GenerationRequest, int]] = deque()
         self._cond = threading.Condition()
@@ -154,10 +158,8 @@ class GgufEngine:
     def slot_state(self) -> list[dict[str, Any]]:
         """Per-slot diagnostics: request, cached tokens and the KV positions llama.cpp holds.
         A snapshot without locking: exact only while the engine is idle."""
-        return [
-            native.seq_state(self._mem, s.seq_id, s.kv, s.run.req.request_id if s.run else None)
-            for s in self._slots
-        ]
+        return [native.seq_state(self._mem, s.seq_id, s.kv, s.run.req.request_id if s.run
+                                 else None) for s in self._slots]
 
     def park_state(self) -> list[dict[str, Any]]:
         """Per-park diagnostics, like :meth:`slot_state` (same caveat)."""
@@ -171,7 +173,11 @@ class GgufEngine:
     def wire_info(self) -> dict[str, Any]:
         """What ``models.list``/``models.show`` add for a loaded model (read from the loop
         thread: counters only, a step may be half-way through changing them)."""
-        return {"host_cache": self.host_cache_stats()}
+        return {"host_cache": self.host_cache_stats(), **self._embeds.wire_info()}
+
+    def embed(self, args: dict[str, Any], on_done: RunDone) -> None:
+        """Embed texts (embed_batch's args, result) between two steps (gguf_embed.py)."""
+        self._command("embed", (args, on_done))
 
     def park_evictions(self) -> dict[str, int]:
         """Parks dropped before their request resumed, by cause: lru, admission, decode."""
@@ -250,6 +256,7 @@ class GgufEngine:
 
     def _free_native(self) -> None:
         llama = native.bindings()
+        self._embeds.close()
         for slot in self._slots:
             if slot.run is not None:
                 llama.llama_sampler_free(slot.run.sampler)
@@ -299,6 +306,8 @@ class GgufEngine:
         for kind, arg in commands:
             if kind == "submit":
                 self._waiting.append(arg)
+            elif kind == "embed":
+                self._embeds.run(self._model, self._vocab, self.n_threads_batch, *arg)
             elif kind in ("cancel", "preempt"):
                 self._stop_request(arg, "cancelled" if kind == "cancel" else "preempted")
         while self._waiting and self._free_slot_exists():
@@ -320,15 +329,8 @@ class GgufEngine:
 
     def _finish_without_slot(self, req: GenerationRequest, reason: str) -> None:
         """Finish a request that never ran (stopped while queued, or nothing left to do)."""
-        stats = {
-            "finish_reason": reason,
-            "prompt_tokens": 0,
-            "prompt_cached_tokens": 0,
-            "completion_tokens": 0,
-            "generated_tokens": list(req.resume_tokens),
-        }
         self._release_reservation()
-        self.sink.on_finished(req.request_id, reason, stats)
+        self.sink.on_finished(req.request_id, reason, unstarted_stats(req, reason))
 
     # ---- admission and prefix reuse ------------------------------------------------------------
 

@@ -80,6 +80,13 @@ class Run:
         return stats
 
 
+def unstarted_stats(req: GenerationRequest, reason: str) -> dict[str, Any]:
+    """The on_finished stats of a request that never ran (stopped while queued, or nothing
+    left to generate after a preemption)."""
+    return {"finish_reason": reason, "prompt_tokens": 0, "prompt_cached_tokens": 0,
+            "completion_tokens": 0, "generated_tokens": list(req.resume_tokens)}
+
+
 @dataclass
 class Slot:
     """A llama.cpp sequence id; ``kv`` mirrors exactly the tokens whose cells it holds, and

@@ -212,8 +212,18 @@ def _gen_params(args: argparse.Namespace) -> dict[str, Any]:
 @command("run")
 def cmd_run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = _gen_params(args)
+    if args.json_schema:
+        try:
+            with open(args.json_schema) as f:
+                params["json_schema"] = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"inferno: --json-schema {args.json_schema}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.logprobs is not None:
+        params.update(logprobs=True, top_logprobs=args.logprobs)
     with _client(args) as c:
-        stream = c.generate(args.model, prompt, **_gen_params(args))
+        stream = c.generate(args.model, prompt, **params)
         try:
             for text in stream:
                 if not args.json:
@@ -223,8 +233,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             stream.cancel()
             raise
     if args.json:
-        _print_json({"request_id": stream.request_id, "text": stream.text,
-                     "stats": stream.stats})
+        out: dict[str, Any] = {"request_id": stream.request_id, "text": stream.text,
+                               "stats": stream.stats}
+        if args.logprobs is not None:
+            out["logprobs"] = stream.logprobs
+        _print_json(out)
     else:
         sys.stdout.write("\n")
         if args.verbose and stream.stats:
@@ -421,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("prompt")
             sp.add_argument("-v", "--verbose", action="store_true", help="print stats")
+            sp.add_argument("--json-schema", metavar="FILE", help="a JSON Schema file the "
+                            "output must match (enforced by a grammar)")
+            sp.add_argument("--logprobs", type=int, metavar="N", help="with --json: each "
+                            "token's log-probability and its N most likely alternatives")
         else:
             sp.add_argument("--system", help="system prompt")
         sp.add_argument("--max-tokens", type=int, default=256)

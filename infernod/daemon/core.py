@@ -80,7 +80,8 @@ class InfernoDaemon(Daemon):
                                  "on_run_start": self.telemetry.on_run_start}
         self.gen = GenerationService(self.cfg, self.models, self.scheduler, self.publisher,
                                      self.requests, **hooks)
-        self.onnx = OnnxService(self.cfg, self.models, self.scheduler, self.requests, **hooks)
+        self.onnx = OnnxService(self.cfg, self.models, self.scheduler, self.requests, **hooks,
+                                text=self.gen)
         self.queue = QueueService(self.gen, self.scheduler, self.models, self.publisher,
                                   self.requests)
         self.jobs = JobService(self.state_dir / JOBS_DB, self.gen, self.publisher,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from infernod.backends.base import GenerationRequest, SamplingParams
@@ -51,6 +52,10 @@ class GenerationService:
         self.on_run_start = on_run_start
         self.accepting = True
         self.throughput = RateWindow()  # tokens generated, all requests: status' tok/s now
+        # Embeds queued for a GGUF model share its queue and slots with generation; this
+        # dispatch picks them in the scheduler's order and hands them to OnnxService, which
+        # owns embed requests (it sets this when it is built).
+        self.embed_runner: Callable[[str, list[Request]], None] | None = None
         models.on_unloaded.append(self._model_unloaded)
         models.on_failed.append(self._model_failed)
 
@@ -62,7 +67,7 @@ class GenerationService:
         if gen.request_id in self.requests:
             raise InfernoError("conflict", f"request id {gen.request_id} is already in use",
                                "use a fresh message id per request")
-        request_grammar(gen.body)  # bad_schema now, before anything is queued (cached)
+        request_grammar(self._params(gen))  # bad_schema now, before anything is queued
         # the stream first: it refuses a session that belongs to another principal
         self.publisher.open_stream(gen.request_id, gen.principal, gen.connection)
         try:
@@ -104,15 +109,23 @@ class GenerationService:
         free = self.scheduler.free_slots(model)
         if free <= 0:
             return
+        embeds: list[Request] = []
         for item in self.scheduler.pop_ready(model, free, now):
             gen = item.payload
             if not isinstance(gen, Request) or self.requests.get(item.request_id) is not gen \
                     or gen.state is not State.QUEUED:
                 self.scheduler.finish(item.request_id)  # stale: it holds no slot
                 continue
+            if not gen.kind.generates:  # an embed on this GGUF model: one run for them all
+                embeds.append(gen)
+                continue
             gen.move(State.RUNNING, now)
             lm.last_used = now
             engine.submit(self._engine_request(gen))
+        if embeds:
+            lm.last_used = now
+            assert self.embed_runner is not None, "OnnxService registers itself"
+            self.embed_runner(model, embeds)
         self.publish_queue()
 
     def _params(self, gen: Request) -> dict[str, Any]:

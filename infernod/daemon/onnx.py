@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from infernod.backends.onnx_engine import OnnxRunEngine
+from infernod.backends.onnx_engine import OnnxRunEngine, RunDone
 from infernod.daemon.requests import (
     Kind,
     ProfileHook,
@@ -43,6 +43,7 @@ from infernod.protocol.errors import InfernoError
 if TYPE_CHECKING:
     from infernod.backends.gguf_meta import ModelInfo
     from infernod.config import Config
+    from infernod.daemon.generation import GenerationService
     from infernod.daemon.models import LoadedModel, ModelManager, UnloadCause
     from infernod.daemon.scheduler import Scheduler
     from infernod.daemon.server import Call
@@ -51,6 +52,14 @@ log = logging.getLogger("infernod.onnx")
 
 EMBED_HINT = ("embed needs an ONNX embedding model (a directory with model.onnx and "
               "tokenizer.json); 'inferno models convert-onnx' exports all-MiniLM-L6-v2")
+
+
+@runtime_checkable
+class RunEngine(Protocol):
+    """What a run needs of an engine: an ONNX model's (:class:`OnnxRunEngine`), or a GGUF
+    model's runner proxy, whose runs are embeds in the model's embedding context."""
+
+    def run(self, op: str, args: dict[str, Any], on_done: RunDone) -> int: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,8 +71,14 @@ class OnnxService:
 
     def __init__(self, cfg: Config, models: ModelManager, scheduler: Scheduler,
                  requests: RequestTable, *, on_profile: ProfileHook | None = None,
-                 on_run_start: RunStartHook | None = None) -> None:
+                 on_run_start: RunStartHook | None = None,
+                 text: GenerationService | None = None) -> None:
         self.cfg = cfg
+        # GGUF models embed too (in their runner's embedding context): their embeds queue
+        # with their generations and ``text`` dispatches both, handing embeds back here
+        self.text = text
+        if text is not None:
+            text.embed_runner = self._run_on_text_model
         self.models = models
         self.scheduler = scheduler
         self.requests = requests  # every kind's records; this service adds its own
@@ -80,11 +95,13 @@ class OnnxService:
         """The body of the ``embed`` / ``infer`` handlers, for a model the registry knows."""
         b = req.body
         onnx = info.onnx
-        if info.kind != "onnx" or onnx is None:
+        if op == "embed" and info.kind == "gguf" and self.text is not None:
+            pass  # llama.cpp's embeddings: see _run_on_text_model
+        elif info.kind != "onnx" or onnx is None:
             hint = EMBED_HINT if op == "embed" else "use 'generate' for GGUF language models"
             raise InfernoError("not_supported", f"{info.name} is a {info.kind} model; {op} "
                                "runs ONNX models", hint)
-        if op == "embed" and onnx.get("kind") != "embedding":
+        elif op == "embed" and onnx.get("kind") != "embedding":
             raise InfernoError("not_supported", f"{info.name} is a generic ONNX model (inputs "
                                f"{', '.join(i['name'] for i in onnx['inputs'])}), not a text "
                                "encoder with a tokenizer", "use 'infer' with named arrays")
@@ -140,16 +157,39 @@ class OnnxService:
 
     async def _admit(self, job: Request) -> None:
         try:
-            job.load_wait_s = await self.models.load_for_request(
-                job.model, job.body.get("keep_alive"), lambda: job.state is State.QUEUED)
+            job.load_wait_s = await self.models.load_for_request(job.model,
+                                                                 job.body.get("keep_alive"))
         except InfernoError as e:
             self.scheduler.cancel(job.request_id)
             self._fail(job, e.code, e.message, e.hint)
             return
-        self.scheduler.set_slots(job.model, 1)
-        self.dispatch(job.model)
+        self._dispatch_any(job.model)
 
-    # -- dispatch: one run per model at a time ----------------------------------------------
+    def _dispatch_any(self, model: str) -> None:
+        """Start what waits for ``model``: an ONNX model's next run here, a GGUF model's
+        requests (generations and embeds) through GenerationService."""
+        lm = self.models.loaded.get(model)
+        text = lm.text_engine if lm is not None else None
+        if text is not None and self.text is not None:
+            self.scheduler.set_slots(model, text.n_slots)
+            self.text.dispatch(model)
+            return
+        self.scheduler.set_slots(model, 1)
+        self.dispatch(model)
+
+    def _run_on_text_model(self, model: str, batch: list[Request]) -> None:
+        """GenerationService picked ``batch`` (embeds, each holding a slot of GGUF model
+        ``model``): one run in the model's runner embeds them all."""
+        lm = self.models.loaded.get(model)
+        engine = lm.engine if lm is not None else None
+        if not isinstance(engine, RunEngine):
+            for job in batch:
+                self.scheduler.finish(job.request_id)
+                self._fail(job, "not_supported", f"{model} cannot embed", EMBED_HINT)
+            return
+        self._start(model, engine, batch)
+
+        # -- dispatch: one run per model at a time ----------------------------------------------
     def dispatch(self, model: str) -> None:
         """Start the next run of ``model`` if its worker is idle and something waits."""
         lm = self.models.loaded.get(model)
@@ -161,13 +201,19 @@ class OnnxService:
         batch = self._pick(model)
         if not batch:
             return
+        engine.busy = True
+        self._start(model, engine, batch)
+
+    def _start(self, model: str, engine: RunEngine, batch: list[Request]) -> None:
+        """Send ``batch`` to ``engine`` as one run; ``_finished`` answers them."""
         now = time.monotonic()
         for job in batch:
             job.move(State.RUNNING, now)
             if self.on_run_start is not None:
                 self.on_run_start(job)
-        lm.last_used = now
-        engine.busy = True
+        lm = self.models.loaded.get(model)
+        if lm is not None:
+            lm.last_used = now
         self.batches += 1
         self._queue_changed()
         loop = asyncio.get_running_loop()
@@ -181,7 +227,8 @@ class OnnxService:
         else:
             args = {"inputs": batch[0].body["inputs"]}
         run_id = engine.run(batch[0].op, args, done)
-        self.runs[model] = (run_id, batch)
+        if isinstance(engine, OnnxRunEngine):  # one run at a time: terminable by _abandon
+            self.runs[model] = (run_id, batch)
 
     def _pick(self, model: str) -> list[Request]:
         """The next run: one infer, or embeds in pick order up to ``onnx.max_batch`` texts.
@@ -215,7 +262,7 @@ class OnnxService:
             batch.append(job)
             texts += job.n_texts
 
-    def _finished(self, model: str, engine: OnnxRunEngine, batch: list[Request],
+    def _finished(self, model: str, engine: RunEngine, batch: list[Request],
                   started: float, result: Any, error: BaseException | None) -> None:
         """On the loop: a run ended; answer its jobs and start the next run."""
         now = time.monotonic()
@@ -226,7 +273,8 @@ class OnnxService:
             self.scheduler.finish(job.request_id)
         if lm is not None:
             lm.last_used = now
-        engine.busy = False
+        if isinstance(engine, OnnxRunEngine):
+            engine.busy = False
         if error is None:
             self.scheduler.record_service(model, now - started)
         for i, job in enumerate(batch):
@@ -240,13 +288,14 @@ class OnnxService:
                     self._fail(job, "internal", f"{job.op} on {model} failed: {error}", None)
                 continue
             self._done(job, self._reply(job, i, batch, result, lm))
-        self.dispatch(model)
+        self._dispatch_any(model)
 
     def _reply(self, job: Request, i: int, batch: list[Request], result: dict[str, Any],
                lm: LoadedModel | None) -> dict[str, Any]:
         stats: dict[str, Any] = {"run_ms": round(result["run_ms"], 3)}
         engine = lm.engine if lm is not None else None
-        provider = engine.provider if isinstance(engine, OnnxRunEngine) else None
+        provider = engine.provider if isinstance(engine, OnnxRunEngine) else \
+            "llama.cpp" if engine is not None else None
         if job.kind is Kind.EMBED:
             r = result["results"][i]
             stats.update(tokenize_ms=round(result["tokenize_ms"], 3),
@@ -372,7 +421,7 @@ class OnnxService:
                     self.scheduler.cancel(job.request_id)
                     self._fail(job, e.code, e.message, e.hint)
             return
-        self.dispatch(model)
+        self._dispatch_any(model)
 
     def abort_queued(self, message: str) -> None:
         """Daemon stopping: refuse new work, fail what has not started."""

@@ -92,6 +92,14 @@ class HostCache(TypedDict):
     failed: int
 
 
+class GgufEmbedding(TypedDict):
+    """A GGUF model's embedding context, once its first ``embed`` created it."""
+
+    pooling: str
+    max_length: int
+    memory_bytes: int
+
+
 class LoadedModel(TypedDict):
     """A loaded (or loading, unloading) model: ``status.models_loaded``, the ``models``
     topic's ``loaded``; models.list rows of a loaded model carry the same fields."""
@@ -113,6 +121,7 @@ class LoadedModel(TypedDict):
     runner_cpu_s: NotRequired[float | None]
     runner_gpu_bytes: NotRequired[int]
     host_cache: NotRequired[HostCache]
+    embedding: NotRequired[GgufEmbedding]
     backend: NotRequired[str]  # ONNX: "onnx"
     onnx_kind: NotRequired[str]
     provider: NotRequired[str]
@@ -170,6 +179,7 @@ class ModelState(TypedDict):
     runner_cpu_s: NotRequired[float | None]
     runner_gpu_bytes: NotRequired[int]
     host_cache: NotRequired[HostCache]
+    embedding: NotRequired[GgufEmbedding]
     backend: NotRequired[str]
     onnx_kind: NotRequired[str]
     provider: NotRequired[str]

@@ -153,7 +153,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         **_SAMPLING,
     },
     "embed": {
-        "model": F(STR, True, max_len=64, doc="an ONNX embedding model"),
+        "model": F(STR, True, max_len=64, doc="an ONNX embedding model or a GGUF model"),
         "texts": F(LIST, True, max_len=4096, items=str, doc="texts to embed"),
         "normalize": F(BOOL, doc="L2-normalise each vector (default true)"),
         "priority": F(STR, choices=PRIORITIES, doc="default 'normal'"),

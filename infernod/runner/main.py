@@ -221,7 +221,8 @@ class Runner:
         return {"memory": {}, "n_slots": engine.n_slots, "info": engine.wire_info()}
 
     def run_onnx(self, run_id: int, op: str, args: dict[str, Any]) -> None:
-        """Queue a run on the OnnxEngine's worker; its end goes out as an events batch."""
+        """Queue a run on the OnnxEngine's worker (a GGUF engine's embed: on its decode
+        thread); its end goes out as an events batch."""
         from infernod.backends.onnx_engine import OPS
 
         model, sink = self.model, self.sink
@@ -232,6 +233,9 @@ class Runner:
                 error = InfernoError("internal", f"{op} on {model} failed: {error}")
             sink.on_run_done(run_id, result, error)
 
+        if not self.onnx and op == "embed":  # a GGUF model: its embedding context
+            self.engine.embed(args, done)
+            return
         if not self.onnx or op not in OPS:
             done(None, InfernoError("bad_request", f"this runner cannot run {op!r}"))
             return

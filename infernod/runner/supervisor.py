@@ -78,6 +78,8 @@ class RunnerEngine:
         self.dead = False
         self.closing = False
         self._inflight: set[str] = set()  # submitted, not finished: the free_slots count
+        self._runs: dict[int, RunDone] = {}  # runs (embed batches) sent, not answered
+        self._run_ids = itertools.count(1)
         self._memory: dict[str, int] = {}
         self._info: dict[str, Any] = {}
         self._ps: psutil.Process | None = None
@@ -163,13 +165,52 @@ class RunnerEngine:
             log.warning("%s's runner sent an unknown message %r", self.model, op)
 
     def _lost(self, sig: str, how: str) -> None:
-        """The process is gone (reaped): end what it still owed (nothing here)."""
+        """The process is gone (reaped): runs it owed end with runner_crashed (an
+        unload's: aborted); its requests are GenerationService's to end."""
+        runs, self._runs = self._runs, {}
+        if self.closing:
+            error = InfernoError("aborted", f"model {self.model} was unloaded")
+        else:
+            error = InfernoError("runner_crashed", f"{self.model}'s runner died with {how}",
+                                 CRASH_HINT, signal=sig or None)
+        for on_done in runs.values():
+            try:
+                on_done(None, error)
+            except Exception:
+                log.exception("ending a run of %s's dead runner failed", self.model)
+
+    def run(self, op: str, args: dict[str, Any], on_done: RunDone) -> int:
+        """Send a run (an ONNX model's embed/infer, a GGUF model's embed); ``on_done(result,
+        error)`` is called on the loop when its result comes back. Returns its id."""
+        run_id = next(self._run_ids)
+        if self.dead:  # died between dispatch's check and here: answer as the reap would
+            on_done(None, InfernoError("runner_crashed", f"{self.model}'s runner is gone",
+                                       CRASH_HINT))
+            return run_id
+        self._runs[run_id] = on_done
+        self._send("run", run_id, op, args)
+        return run_id
+
+    def _run_done(self, ev: list[Any]) -> None:
+        on_done = self._runs.pop(ev[1], None)
+        if on_done is None:
+            return
+        try:
+            if ev[0] == wire.RESULT:
+                on_done(ev[2], None)
+            else:
+                on_done(None, InfernoError.from_wire(ev[2]))
+        except Exception:
+            log.exception("handling %s's runner result for run %s failed", self.model, ev[1])
 
     def _deliver(self, events: list[list[Any]]) -> None:
         sink = self.sink
         assert sink is not None, "a generation runner has a sink"
         for ev in events:
             kind, rid = ev[0], ev[1]
+            if kind in (wire.RESULT, wire.FAILED):
+                self._run_done(ev)
+                continue
             try:
                 if kind == wire.TOKENS:
                     if len(ev) > 4:
@@ -283,23 +324,11 @@ class OnnxRunnerEngine(RunnerEngine):
                  kwargs: dict[str, Any], sink: EngineSink | None, on_exit: ExitCallback) -> None:
         super().__init__(sup, model, runner_id, kwargs, sink, on_exit)
         self.busy = False  # a run is in flight (OnnxService sets and clears it)
-        self._runs: dict[int, RunDone] = {}  # sent, not answered
-        self._run_ids = itertools.count(1)
 
     @property
     def provider(self) -> str | None:
         p = self._info.get("provider")
         return None if p is None else str(p)
-
-    def run(self, op: str, args: dict[str, Any], on_done: RunDone) -> int:
-        run_id = next(self._run_ids)
-        if self.dead:  # died between dispatch's check and here: answer as the reap would
-            on_done(None, InfernoError("runner_crashed", f"{self.model}'s runner is gone",
-                                       CRASH_HINT))
-            return run_id
-        self._runs[run_id] = on_done
-        self._send("run", run_id, op, args)
-        return run_id
 
     def terminate(self, run_id: int) -> None:
         if run_id in self._runs:
@@ -313,32 +342,8 @@ class OnnxRunnerEngine(RunnerEngine):
 
     def _deliver(self, events: list[list[Any]]) -> None:
         for ev in events:
-            kind, run_id = ev[0], ev[1]
-            on_done = self._runs.pop(run_id, None)
-            if on_done is None:
-                continue
-            try:
-                if kind == wire.RESULT:
-                    on_done(ev[2], None)
-                elif kind == wire.FAILED:
-                    on_done(None, InfernoError.from_wire(ev[2]))
-            except Exception:
-                log.exception("handling %s's runner result for run %s failed", self.model,
-                              run_id)
-
-    def _lost(self, sig: str, how: str) -> None:
-        """Runs the dead runner owed end with runner_crashed (an unload's: aborted)."""
-        runs, self._runs = self._runs, {}
-        if self.closing:
-            error = InfernoError("aborted", f"model {self.model} was unloaded")
-        else:
-            error = InfernoError("runner_crashed", f"{self.model}'s runner died with {how}",
-                                 CRASH_HINT, signal=sig or None)
-        for on_done in runs.values():
-            try:
-                on_done(None, error)
-            except Exception:
-                log.exception("ending a run of %s's dead runner failed", self.model)
+            if ev[0] in (wire.RESULT, wire.FAILED):
+                self._run_done(ev)
 
 
 class RunnerSupervisor:

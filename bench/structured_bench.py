@@ -1,0 +1,95 @@
+"""What logprobs and grammars cost GgufEngine's decode, single stream, in one run.
+
+Interleaves reps of 64-token completions: plain greedy (the path every request without
+logprobs takes), greedy with ``logprobs`` (0 and 20 alternatives: a log-softmax over the
+whole vocabulary per token) and sampling under a grammar (a JSON object schema). Prints the
+median decode tok/s of each and its ratio to plain. Absolute numbers depend on the machine's
+load; the ratios come from the same run.
+
+    .venv/bin/python bench/structured_bench.py [--model PATH] [--reps 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infernod.backends.base import GenerationRequest, SamplingParams  # noqa: E402
+from infernod.backends.gguf import GgufEngine  # noqa: E402
+from infernod.backends.grammar import schema_to_gbnf  # noqa: E402
+
+DEFAULT_MODEL = Path.home() / ".cache" / "inferno-test" / "gemma-3-270m-q4_k_m.gguf"
+SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.done: dict[str, dict[str, Any]] = {}
+        self.cv = threading.Condition()
+
+    def on_started(self, request_id: str, info: dict[str, Any]) -> None: ...
+
+    def on_tokens(self, request_id: str, text: str, n_tokens: int,
+                  logprobs: list[dict[str, Any]] | None = None) -> None: ...
+
+    def on_finished(self, request_id: str, reason: str, stats: dict[str, Any]) -> None:
+        with self.cv:
+            self.done[request_id] = stats
+            self.cv.notify_all()
+
+    def on_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
+        with self.cv:
+            self.done[request_id] = {"error": code}
+            self.cv.notify_all()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    sink = Sink()
+    eng = GgufEngine(args.model, n_ctx=512, n_slots=1, n_threads=args.threads,
+                     n_threads_batch=args.threads, sink=sink)  # type: ignore[arg-type]
+    eng.start()
+    grammar = schema_to_gbnf(SCHEMA)
+    greedy = SamplingParams(temperature=0.0)
+    cases: dict[str, dict[str, Any]] = {
+        "plain": {"sampling": greedy, "ignore_eos": True},
+        "logprobs=0": {"sampling": greedy, "ignore_eos": True, "logprobs": 0},
+        "logprobs=20": {"sampling": greedy, "ignore_eos": True, "logprobs": 20},
+        "json_schema": {"sampling": SamplingParams(temperature=0.8, seed=1),
+                        "grammar": grammar},
+    }
+    rates: dict[str, list[float]] = {k: [] for k in cases}
+    n = 0
+    try:
+        for rep in range(args.reps):
+            for name, kw in cases.items():
+                n += 1
+                rid = f"{name}-{rep}"
+                eng.submit(GenerationRequest(rid, prompt=f"{n} Once upon a time", max_tokens=64,
+                                             **kw))
+                with sink.cv:
+                    sink.cv.wait_for(lambda rid=rid: rid in sink.done, 300)  # type: ignore[misc]
+                tps = sink.done[rid].get("tokens_per_s")
+                if tps:
+                    rates[name].append(tps)
+    finally:
+        eng.close()
+    base = statistics.median(rates["plain"])
+    print("| case | decode tok/s (median) | vs plain |\n| --- | --- | --- |")
+    for name, r in rates.items():
+        med = statistics.median(r) if r else float("nan")
+        print(f"| {name} | {med:.1f} | {med / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

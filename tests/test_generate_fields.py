@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import pytest
@@ -78,6 +79,20 @@ def test_json_schema_and_grammar_through_the_daemon(daemon, tmp_path, capsys) ->
         with pytest.raises(InfernoError) as e:
             "".join(c.generate(MODEL, "x", grammar="root ::= undefined-rule"))
         assert e.value.code == "bad_schema"
+
+        # a job's items match its schema too; a bad one is refused at submit
+        with pytest.raises(InfernoError) as e:
+            c.jobs_submit(MODEL, ["x"], json_schema={"type": "nope"})
+        assert e.value.code == "bad_schema"
+        job = c.jobs_submit(MODEL, ["A person as JSON:"], max_tokens=60,
+                            temperature=0.8, seed=5, json_schema=PERSON)
+        deadline = time.monotonic() + 180
+        while (got := c.jobs_get(job["job_id"]))["state"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, got["state"]
+            time.sleep(0.2)
+        assert got["state"] == "done"
+        for item in got["items"]:
+            assert valid_person(json.loads(item["text"])), item["text"]
 
 
 @pytest.mark.model

@@ -3,8 +3,9 @@
 Interleaves reps of 64-token completions: plain greedy (the path every request without
 logprobs takes), greedy with ``logprobs`` (0 and 20 alternatives: a log-softmax over the
 whole vocabulary per token) and sampling under a grammar (a JSON object schema). Prints the
-median decode tok/s of each and its ratio to plain. Absolute numbers depend on the machine's
-load; the ratios come from the same run.
+median decode tok/s of each and its ratio to plain, and the process's CPU time per generated
+token (prompt included), which a busy machine disturbs less than wall-clock rates. Absolute
+numbers depend on the machine's load; the ratios come from the same run.
 
     .venv/bin/python bench/structured_bench.py [--model PATH] [--reps 5] [--threads 2]
 """
@@ -15,6 +16,7 @@ import argparse
 import statistics
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     sink = Sink()
     eng = GgufEngine(args.model, n_ctx=512, n_slots=1, n_threads=args.threads,
-                     n_threads_batch=args.threads, sink=sink)  # type: ignore[arg-type]
+                     n_threads_batch=args.threads, sink=sink)
     eng.start()
     grammar = schema_to_gbnf(SCHEMA)
     greedy = SamplingParams(temperature=0.0)
@@ -69,26 +71,34 @@ def main() -> None:
                         "grammar": grammar},
     }
     rates: dict[str, list[float]] = {k: [] for k in cases}
+    cpu_ms: dict[str, list[float]] = {k: [] for k in cases}
     n = 0
     try:
         for rep in range(args.reps):
             for name, kw in cases.items():
                 n += 1
                 rid = f"{name}-{rep}"
+                cpu0 = time.process_time()
                 eng.submit(GenerationRequest(rid, prompt=f"{n} Once upon a time", max_tokens=64,
                                              **kw))
                 with sink.cv:
                     sink.cv.wait_for(lambda rid=rid: rid in sink.done, 300)  # type: ignore[misc]
-                tps = sink.done[rid].get("tokens_per_s")
-                if tps:
-                    rates[name].append(tps)
+                stats = sink.done[rid]
+                if stats.get("completion_tokens"):
+                    cpu_ms[name].append((time.process_time() - cpu0) * 1000
+                                        / stats["completion_tokens"])
+                if stats.get("tokens_per_s"):
+                    rates[name].append(stats["tokens_per_s"])
     finally:
         eng.close()
     base = statistics.median(rates["plain"])
-    print("| case | decode tok/s (median) | vs plain |\n| --- | --- | --- |")
+    base_cpu = statistics.median(cpu_ms["plain"])
+    print("| case | decode tok/s (median) | vs plain | CPU ms/token | vs plain |\n"
+          "| --- | --- | --- | --- | --- |")
     for name, r in rates.items():
         med = statistics.median(r) if r else float("nan")
-        print(f"| {name} | {med:.1f} | {med / base:.3f} |")
+        cpu = statistics.median(cpu_ms[name]) if cpu_ms[name] else float("nan")
+        print(f"| {name} | {med:.1f} | {med / base:.3f} | {cpu:.1f} | {cpu / base_cpu:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,185 +1,435 @@
-"""The HTTP gateway against the ZeroMQ client library, side by side on one daemon.
+"""The HTTP gateway's cost, and Inferno over HTTP against llama.cpp's own server, in one run.
 
-One daemon (8 slots) with the default model, one `inferno-gateway` in front of it. Each round
-runs both sides in turn, the order alternating, so drift hits both: one stream (``--singles``
-requests one after the other) and then 8 concurrent clients, each request a 64-token greedy
-completion with EOS ignored and a distinct prompt (no side reuses a cached prefix).
+Sides, all on this machine, all with the default model (Gemma 3 270M Q4_K_M):
 
-* single-stream tok/s: completion tokens over the time from the first to the last token;
-* 8-client aggregate tok/s: all tokens over the wall time of the 8 requests;
-* TTFT: request sent to first text (HTTP: first SSE chunk with text), p50 over the singles.
+* ``zmq``: infernod through the client library (``AsyncClient``), 8 slots;
+* ``gateway``: the same daemon through ``inferno-gateway`` (``POST /v1/completions``,
+  streamed);
+* ``llama-server``: llama.cpp's server built from the llama.cpp that llama-cpp-python vendors
+  (``bench/compare.py --build-llama`` builds it; ``--llama-bin DIR`` points elsewhere), with
+  ``-np 8`` and the same context per slot, same ``/v1/completions`` request;
+* ``llama-cpp-python``: its OpenAI-compatible server (``python -m llama_cpp.server``), when
+  that Python has its extra dependencies (``llama-cpp-python[server]``); skipped with the
+  reason otherwise.
 
-The HTTP side is plain ``http.client`` reading the SSE lines (no SDK overhead measured); the
-ZeroMQ side is ``infernod.client.Client``, one per thread.
+The HTTP sides share one load generator (aiohttp, one kept-alive connection per client, SSE
+parsed as it arrives); the ZeroMQ side runs in the same process and event loop. Work: 64-token
+greedy completions (``ignore_eos``, a distinct prompt per request so no side reuses a cached
+prefix), one client, then 8 concurrent clients. Every round measures every side, the order
+rotating from round to round, so a busy machine's drift hits all sides; the gateway/ZeroMQ
+ratios are taken within a round and the table shows their median. TTFT is request sent to
+first text received; single-stream tok/s is the decode rate after the first token; the
+8-client figure is all tokens over the wall time of the round. The load average is recorded
+before and after.
 
-    .venv/bin/python bench/gateway_bench.py --rounds 3 --json out.json
+    .venv/bin/python bench/gateway_bench.py [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
-import itertools
+import asyncio
 import json
+import os
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import _default_model_path  # noqa: E402
-from daemon_harness import DaemonProcess, test_models_dir  # noqa: E402
+from daemon_harness import DaemonProcess  # noqa: E402
 from gateway_harness import GatewayProcess  # noqa: E402
 
-from infernod.client import Client  # noqa: E402
+from infernod.client import AsyncClient  # noqa: E402
 
 MODEL = "gemma3-270m"
-N_TOKENS = 64
+TOKENS = 64  # per completion (--max-tokens)
 CLIENTS = 8
-_counter = itertools.count()
+N_CTX = 512  # per slot, on every server: prompt + 64 tokens fit with room
+THREADS = os.cpu_count() or 2
+WORDS = ["Apples", "Rivers", "Engines", "Castles", "Planets", "Forests", "Cities", "Songs"]
+CACHE = Path.home() / ".cache" / "inferno" / "bench"
+
+Run = dict[str, float]  # one request: ttft_ms, tokens, start, first, end
 
 
-def _prompt() -> str:
-    return f"Request {next(_counter)}: write a long story about a lighthouse keeper."
+def prompt(i: int) -> str:
+    """Distinct prompts with hardly a shared prefix (bench/compare.py's)."""
+    return (f"{str(i).zfill(4)[::-1]} {WORDS[i % len(WORDS)]}: here is a short story about a "
+            "traveller who")
 
 
-# One request -> (ttft_s, decode_s, tokens)
-Run = tuple[float, float, int]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def zmq_request(c: Client) -> Run:
-    t0 = time.monotonic()
-    stream = c.generate(MODEL, _prompt(), max_tokens=N_TOKENS, temperature=0,
-                        ignore_eos=True)
+def wait_http(proc: subprocess.Popen[bytes], url: str, what: str, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} not answering {url} after {timeout}s")
+
+
+# -- one request per side -------------------------------------------------------------------
+async def http_stream(session: aiohttp.ClientSession, url: str, i: int,
+                      extra: dict[str, Any]) -> Run:
+    """One streamed completion from an OpenAI-compatible ``/v1/completions``."""
+    body = {"model": MODEL, "prompt": prompt(i), "max_tokens": TOKENS, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, **extra}
+    t0 = time.perf_counter()
     first = last = 0.0
-    for _ in stream:
-        last = time.monotonic()
-        first = first or last
-    tokens = int((stream.stats or {}).get("completion_tokens") or 0)
-    return first - t0, last - first, tokens
+    chunks = 0
+    usage: int | None = None
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            ev = json.loads(data)
+            if ev.get("usage"):
+                usage = int(ev["usage"].get("completion_tokens") or 0) or usage
+            if any(c.get("text") for c in ev.get("choices") or []):
+                last = time.perf_counter()
+                first = first or last
+                chunks += 1
+    if not first:
+        raise RuntimeError(f"{url}: no text streamed")
+    return {"ttft_ms": (first - t0) * 1000, "tokens": usage or chunks, "chunks": chunks,
+            "start": t0, "first": first, "end": last}
 
 
-def http_request(conn: http.client.HTTPConnection) -> Run:
-    """One streamed completion on a kept-alive connection (as SDKs keep a pool)."""
-    body = json.dumps({"model": MODEL, "prompt": _prompt(), "max_tokens": N_TOKENS,
-                       "temperature": 0, "ignore_eos": True, "stream": True,
-                       "stream_options": {"include_usage": True}})
-    t0 = time.monotonic()
-    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200, resp.read()
+async def zmq_stream(client: AsyncClient, i: int) -> Run:
+    t0 = time.perf_counter()
     first = last = 0.0
-    tokens = 0
-    for line in resp:
-        if not line.startswith(b"data: {"):
-            continue
-        chunk = json.loads(line[6:])
-        if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
-        elif chunk["choices"] and chunk["choices"][0]["text"]:
-            last = time.monotonic()
+    chunks = 0
+    stream = await client.generate(MODEL, prompt(i), max_tokens=TOKENS, temperature=0,
+                                   ignore_eos=True)
+    async for text in stream:
+        if text:
+            last = time.perf_counter()
             first = first or last
-    return first - t0, last - first, tokens
+            chunks += 1
+    n = int((stream.stats or {}).get("completion_tokens") or chunks)
+    return {"ttft_ms": (first - t0) * 1000, "tokens": n, "chunks": chunks, "start": t0,
+            "first": first, "end": last}
 
 
-def concurrent(fn: Callable[[int], Run], n: int) -> tuple[float, int]:
-    """(wall seconds, tokens) of ``n`` requests at once, request k on connection k."""
-    results: list[Run] = []
-    lock = threading.Lock()
+class Side:
+    """A server under test: ``one(client_index, request_index)`` streams one completion on
+    that client's own connection."""
 
-    def one(k: int) -> None:
-        r = fn(k)
-        with lock:
-            results.append(r)
-
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    wall = time.monotonic() - t0
-    assert len(results) == n, "a request did not finish"
-    return wall, sum(r[2] for r in results)
+    def __init__(self, name: str, one: Callable[[int, int], Awaitable[Run]],
+                 close: Callable[[], Awaitable[None]]) -> None:
+        self.name, self.one, self.close = name, one, close
+        self.single: list[Run] = []
+        self.single_rate: list[float] = []
+        self.multi: list[Run] = []
+        self.multi_rate: list[float] = []
 
 
-def measure(fn: Callable[[int], Run], singles: int) -> dict[str, Any]:
-    runs = [fn(0) for _ in range(singles)]
-    wall, tokens = concurrent(fn, CLIENTS)
-    return {"ttft_ms": [r[0] * 1000 for r in runs],
-            "single_tokens_per_s": statistics.median(
-                (r[2] - 1) / r[1] for r in runs if r[1] > 0),
-            "aggregate_tokens_per_s": tokens / wall}
+async def http_side(name: str, url: str, extra: dict[str, Any]) -> Side:
+    timeout = aiohttp.ClientTimeout(total=600)
+    sessions = [aiohttp.ClientSession(timeout=timeout,
+                                      connector=aiohttp.TCPConnector(limit=1))
+                for _ in range(CLIENTS)]
+
+    async def one(c: int, i: int) -> Run:
+        return await http_stream(sessions[c], url, i, extra)
+
+    async def close() -> None:
+        for s in sessions:
+            await s.close()
+    return Side(name, one, close)
+
+
+async def zmq_side(endpoint: str) -> Side:
+    clients = [AsyncClient(endpoint, timeout=600, name="gateway-bench")
+               for _ in range(CLIENTS)]
+    for c in clients:
+        await c.wait_welcome(timeout=30)
+
+    async def one(c: int, i: int) -> Run:
+        return await zmq_stream(clients[c], i)
+
+    async def close() -> None:
+        for c in clients:
+            c.close()
+    return Side("zmq", one, close)
+
+
+# -- measuring ------------------------------------------------------------------------------
+def decode_rate(r: Run) -> float:
+    return (r["tokens"] - 1) / (r["end"] - r["first"]) if r["end"] > r["first"] else 0.0
+
+
+async def measure_round(side: Side, base: int, singles: int) -> None:
+    rates = []
+    for k in range(singles):
+        r = await side.one(0, base + k)
+        side.single.append(r)
+        rates.append(decode_rate(r))
+    side.single_rate.append(statistics.median(rates))
+    runs = await asyncio.gather(*(side.one(c, base + singles + c) for c in range(CLIENTS)))
+    side.multi.extend(runs)
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    side.multi_rate.append(sum(r["tokens"] for r in runs) / wall)
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summary(side: Side) -> dict[str, Any]:
+    return {"single_tokens_per_s": statistics.median(side.single_rate),
+            "single_ttft_ms_p50": pct([r["ttft_ms"] for r in side.single], 50),
+            "single_ttft_ms_p99": pct([r["ttft_ms"] for r in side.single], 99),
+            "clients8_tokens_per_s": statistics.median(side.multi_rate),
+            "clients8_ttft_ms_p50": pct([r["ttft_ms"] for r in side.multi], 50),
+            "clients8_ttft_ms_p99": pct([r["ttft_ms"] for r in side.multi], 99),
+            "tokens_per_request": sorted({int(r["tokens"]) for r in side.single + side.multi}),
+            "rounds_single_tokens_per_s": [round(x, 1) for x in side.single_rate],
+            "rounds_clients8_tokens_per_s": [round(x, 1) for x in side.multi_rate]}
+
+
+def ratios(gw: Side, zmq: Side, singles: int) -> dict[str, Any]:
+    """gateway / zmq within each round, then the median over rounds."""
+    single = [g / z for g, z in zip(gw.single_rate, zmq.single_rate, strict=True)]
+    multi = [g / z for g, z in zip(gw.multi_rate, zmq.multi_rate, strict=True)]
+    # TTFT overhead: per round, the median single-stream TTFT through the gateway minus the
+    # ZeroMQ client's in the same round
+    over = []
+    for k in range(len(gw.single_rate)):
+        g = statistics.median(r["ttft_ms"] for r in gw.single[k * singles:(k + 1) * singles])
+        z = statistics.median(r["ttft_ms"] for r in zmq.single[k * singles:(k + 1) * singles])
+        over.append(g - z)
+    return {"single_tokens_per_s": statistics.median(single),
+            "clients8_tokens_per_s": statistics.median(multi),
+            "ttft_overhead_ms_p50": statistics.median(over),
+            "rounds_single": [round(x, 3) for x in single],
+            "rounds_clients8": [round(x, 3) for x in multi],
+            "rounds_ttft_overhead_ms": [round(x, 2) for x in over]}
+
+
+# -- starting the servers -------------------------------------------------------------------
+def model_path() -> Path:
+    from conftest import _default_model_path
+
+    return _default_model_path()
+
+
+def llama_bin(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    import llama_cpp
+
+    return CACHE / f"build-{llama_cpp.__version__}-portable" / "bin"
+
+
+def start_llama_server(binary: Path, model: Path, log: Path) -> tuple[subprocess.Popen[bytes],
+                                                                       str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(binary), "-m", str(model), "-c", str(N_CTX * CLIENTS), "-np", str(CLIENTS),
+         "-t", str(THREADS), "-tb", str(THREADS), "--host", "127.0.0.1", "--port", str(port),
+         "--alias", MODEL],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(proc, url + "/health", "llama-server")
+    return proc, url
+
+
+def python_server_missing(python: str) -> str | None:
+    r = subprocess.run([python, "-c", "import llama_cpp.server.app"], capture_output=True,
+                       text=True, timeout=120)
+    if r.returncode == 0:
+        return None
+    last = (r.stderr.strip().splitlines() or ["?"])[-1]
+    return f"python -m llama_cpp.server cannot start here ({last}); it needs " \
+           "llama-cpp-python[server] (fastapi, uvicorn, sse-starlette, ...)"
+
+
+def start_python_server(python: str, model: Path, log: Path) -> tuple[subprocess.Popen[bytes],
+                                                                       str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [python, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL,
+         "--n_ctx", str(N_CTX), "--n_threads", str(THREADS), "--n_threads_batch",
+         str(THREADS), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(proc, url + "/v1/models", "llama-cpp-python's server")
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# -- the run --------------------------------------------------------------------------------
+async def run(args: argparse.Namespace, urls: dict[str, str], endpoint: str) -> dict[str, Any]:
+    sides = [await zmq_side(endpoint),
+             await http_side("gateway", urls["gateway"], {"ignore_eos": True})]
+    if "llama-server" in urls:
+        sides.append(await http_side("llama-server", urls["llama-server"],
+                                     {"ignore_eos": True}))
+    if "llama-cpp-python" in urls:
+        sides.append(await http_side("llama-cpp-python", urls["llama-cpp-python"], {}))
+    try:
+        for s in sides:  # warm: the first request's allocations, each client's connection
+            await s.one(0, 9000)
+            await asyncio.gather(*(s.one(c, 9001 + c) for c in range(CLIENTS)))
+        base = 0
+        per_round = args.singles + CLIENTS
+        for rnd in range(args.rounds):
+            order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]
+            if rnd % 2:
+                order.reverse()
+            for s in order:
+                await measure_round(s, base, args.singles)
+                base += per_round
+            print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
+                f"{s.name} {s.single_rate[-1]:.0f}/{s.multi_rate[-1]:.0f} tok/s"
+                for s in sides), flush=True)
+    finally:
+        for s in sides:
+            await s.close()
+    by = {s.name: s for s in sides}
+    return {"sides": {s.name: summary(s) for s in sides},
+            "gateway_vs_zmq": ratios(by["gateway"], by["zmq"], args.singles)}
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = ["| side | 1 client tok/s | TTFT p50 / p99 ms | 8 clients tok/s | "
+            "TTFT p50 / p99 ms |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, s in result["sides"].items():
+        rows.append(f"| {name} | {s['single_tokens_per_s']:.1f} | "
+                    f"{s['single_ttft_ms_p50']:.1f} / {s['single_ttft_ms_p99']:.1f} | "
+                    f"{s['clients8_tokens_per_s']:.1f} | {s['clients8_ttft_ms_p50']:.1f} / "
+                    f"{s['clients8_ttft_ms_p99']:.1f} |")
+    r = result["gateway_vs_zmq"]
+    rows.append("")
+    rows.append(f"gateway / ZeroMQ client (median of rounds): single stream "
+                f"{r['single_tokens_per_s']:.3f}, 8 clients {r['clients8_tokens_per_s']:.3f}, "
+                f"TTFT overhead p50 {r['ttft_overhead_ms_p50']:+.2f} ms")
+    if "llama-server" in result["sides"]:
+        ls, gw = result["sides"]["llama-server"], result["sides"]["gateway"]
+        rows.append(f"gateway / llama-server: single stream "
+                    f"{gw['single_tokens_per_s'] / ls['single_tokens_per_s']:.3f}, 8 clients "
+                    f"{gw['clients8_tokens_per_s'] / ls['clients8_tokens_per_s']:.3f}")
+    return "\n".join(rows)
 
 
 def main() -> int:
+    global TOKENS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--singles", type=int, default=5, help="single-stream requests per round")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--max-tokens", type=int, default=TOKENS,
+                    help=f"tokens per completion (default {TOKENS})")
+    ap.add_argument("--singles", type=int, default=2,
+                    help="single-stream requests per side per round (default 2)")
+    ap.add_argument("--llama-bin", help="folder with llama-server (default: the portable "
+                    "build bench/compare.py --build-llama makes under ~/.cache/inferno/bench)")
+    ap.add_argument("--python-server", default=sys.executable, metavar="PYTHON",
+                    help="python to run llama_cpp.server with (default: this one)")
+    ap.add_argument("--json", type=Path, help="write the full result here")
     args = ap.parse_args()
-    models = test_models_dir(_default_model_path())
-    daemon = DaemonProcess({"models": {"dirs": [str(models)], "n_ctx": 1024,
-                                       "slots": CLIENTS, "preload": [MODEL]}})
-    gw: GatewayProcess | None = None
-    clients: list[Client] = []
-    conns: list[http.client.HTTPConnection] = []
+    TOKENS = args.max_tokens
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a SIGTERM (timeout, kill) still stops every server below
+
+    signal.signal(signal.SIGTERM, interrupted)
+
+    model = model_path()
+    work = Path(tempfile.mkdtemp(prefix="gwbench-"))
+    skipped: dict[str, str] = {}
+    procs: list[subprocess.Popen[bytes]] = []
+    daemon: DaemonProcess | None = None
+    gateway: GatewayProcess | None = None
+    load_before = os.getloadavg()
+    t_start = time.monotonic()
     try:
+        from daemon_harness import test_models_dir
+
+        daemon = DaemonProcess({"models": {"dirs": [str(test_models_dir(model))],
+                                           "n_ctx": N_CTX, "slots": CLIENTS,
+                                           "preload": [MODEL]}})
         daemon.start()
-        gw = GatewayProcess(daemon.endpoint,
-                            Path(tempfile.mkdtemp(prefix="gwbench-")) / "gateway.log",
-                            "--log-level", "WARNING").start()
-        # Connections made once and kept, on both sides: a request's time is its own.
-        clients = [Client(daemon.endpoint, timeout=60) for _ in range(CLIENTS)]
-        conns = [http.client.HTTPConnection("127.0.0.1", gw.port, timeout=120)
-                 for _ in range(CLIENTS)]
-        sides: dict[str, Callable[[int], Run]] = {
-            "zmq": lambda k: zmq_request(clients[k]), "http": lambda k: http_request(conns[k])}
-        for k in range(CLIENTS):  # warm-up: every connection open, the model loaded
-            sides["zmq"](k)
-            sides["http"](k)
-        rounds: list[dict[str, dict[str, Any]]] = []
-        for i in range(args.rounds):
-            order = ["zmq", "http"] if i % 2 == 0 else ["http", "zmq"]
-            rounds.append({side: measure(sides[side], args.singles) for side in order})
-            r = rounds[-1]
-            print(f"round {i + 1}: single {r['zmq']['single_tokens_per_s']:.1f} vs "
-                  f"{r['http']['single_tokens_per_s']:.1f} tok/s, 8 clients "
-                  f"{r['zmq']['aggregate_tokens_per_s']:.1f} vs "
-                  f"{r['http']['aggregate_tokens_per_s']:.1f} tok/s (zmq vs http)", flush=True)
+        with daemon.client(timeout=300) as c:
+            c.load(MODEL)
+        gateway = GatewayProcess(daemon.endpoint, work / "gateway.log").start()
+        urls = {"gateway": gateway.url}
+        binary = llama_bin(args.llama_bin) / "llama-server"
+        if binary.is_file():
+            proc, urls["llama-server"] = start_llama_server(binary, model,
+                                                            work / "llama-server.log")
+            procs.append(proc)
+        else:
+            skipped["llama-server"] = f"no {binary} (build it with bench/compare.py " \
+                                      "--build-llama, or pass --llama-bin)"
+        missing = python_server_missing(args.python_server)
+        if missing:
+            skipped["llama-cpp-python"] = missing
+        else:
+            proc, urls["llama-cpp-python"] = start_python_server(
+                args.python_server, model, work / "llama-cpp-python.log")
+            procs.append(proc)
+        for name, why in skipped.items():
+            print(f"skipped {name}: {why}", flush=True)
+        result = asyncio.run(run(args, urls, daemon.endpoint))
     finally:
-        for c in clients:
-            c.close()
-        for conn in conns:
-            conn.close()
-        if gw is not None:
-            gw.stop()
-        daemon.cleanup()
-
-    def ratio(key: str) -> list[float]:
-        return [r["http"][key] / r["zmq"][key] for r in rounds]
-
-    ttft = {side: statistics.median(t for r in rounds for t in r[side]["ttft_ms"])
-            for side in ("zmq", "http")}
-    summary = {
-        "single_ratio_median": statistics.median(ratio("single_tokens_per_s")),
-        "single_ratio_range": [min(ratio("single_tokens_per_s")),
-                               max(ratio("single_tokens_per_s"))],
-        "aggregate_ratio_median": statistics.median(ratio("aggregate_tokens_per_s")),
-        "aggregate_ratio_range": [min(ratio("aggregate_tokens_per_s")),
-                                  max(ratio("aggregate_tokens_per_s"))],
-        "ttft_p50_ms": ttft, "ttft_overhead_p50_ms": ttft["http"] - ttft["zmq"]}
-    print(json.dumps(summary, indent=2))
+        for p in procs:
+            stop(p)
+        if gateway is not None:
+            gateway.stop()
+        if daemon is not None:
+            daemon.cleanup()
+    shutil.rmtree(work, ignore_errors=True)
+    result.update({
+        "skipped": skipped, "rounds": args.rounds, "singles_per_round": args.singles,
+        "max_tokens": TOKENS, "clients": CLIENTS, "threads": THREADS,
+        "cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "wall_s": round(time.monotonic() - t_start, 1)})
+    print()
+    print(table(result))
+    print(f"\nload average (1/5/15 min) before {result['load_average_before']}, after "
+          f"{result['load_average_after']} on {os.cpu_count()} CPUs; {result['wall_s']} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rounds": rounds, "summary": summary},
-                                              indent=2))
+        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 

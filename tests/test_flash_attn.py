@@ -29,8 +29,7 @@ class _Runners:
 
 def _runner_kwargs(cfg: cfgmod.Config, settings: SettingsStore | None = None) -> dict[str, Any]:
     runners = _Runners()
-    mm = ModelManager(cfg, cast(Any, None), sink_factory=lambda name: cast(Any, None),
-                      publish=lambda *a: None, notifier=cast(Any, None),
+    mm = ModelManager(cfg, cast(Any, None), publish=lambda *a: None, notifier=cast(Any, None),
                       runners=cast(Any, runners), scheduler=cast(Any, None),
                       settings=settings)
     info = SimpleNamespace(path=Path("/models/m.gguf"), name="m")

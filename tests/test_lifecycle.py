@@ -1,4 +1,4 @@
-"""One owner of "who is running": the scheduler. GenerationService and QueueService on the
+"""One owner of "who is running": the scheduler. RequestService and QueueService on the
 real Scheduler with a scripted engine, no daemon: through admission, a vip's preemption, a
 cancel and a runner crash, the scheduler's running view, the request records' states and
 queue.list's rows always name the same requests."""
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from infernod.backends.base import GenerationRequest
-from infernod.daemon.generation import GenerationService
+from infernod.daemon.lifecycle import RequestService
 from infernod.daemon.models import LoadedModel
 from infernod.daemon.queue import QueueService
 from infernod.daemon.requests import Kind, Request, RequestTable, State
@@ -48,9 +48,11 @@ class _Models:
     def __init__(self, engine: _Engine) -> None:
         self.loaded = {M: LoadedModel(name=M, info=None, engine=engine,  # type: ignore[arg-type]
                                       state="loaded")}
-        self.on_unloaded: list[Any] = []
-        self.on_failed: list[Any] = []
+        self.user: Any = None
         self.settings = SettingsStore()  # no model settings: the request's own values
+
+    def attach(self, user: Any) -> None:
+        self.user = user
 
     def check_generate(self, name: str) -> None:
         pass
@@ -83,7 +85,7 @@ def _gen(n: int, priority: str = "low") -> Request:
                    topic=f"tokens.{rid}")
 
 
-def _agree(gen: GenerationService, queue: QueueService, sched: Scheduler) -> set[str]:
+def _agree(gen: RequestService, queue: QueueService, sched: Scheduler) -> set[str]:
     """The invariant: one answer to "who is running", whoever is asked."""
     now = time.monotonic()
     by_scheduler = {r.request_id for r in sched.running(M)}
@@ -106,7 +108,7 @@ async def test_running_has_one_owner_through_preemption_cancel_and_crash() -> No
     cfg = SimpleNamespace(scheduler=SimpleNamespace())
     publisher = _Publisher()
     table = RequestTable(sched, publisher.publish)
-    gen = GenerationService(cfg, models, sched, publisher, table)  # type: ignore[arg-type]
+    gen = RequestService(cfg, models, sched, publisher, table)  # type: ignore[arg-type]
     queue = QueueService(gen, sched, models, publisher, table)  # type: ignore[arg-type]
 
     for n in range(4):
@@ -146,8 +148,7 @@ async def test_running_has_one_owner_through_preemption_cancel_and_crash() -> No
     assert running == {"s.9", victim}  # the freed slot went to the preempted one: oldest
 
     # the runner dies: every running request ends, queued ones wait for the reload
-    for hook in models.on_failed:
-        hook(M, "runner died", "hint")
+    models.user.model_failed(M, "runner died", "hint")
     assert _agree(gen, queue, sched) == set()
     assert {g.request_id for g in table.values()} == {"s.2", "s.3"}
     await asyncio.sleep(0.01)  # the reload: the queued ones start

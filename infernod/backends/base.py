@@ -138,7 +138,7 @@ class Engine(Protocol):
 
 class GenerationEngine(Engine, Protocol):
     """An engine that generates text (``GgufEngine``, or its proxy in the daemon): what
-    ``GenerationService`` drives. Thread-safe; events come back through an ``EngineSink``."""
+    ``RequestService`` drives. Thread-safe; events come back through an ``EngineSink``."""
 
     def submit(self, request: GenerationRequest) -> None: ...
 

@@ -6,7 +6,7 @@ The daemon never imports onnxruntime: every loaded ONNX model lives in a runner 
 The operations a run can do are named (``embed``, ``infer``: :data:`OPS`), so they can cross
 the process boundary as data; their results are plain msgpack values (wire arrays).
 
-:class:`OnnxRunEngine` is the surface the daemon's ``OnnxService`` drives; the runner's proxy
+:class:`OnnxRunEngine` is the surface the daemon's ``RequestService`` drives; the runner's proxy
 (``runner.supervisor.OnnxRunnerEngine``) and :class:`OnnxEngine` itself (tests) both have it.
 """
 
@@ -31,11 +31,9 @@ RunDone = Callable[[Any, "BaseException | None"], None]  # on_done(result, error
 
 @runtime_checkable
 class OnnxRunEngine(Engine, Protocol):
-    """What OnnxService needs of a loaded ONNX model, beyond any engine's surface: one run
-    at a time (``busy`` is the service's own flag), a run named by ``op``, stoppable by its
-    id."""
-
-    busy: bool
+    """What the request service needs of a loaded ONNX model, beyond any engine's surface:
+    a run named by ``op``, stoppable by its id. How many runs at once is ``n_slots`` (1):
+    the scheduler's slots hold them, as they hold a text engine's sequences."""
 
     @property
     def provider(self) -> str | None: ...
@@ -50,7 +48,8 @@ class OnnxEngine:
 
     The constructor loads the weights (blocking); ``run`` / ``submit`` queue an operation,
     which the worker thread runs, then calls ``on_done(result, error)`` from that thread.
-    Has the :class:`OnnxRunEngine` surface, so OnnxService can drive it in-process (tests).
+    Has the :class:`OnnxRunEngine` surface, so the request service can drive it in-process
+    (tests).
     """
 
     n_slots = 1
@@ -64,7 +63,6 @@ class OnnxEngine:
                                inter_op_threads=inter_op_threads,
                                graph_optimization_level=graph_optimization,
                                batch_size=max_batch)
-        self.busy = False  # a run is in flight (set and cleared by the loop side only)
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the three fields below (loop and worker)
         self._runs = 0  # ids handed out by submit
@@ -138,7 +136,9 @@ class OnnxEngine:
                 log.debug("onnx result dropped", exc_info=True)
 
     def free_slots(self) -> int:
-        return 0 if self.busy else 1
+        """Runs it may take now: 1 when none is queued or running in its worker."""
+        with self._lock:
+            return 0 if self._runs > self._started or self._current is not None else 1
 
     def preempt(self, request_id: str) -> None:
         """ONNX runs are short and not resumable: nothing to pause."""

@@ -20,7 +20,6 @@ from infernod import config as config_mod
 from infernod.backends.cpu_features import CpuSupport, probe_build
 from infernod.daemon import pulls, uploads
 from infernod.daemon.catalog import ModelCatalog
-from infernod.daemon.generation import GenerationService
 from infernod.daemon.handlers import table
 from infernod.daemon.handlers.config import ConfigHandlers
 from infernod.daemon.handlers.inference import InferenceHandlers
@@ -31,11 +30,11 @@ from infernod.daemon.handlers.session import SessionHandlers
 from infernod.daemon.handlers.streams import StreamHandlers
 from infernod.daemon.handlers.telemetry import TelemetryHandlers
 from infernod.daemon.jobs import JobService
+from infernod.daemon.lifecycle import RequestService
 from infernod.daemon.models import ModelManager
-from infernod.daemon.onnx import OnnxService
 from infernod.daemon.queue import QueueService
 from infernod.daemon.registry import Registry
-from infernod.daemon.requests import Request, RequestRunner, RequestTable, State
+from infernod.daemon.requests import RequestTable
 from infernod.daemon.scheduler import Scheduler
 from infernod.daemon.server import Call, Daemon, Route
 from infernod.model_settings import SettingsStore
@@ -68,23 +67,21 @@ class InfernoDaemon(Daemon):
                                         gpu_bytes=self._runner_gpu_bytes)
         self.runners.bind()
         self.telemetry = TelemetryService(self.cfg, self.publisher, loop)
-        self.models = ModelManager(self.cfg, self.registry,
-                                   sink_factory=lambda name: self.gen,
-                                   publish=self.publisher.publish, notifier=self.notifier,
-                                   runners=self.runners, scheduler=self.scheduler,
+        self.models = ModelManager(self.cfg, self.registry, publish=self.publisher.publish,
+                                   notifier=self.notifier, runners=self.runners,
+                                   scheduler=self.scheduler,
                                    settings=SettingsStore(self.state_dir / MODEL_SETTINGS),
                                    gpu_sample=self.telemetry.latest)
         # every live request of every kind, from admission to its last event
         self.requests = RequestTable(self.scheduler, self.publisher.publish)
-        hooks: dict[str, Any] = {"on_profile": self.telemetry.on_profile,
-                                 "on_run_start": self.telemetry.on_run_start}
-        self.gen = GenerationService(self.cfg, self.models, self.scheduler, self.publisher,
-                                     self.requests, **hooks)
-        self.onnx = OnnxService(self.cfg, self.models, self.scheduler, self.requests, **hooks,
-                                text=self.gen)
-        self.queue = QueueService(self.gen, self.scheduler, self.models, self.publisher,
+        # one lifecycle for every kind; it attaches itself to the models (their runners'
+        # events, unloads and crashes go to it)
+        self.service = RequestService(self.cfg, self.models, self.scheduler, self.publisher,
+                                      self.requests, on_profile=self.telemetry.on_profile,
+                                      on_run_start=self.telemetry.on_run_start)
+        self.queue = QueueService(self.service, self.scheduler, self.models, self.publisher,
                                   self.requests)
-        self.jobs = JobService(self.state_dir / JOBS_DB, self.gen, self.publisher,
+        self.jobs = JobService(self.state_dir / JOBS_DB, self.service, self.publisher,
                                self.cfg, self._render_user_prompt)
         # (principal, session) -> last request: a session id is public (queue.list) and
         # anyone may write it in a header, so it only means something with its principal.
@@ -178,8 +175,8 @@ class InfernoDaemon(Daemon):
             for item in self.scheduler.expire(now):  # queued past their deadline, any kind
                 rec = self.requests.get(item.request_id)
                 if rec is not None:
-                    self._runner_of(rec).expired(rec)
-            self.gen.tick(now)
+                    self.service.expired(rec)
+            self.service.tick(now)
             self.queue.tick(now)
             self._expire_leases(now, lease)
             await self.models.expire_idle()
@@ -202,7 +199,7 @@ class InfernoDaemon(Daemon):
             active.add(key)
             if gen.job is None and gen.abort is None and \
                     now - self.last_seen.get(key, now) > lease:
-                self.gen.cancel(gen.request_id, "aborted",
+                self.service.cancel(gen.request_id, "aborted",
                                 f"client silent for {lease:.0f}s (lease expired)")
         for key in [k for k, t in self.last_seen.items()
                     if k not in active and now - t > lease]:
@@ -213,8 +210,7 @@ class InfernoDaemon(Daemon):
 
     def apply_config(self, cfg: config_mod.Config) -> None:
         self.models.cfg = cfg
-        self.gen.cfg = cfg
-        self.onnx.cfg = cfg
+        self.service.cfg = cfg
         self.jobs.cfg = cfg
         self.telemetry.apply_config(cfg)
         s = cfg.scheduler
@@ -230,23 +226,13 @@ class InfernoDaemon(Daemon):
         self.publisher.touch(req.session, req.connection or req.principal, now)
 
     async def drain(self) -> None:
-        self.gen.accepting = False
-        self.onnx.abort_queued("daemon stopping: this request was still queued and is not kept")
         self.jobs.stopping = True  # queued job items stay queued in SQLite (the checkpoint)
-        for gen in self.requests.values(generates=True):
-            if gen.state is State.QUEUED:
-                self.scheduler.cancel(gen.request_id)
-                if gen.job is not None:
-                    msg = "daemon stopping: job item checkpointed, it runs after the restart"
-                else:
-                    msg = "daemon stopping: this request was still queued and is not kept"
-                self.gen._fail(gen, "aborted", msg,
-                               "resubmit when the daemon is back (jobs are kept)")
+        self.service.fail_queued()
         deadline = time.monotonic() + self.cfg.daemon.drain_timeout_s
         while self.scheduler.running_count() and time.monotonic() < deadline:
             self.notifier.status(f"draining {self.scheduler.running_count()} requests")
             await asyncio.sleep(0.1)
-        self.gen.abort_all("aborted", "daemon stopping: drain timeout reached")
+        self.service.abort_all("aborted", "daemon stopping: drain timeout reached")
         await asyncio.sleep(0.05)  # let the abort events leave the socket
         await self.uploads.close()  # an unfinished upload cannot resume in another process
         await self.pulls.close()  # a pull's partial file stays: the next pull resumes it
@@ -265,16 +251,12 @@ class InfernoDaemon(Daemon):
             ModelHandlers(self.catalog, self.registry, self.models, self.publisher),
             self.uploads,
             self.pulls,
-            InferenceHandlers(cfg, self.catalog, self.gen, self.onnx, self.queue, self.requests),
+            InferenceHandlers(cfg, self.catalog, self.service, self.queue, self.requests),
             StreamHandlers(cfg, self.publisher),
             QueueHandlers(self.queue, self.scheduler),
             JobHandlers(self.catalog, self.jobs, self.models),
             TelemetryHandlers(self.telemetry),
         ])
-
-    def _runner_of(self, req: Request) -> RequestRunner:
-        """The service that runs ``req``: the kinds differ only in this."""
-        return self.gen if req.kind.generates else self.onnx
 
     def _current_cfg(self) -> config_mod.Config:
         return self.cfg  # SIGHUP replaces it: handlers read it per request
@@ -293,7 +275,7 @@ class InfernoDaemon(Daemon):
                       "running": self.scheduler.running_count(),
                       "level": self.scheduler.level()},
             "loop_lag_ms": round(self.loop_lag_ms, 3),
-            "tokens_per_s": round(self.gen.throughput.rate(now), 2),
+            "tokens_per_s": round(self.service.throughput.rate(now), 2),
             "runner_crashes_1h": self.models.crashes_since(now - 3600),
             "requests_served": self.requests_served,
             "model_scans": self.catalog.scans,

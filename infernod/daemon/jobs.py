@@ -7,7 +7,7 @@ The event loop only awaits (or chains callbacks on) the futures.
 
 Flow of one item (request id ``<job_id>:<index>``):
 
-    jobs.submit -> store (thread) -> backlog of its model -> GenerationService.submit (the same
+    jobs.submit -> store (thread) -> backlog of its model -> RequestService.submit (the same
     scheduler as interactive work, the job's own class, default ``low``) -> start: mark_running
     -> done: complete_item(text, stats) | fail_item(code, message) -> progress on ``jobs``
 
@@ -42,7 +42,7 @@ from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
     from infernod.config import Config
-    from infernod.daemon.generation import GenerationService
+    from infernod.daemon.lifecycle import RequestService
     from infernod.daemon.publisher import Publisher
 
 log = logging.getLogger("infernod.daemon.jobstore")
@@ -78,7 +78,7 @@ def _pending(job: Job, index: int, prompt: str) -> _Pending:
 class JobService:
     """Owns the job-store thread and the job items in flight. Event-loop thread only."""
 
-    def __init__(self, path: Path, gen: GenerationService, publisher: Publisher, cfg: Config,
+    def __init__(self, path: Path, gen: RequestService, publisher: Publisher, cfg: Config,
                  render_chat: Callable[[str, str], str]) -> None:
         self.path = path
         self.gen = gen
@@ -300,7 +300,7 @@ class JobService:
         self.active[rid] = gen
         self._launched[rid] = p
 
-    # -- item events (from GenerationService, on the loop) ----------------------------------
+    # -- item events (from RequestService, on the loop) -------------------------------------
     def _on_start(self, gen: Request) -> None:
         if gen.request_id in self._started:  # resumed after a preemption
             return

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import psutil
 
@@ -35,7 +35,7 @@ from infernod.protocol.errors import InfernoError
 from infernod.runner.supervisor import CRASH_HINT, OnnxRunnerEngine, RunnerEngine, RunnerSupervisor
 
 if TYPE_CHECKING:
-    from infernod.backends.base import EngineSink, GenerationEngine
+    from infernod.backends.base import GenerationEngine
     from infernod.daemon.registry import Registry
     from infernod.daemon.scheduler import Scheduler
     from infernod.daemon.systemd import Notifier
@@ -51,6 +51,17 @@ MEMORY_WAIT_POLL_S = 0.25  # a request whose model waits for busy models to go i
 # for another model) or an idle unload loads it again for them; a stopping daemon has
 # already ended them.
 UnloadCause = Literal["operator", "evicted", "idle", "stopping"]
+
+
+class ModelUser(EngineSink, Protocol):
+    """Who runs requests on the models (daemon/lifecycle.py's RequestService): the GGUF
+    engines' sink, told when a model goes away."""
+
+    def model_unloaded(self, model: str, cause: UnloadCause) -> None:
+        """``model`` is being unloaded: its running requests must end."""
+
+    def model_failed(self, model: str, message: str, hint: str) -> None:
+        """``model``'s runner died (``message`` says how): its running requests must end."""
 
 
 @dataclass
@@ -116,7 +127,6 @@ class ModelManager:
     """Owns every loaded engine. Only the event-loop thread calls into it."""
 
     def __init__(self, cfg: Config, registry: Registry, *,
-                 sink_factory: Callable[[str], EngineSink],
                  publish: Callable[[str, str, dict[str, Any]], object],
                  notifier: Notifier, runners: RunnerSupervisor,
                  scheduler: Scheduler, settings: SettingsStore | None = None,
@@ -126,22 +136,24 @@ class ModelManager:
         self.settings = settings if settings is not None else SettingsStore()
         self.scheduler = scheduler  # who runs on each model (idle unloading, eviction)
         self.registry = registry
-        self.sink_factory = sink_factory  # events of GGUF runners, delivered on the loop
         self.publish = publish
         self.notifier = notifier
         self.runners = runners
         self.loaded: dict[str, LoadedModel] = {}
         self.failures: dict[str, CrashRecord] = {}  # models whose runner died
         self.crash_times: deque[float] = deque(maxlen=1000)  # every runner crash, monotonic
-        self.on_unloaded: list[Callable[[str, UnloadCause], None]] = []
-        # (model, message, hint): its runner died; its running requests must end
-        self.on_failed: list[Callable[[str, str, str], None]] = []
+        self.user: ModelUser | None = None  # see attach
         # Set by the daemon once llama.cpp was probed (backends.cpu_features): None until then.
         self.cpu_support: CpuSupport | None = None
         # how a model of each kind is started: a runner process either way
         self._loaders: dict[str, Callable[[LoadedModel, ModelInfo],
                                           Awaitable[RunnerEngine]]] = {
             "gguf": self._start_runner, "onnx": self._start_onnx_runner}
+
+    def attach(self, user: ModelUser) -> None:
+        """The request service, which attaches itself as it is built (it needs this manager
+        to exist first): GGUF runners send it their events, unloads and crashes tell it."""
+        self.user = user
 
     def wire(self, lm: LoadedModel, now: float) -> bodies.LoadedModel:
         """``lm`` as status, models.show and ``models`` events show it."""
@@ -436,7 +448,7 @@ class ModelManager:
                   "park_slots": park_count(p["slots"], m.park_slots),
                   "host_cache_bytes": m.host_cache_mib << 20}
         return await self.runners.start(name, kwargs, wrapper=list(m.runner_wrapper),
-                                        sink=self.sink_factory(name),
+                                        sink=self.user,
                                         on_exit=self._runner_exited)
 
     def _record_crash(self, name: str, reason: str, sig: str) -> CrashRecord:
@@ -468,8 +480,8 @@ class ModelManager:
         self.models_event("failed", engine.model, reason=reason, signal=sig or None,
                           crashes=len(rec.times))
         self.notifier.status(self.status_line())
-        for cb in self.on_failed:
-            cb(engine.model, reason, CRASH_HINT)
+        if self.user is not None:
+            self.user.model_failed(engine.model, reason, CRASH_HINT)
 
     async def unload(self, name: str, reason: str = "unloaded by request", *,
                      cause: UnloadCause = "operator") -> None:
@@ -490,8 +502,8 @@ class ModelManager:
         lm.state = "unloading"
         gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lm.gone = gone
-        for cb in self.on_unloaded:
-            cb(name, cause)
+        if self.user is not None:
+            self.user.model_unloaded(name, cause)
         engine, lm.engine = lm.engine, None
         try:
             if isinstance(engine, RunnerEngine):

@@ -17,7 +17,7 @@ from infernod.protocol.bodies import QueuedEvent, QueueSnapshot, to_wire
 from infernod.protocol.errors import InfernoError
 
 if TYPE_CHECKING:
-    from infernod.daemon.generation import GenerationService
+    from infernod.daemon.lifecycle import RequestService
     from infernod.daemon.models import ModelManager
     from infernod.daemon.publisher import Publisher
     from infernod.daemon.scheduler import Scheduler
@@ -28,9 +28,9 @@ QUEUED_EVENT_MIN_INTERVAL_S = 0.5  # at most 2 ``queued`` events per second per 
 
 
 class QueueService:
-    """Owned by the event-loop thread, like the GenerationService it looks at."""
+    """Owned by the event-loop thread, like the RequestService it looks at."""
 
-    def __init__(self, gen: GenerationService, scheduler: Scheduler, models: ModelManager,
+    def __init__(self, gen: RequestService, scheduler: Scheduler, models: ModelManager,
                  publisher: Publisher, requests: RequestTable) -> None:
         self.gen = gen
         self.requests = requests  # every kind: embed/infer are listed too
@@ -79,7 +79,7 @@ class QueueService:
     def preempt(self, now: float, models: list[str]) -> None:
         """For each model whose slots are all busy while a vip waits, pause the victim the
         scheduler names (lowest class, most recently started). Its tokens so far come back
-        in on_finished("preempted") and GenerationService requeues it to resume."""
+        in on_finished("preempted") and RequestService requeues it to resume."""
         for model in models:
             lm = self.models.loaded.get(model)
             if lm is None or lm.state != "loaded" or lm.text_engine is None:

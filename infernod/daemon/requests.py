@@ -22,7 +22,7 @@ import enum
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from infernod.daemon.budget import Hold
 from infernod.daemon.scheduler import Scheduler
@@ -128,22 +128,10 @@ class Request:
         return len(self.body.get("texts") or ()) if self.kind is Kind.EMBED else 0
 
 
-class RequestRunner(Protocol):
-    """What the core asks of the service a kind runs on (generation, ONNX)."""
-
-    def expired(self, req: Request) -> None:
-        """The scheduler dropped queued ``req``: its deadline passed."""
-
-    def cancel(self, request_id: str, code: str = "cancelled",
-               message: str = "cancelled by request") -> str:
-        """End a queued request or ask a running one to stop: its new state."""
-
-
 class RequestTable:
     """Every live request of every kind, by id: the record the daemon's core holds from
-    admission to the last event. The services that run them (generation on text engines,
-    embed/infer on ONNX runners) add and remove their own; everyone reads one table, and the
-    ``queue`` topic is published from here alone."""
+    admission to the last event. The request service (daemon/lifecycle.py) adds and removes
+    them; everyone reads one table, and the ``queue`` topic is published from here alone."""
 
     def __init__(self, scheduler: Scheduler, publish: Publish) -> None:
         self.scheduler = scheduler

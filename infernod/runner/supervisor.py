@@ -59,7 +59,7 @@ ExitCallback = Callable[["RunnerEngine", str, str], None]
 
 
 class RunnerEngine:
-    """One runner process, seen from the daemon: the engine surface GenerationService and
+    """One runner process, seen from the daemon: the engine surface RequestService and
     QueueService use (submit, cancel, preempt, free_slots, n_slots, memory_bytes, wire_info),
     with the sink's callbacks made on the event loop, in the runner's order."""
 
@@ -166,7 +166,7 @@ class RunnerEngine:
 
     def _lost(self, sig: str, how: str) -> None:
         """The process is gone (reaped): runs it owed end with runner_crashed (an
-        unload's: aborted); its requests are GenerationService's to end."""
+        unload's: aborted); its requests are RequestService's to end."""
         runs, self._runs = self._runs, {}
         if self.closing:
             error = InfernoError("aborted", f"model {self.model} was unloaded")
@@ -316,14 +316,14 @@ class RunnerEngine:
 
 class OnnxRunnerEngine(RunnerEngine):
     """A runner hosting an ONNX model, seen from the daemon: the OnnxRunEngine surface
-    OnnxService uses (``run``, ``terminate``, ``busy``, ``free_slots``, ``provider``), with
-    each run's ``on_done(result, error)`` called on the loop. One run at a time is the
-    service's rule (``busy``); the runner's worker would queue more in order anyway."""
+    RequestService uses (``run``, ``terminate``, ``free_slots``, ``provider``), with each
+    run's ``on_done(result, error)`` called on the loop. How many runs at once is the
+    scheduler's rule (its slots: ``n_slots``, 1); the runner's worker would queue more in
+    order anyway."""
 
     def __init__(self, sup: RunnerSupervisor, model: str, runner_id: str,
                  kwargs: dict[str, Any], sink: EngineSink | None, on_exit: ExitCallback) -> None:
         super().__init__(sup, model, runner_id, kwargs, sink, on_exit)
-        self.busy = False  # a run is in flight (OnnxService sets and clears it)
 
     @property
     def provider(self) -> str | None:
@@ -335,7 +335,7 @@ class OnnxRunnerEngine(RunnerEngine):
             self._send("terminate", run_id)
 
     def free_slots(self) -> int:
-        return 0 if self.dead or self.busy else 1
+        return 0 if self.dead else max(0, self.n_slots - len(self._runs))
 
     def memory_bytes(self) -> dict[str, int]:
         return {"rss_bytes": self.rss_bytes()}

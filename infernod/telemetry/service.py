@@ -6,7 +6,7 @@ their lifecycle and connects them to the event loop:
 * ``TelemetrySampler`` runs in its own thread; each sample hops onto the loop with
   ``call_soon_threadsafe`` and is published on ``metrics`` (a state topic: the publisher
   keeps the last value for welcomes).
-* ``GenerationService`` calls :meth:`TelemetryService.on_run_start` when an engine starts a
+* ``RequestService`` calls :meth:`TelemetryService.on_run_start` when an engine starts a
   request and :meth:`TelemetryService.on_profile` when it ends; the profile goes into the
   ``Profiler`` ring and ``LatencyStats`` and out on ``profiles``.
 * A loop task publishes the statistics summary on ``stats`` every

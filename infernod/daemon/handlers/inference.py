@@ -8,32 +8,30 @@ from typing import Any
 
 from infernod.config import Config
 from infernod.daemon.catalog import ModelCatalog
-from infernod.daemon.generation import GenerationService
-from infernod.daemon.onnx import OnnxService
+from infernod.daemon.lifecycle import RequestService
+from infernod.daemon.onnx import onnx_request
 from infernod.daemon.queue import QueueService
-from infernod.daemon.requests import Kind, Request, RequestRunner, RequestTable, State
+from infernod.daemon.requests import Kind, Request, RequestTable, State
 from infernod.daemon.server import Call
 from infernod.protocol.errors import InfernoError
 
 
 class InferenceHandlers:
     def __init__(self, cfg: Callable[[], Config], catalog: ModelCatalog,
-                 gen: GenerationService, onnx: OnnxService, queue: QueueService,
-                 requests: RequestTable) -> None:
+                 service: RequestService, queue: QueueService, requests: RequestTable) -> None:
         self.cfg = cfg  # read per request: SIGHUP replaces the daemon's config
         self.catalog = catalog
         self.requests = requests
-        self.gen = gen
-        self.onnx = onnx
+        self.service = service  # every kind's lifecycle
         self.queue = queue
 
     async def generate(self, req: Call) -> dict[str, Any]:
         b = req.body
         info = await self.catalog.lookup(b["model"], req)
-        self.gen.models.check_role(info.name, req.role)
+        self.service.models.check_role(info.name, req.role)
         template = None
         if b.get("messages") is not None:
-            prompt, template = self.gen.models.render_chat(info, b["messages"])
+            prompt, template = self.service.models.render_chat(info, b["messages"])
         else:
             prompt = b["prompt"]
         s = self.cfg().scheduler
@@ -51,7 +49,7 @@ class InferenceHandlers:
                       priority=b.get("priority") or "normal", submitted=now,
                       deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
                       topic=f"tokens.{request_id}")
-        self.gen.submit(gen)
+        self.service.submit(gen)
         gen.hold, req.hold = req.hold, None  # the prompt stays in memory until gen finishes
         self.queue.admitted(gen.model)
         return {"request_id": request_id, "topic": gen.topic, "model": info.name,
@@ -59,13 +57,13 @@ class InferenceHandlers:
 
     async def embed(self, req: Call) -> dict[str, Any]:
         info = await self.catalog.lookup(req.body["model"], req)
-        self.gen.models.check_role(info.name, req.role)
-        return await self.onnx.handle("embed", req, info)
+        self.service.models.check_role(info.name, req.role)
+        return await self.service.call(onnx_request("embed", req, info, self.cfg()))
 
     async def infer(self, req: Call) -> dict[str, Any]:
         info = await self.catalog.lookup(req.body["model"], req)
-        self.gen.models.check_role(info.name, req.role)
-        return await self.onnx.handle("infer", req, info)
+        self.service.models.check_role(info.name, req.role)
+        return await self.service.call(onnx_request("infer", req, info, self.cfg()))
 
     async def cancel(self, req: Call) -> dict[str, Any]:
         """A generation, or a waiting or running embed/infer (same ids, same rule)."""
@@ -80,5 +78,4 @@ class InferenceHandlers:
         if not owner and req.role != "operator":
             raise InfernoError("forbidden", "only the request's owner or an operator may "
                                             "cancel it", "ask an operator")
-        runner: RequestRunner = self.gen if target.kind.generates else self.onnx
-        return {"request_id": rid, "state": runner.cancel(rid)}
+        return {"request_id": rid, "state": self.service.cancel(rid)}

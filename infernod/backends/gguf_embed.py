@@ -8,9 +8,10 @@ contexts: llama.cpp's CPU backend keeps a thread pool per calling thread, see
 GgufEngine.start). Its cost is dominated by the vocabulary, not the KV cells: when
 embedding, llama.cpp makes every token an output, so it holds logits for a whole batch
 (``max_length`` x vocabulary floats, and as much again in compute buffers). For Gemma 3
-(262,144 tokens) at the default 256 tokens that is about 530 MiB; a model with a 32k
-vocabulary needs an eighth of it. It is measured after the first batch (``memory_bytes``,
-``embedding`` in the model's ``wire_info``) and freed with the model.
+(262,144 tokens) at the default 256 tokens that is about 530 MiB once a full batch ran; a
+model with a 32k vocabulary needs an eighth of it. ``memory_bytes`` (``embedding`` in the
+model's ``wire_info``) is the runner's growth since the context was made, largest seen
+after a batch (pages are touched as batches fill); it is freed with the model.
 
 Pooling is the model's (GGUF ``<arch>.pooling_type``: mean, cls or last, as embedding
 models declare it). A model that declares none (a plain language model such as Gemma 3)
@@ -45,7 +46,7 @@ class GgufEmbedder:
         self._vocab = vocab
         self.dim = int(llama.llama_model_n_embd(model))
         self._rss0 = native.rss_bytes()
-        self.memory_bytes = 0  # measured after the first batch (buffers are touched then)
+        self.memory_bytes = 0  # measured after each batch (buffers are touched as used)
         self._ctx = self._context(model, n_threads, llama.LLAMA_POOLING_TYPE_UNSPECIFIED)
         pooling = int(llama.llama_pooling_type(self._ctx))
         if pooling in (llama.LLAMA_POOLING_TYPE_NONE, llama.LLAMA_POOLING_TYPE_RANK):
@@ -95,8 +96,8 @@ class GgufEmbedder:
                 n_tokens += len(s)
         if group:
             out[group] = self._decode([seqs[j] for j in group])
-        if not self.memory_bytes:
-            self.memory_bytes = max(0, native.rss_bytes() - self._rss0)
+        # pages are touched as batches grow: the largest growth seen since creation
+        self.memory_bytes = max(self.memory_bytes, native.rss_bytes() - self._rss0)
         if normalize and len(out):
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         t2 = time.perf_counter()

@@ -7,6 +7,7 @@ second, so a slow SSH link is never flooded.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -18,7 +19,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
 
-from inferno_tui import fmt
+from inferno_tui import errors, fmt
 from inferno_tui import messages as m
 from inferno_tui.connection import Connection, Settings
 from inferno_tui.fleet import STATUS_EVERY_S, DaemonView
@@ -206,10 +207,24 @@ class InfernoApp(App[None]):
         if msg.state == "connected":
             changes.update(hello_fields(msg.hello))
             d.history.clear()
+            boot = msg.hello.get("boot_id")
+            if d.hello_boot is not None and boot is not None and boot != d.hello_boot:
+                after = None if d.down_since is None else time.time() - d.down_since
+                changes["notice"] = errors.restarted(d.loading_when_lost, after)
+            elif d.down_since is not None:
+                changes["notice"] = f"infernod answers again (lost at {errors.clock(d.down_since)})"
+            d.hello_boot = str(boot) if boot is not None else d.hello_boot
+            d.loading_when_lost = None
         elif msg.state == "disconnected":
+            if d.down_since is None:  # what it was doing when it went away
+                d.loading_when_lost = next((p.model for p in d.snapshot.progress.values()
+                                            if p.action == "loading"), None)
             changes["queue"] = QueueView()
             changes["progress"] = {}
         d.note_connection(msg.state)
+        changes["down_since"] = d.down_since
+        if msg.state == "disconnected":  # why (msg.detail) is on the status bar
+            changes["notice"] = f"infernod {errors.lost(d.down_since)}"
         self._update(d, **changes)
         if d is self.current:
             self.connection_state = msg.state
@@ -229,7 +244,8 @@ class InfernoApp(App[None]):
             progress[name] = Progress(name, action, body.get("done_bytes"),
                                       body.get("total_bytes"), words)
         elif event == "loading":
-            progress[name] = Progress(name, "loading", None, body.get("estimate_bytes"))
+            progress[name] = Progress(name, "loading", None, body.get("estimate_bytes"),
+                                      since=time.monotonic())
         else:
             progress.pop(name, None)
         notice = {
@@ -261,6 +277,21 @@ class InfernoApp(App[None]):
         except Exception:
             return
         self._update(d, models=models_from_list(models.get("models") or []))
+
+    def refresh_queue(self) -> None:
+        """queue.list now: the ``queue`` topic says when requests start and end, not how
+        many tokens each has so far nor always when one starts waiting."""
+        d = self.current
+        if d.snapshot.connection == "connected" and "queue.list" in d.snapshot.capabilities:
+            self.run_worker(self._refresh_queue(d), group=f"queue-list-{self.active}",
+                            exclusive=True, exit_on_error=False)
+
+    async def _refresh_queue(self, d: DaemonView) -> None:
+        try:
+            reply = await d.connection.request("queue.list", timeout=10)
+        except Exception:  # the connection worker reports a lost daemon in words
+            return
+        self._update(d, queue=QueueView.from_wire(reply, d.snapshot.queue.level))
 
     @on(m.MetricsSampled)
     def _metrics(self, msg: m.MetricsSampled) -> None:

@@ -100,11 +100,14 @@ class Connection:
             except asyncio.CancelledError:
                 self._close()
                 raise
-            except (InfernoError, OSError, zmq.ZMQError) as e:
-                detail = getattr(e, "message", None) or str(e)
-            except Exception as e:  # never crash the console over one bad reply
+            except InfernoError as e:  # the client's own words ("no daemon socket at ...")
+                detail = e.message
+            except (OSError, zmq.ZMQError):  # libzmq's strings mean nothing to a user
                 log.exception("connection error")
-                detail = f"{type(e).__name__}: {e}"
+                detail = "the connection to the daemon broke"
+            except Exception:  # never crash the console over one bad reply
+                log.exception("connection error")
+                detail = "the daemon sent something this console cannot read"
             if self.client is not None:
                 backoff = 0.25  # we had been connected: retry quickly
             self._close()

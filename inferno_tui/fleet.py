@@ -30,6 +30,8 @@ class DaemonView:
     boot_id: str | None = None
     restarted_at: float | None = None  # wall clock of the last boot change we saw
     down_since: float | None = None  # wall clock: not answering since then
+    hello_boot: str | None = None  # the boot id of the daemon we were connected to
+    loading_when_lost: str | None = None  # the model it was loading when it went away
 
     def note_status(self, status: dict[str, Any]) -> None:
         boot = status.get("boot_id")

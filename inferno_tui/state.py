@@ -25,12 +25,14 @@ class Progress:
     done_bytes: int | None = None
     total_bytes: int | None = None
     message: str = ""
+    since: float | None = None  # monotonic: when it began (a load says how long so far)
 
 
 @dataclass(frozen=True)
 class Snapshot:
     connection: str = "connecting"  # connecting | connected | disconnected
     detail: str = ""
+    down_since: float | None = None  # wall clock: not answering since then
     role: str | None = None
     version: str | None = None
     capabilities: frozenset[str] = frozenset()

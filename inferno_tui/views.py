@@ -56,6 +56,7 @@ class ModelRow:
     runner_rss_bytes: int | None = None
     runner_cpu_s: float | None = None
     failed_reason: str | None = None  # state "failed": why its runner died
+    slots: int | None = None  # loaded: sequences it decodes at once
 
     @property
     def loaded(self) -> bool:
@@ -83,6 +84,7 @@ class ModelRow:
             runner_rss_bytes=m.get("runner_rss_bytes"),
             runner_cpu_s=m.get("runner_cpu_s"),
             failed_reason=m.get("failed_reason"),
+            slots=_i(d.get("slots")),
         )
 
 
@@ -107,7 +109,7 @@ def merge_loaded(rows: tuple[ModelRow, ...], loaded: Iterable[Any],
                                    "memory_bytes": None, "keep_alive_left_s": None,
                                    "pinned": False, "running": None, "runner_pid": None,
                                    "runner_rss_bytes": None, "runner_cpu_s": None,
-                                   "failed_reason": (f["failed_reason"] or None) if f else None}))
+                                   "slots": None, "failed_reason": (f["failed_reason"] or None) if f else None}))
         else:
             w, raw = got
             out.append(ModelRow(**{**row.__dict__, "state": w["state"] or "loaded",
@@ -118,6 +120,7 @@ def merge_loaded(rows: tuple[ModelRow, ...], loaded: Iterable[Any],
                                    "runner_pid": w["runner_pid"],
                                    "runner_rss_bytes": w.get("runner_rss_bytes"),
                                    "runner_cpu_s": w.get("runner_cpu_s"),
+                                   "slots": _i(raw.get("slots")),
                                    "failed_reason": None}))
     return tuple(out)
 
@@ -271,6 +274,8 @@ class QueueRow:
     tokens: int | None
     position: int | None = None
     eta_s: float | None = None
+    slot: int | None = None  # running: the engine slot it holds
+    cached_tokens: int | None = None  # running: prompt tokens that slot's cache held
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> QueueRow:
@@ -282,7 +287,8 @@ class QueueRow:
             client=r["client"] or r["session"] or None,
             age_s=num(d.get("age_s")), deadline_in_s=r["deadline_in_s"],
             tokens=_i(d.get("tokens")), position=r["position"],
-            eta_s=num(d.get("eta_s")))  # eta_s: from the request's `queued` events
+            eta_s=num(d.get("eta_s")),  # eta_s: from the request's `queued` events
+            slot=_i(d.get("slot")), cached_tokens=_i(d.get("cached_tokens")))
 
 
 @dataclass(frozen=True)

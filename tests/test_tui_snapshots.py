@@ -140,3 +140,38 @@ def test_chat_screen(snap_compare, tmp_path: Path) -> None:
     store.close()
     assert snap_compare(make_app(tmp_path, base_snapshot()), terminal_size=SIZE,
                         press=["c"], run_before=no_blink)
+
+
+def test_queue_slots_view(snap_compare, tmp_path: Path) -> None:
+    """``s`` on the queue screen: who holds which slot, its tokens so far, its cached prefix."""
+    models = [{**MODELS[0], "slots": 4}, *MODELS[1:]]
+    queue = QueueView.from_wire({"running": 2, "queued": 1, "level": "healthy", "items": [
+        {"request_id": "a1b2c3d4.7", "state": "running", "model": "gemma3-270m",
+         "priority": "normal", "client": "inferno-tui", "age_s": 3.2, "tokens": 57,
+         "slot": 0, "cached_tokens": 0},
+        {"request_id": "ffee0011.2", "state": "running", "model": "gemma3-270m",
+         "priority": "vip", "client": "batch", "age_s": 12.0, "tokens": 210, "slot": 2,
+         "cached_tokens": 384},
+        {"request_id": "0badcafe.9", "state": "queued", "model": "gemma3-270m",
+         "priority": "low", "client": "cli", "age_s": 1.0, "position": 1}]})
+    snap = base_snapshot(models=models_from_list(models), queue=queue)
+    assert snap_compare(make_app(tmp_path, snap), terminal_size=SIZE, press=["q", "s"])
+
+
+def test_error_state(snap_compare, tmp_path: Path, monkeypatch) -> None:
+    """A lost daemon in words: since when, why, and what to check (no libzmq strings)."""
+    import time
+
+    from inferno_tui import errors
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    down = 1_796_160_840.0  # 21:34 UTC
+    snap = base_snapshot(connection="disconnected", down_since=down,
+                         detail="the connection to the daemon broke (retrying)",
+                         notice=f"infernod {errors.lost(down)}")
+    try:
+        assert snap_compare(make_app(tmp_path, snap), terminal_size=SIZE)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -8,6 +8,7 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer
 
+from inferno_tui.errors import Words, in_words
 from inferno_tui.state import Snapshot
 from inferno_tui.widgets.status import StatusBar
 
@@ -50,11 +51,9 @@ class InfernoScreen(Screen[None]):
             return False
         return True
 
-    def notify_error(self, e: BaseException) -> None:
-        """Show a refusal clearly: the daemon's message and its hint."""
-        message = getattr(e, "message", None) or str(e)
-        hint = getattr(e, "hint", None)
-        code = getattr(e, "code", None)
-        title = f"refused: {code}" if code else "error"
-        self.notify(f"{message}\n{hint}" if hint else message, title=title,
-                    severity="error", timeout=8)
+    def notify_error(self, e: BaseException, what: str = "the request") -> Words:
+        """Show a failure in words (see inferno_tui/errors.py): what failed, why, what to
+        do; the daemon's code, message and hint for a refusal. Returns the words."""
+        words = in_words(e, what, self.inferno.current.down_since)
+        self.notify(words.body, title=words.title, severity="error", timeout=8)
+        return words

@@ -238,7 +238,7 @@ class ChatScreen(InfernoScreen):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(self.store.export_markdown(conv_id))
             except OSError as e:
-                self.notify_error(e)
+                self.notify_error(e, "exporting the conversation")
                 return
             self.notify(f"exported to {target}", timeout=5)
 
@@ -330,9 +330,8 @@ class ChatScreen(InfernoScreen):
                 stats["ttft_ms"] = (first - t0) * 1000
             stats.setdefault("completion_tokens", len(parts))
         except Exception as e:
-            code = getattr(e, "code", None) or type(e).__name__
-            stats = {"finish_reason": f"error: {code}"}
-            self.notify_error(e)
+            words = self.notify_error(e, "the reply")
+            stats = {"finish_reason": f"error: {words.short}"}
         finally:
             await view.finish_streaming(live, "".join(parts))
             self._stream = None
@@ -379,7 +378,7 @@ class ChatScreen(InfernoScreen):
         try:
             await stream.cancel()
         except Exception as e:
-            self.notify_error(e)
+            self.notify_error(e, "stopping the reply")
             self.workers.cancel_group(self, "generation")
 
     def action_regenerate(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.text import Text
@@ -12,6 +13,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, ProgressBar, Static
 
 from inferno_tui import fmt
+from inferno_tui.errors import in_words
 from inferno_tui.screens.base import InfernoScreen
 from inferno_tui.screens.dialogs import AskText, Confirm
 from inferno_tui.state import Progress, Snapshot
@@ -96,12 +98,13 @@ def detail_text(info: dict[str, Any] | None, row: ModelRow | None) -> Text:
 
 class ModelsScreen(InfernoScreen):
     MODE = "models"
-    MUTATING = frozenset({"load", "unload", "pin", "import_model", "pull_model", "cancel_pull",
+    MUTATING = frozenset({"load", "unload", "pin", "unpin", "import_model", "pull_model", "cancel_pull",
                           "remove"})
     BINDINGS = [
         Binding("l", "load", "Load"),
         Binding("u", "unload", "Unload"),
         Binding("p", "pin", "Pin"),
+        Binding("P", "unpin", "Unpin", show=False),
         Binding("i", "import_model", "Import"),
         Binding("d", "pull_model", "Pull"),
         Binding("D", "cancel_pull", "Stop pull", show=False),
@@ -158,9 +161,13 @@ class ModelsScreen(InfernoScreen):
         else:
             bar.update(total=None)
         what = f"{p.action} {p.model}"
-        if p.action == "loading" and p.total_bytes:
-            what += f" (~{fmt.size(p.total_bytes)})"
-        update_if_changed(notice, Text(f"{what} {p.message}", "bold yellow"))
+        if p.action == "loading":  # the daemon says when a load starts and ends, no fraction
+            if p.total_bytes:
+                what += f" (~{fmt.size(p.total_bytes)})"
+            if p.since is not None:
+                what += f", {time.monotonic() - p.since:.0f} s so far"
+            what += "; infernod reports no fraction for a load"
+        update_if_changed(notice, Text(f"{what} {p.message}".rstrip(), "bold yellow"))
 
     # -- selection and detail ---------------------------------------------------------------
     def selected(self) -> ModelRow | None:
@@ -188,7 +195,7 @@ class ModelsScreen(InfernoScreen):
         try:
             info = await self.inferno.connection.request("models.show", {"model": name})
         except Exception as e:
-            info = {"kind": f"n/a ({getattr(e, 'message', e)})"}
+            info = {"kind": f"n/a ({in_words(e, 'details').why})"}
         self._details[name] = info
         if (row := self.selected()) is not None and row.name == name:
             self.query_one("#models-detail", Static).update(detail_text(info, row))
@@ -206,6 +213,36 @@ class ModelsScreen(InfernoScreen):
         if (row := self.selected()) is not None:
             self.model_request("models.load", {"model": row.name, "keep_alive": -1},
                                f"pinning {row.name}")
+
+    def action_unpin(self) -> None:
+        """Shift+P: back to the idle keep-alive it would have had without the pin."""
+        if (row := self.selected()) is not None:
+            self.model_unpin(row.name)
+
+    @work(group="model-actions", exit_on_error=False)
+    async def model_unpin(self, name: str) -> None:
+        conn = self.inferno.connection
+        try:
+            info = await conn.request("models.show", {"model": name})
+            pin = (info.get("settings") or {}).get("pin") or {}
+            if pin.get("source") == "model" and pin.get("value"):  # its own setting pins it
+                await conn.request("models.unset", {"model": name, "keys": ["pin"]})
+            else:  # pinned by a load: load again with the configured keep-alive
+                own = (info.get("settings") or {}).get("keep_alive_s") or {}
+                if own.get("source") == "model":
+                    keep = own.get("value")
+                else:
+                    keep = (await conn.request("config.get",
+                                               {"key": "models.keep_alive_s"})).get("value")
+                await conn.request("models.load", {"model": name, "keep_alive": keep},
+                                   timeout=600)
+        except Exception as e:
+            self.inferno.update_snapshot(
+                notice=self.notify_error(e, f"unpinning {name}").line)
+            return
+        self.inferno.update_snapshot(notice=f"{name}: unpinned")
+        self._details.pop(name, None)
+        self.inferno.refresh_models()
 
     def action_unload(self) -> None:
         if (row := self.selected()) is not None:
@@ -226,9 +263,8 @@ class ModelsScreen(InfernoScreen):
         try:
             reply = await self.inferno.connection.upload_model(path)
         except Exception as e:
-            self.notify_error(e)
-            self.inferno.update_snapshot(notice=f"import of {path} refused: "
-                                                f"{getattr(e, 'message', None) or e}")
+            words = self.notify_error(e, f"importing {path}")
+            self.inferno.update_snapshot(notice=words.line)
             return
         self.inferno.update_snapshot(notice=f"{reply['model']}: imported")
         self.inferno.refresh_models()
@@ -273,7 +309,7 @@ class ModelsScreen(InfernoScreen):
         try:
             pairs = [item.partition("=") for item in shlex.split(text)]
         except ValueError as e:
-            self.inferno.update_snapshot(notice=f"settings of {name} not understood: {e}")
+            self.inferno.update_snapshot(notice=in_words(e, f"changing {name}'s settings").line)
             return
         values = {k: v for k, sep, v in pairs if sep and v}
         unset = [k for k, sep, v in pairs if sep and not v]
@@ -289,9 +325,8 @@ class ModelsScreen(InfernoScreen):
                 reply = await self.inferno.connection.request(
                     "models.unset", {"model": name, "keys": unset})
         except Exception as e:
-            self.notify_error(e)
-            self.inferno.update_snapshot(notice=f"settings of {name} refused: "
-                                                f"{getattr(e, 'message', None) or e}")
+            words = self.notify_error(e, f"changing {name}'s settings")
+            self.inferno.update_snapshot(notice=words.line)
             return
         later = reply.get("next_load") or []
         self.inferno.update_snapshot(notice=f"{name}: {', '.join([*values, *unset])} changed"
@@ -322,9 +357,8 @@ class ModelsScreen(InfernoScreen):
         try:
             reply = await self.inferno.connection.request(type_, body, timeout=600)
         except Exception as e:
-            self.notify_error(e)
-            self.inferno.update_snapshot(notice=f"{what} refused: "
-                                                f"{getattr(e, 'message', None) or e}")
+            words = self.notify_error(e, what)
+            self.inferno.update_snapshot(notice=words.line)
             return
         state = reply.get("state") or "done"
         self.inferno.update_snapshot(notice=f"{reply.get('model', '')}: {state}")

@@ -64,6 +64,39 @@ def stats_table(rows: tuple[StatsRow, ...]) -> Table:
     return t
 
 
+def slots_table(snap: Snapshot) -> Table:
+    """Which request holds which slot of each loaded model, its tokens so far and the
+    prompt tokens its slot's cache already held (``slot``/``cached_tokens`` of running
+    queue rows); free slots as such."""
+    t = Table(box=None, expand=True, padding=(0, 1), header_style="bold",
+              title="slots (s: back to latency)", title_justify="left",
+              title_style="bold underline")
+    for col in ("Model", "Slot", "Request", "Tokens", "Cached", "Class"):
+        t.add_column(col, justify="right" if col in ("Slot", "Tokens", "Cached") else "left")
+    running = [r for r in snap.queue.rows if r.state in ("running", "preempting")]
+    models = sorted({*(m.name for m in snap.models if m.state == "loaded"),
+                     *(r.model for r in running if r.model)})
+    for name in models:
+        rows = [r for r in running if r.model == name]
+        held = {r.slot: r for r in rows if r.slot is not None}
+        row = snap.model(name)
+        n = row.slots if row is not None and row.slots else 0
+        for i in range(max(n, max(held, default=-1) + 1)):
+            r = held.get(i)
+            if r is None:
+                t.add_row(name, str(i), Text("free", "dim"), "", "", "")
+            else:
+                t.add_row(name, str(i), r.request_id, fmt.text(r.tokens),
+                          fmt.text(r.cached_tokens), fmt.text(r.priority))
+        for r in rows:
+            if r.slot is None:  # a daemon that does not say which slot
+                t.add_row(name, "?", r.request_id, fmt.text(r.tokens),
+                          fmt.text(r.cached_tokens), fmt.text(r.priority))
+    if not models:
+        t.add_row(Text("no model loaded", "dim"), "", "", "", "", "")
+    return t
+
+
 def recent_text(recent: RecentLatency, width: int = 48) -> Group:
     ttft = Text("TTFT   ", "bold")
     ttft.append(spark(recent.ttft_ms, width, 0, None), "magenta")
@@ -77,15 +110,18 @@ def recent_text(recent: RecentLatency, width: int = 48) -> Group:
 class QueueScreen(InfernoScreen):
     MODE = "queue"
     MUTATING = frozenset({"cancel", "promote", "demote"})
+    POLL_S = 1.0
     BINDINGS = [
         Binding("x", "cancel", "Cancel"),
         Binding("plus,equals_sign", "promote", "Prio+"),
         Binding("minus", "demote", "Prio-"),
+        Binding("s", "slots", "Slots"),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self._queue: QueueView | None = None
+        self.show_slots = False
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="queue-summary")
@@ -95,6 +131,13 @@ class QueueScreen(InfernoScreen):
         yield table
         yield Static(id="queue-stats")
         yield Static(id="queue-recent")
+
+    def on_mount(self) -> None:
+        self.set_interval(self.POLL_S, self._poll)
+
+    def _poll(self) -> None:
+        if self.app.screen is self:  # only while shown: tokens so far, slots, new waiters
+            self.inferno.refresh_queue()
 
     def render_snapshot(self, snap: Snapshot) -> None:
         q = snap.queue
@@ -108,8 +151,12 @@ class QueueScreen(InfernoScreen):
                 table.add_row(*queue_cells(r), key=r.request_id)
             if q.rows:
                 table.move_cursor(row=min(cursor, len(q.rows) - 1))
-        update_if_changed(self.query_one("#queue-stats", Static), stats_table(snap.stats),
-                          key=snap.stats)
+        if self.show_slots:
+            update_if_changed(self.query_one("#queue-stats", Static), slots_table(snap),
+                              key=("slots", q.rows, snap.models))
+        else:
+            update_if_changed(self.query_one("#queue-stats", Static),
+                              stats_table(snap.stats), key=snap.stats)
         update_if_changed(self.query_one("#queue-recent", Static), recent_text(snap.recent),
                           key=snap.recent)
 
@@ -119,6 +166,11 @@ class QueueScreen(InfernoScreen):
         if allowed and action in ("promote", "demote") and caps and "reprioritize" not in caps:
             return False
         return allowed
+
+    def action_slots(self) -> None:
+        """Show the slots (who holds which, tokens, cached prefix) instead of latency."""
+        self.show_slots = not self.show_slots
+        self.show(self.inferno.snapshot)
 
     def selected(self) -> QueueRow | None:
         table = self.query_one(DataTable)
@@ -134,7 +186,7 @@ class QueueScreen(InfernoScreen):
 
         def done(yes: bool | None) -> None:
             if yes:
-                self.queue_request("cancel", {"request_id": row.request_id}, "cancel")
+                self.queue_request("cancel", {"request_id": row.request_id}, "cancelling")
 
         self.app.push_screen(Confirm(f"Cancel request {row.request_id}?"), done)
 
@@ -145,7 +197,8 @@ class QueueScreen(InfernoScreen):
         current = row.priority if row.priority in PRIORITIES else "normal"
         i = min(len(PRIORITIES) - 1, max(0, PRIORITIES.index(current) - step))
         self.queue_request("reprioritize", {"request_id": row.request_id,
-                                            "priority": PRIORITIES[i]}, f"-> {PRIORITIES[i]}")
+                                            "priority": PRIORITIES[i]},
+                           f"moving to {PRIORITIES[i]}")
 
     def action_promote(self) -> None:
         self._shift(1)
@@ -158,6 +211,6 @@ class QueueScreen(InfernoScreen):
         try:
             reply = await self.inferno.connection.request(type_, body)
         except Exception as e:
-            self.notify_error(e)
+            self.notify_error(e, f"{what} of {body['request_id']}")
             return
         self.notify(f"{body['request_id']}: {reply.get('state', what)}", timeout=3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import RenderableType
 from rich.text import Text
 from textual.widgets import Static
@@ -37,9 +39,12 @@ def status_text(snap: Snapshot, current: str, readonly: bool, width: int = 80,
         if loaded:
             t.append(" ")
             t.append(f"[{', '.join(loaded)}]", "dim")
-    elif snap.detail:
-        t.append(" ")
-        t.append(snap.detail, "dim")
+    else:
+        if snap.down_since is not None:
+            t.append(time.strftime(" since %H:%M", time.localtime(snap.down_since)), "bold red")
+        if snap.detail:
+            t.append(" ")
+            t.append(snap.detail, "dim")
     if readonly:
         t.append(" ")
         t.append("RO", "bold magenta")

@@ -226,6 +226,8 @@ class RequestService:
         if gen is None:
             return
         gen.last_event_at = time.monotonic()
+        gen.slot, gen.cached_tokens = _int_or_none(info.get("slot")), _int_or_none(
+            info.get("cached_tokens"))  # the queue rows' slot view
         self.publisher.publish(gen.topic, "start", {"request_id": request_id, **info})
         if self.on_run_start is not None:
             self.on_run_start(gen)
@@ -516,3 +518,7 @@ class RequestService:
 
     def publish_queue(self) -> None:
         self.requests.publish_queue()
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -97,6 +97,8 @@ class Request:
     finished_at: float | None = None
     load_wait_s: float = 0.0
     n_tokens: int = 0
+    slot: int | None = None  # generating kinds: the engine's slot (sequence) while it runs
+    cached_tokens: int | None = None  # of its prompt, reused from that slot's cache
     abort: tuple[str, str] | None = None  # (code, message) asked of a running request
     resume_tokens: list[int] = field(default_factory=list)  # preempted: its tokens so far
     on_done: Callable[[Request, str, dict[str, Any]], None] | None = None
@@ -188,13 +190,16 @@ class RequestTable:
                          model=rec.model, priority=rec.priority, state=state,
                          submitted=rec.submitted, deadline=rec.deadline, tokens=rec.n_tokens,
                          job=rec.job[0] if rec.job else None,
-                         preempted=bool(rec.resume_tokens), waiting=waiting)
+                         preempted=bool(rec.resume_tokens), waiting=waiting,
+                         slot=rec.slot if state == "running" else None,
+                         cached_tokens=rec.cached_tokens if state == "running" else None)
 
 
 def queue_row(now: float, *, request_id: str, kind: str, client: str, session: str,
               model: str, priority: str, state: str, submitted: float,
               deadline: float | None, tokens: int = 0, job: str | None = None,
-              preempted: bool = False, waiting: Mapping[str, Any] | None = None) -> QueueRow:
+              preempted: bool = False, waiting: Mapping[str, Any] | None = None,
+              slot: int | None = None, cached_tokens: int | None = None) -> QueueRow:
     """The one row shape of queue.list and the ``queue`` topic, for a request of any kind.
     ``waiting`` is the scheduler's row while it waits (Scheduler.snapshot): its place and
     its effective class."""
@@ -209,6 +214,7 @@ def queue_row(now: float, *, request_id: str, kind: str, client: str, session: s
         "age_s": round(now - submitted, 3),
         "deadline_in_s": None if deadline is None else round(deadline - now, 3),
         "tokens": tokens, "job": job, "preempted": preempted,
+        "slot": slot, "cached_tokens": cached_tokens,
     }
 
 

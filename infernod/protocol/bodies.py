@@ -42,6 +42,8 @@ QueueRow = TypedDict("QueueRow", {
     "tokens": int,
     "job": str | None,  # the job id of a job item
     "preempted": bool,  # paused once for a vip, resumes where it stopped
+    "slot": int | None,  # running: the engine slot (sequence) it holds
+    "cached_tokens": int | None,  # running: prompt tokens reused from that slot's cache
 })
 
 

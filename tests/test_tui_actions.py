@@ -18,7 +18,7 @@ from inferno_tui.app import InfernoApp
 from inferno_tui.connection import Settings
 from inferno_tui.screens.chat import ChatScreen, MessageView
 from inferno_tui.screens.chat_dialogs import ConversationsDialog, SettingsDialog
-from inferno_tui.screens.dialogs import AskText
+from inferno_tui.screens.dialogs import AskText, ModelSettingsForm
 from infernod.client import AsyncClient
 
 MODEL = "gemma3-270m"
@@ -101,25 +101,35 @@ async def test_models_load_pin_unpin_settings_unload_import_remove(
         assert not app.snapshot.model(MODEL).pinned
         assert f"{MODEL}: unpinned" in _shown(app, "#models-notice")
 
-        # Settings: a good value is kept by the daemon; a bad one shows its error in words.
-        await pilot.press("s")
-        await _type(pilot, "temperature=0.25")
+        # Settings, in a form listing models.show's settings: a value typed is kept by the
+        # daemon, a bad one shows its error in words, an emptied field removes it.
+        async def form(key: str, value: str) -> None:
+            await pilot.press("s")
+            await _until(pilot, lambda: isinstance(app.screen, ModelSettingsForm), 30, "form")
+            field = app.screen.query_one(f"#ms-{key}", Input)
+            assert field.value or field.placeholder.endswith(")")  # value (source)
+            field.value = value
+            await pilot.press("ctrl+s")
+            await _until(pilot, lambda: not isinstance(app.screen, ModelSettingsForm), 5,
+                         "form closed")
+
+        await form("temperature", "0.25")
         await _until(pilot, lambda: "temperature changed" in _shown(app, "#models-notice"), 30,
                      "settings changed")
         shown = await app.connection.request("models.show", {"model": MODEL})
         assert shown["settings"]["temperature"] == {"value": 0.25, "source": "model"}
-        await _until(pilot, lambda: "settings" in _shown(app, "#models-detail"), 10, "detail")
-        assert "temperature=0.25" in _shown(app, "#models-detail")
-        await pilot.press("s")
-        await _type(pilot, "temperature=hot")
+        await _until(pilot, lambda: "temperature=0.25" in _shown(app, "#models-detail"), 10,
+                     "detail")
+        await form("temperature", "hot")
         await _until(pilot, lambda: "failed" in _shown(app, "#models-notice"), 30, "refusal")
         notice = _shown(app, "#models-notice")
         assert f"changing {MODEL}'s settings failed: " in notice and "temperature" in notice
         assert "Error" not in notice and "Exception" not in notice
-        await pilot.press("s")
-        await _type(pilot, "temperature=")
+        await form("temperature", "")
         await _until(pilot, lambda: "temperature changed" in _shown(app, "#models-notice"), 30,
                      "setting removed")
+        shown = await app.connection.request("models.show", {"model": MODEL})
+        assert shown["settings"]["temperature"]["source"] != "model"
 
         # Unload.
         await pilot.press("u")

@@ -15,7 +15,7 @@ from textual.widgets import DataTable, ProgressBar, Static
 from inferno_tui import fmt
 from inferno_tui.errors import in_words
 from inferno_tui.screens.base import InfernoScreen
-from inferno_tui.screens.dialogs import AskText, Confirm
+from inferno_tui.screens.dialogs import AskText, Confirm, ModelSettingsForm
 from inferno_tui.state import Progress, Snapshot
 from inferno_tui.views import ModelRow
 from inferno_tui.widgets.status import update_if_changed
@@ -287,35 +287,28 @@ class ModelsScreen(InfernoScreen):
                                f"stopping the pull of {pulling[0].model}")
 
     def action_settings(self) -> None:
-        """The model's own settings: ``key=value`` sets (as typed, the daemon reads it as
-        the key's type), ``key=`` removes one (back to the config's value)."""
-        row = self.selected()
-        if row is None:
-            return
-
-        def done(text: str | None) -> None:
-            if text and text.strip():
-                self.model_settings(row.name, text)
-
-        self.app.push_screen(AskText(f"Settings of {row.name}: key=value ... ('key=' removes "
-                                     "one; 'inferno models keys' lists them):",
-                                     placeholder='n_ctx=8192 temperature=0.2 system_prompt="Be '
-                                                 'brief."'), done)
+        """The model's own settings in a form (from models.show): a filled field sets the
+        key, an emptied one removes it (back to the config's value)."""
+        if (row := self.selected()) is not None:
+            self.settings_form(row.name)
 
     @work(group="model-actions", exit_on_error=False)
-    async def model_settings(self, name: str, text: str) -> None:
-        import shlex
-
+    async def settings_form(self, name: str) -> None:
         try:
-            pairs = [item.partition("=") for item in shlex.split(text)]
-        except ValueError as e:
-            self.inferno.update_snapshot(notice=in_words(e, f"changing {name}'s settings").line)
+            info = await self.inferno.connection.request("models.show", {"model": name})
+        except Exception as e:
+            self.inferno.update_snapshot(
+                notice=self.notify_error(e, f"reading {name}'s settings").line)
             return
-        values = {k: v for k, sep, v in pairs if sep and v}
-        unset = [k for k, sep, v in pairs if sep and not v]
-        if len(values) + len(unset) != len(pairs):
-            self.inferno.update_snapshot(notice=f"settings of {name}: write key=value")
-            return
+
+        def done(result: tuple[dict[str, str], list[str]] | None) -> None:
+            if result is not None and (result[0] or result[1]):
+                self.model_settings(name, *result)
+
+        self.app.push_screen(ModelSettingsForm(name, info.get("settings") or {}), done)
+
+    @work(group="model-actions", exit_on_error=False)
+    async def model_settings(self, name: str, values: dict[str, str], unset: list[str]) -> None:
         try:
             reply: dict[str, Any] = {}
             if values:

@@ -267,3 +267,34 @@ async def test_chat_settings_regenerate_and_export(daemon, tmp_path: Path) -> No
         text = target.read_text()
         assert "## User" in text and "The capital of France is" in text
         assert again.content.strip() in text
+
+
+async def test_chat_ab_two_settings_side_by_side(daemon, tmp_path: Path) -> None:
+    from inferno_tui.screens.ab import ABScreen
+
+    app = InfernoApp(Settings(endpoint=daemon.endpoint, data_dir=str(tmp_path)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _until(pilot, lambda: app.snapshot.connection == "connected" and app.snapshot.models,
+                     30, "connected")
+        await pilot.press("c")
+        chat = app.screen
+        assert isinstance(chat, ChatScreen)
+        chat.query_one("#chat-input", Input).value = "The capital of France is"
+        await pilot.press("ctrl+b")
+        await _type(pilot, f"{MODEL} max_tokens=3 temperature=0 | {MODEL} max_tokens=7 "
+                           "temperature=0")
+        await _until(pilot, lambda: isinstance(app.screen, ABScreen), 10, "A/B screen")
+        ab = app.screen
+        await _until(pilot, lambda: ab.finished, 240, "both sides done")
+        await pilot.pause(0.5)
+        a, b = ab.sides
+        assert (a.params, b.params) == ({"max_tokens": 3, "temperature": 0},
+                                        {"max_tokens": 7, "temperature": 0})
+        assert not a.error and not b.error
+        assert a.tokens == 3 and 3 <= (b.tokens or 0) <= 7
+        assert a.ttft_ms and b.ttft_ms and a.tokens_per_s and b.tokens_per_s
+        assert "".join(b.parts).startswith("".join(a.parts))  # greedy: the same start
+        figures = _shown(app, "#ab-figures-0")
+        assert "TTFT" in figures and "tok/s" in figures and "3 tok" in figures
+        await pilot.press("escape")
+        await _until(pilot, lambda: app.screen is chat, 5, "closed")

@@ -20,6 +20,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Input, Markdown, Static
 
 from inferno_tui import fmt
+from inferno_tui.screens.ab import ABScreen, parse_sides
 from inferno_tui.screens.base import InfernoScreen
 from inferno_tui.screens.chat_dialogs import ConversationsDialog, SettingsDialog
 from inferno_tui.screens.dialogs import AskText, Confirm
@@ -94,12 +95,13 @@ class MessageView(Vertical):
 
 class ChatScreen(InfernoScreen):
     MODE = "chat"
-    MUTATING = frozenset({"regenerate", "stop", "submit"})
+    MUTATING = frozenset({"regenerate", "stop", "submit", "ab"})
     BINDINGS = [
         Binding("ctrl+n", "new", "New", priority=True),
         Binding("ctrl+o", "conversations", "Chats", priority=True),
         Binding("ctrl+s", "settings", "Settings", priority=True),
         Binding("ctrl+g", "regenerate", "Regen", priority=True),
+        Binding("ctrl+b", "ab", "A/B", priority=True),
         Binding("escape", "stop", "Stop/leave"),
         Binding("i", "focus_input", "Type", show=False),
     ]
@@ -380,6 +382,34 @@ class ChatScreen(InfernoScreen):
         except Exception as e:
             self.notify_error(e, "stopping the reply")
             self.workers.cancel_group(self, "generation")
+
+    def action_ab(self) -> None:
+        """One prompt (the input line, else the last message sent) to two models or two
+        settings, side by side."""
+        prompt = self.query_one("#chat-input", Input).value.strip() or next(
+            (m.content for m in reversed(self.history) if m.role == "user"), "")
+        client = self.inferno.connection.client
+        if not prompt or client is None:
+            self.notify("type a prompt first (and be connected)", timeout=4)
+            return
+        s = self.settings
+
+        def done(text: str | None) -> None:
+            if not text:
+                return
+            try:
+                sides = parse_sides(text, s.model or DEFAULT_MODEL)
+            except ValueError as e:
+                self.notify_error(e, "A/B")
+                return
+            base = {"temperature": s.temperature, "top_p": s.top_p,
+                    "max_tokens": s.max_tokens, "priority": s.priority}
+            self.app.push_screen(ABScreen(client, prompt, sides, base, s.mode == "completion"))
+
+        self.app.push_screen(AskText("A/B: two models, or two settings of one "
+                                     "(model k=v ... | model k=v ...):",
+                                     f"{s.model or DEFAULT_MODEL} temperature=0 | "
+                                     f"{s.model or DEFAULT_MODEL} temperature=1"), done)
 
     def action_regenerate(self) -> None:
         if self.generating or self.store is None or not self.history:

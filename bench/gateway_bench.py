@@ -93,9 +93,18 @@ def wait_http(proc: subprocess.Popen[bytes], url: str, what: str, timeout: float
 
 # -- one request per side -------------------------------------------------------------------
 async def http_stream(session: aiohttp.ClientSession, url: str, i: int,
-                      extra: dict[str, Any]) -> Run:
-    """One streamed completion from an OpenAI-compatible ``/v1/completions``."""
-    body = {"model": MODEL, "prompt": prompt(i), "max_tokens": TOKENS, "temperature": 0,
+                      extra: dict[str, Any], n: int) -> Run:
+    """One streamed completion from an OpenAI-compatible ``/v1/completions``. A kept-alive
+    connection the server closed while idle is retried once on a new one, as SDKs do."""
+    try:
+        return await _http_stream(session, url, i, extra, n)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        return await _http_stream(session, url, i, extra, n)
+
+
+async def _http_stream(session: aiohttp.ClientSession, url: str, i: int,
+                       extra: dict[str, Any], n: int) -> Run:
+    body = {"model": MODEL, "prompt": prompt(i), "max_tokens": n, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
     first = last = 0.0
@@ -124,11 +133,11 @@ async def http_stream(session: aiohttp.ClientSession, url: str, i: int,
             "start": t0, "first": first, "end": last}
 
 
-async def zmq_stream(client: AsyncClient, i: int) -> Run:
+async def zmq_stream(client: AsyncClient, i: int, n: int) -> Run:
     t0 = time.perf_counter()
     first = last = 0.0
     chunks = 0
-    stream = await client.generate(MODEL, prompt(i), max_tokens=TOKENS, temperature=0,
+    stream = await client.generate(MODEL, prompt(i), max_tokens=n, temperature=0,
                                    ignore_eos=True)
     async for text in stream:
         if text:
@@ -141,10 +150,10 @@ async def zmq_stream(client: AsyncClient, i: int) -> Run:
 
 
 class Side:
-    """A server under test: ``one(client_index, request_index)`` streams one completion on
+    """A server under test: ``one(client_index, request_index, max_tokens)`` streams one completion on
     that client's own connection."""
 
-    def __init__(self, name: str, one: Callable[[int, int], Awaitable[Run]],
+    def __init__(self, name: str, one: Callable[[int, int, int], Awaitable[Run]],
                  close: Callable[[], Awaitable[None]]) -> None:
         self.name, self.one, self.close = name, one, close
         self.single: list[Run] = []
@@ -159,8 +168,8 @@ async def http_side(name: str, url: str, extra: dict[str, Any]) -> Side:
                                       connector=aiohttp.TCPConnector(limit=1))
                 for _ in range(CLIENTS)]
 
-    async def one(c: int, i: int) -> Run:
-        return await http_stream(sessions[c], url, i, extra)
+    async def one(c: int, i: int, n: int = 0) -> Run:
+        return await http_stream(sessions[c], url, i, extra, n or TOKENS)
 
     async def close() -> None:
         for s in sessions:
@@ -174,8 +183,8 @@ async def zmq_side(endpoint: str) -> Side:
     for c in clients:
         await c.wait_welcome(timeout=30)
 
-    async def one(c: int, i: int) -> Run:
-        return await zmq_stream(clients[c], i)
+    async def one(c: int, i: int, n: int = 0) -> Run:
+        return await zmq_stream(clients[c], i, n or TOKENS)
 
     async def close() -> None:
         for c in clients:
@@ -191,11 +200,11 @@ def decode_rate(r: Run) -> float:
 async def measure_round(side: Side, base: int, singles: int) -> None:
     rates = []
     for k in range(singles):
-        r = await side.one(0, base + k)
+        r = await side.one(0, base + k, 0)
         side.single.append(r)
         rates.append(decode_rate(r))
     side.single_rate.append(statistics.median(rates))
-    runs = await asyncio.gather(*(side.one(c, base + singles + c) for c in range(CLIENTS)))
+    runs = await asyncio.gather(*(side.one(c, base + singles + c, 0) for c in range(CLIENTS)))
     side.multi.extend(runs)
     wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
     side.multi_rate.append(sum(r["tokens"] for r in runs) / wall)
@@ -309,8 +318,8 @@ async def run(args: argparse.Namespace, urls: dict[str, str], endpoint: str) -> 
         sides.append(await http_side("llama-cpp-python", urls["llama-cpp-python"], {}))
     try:
         for s in sides:  # warm: the first request's allocations, each client's connection
-            await s.one(0, 9000)
-            await asyncio.gather(*(s.one(c, 9001 + c) for c in range(CLIENTS)))
+            await s.one(0, 9000, 8)
+            await asyncio.gather(*(s.one(c, 9001 + c, 8) for c in range(CLIENTS)))
         base = 0
         per_round = args.singles + CLIENTS
         for rnd in range(args.rounds):

@@ -249,9 +249,8 @@ async def test_chat_settings_regenerate_and_export(daemon, tmp_path: Path) -> No
         # Regenerate: the last reply is replaced by a new one (greedy: the same text).
         await pilot.press("escape")
         await pilot.press("ctrl+g")
-        await _until(pilot, lambda: chat.generating, 10, "regenerating")
-        await _until(pilot, lambda: not chat.generating and len(chat.history) == 2, 180,
-                     "regenerated")
+        await _until(pilot, lambda: not chat.generating and len(chat.history) == 2
+                     and chat.history[-1].id != first.id, 180, "regenerated")
         again = chat.history[-1]
         assert again.id != first.id and again.content == first.content
         assert [m.role for m in chat.store.messages(chat.conv_id)] == ["user", "assistant"]

@@ -56,7 +56,7 @@ def test_inferno_tui_in_tmux(daemon, tmp_path: Path) -> None:
         keys("q")
         screen = wait("backpressure")
         keys("m")
-        screen = wait("Refresh")
+        screen = wait("Remove")
         assert "gemma3-270m" in screen and "avail" in screen
         lines = screen.splitlines()
         assert len(lines) <= 24 and max(len(line) for line in lines) <= 80

@@ -11,7 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from daemon_harness import DaemonProcess
 
 LISTENING = re.compile(r"listening on http://(\S+):(\d+)")
 
@@ -71,3 +76,23 @@ def run_gateway(args: list[str], timeout: float = 20.0) -> subprocess.CompletedP
     """Run the command to completion (for refusals that exit at once)."""
     return subprocess.run([sys.executable, "-m", "infernod.gateway", *args],
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def daemon_and_gateway(config: dict[str, Any], log_dir: Path,
+                       before_gateway: Callable[[DaemonProcess], None] | None = None,
+                       ) -> Iterator[tuple[DaemonProcess, GatewayProcess]]:
+    """A real daemon with ``config`` and a gateway in front of it, both stopped at the end
+    whatever happened. ``before_gateway`` runs on the started daemon first (a load)."""
+    daemon = DaemonProcess(config)
+    gateway: GatewayProcess | None = None
+    try:
+        daemon.start()
+        if before_gateway is not None:
+            before_gateway(daemon)
+        gateway = GatewayProcess(daemon.endpoint, log_dir / "gateway.log").start()
+        yield daemon, gateway
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        daemon.cleanup()

@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 from daemon_harness import DaemonProcess
-from gateway_harness import GatewayProcess, run_gateway
+from gateway_harness import GatewayProcess, daemon_and_gateway, run_gateway
 
 from infernod.gateway.errors import STATUS, missing_codes
 from infernod.protocol.errors import CODES
@@ -22,18 +22,9 @@ MODEL = "gemma3-270m"
 @pytest.fixture(scope="module")
 def stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[DaemonProcess, GatewayProcess]]:
-    daemon = DaemonProcess({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 4,
-                                       "preload": [MODEL]}})
-    gateway: GatewayProcess | None = None
-    try:
-        daemon.start()
-        gateway = GatewayProcess(daemon.endpoint,
-                                 tmp_path_factory.mktemp("gw") / "gateway.log").start()
-        yield daemon, gateway
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        daemon.cleanup()
+    with daemon_and_gateway({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 4,
+                                       "preload": [MODEL]}}, tmp_path_factory.mktemp("gw")) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 from daemon_harness import DaemonProcess
-from gateway_harness import GatewayProcess, run_gateway
+from gateway_harness import GatewayProcess, daemon_and_gateway, run_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 from infernod import apikeys
@@ -25,20 +25,13 @@ Stack = tuple[DaemonProcess, GatewayProcess]
 
 @pytest.fixture(scope="module")
 def stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    daemon = DaemonProcess({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 2,
-                                       "preload": [MODEL]}})
-    gateway: GatewayProcess | None = None
-    try:
-        daemon.start()
+    def load(daemon: DaemonProcess) -> None:
         with daemon.client(timeout=120) as c:
             c.load(MODEL)
-        gateway = GatewayProcess(daemon.endpoint,
-                                 tmp_path_factory.mktemp("gw") / "gateway.log").start()
-        yield daemon, gateway
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        daemon.cleanup()
+
+    with daemon_and_gateway({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 2,
+                                       "preload": [MODEL]}}, tmp_path_factory.mktemp("gw"), load) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 from daemon_harness import DaemonProcess
-from gateway_harness import GatewayProcess
+from gateway_harness import GatewayProcess, daemon_and_gateway
 from test_onnx import _minilm_dir
 
 ONNX_CONFIG = {"onnx": {"intra_op_threads": 1, "inter_op_threads": 1, "providers": ["CPU"]}}
@@ -24,18 +24,9 @@ def stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[DaemonProcess, GatewayProcess, Path]]:
     onnx_dir = tmp_path_factory.mktemp("onnx-models")
     os.symlink(_minilm_dir(), onnx_dir / "minilm")
-    daemon = DaemonProcess({"models": {"dirs": [str(models_dir), str(onnx_dir)]},
-                            **ONNX_CONFIG})
-    gateway: GatewayProcess | None = None
-    try:
-        daemon.start()
-        gateway = GatewayProcess(daemon.endpoint,
-                                 tmp_path_factory.mktemp("gw") / "gateway.log").start()
+    with daemon_and_gateway({"models": {"dirs": [str(models_dir), str(onnx_dir)]},
+                            **ONNX_CONFIG}, tmp_path_factory.mktemp("gw")) as (daemon, gateway):
         yield daemon, gateway, onnx_dir / "minilm"
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        daemon.cleanup()
 
 
 def _unit(a: np.ndarray) -> np.ndarray:

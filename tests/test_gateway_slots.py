@@ -21,7 +21,7 @@ from typing import Any
 import openai
 import pytest
 from daemon_harness import DaemonProcess, wait_for
-from gateway_harness import GatewayProcess
+from gateway_harness import GatewayProcess, daemon_and_gateway
 
 MODEL = "gemma3-270m"
 QUEUE = 4
@@ -31,20 +31,11 @@ LONG = {"max_tokens": 900, "ignore_eos": True}  # far longer than any test waits
 @pytest.fixture(scope="module")
 def stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[DaemonProcess, GatewayProcess]]:
-    daemon = DaemonProcess({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 1,
+    with daemon_and_gateway({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 1,
                                        "preload": [MODEL]},
                             "scheduler": {"max_queue_per_model": QUEUE},
-                            "daemon": {"drain_timeout_s": 20}})
-    gateway: GatewayProcess | None = None
-    try:
-        daemon.start()
-        gateway = GatewayProcess(daemon.endpoint,
-                                 tmp_path_factory.mktemp("gw") / "gateway.log").start()
-        yield daemon, gateway
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        daemon.cleanup()
+                            "daemon": {"drain_timeout_s": 20}}, tmp_path_factory.mktemp("gw")) as pair:
+        yield pair
 
 
 def _oai(gw: GatewayProcess, timeout: float = 120) -> openai.OpenAI:

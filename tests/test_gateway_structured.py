@@ -12,8 +12,7 @@ from typing import Any
 
 import openai
 import pytest
-from daemon_harness import DaemonProcess
-from gateway_harness import GatewayProcess
+from gateway_harness import daemon_and_gateway
 
 MODEL = "gemma3-270m"
 PERSON = {"type": "object",
@@ -24,19 +23,11 @@ PERSON = {"type": "object",
 
 @pytest.fixture(scope="module")
 def oai(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    daemon = DaemonProcess({"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 2,
-                                       "preload": [MODEL]}})
-    gateway: GatewayProcess | None = None
-    try:
-        daemon.start()
-        gateway = GatewayProcess(daemon.endpoint,
-                                 tmp_path_factory.mktemp("gw") / "gateway.log").start()
+    config = {"models": {"dirs": [str(models_dir)], "n_ctx": 1024, "slots": 2,
+                         "preload": [MODEL]}}
+    with daemon_and_gateway(config, tmp_path_factory.mktemp("gw")) as (_, gateway):
         yield openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", timeout=180,
                             max_retries=0)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        daemon.cleanup()
 
 
 def _matches_person(doc: Any) -> bool:

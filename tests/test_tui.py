@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable, Input
+from tui_harness import cell as _cell
+from tui_harness import until as _until
 
 from inferno_tui.app import InfernoApp
 from inferno_tui.connection import Settings
@@ -90,20 +92,6 @@ def test_status_bar_text_states() -> None:
 
 
 # -- against the real daemon -----------------------------------------------------------------
-async def _until(pilot, cond, timeout: float = 60.0, what: str = "condition") -> None:
-    loops = int(timeout / 0.1)
-    for _ in range(loops):
-        if cond():
-            return
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _cell(table: DataTable, row: int, col: int) -> str:
-    value = table.get_row_at(row)[col]
-    return getattr(value, "plain", str(value))
-
-
 @pytest.mark.model
 @pytest.mark.slow
 async def test_load_chat_queue_and_cancel(daemon, tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from textual.widgets import DataTable, Input, Static
+from tui_harness import cell as _cell
+from tui_harness import until as _until
 
 from inferno_tui.app import InfernoApp
 from inferno_tui.connection import Settings
@@ -23,19 +25,6 @@ from infernod.client import AsyncClient
 
 MODEL = "gemma3-270m"
 pytestmark = [pytest.mark.model, pytest.mark.slow]
-
-
-async def _until(pilot, cond, timeout: float = 60.0, what: str = "condition") -> None:
-    for _ in range(int(timeout / 0.1)):
-        if cond():
-            return
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _cell(table: DataTable, row: int, col: int) -> str:
-    value = table.get_row_at(row)[col]
-    return getattr(value, "plain", str(value))
 
 
 def _rows(table: DataTable) -> dict[str, list[str]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from textual.widgets import DataTable, Input, Static
+from tui_harness import until as _until
 
 from inferno_tui import errors
 from inferno_tui.app import InfernoApp
@@ -27,14 +28,6 @@ from infernod.protocol.errors import DaemonUnavailable, InfernoError
 MODEL = "gemma3-270m"
 # What must never reach the screen: class names, Python reprs, libzmq's strings.
 LEAKS = re.compile(r"Error\b|Exception|ZMQ|zmq|Traceback|non-socket|Errno|Resource temporarily")
-
-
-async def _until(pilot, cond, timeout: float = 60.0, what: str = "condition") -> None:
-    for _ in range(int(timeout / 0.1)):
-        if cond():
-            return
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _text(renderable) -> str:
@@ -139,9 +132,9 @@ async def test_a_daemon_restarted_during_a_load_and_a_reply_in_words(daemon,
                                                                      tmp_path: Path) -> None:
     app = InfernoApp(Settings(endpoint=daemon.endpoint, data_dir=str(tmp_path)))
     async with app.run_test(size=(80, 24)) as pilot:
-        await _until(pilot, lambda: app.snapshot.connection == "connected" and app.snapshot.models,
-                     30, "connected")
         table = app.screen.query_one("#models-table", DataTable)
+        await _until(pilot, lambda: app.snapshot.connection == "connected"
+                     and table.row_count >= 1, 30, "connected, the models table drawn")
 
         # Killed while loading, started again: the console says so when it is back.
         # (a load can end between two looks: unload and try again)

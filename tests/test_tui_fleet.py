@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable, Static
+from tui_harness import cell as _cell
+from tui_harness import until as _until
 
 from inferno_tui.__main__ import parse_args
 from inferno_tui.app import InfernoApp
@@ -17,19 +19,6 @@ from inferno_tui.widgets.status import StatusBar
 from infernod.client.config import DaemonEntry
 
 SIZE = (80, 24)
-
-
-def _cell(table: DataTable, row: int, col: int) -> str:
-    value = table.get_row_at(row)[col]
-    return getattr(value, "plain", str(value))
-
-
-async def _until(pilot, cond, timeout: float = 60.0, what: str = "condition") -> None:
-    for _ in range(int(timeout / 0.1)):
-        if cond():
-            return
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_console_reads_client_toml(tmp_path, monkeypatch) -> None:

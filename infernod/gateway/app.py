@@ -51,6 +51,7 @@ class Gateway:
         self._client: AsyncClient | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.draining_since: float | None = None
+        self.draining_boot: str | None = None  # the daemon (boot id) that said it was draining
         self.metrics = GatewayMetrics()
 
     # -- the client ---------------------------------------------------------------------
@@ -80,6 +81,7 @@ class Gateway:
     def _noted(self, e: InfernoError) -> HttpError:
         if e.code == "shutting_down":
             self.draining_since = time.monotonic()
+            self.draining_boot = self._client.boot_id if self._client is not None else None
         return from_inferno(e)
 
     # -- the application ----------------------------------------------------------------
@@ -314,8 +316,10 @@ class Gateway:
             return web.json_response({"status": "down", "reason": f"{e.code}: {e.message}"},
                                      status=503)
         reasons = []
-        if status.get("draining") or (self.draining_since is not None and
-                                      time.monotonic() - self.draining_since < DRAIN_MEMORY_S):
+        draining = (self.draining_since is not None
+                    and time.monotonic() - self.draining_since < DRAIN_MEMORY_S
+                    and status.get("boot_id") == self.draining_boot)  # not a daemon since
+        if status.get("draining") or draining:
             reasons.append("the daemon is draining: new requests are refused")
         for failed in status.get("models_failed") or []:
             reasons.append(f"model {failed.get('name')} failed: {failed.get('failed_reason')}")

@@ -224,38 +224,3 @@ def test_the_cli_sets_shows_and_unsets(daemon, capsys) -> None:
     line = next(ln for ln in capsys.readouterr().out.splitlines()
                 if ln.strip().startswith("n_ctx"))
     assert "1024" in line and "config" in line
-
-
-@pytest.mark.slow
-async def test_the_console_sets_and_unsets_a_models_settings(daemon, tmp_path: Path) -> None:
-    from test_tui import _until
-
-    from inferno_tui.app import InfernoApp
-    from inferno_tui.connection import Settings
-    from inferno_tui.screens.dialogs import AskText
-
-    async def type_settings(text: str) -> None:  # the dialog first: 'c' would open the chat
-        await pilot.press("s")
-        await _until(pilot, lambda: isinstance(app.screen, AskText), 30, "the dialog")
-        await pilot.press(*text, "enter")
-        await _until(pilot, lambda: not isinstance(app.screen, AskText), 30, "dialog closed")
-
-    app = InfernoApp(Settings(endpoint=daemon.endpoint, data_dir=str(tmp_path)))
-    async with app.run_test(size=(80, 24)) as pilot:
-        await _until(pilot, lambda: app.snapshot.connection == "connected"
-                     and app.snapshot.models, 30, "connected with a model list")
-        await _until(pilot, lambda: app.screen.query("#models-table"), 30, "the models screen")
-        await type_settings('n_ctx=512 pin=true system_prompt="Be brief."')
-        await _until(pilot, lambda: "changed" in app.snapshot.notice, 60, "the set's notice")
-        with daemon.client() as c:
-            s = c.show(M)["settings"]
-        assert s["n_ctx"] == {"value": 512, "source": "model"}
-        assert s["pin"]["value"] is True and s["system_prompt"]["value"] == "Be brief."
-        detail = app.screen.query_one("#models-detail")
-        await _until(pilot, lambda: "n_ctx=512" in str(detail.render()), 60, "the detail")
-        await type_settings("n_ctx= slots=0")  # one bad value: nothing changes
-        await _until(pilot, lambda: "refused" in app.snapshot.notice, 60, "the refusal")
-        await type_settings("n_ctx=")
-        await _until(pilot, lambda: "n_ctx changed" in app.snapshot.notice, 60, "the unset")
-        with daemon.client() as c:
-            assert c.show(M)["settings"]["n_ctx"]["source"] == "config"

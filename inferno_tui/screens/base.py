@@ -39,8 +39,10 @@ class InfernoScreen(Screen[None]):
     def show(self, snap: Snapshot) -> None:
         """Render the app's latest snapshot (called at most REDRAW_HZ times a second)."""
         app = self.inferno
-        self.query_one(StatusBar).show(snap, self.MODE, app.readonly,
-                                       app.current.name if app.fleet else "")
+        bars = self.query(StatusBar)
+        if not bars:  # resumed before its children were composed: the next redraw shows it
+            return
+        bars.first().show(snap, self.MODE, app.readonly, app.current.name if app.fleet else "")
         self.render_snapshot(snap)
 
     def render_snapshot(self, snap: Snapshot) -> None:

@@ -5,13 +5,12 @@ prompt (a request's own value wins), a role it leaves out is refused."""
 
 from __future__ import annotations
 
-import random
-import socket
 import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_security import _free_port_pair
 
 from infernod import model_settings
 from infernod.cli import app as cli
@@ -165,19 +164,6 @@ def test_default_sampling_and_system_prompt_apply_and_a_request_value_wins(daemo
         stream = c.generate(M, messages=chat, max_tokens=1)
         list(stream)
         assert stream.reply["chat_template"] == "chatml"
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        port = random.randint(20000, 60000)
-        try:
-            for p in (port, port + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def test_allowed_roles_refuse_a_lower_role(daemon_factory, tmp_path: Path) -> None:

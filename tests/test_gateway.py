@@ -186,3 +186,54 @@ def test_sse_framing_at_the_byte_level_on_one_kept_alive_connection(
         json.loads(ev[len(b"data: "):])
     objs = [json.loads(ev[len(b"data: "):]) for ev in events[:-2]]
     assert objs[-1]["choices"] == [] and objs[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_openai_user_is_the_requests_client_in_queue_rows_and_profiles(
+        stack: tuple[DaemonProcess, GatewayProcess], oai: openai.OpenAI,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """OpenAI's ``user`` reaches the daemon as the request's label: ``inferno queue`` shows it
+    while the stream runs, and the request's profile keeps it."""
+    from infernod.cli import app as cli
+
+    daemon = stack[0]
+    raw = oai.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell a long story."}],
+        max_tokens=400, temperature=0, stream=True, user="alice@example.org",
+        extra_body={"ignore_eos": True})
+    rid = raw.headers["x-request-id"]
+    stream = raw.parse()
+    try:
+        next(iter(stream))  # it runs now
+        assert cli.main(["--endpoint", daemon.endpoint, "queue"]) == 0
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(rid)]
+        assert len(lines) == 1 and lines[0].endswith(" alice@example.org"), lines
+    finally:
+        stream.close()
+    with daemon.client(timeout=10) as c:
+        for _ in range(100):  # the profile is written when the cancelled stream ends
+            mine = [p for p in c.profiles(50) if p["request_id"] == rid]
+            if mine:
+                break
+            c.listen(0.1)
+    assert mine and mine[0]["client"] == "alice@example.org"
+
+
+@pytest.mark.parametrize("user,why", [("u" * 65, "65 characters"),
+                                      ("alice\nINFO forged line", "control characters")])
+def test_a_user_too_long_or_with_control_characters_is_a_400_naming_it(
+        oai: openai.OpenAI, user: str, why: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="Hi", max_tokens=2, user=user)
+    body = e.value.body
+    assert isinstance(body, dict) and body["param"] == "user", body
+    assert why in body["message"] and "64" in body["message"]
+
+
+def test_the_daemon_refuses_a_label_with_a_newline(
+        stack: tuple[DaemonProcess, GatewayProcess]) -> None:
+    from infernod.protocol.errors import InfernoError
+
+    with stack[0].client(timeout=30) as c, pytest.raises(InfernoError) as e:
+        c.generate(MODEL, "Hi", max_tokens=2, client="bob\r\nx")
+    assert e.value.code == "bad_request" and "generate.client" in e.value.message
+    assert "printable" in e.value.message

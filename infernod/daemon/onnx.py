@@ -71,6 +71,7 @@ def onnx_request(op: str, req: Call, info: ModelInfo, cfg: Config) -> Request:
                    priority=b.get("priority") or "normal", submitted=now,
                    deadline=deadline_mono,
                    timeout_s=min(b.get("timeout_s") or s.timeout_s, s.max_timeout_s),
+                   client=b.get("client") or "",
                    future=asyncio.get_running_loop().create_future())
 
 

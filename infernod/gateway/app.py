@@ -204,7 +204,7 @@ class Gateway:
         task of its own, so a client leaving meanwhile still learns the id to cancel."""
         task = asyncio.ensure_future(self.client.generate(
             call.model, call.prompt, messages=call.messages, deadline=deadline,
-            priority=priority, **call.params))
+            priority=priority, client=call.user, **call.params))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -275,6 +275,9 @@ class Gateway:
         priority = self._priority(request, body)
         if priority is not None:
             payload["priority"] = priority
+        user = wire.user_label(body)
+        if user is not None:
+            payload["client"] = user  # the label queue rows and profiles show
         client = self.client
         msg_id = client.core.new_id()
         request_id = f"{client.session}.{msg_id}"  # an embed's id (docs/protocol.md)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infernod.gateway.errors import bad_request
+from infernod.protocol.messages import MAX_LABEL_CHARS
 from infernod.protocol.vocabulary import PRIORITIES
 
 
@@ -200,10 +201,18 @@ def _model(body: dict[str, Any], default: str | None) -> str:
     return model
 
 
-def _user(body: dict[str, Any]) -> str | None:
+def user_label(body: dict[str, Any]) -> str | None:
+    """OpenAI's ``user``: it travels to the daemon as the request's ``client`` label (queue
+    rows, profiles), so it is held to that label's bounds here, with OpenAI's error shape."""
     user = body.get("user")
-    if user is not None and not isinstance(user, str):
+    if user is None or user == "":
+        return None
+    if not isinstance(user, str):
         raise bad_request("'user' must be a string", "user")
+    if len(user) > MAX_LABEL_CHARS or not user.isprintable():
+        what = f"{len(user)} characters" if user.isprintable() else "control characters"
+        raise bad_request(f"'user' must be at most {MAX_LABEL_CHARS} printable characters, "
+                          f"not {what}: send a short id, e.g. a hash of the account", "user")
     return user
 
 
@@ -245,7 +254,7 @@ def parse_chat(body: dict[str, Any], default_model: str | None) -> GenCall:
     stream, include = _stream_flags(body)
     params = {**_sampling(body), **_logprobs(body, "chat"), **_response_format(body)}
     return GenCall("chat", _model(body, default_model), stream, include, messages=out,
-                   params=params, user=_user(body))
+                   params=params, user=user_label(body))
 
 
 def parse_completion(body: dict[str, Any], default_model: str | None) -> GenCall:
@@ -260,7 +269,7 @@ def parse_completion(body: dict[str, Any], default_model: str | None) -> GenCall
     params = {**_sampling(body), **_logprobs(body, "completion"), **_response_format(body)}
     params.setdefault("max_tokens", 16)  # OpenAI's default for /v1/completions
     return GenCall("completion", _model(body, default_model), stream, include,
-                   prompt=prompt, params=params, user=_user(body))
+                   prompt=prompt, params=params, user=user_label(body))
 
 
 def parse_embeddings(body: dict[str, Any], default_model: str | None
@@ -278,7 +287,7 @@ def parse_embeddings(body: dict[str, Any], default_model: str | None
     if body.get("dimensions") is not None:
         raise bad_request("'dimensions' is not supported: the model's own size is returned",
                           "dimensions", "unsupported_parameter")
-    _user(body)
+    user_label(body)
     return _model(body, default_model), texts, fmt
 
 

@@ -69,6 +69,15 @@ _SAMPLING: dict[str, F] = {
     "ignore_eos": F(BOOL, doc="keep generating past end-of-generation tokens (benchmarks)"),
 }
 
+# A label the queue rows and profiles show for the request instead of its session (the
+# gateway sends OpenAI's ``user``); printable text only, since log lines carry it too.
+MAX_LABEL_CHARS = 64
+_LABEL: dict[str, F] = {
+    "client": F(STR, max_len=MAX_LABEL_CHARS, doc="a label shown with the request in queue "
+                "rows and profiles instead of its session, e.g. the end user an HTTP request "
+                "is for (not an identity: the principal decides what it may do)"),
+}
+
 # Structured output (generate and jobs.submit): at most one of the two.
 _STRUCTURED: dict[str, F] = {
     "json_schema": F(MAP, doc="a JSON Schema the output must match (enforced with a llama.cpp "
@@ -149,6 +158,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "logprobs": F(BOOL, doc="token events carry each token's log-probability"),
         "top_logprobs": F(INT, min=0, max=20, doc="with logprobs: the N most likely "
                           "alternatives of each token (default 0)"),
+        **_LABEL,
         **_STRUCTURED,
         **_SAMPLING,
     },
@@ -159,6 +169,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "priority": F(STR, choices=PRIORITIES, doc="default 'normal'"),
         "keep_alive": F(NUM, min=-1, max=10**7),
         "timeout_s": F(NUM, min=0.1, max=86400, doc="queue + run time limit"),
+        **_LABEL,
     },
     "infer": {
         "model": F(STR, True, max_len=64, doc="an ONNX model"),
@@ -291,7 +302,19 @@ def validate_body(
         _validate_generate(body)
     if "stop" in schema:
         _validate_stop(type_, body)
+    if schema.get("client") is _LABEL["client"]:
+        _validate_label(type_, body)
     return body
+
+
+def _validate_label(type_: str, body: dict[str, Any]) -> None:
+    """A label goes into queue rows, profiles and log lines: no control characters (a
+    newline would forge a log line) and not empty."""
+    label = body.get("client")
+    if label is not None and (not label or not label.isprintable()):
+        raise InfernoError("bad_request", f"{type_}.client must be 1-{MAX_LABEL_CHARS} "
+                           "printable characters (no newlines or other control characters)",
+                           "send a name or an opaque id, e.g. a hash of the user's account")
 
 
 MAX_STOP_CHARS = 256

@@ -48,7 +48,7 @@ class InferenceHandlers:
                       prompt=prompt, body=b,
                       priority=b.get("priority") or "normal", submitted=now,
                       deadline=deadline_mono, timeout_s=timeout_s, stall_timeout_s=stall_s,
-                      topic=f"tokens.{request_id}")
+                      topic=f"tokens.{request_id}", client=b.get("client") or "")
         self.service.submit(gen)
         gen.hold, req.hold = req.hold, None  # the prompt stays in memory until gen finishes
         self.queue.admitted(gen.model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from textual import on
@@ -39,6 +40,7 @@ from inferno_tui.views import (
     models_from_list,
     stats_rows,
 )
+from inferno_tui.workers import start as start_worker
 from infernod.client.config import DaemonEntry
 
 SCREENS = (("models", "Models", "m"), ("gpu", "GPU & system", "g"), ("chat", "Chat", "c"),
@@ -118,8 +120,7 @@ class InfernoApp(App[None]):
         self.set_interval(1 / self.REDRAW_HZ, self._redraw)
         if self._connect:
             for i, d in enumerate(self.daemons):  # each keeps its subscriptions open
-                self.run_worker(d.connection.run(), group=f"connection-{i}", exclusive=True,
-                                exit_on_error=False)
+                start_worker(self, d.connection.run, f"connection-{i}", exclusive=True)
             if self.fleet:
                 self.set_interval(STATUS_EVERY_S, self._poll_status)
         if self.fleet:
@@ -128,8 +129,7 @@ class InfernoApp(App[None]):
     def _poll_status(self) -> None:
         for i, d in enumerate(self.daemons):
             if d.snapshot.connection == "connected":
-                self.run_worker(self._status(d), group=f"status-{i}", exclusive=True,
-                                exit_on_error=False)
+                start_worker(self, partial(self._status, d), f"status-{i}", exclusive=True)
 
     async def _status(self, d: DaemonView) -> None:
         try:
@@ -268,8 +268,8 @@ class InfernoApp(App[None]):
 
     def refresh_models(self, daemon: int | None = None) -> None:
         i = self.active if daemon is None else daemon
-        self.run_worker(self._refresh_models(self.daemons[i]), group=f"models-list-{i}",
-                        exclusive=True, exit_on_error=False)
+        start_worker(self, partial(self._refresh_models, self.daemons[i]), f"models-list-{i}",
+                     exclusive=True)
 
     async def _refresh_models(self, d: DaemonView) -> None:
         try:
@@ -283,8 +283,8 @@ class InfernoApp(App[None]):
         many tokens each has so far nor always when one starts waiting."""
         d = self.current
         if d.snapshot.connection == "connected" and "queue.list" in d.snapshot.capabilities:
-            self.run_worker(self._refresh_queue(d), group=f"queue-list-{self.active}",
-                            exclusive=True, exit_on_error=False)
+            start_worker(self, partial(self._refresh_queue, d), f"queue-list-{self.active}",
+                         exclusive=True)
 
     async def _refresh_queue(self, d: DaemonView) -> None:
         try:

@@ -6,12 +6,14 @@ Plus the pure parts (defensive parsing, chat store) and the import boundary.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -206,6 +208,24 @@ async def test_stray_output_and_shutdown_do_not_break_the_console(tmp_path: Path
         assert app.is_running
     app.update_snapshot()  # dirty after the last screen is gone
     app._redraw()
+
+
+async def test_background_refreshes_leave_no_coroutine_unawaited(tmp_path: Path) -> None:
+    """A refresh cancelled before it ran (a newer one in its exclusive group) or asked for
+    while the console stops never ran: no 'coroutine ... was never awaited' at shutdown."""
+    endpoint = f"ipc://{tmp_path}/nothing/control.sock"
+    app = InfernoApp(Settings(endpoint=endpoint, data_dir=str(tmp_path), readonly=True),
+                     connect=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with app.run_test(size=(80, 24)) as pilot:
+            app.refresh_models()
+            app.refresh_models()  # cancels the first before it started
+            await pilot.pause(0.1)
+        app.refresh_models()  # stopped
+        del app
+        gc.collect()
+    assert not [str(w.message) for w in caught if "never awaited" in str(w.message)]
 
 
 async def test_a_redraw_during_a_mode_switch_waits_for_the_new_screen(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from tui_harness import until as _until
 
 from inferno_tui.app import InfernoApp
 from inferno_tui.connection import Settings
+from inferno_tui.screens.ab import ABScreen
 from inferno_tui.screens.chat import ChatScreen, MessageView
 from inferno_tui.screens.chat_dialogs import ConversationsDialog, SettingsDialog
 from inferno_tui.screens.dialogs import AskText, ModelSettingsForm
@@ -257,22 +258,27 @@ async def test_chat_settings_regenerate_and_export(daemon, tmp_path: Path) -> No
         assert again.content.strip() in text
 
 
-async def test_chat_ab_two_settings_side_by_side(daemon, tmp_path: Path) -> None:
-    from inferno_tui.screens.ab import ABScreen
+async def _open_ab(pilot, prompt: str, sides: str) -> tuple[ChatScreen, ABScreen]:
+    """Connected, in chat, ``prompt`` typed: ctrl+b with ``sides``; the A/B screen open."""
+    app = pilot.app
+    await _until(pilot, lambda: app.snapshot.connection == "connected" and app.snapshot.models,
+                 30, "connected")
+    await pilot.press("c")
+    chat = app.screen
+    assert isinstance(chat, ChatScreen)
+    chat.query_one("#chat-input", Input).value = prompt
+    await pilot.press("ctrl+b")
+    await _type(pilot, sides)
+    await _until(pilot, lambda: isinstance(app.screen, ABScreen), 10, "A/B screen")
+    return chat, app.screen
 
+
+async def test_chat_ab_two_settings_side_by_side(daemon, tmp_path: Path) -> None:
     app = InfernoApp(Settings(endpoint=daemon.endpoint, data_dir=str(tmp_path)))
     async with app.run_test(size=(80, 24)) as pilot:
-        await _until(pilot, lambda: app.snapshot.connection == "connected" and app.snapshot.models,
-                     30, "connected")
-        await pilot.press("c")
-        chat = app.screen
-        assert isinstance(chat, ChatScreen)
-        chat.query_one("#chat-input", Input).value = "The capital of France is"
-        await pilot.press("ctrl+b")
-        await _type(pilot, f"{MODEL} max_tokens=3 temperature=0 | {MODEL} max_tokens=7 "
-                           "temperature=0")
-        await _until(pilot, lambda: isinstance(app.screen, ABScreen), 10, "A/B screen")
-        ab = app.screen
+        chat, ab = await _open_ab(pilot, "The capital of France is",
+                                  f"{MODEL} max_tokens=3 temperature=0 | {MODEL} max_tokens=7 "
+                                  "temperature=0")
         await _until(pilot, lambda: ab.finished, 240, "both sides done")
         await pilot.pause(0.5)
         a, b = ab.sides
@@ -286,3 +292,37 @@ async def test_chat_ab_two_settings_side_by_side(daemon, tmp_path: Path) -> None
         assert "TTFT" in figures and "tok/s" in figures and "3 tok" in figures
         await pilot.press("escape")
         await _until(pilot, lambda: app.screen is chat, 5, "closed")
+
+
+async def test_chat_ab_escape_cancels_both_requests(daemon, tmp_path: Path) -> None:
+    """Leaving the A/B view stops both generations on the daemon, not only their display."""
+    app = InfernoApp(Settings(endpoint=daemon.endpoint, data_dir=str(tmp_path)))
+    client = AsyncClient(daemon.endpoint, timeout=30, name="test")
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat, ab = await _open_ab(pilot, "Once upon a time",
+                                      f"{MODEL} max_tokens=1000 ignore_eos=true | {MODEL} "
+                                      "max_tokens=1000 ignore_eos=true temperature=0")
+            assert ab.sides[0].params == {"max_tokens": 1000, "ignore_eos": True}
+            await _until(pilot, lambda: all(s.parts for s in ab.sides), 240, "both streaming")
+            running = {r["request_id"] for r in (await client.request("queue.list"))["items"]
+                       if r.get("state") == "running"}
+            assert len(running) == 2, running
+
+            await pilot.press("escape")
+            await _until(pilot, lambda: app.screen is chat, 5, "closed")
+
+            async def queue_empty() -> bool:
+                return not (await client.request("queue.list"))["items"]
+
+            for _ in range(600):  # the cancels land within a decode step or two
+                if await queue_empty():
+                    break
+                await pilot.pause(0.1)
+            assert await queue_empty()
+            profiles = (await client.request("profiles.recent", {"n": 10}))["profiles"]
+            ends = {p["request_id"]: p["finish_reason"] for p in profiles
+                    if p["request_id"] in running}
+            assert ends == dict.fromkeys(running, "cancelled"), ends
+    finally:
+        client.close()

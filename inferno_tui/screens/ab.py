@@ -3,12 +3,15 @@ tok/s and tokens for each.
 
 Both requests go out at once; each side's text and figures are repainted at most four
 times a second, and only when they changed (the bytes-on-the-wire rule of the console).
+Leaving (Escape or otherwise) cancels what still runs on the daemon: nobody would read it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -21,9 +24,10 @@ from textual.widgets import Label, Static
 from inferno_tui import fmt
 from inferno_tui.errors import in_words
 from inferno_tui.widgets.status import update_if_changed
+from inferno_tui.workers import start as start_worker
 
 if TYPE_CHECKING:
-    from infernod.client import AsyncClient
+    from infernod.client import AsyncClient, AsyncStream
 
 
 @dataclass
@@ -53,6 +57,8 @@ class Side:
 
 
 def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)
@@ -82,6 +88,13 @@ def parse_sides(text: str, default_model: str) -> list[Side]:
     return sides
 
 
+async def _cancel(stream: AsyncStream) -> None:
+    try:
+        await stream.cancel()
+    except Exception:  # noqa: BLE001 - it ended meanwhile, or the daemon is gone: nothing runs
+        pass
+
+
 class ABScreen(ModalScreen[None]):
     """Escape closes (and stops what still runs)."""
 
@@ -100,6 +113,7 @@ class ABScreen(ModalScreen[None]):
         super().__init__()
         self.client, self.prompt, self.sides = client, prompt, sides
         self.base, self.completion = base, completion
+        self._submits: list[asyncio.Future[AsyncStream]] = []
 
     def compose(self) -> ComposeResult:
         with Vertical(id="ab"):
@@ -114,8 +128,25 @@ class ABScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         for i in range(len(self.sides)):
-            self.run_worker(self._run(self.sides[i]), group=f"ab-{i}", exit_on_error=False)
+            start_worker(self, partial(self._run, self.sides[i]), f"ab-{i}")
         self.set_interval(0.25, self._paint)
+
+    def on_unmount(self) -> None:
+        """Cancel both requests on the daemon unless they ended: the workers reading them
+        stop with this screen, the daemon's generation would not. A request still being
+        submitted is cancelled as soon as its stream is known."""
+        for submit in self._submits:
+            if submit.done():
+                self._cancel_unless_ended(submit)
+            else:
+                submit.add_done_callback(self._cancel_unless_ended)
+
+    def _cancel_unless_ended(self, submit: asyncio.Future[AsyncStream]) -> None:
+        if submit.cancelled() or submit.exception() is not None:
+            return
+        stream = submit.result()
+        if not stream.state.done:
+            start_worker(self.app, partial(_cancel, stream), "ab-cancel")
 
     @property
     def finished(self) -> bool:
@@ -128,8 +159,12 @@ class ABScreen(ModalScreen[None]):
         else:
             body["messages"] = [{"role": "user", "content": self.prompt}]
         t0 = time.monotonic()
+        # shielded: leaving while it is submitted must not lose the request's id (see
+        # on_unmount)
+        submit = asyncio.ensure_future(self.client.generate(side.model, **body))
+        self._submits.append(submit)
         try:
-            stream = await self.client.generate(side.model, **body)
+            stream = await asyncio.shield(submit)
             async for text in stream:
                 if side.ttft_ms is None:
                     side.ttft_ms = (time.monotonic() - t0) * 1000
@@ -144,7 +179,8 @@ class ABScreen(ModalScreen[None]):
             side.parts.append(f"\n[{words.why}; {words.todo}]")
         finally:
             side.done = True
-            self._paint()
+            if self.is_mounted:
+                self._paint()
 
     def _paint(self) -> None:
         for i, side in enumerate(self.sides):

@@ -23,7 +23,14 @@ after each 8-client run (infernod: the daemon and every process under it).
 The long-prompt stall: 4 streams decode, then a 3,000-token prompt arrives; the longest gap
 between two tokens of those 4 streams, per server (``--stall-rounds``, 0 to skip).
 
+``--only ping`` runs just the 8-client rounds with their pinger (p50/p90/p99 and tok/s), and
+``--variant NAME:KEY=VALUE,...`` adds another infernod beside the first, with other settings
+(``models.runner_nice=0``) or another checkout (``env.PYTHONPATH=/path/to/old``; run the
+bench from a directory without an ``infernod`` package, or Python finds that one), measured
+in the same interleaved rounds: an A/B of the daemon against itself.
+
     .venv/bin/python bench/compare.py --build-llama --reps 5 --json out.json
+    .venv/bin/python bench/compare.py --only ping --reps 6 --variant nice0:models.runner_nice=0
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import http.client
 import itertools
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -48,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemon_harness import DaemonProcess  # noqa: E402
+from daemon_harness import DaemonProcess, test_models_dir  # noqa: E402
 
 from infernod.cli.bench import cpu_name  # noqa: E402
 from infernod.client import Client  # noqa: E402
@@ -74,7 +82,9 @@ def model_path() -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import _default_model_path
 
-    return _default_model_path()
+    path = _default_model_path()
+    test_models_dir(path)  # infernod's models dir beside it (a link named gemma3-270m.gguf)
+    return path
 
 
 def long_prompt(llm: Any, n_tokens: int, tag: int) -> str:
@@ -101,9 +111,42 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def p99(xs: list[float]) -> float:
+def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(0.99 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def p99(xs: list[float]) -> float:
+    return pct(xs, 0.99)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """``NAME:KEY=VALUE,...`` (KEY: ``section.key``, a bare key is in ``models``; ``env.X``
+    sets the daemon's environment; VALUE: an int, a float, true/false, a JSON list, or
+    text)."""
+    name, _, spec = text.partition(":")
+    out: dict[str, dict[str, Any]] = {}
+    for item in re.split(r",(?![^\[]*\])", spec):  # commas inside [...] stay
+        if not item:
+            continue
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not KEY=VALUE")
+        section, _, key = key.rpartition(".")
+        value: Any = raw
+        if raw.startswith("["):
+            value = json.loads(raw)
+        elif raw in ("true", "false"):
+            value = raw == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    continue
+        out.setdefault(section or "models", {})[key] = value
+    return name, out
 
 
 def spread(xs: list[float]) -> dict[str, float]:
@@ -253,13 +296,22 @@ class Pinger:
                 return
 
 
-def start_daemon(args: argparse.Namespace, model: Path) -> DaemonProcess:
-    d = DaemonProcess({"models": {"dirs": [str(model.parent / "models")], "n_ctx": N_CTX,
-                                  "slots": CLIENTS, "install_default": False,
-                                  "threads": args.daemon_threads,
-                                  "host_cache_mib": args.host_cache_mib,
-                                  **({"flash_attn": args.flash_attn} if args.flash_attn
-                                     else {})}})
+def start_daemon(args: argparse.Namespace, model: Path,
+                 variant: dict[str, dict[str, Any]] | None = None) -> DaemonProcess:
+    """infernod with the bench's settings; ``variant``: other settings ({section: {key:
+    value}}) and environment (its ``env`` section, e.g. PYTHONPATH of another checkout)."""
+    cfg: dict[str, dict[str, Any]] = {"models": {
+        "dirs": [str(model.parent / "models")], "n_ctx": N_CTX, "slots": CLIENTS,
+        "install_default": False, "threads": args.daemon_threads,
+        "host_cache_mib": args.host_cache_mib,
+        **({"flash_attn": args.flash_attn} if args.flash_attn else {})}}
+    env: dict[str, str] = {}
+    for section, values in (variant or {}).items():
+        if section == "env":
+            env.update({k: str(v) for k, v in values.items()})
+        else:
+            cfg.setdefault(section, {}).update(values)
+    d = DaemonProcess(cfg, env=env)
     d.start()
     with d.client(timeout=300) as c:
         c.load("gemma3-270m")
@@ -456,6 +508,22 @@ class Side:
                                                for r in results)}
 
 
+def loop_probe(out: Path, variant: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``variant`` with bench/loopprobe first on the daemon's PYTHONPATH, writing to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(variant.get("env", {}))
+    path = env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench" / "loopprobe"), path]))
+    env["INFERNO_LOOP_PROBE"] = str(out)
+    return {**variant, "env": env}
+
+
+def daemon_side(name: str, d: DaemonProcess) -> Side:
+    endpoint = d.endpoint
+    return Side(name, lambda i, b, **kw: daemon_stream(endpoint, i, b, **kw), d.pid,
+                tree=True, pinger=lambda: Pinger(endpoint))
+
+
 def process_rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -483,25 +551,48 @@ def main() -> int:
                     help="infernod's models.flash_attn (default: the daemon's own default)")
     ap.add_argument("--host-cache-mib", type=int, default=256,
                     help="infernod models.host_cache_mib (0 = idle cells stay in the KV cache)")
+    ap.add_argument("--only", choices=("ping",),
+                    help="ping: only the 8-client rounds and their pinger (no single streams, "
+                         "llama-bench, in-process llama-cpp-python or long-prompt stall)")
+    ap.add_argument("--variant", action="append", default=[], type=parse_variant,
+                    metavar="NAME:KEY=VALUE,...",
+                    help="another infernod side, interleaved with the first: its settings "
+                         "(section.key, bare keys are models.*) or env.VAR (env.PYTHONPATH="
+                         "DIR: another checkout's code); repeatable")
+    ap.add_argument("--loop-probe", type=Path, metavar="DIR",
+                    help="time every asyncio callback of each infernod (bench/loopprobe): "
+                         "DIR/<side>/loop-<pid>.json at its exit")
+    ap.add_argument("--no-llama-server", action="store_true",
+                    help="leave llama-server out (with --variant: infernod against itself)")
     args = ap.parse_args()
     model = model_path()
+    ping_only = args.only == "ping"
+    if ping_only:
+        args.stall_rounds = 0
 
-    from llama_cpp import Llama
+    llm: Any = None
+    if not ping_only:
+        from llama_cpp import Llama
 
-    llm = Llama(str(model), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS,
-                verbose=False, seed=1)
+        llm = Llama(str(model), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS,
+                    verbose=False, seed=1)
     bindir = llama_bin(args)
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
         "tokens": N_TOKENS, "clients": CLIENTS, "reps": args.reps, "skipped": {},
+        "only": args.only, "variants": {name: v for name, v in args.variant},
     }
     result["skipped"].update(missing_binaries(bindir))
-    if "llama-bench" not in result["skipped"]:
+    if ping_only:
+        result["skipped"].pop("llama-bench", None)
+    if args.no_llama_server:
+        result["skipped"]["llama-server"] = "--no-llama-server"
+    if "llama-bench" not in result["skipped"] and not ping_only:
         print("llama-bench tg64 ...", file=sys.stderr)
         result["llama_bench_tg64"] = llama_bench(bindir / "llama-bench", model, args.reps)
     procs: list[subprocess.Popen] = []
-    daemon: DaemonProcess | None = None
+    daemons: list[DaemonProcess] = []
     sides: list[Side] = []
     try:
         if "llama-server" not in result["skipped"]:
@@ -509,17 +600,22 @@ def main() -> int:
             procs.append(proc)
             sides.append(Side("llama-server", lambda i, b, **kw: llama_server_stream(
                 url, i, b, **kw), proc.pid, pinger=lambda: Pinger(url + "/health")))
-        daemon = start_daemon(args, model)
-        endpoint = daemon.endpoint
-        sides.append(Side("infernod", lambda i, b, **kw: daemon_stream(endpoint, i, b, **kw),
-                          daemon.pid, tree=True, pinger=lambda: Pinger(endpoint)))
-        if args.llama_server_python:
+        for name, variant in [("infernod", {}), *args.variant]:
+            if args.loop_probe:
+                variant = loop_probe(args.loop_probe / name, variant)
+            d = start_daemon(args, model, variant)
+            daemons.append(d)
+            sides.append(daemon_side(name, d))
+        daemon = daemons[0]
+        if args.llama_server_python and not ping_only:
             proc, purl = start_python_server(args.llama_server_python, model)
             procs.append(proc)
             sides.append(Side("llama-cpp-python server",
                               lambda i, b, **kw: python_server_one(purl, i, b), proc.pid,
                               streaming=False))
-        if args.example_server_python:
+        if ping_only:
+            pass
+        elif args.example_server_python:
             proc, eurl = start_example_server(args.example_server_python, model,
                                               Path(daemon.base))
             procs.append(proc)
@@ -532,13 +628,13 @@ def main() -> int:
                 "jinja2, safetensors, websockets and llama-cpp-python)")
         for why in result["skipped"].values():
             print(f"skipped: {why}", file=sys.stderr)
-        runs = measure(args, llm, sides)
+        runs = measure(args, llm, sides, singles=not ping_only)
         if args.stall_rounds:
             runs["stall"] = measure_stall(args, llm, [s for s in sides if s.name in (
                 "llama-server", "infernod")])
     finally:
-        if daemon is not None:
-            daemon.cleanup()
+        for d in daemons:
+            d.cleanup()
         for proc in procs:
             proc.terminate()
             try:
@@ -552,21 +648,26 @@ def main() -> int:
     return 0
 
 
-def measure(args: argparse.Namespace, llm: Any, sides: list[Side]) -> dict[str, Any]:
+def measure(args: argparse.Namespace, llm: Any, sides: list[Side],
+            singles: bool = True) -> dict[str, Any]:
+    """Every round runs every side in turn (the order alternating). ``singles``: one
+    stream per side (and llama-cpp-python in process) before its 8 clients."""
     runs: dict[str, Any] = {s.name: {"single": [], "clients": [], "rss": []} for s in sides}
-    runs["llama-cpp-python in process"] = {"single": []}
+    if singles:
+        runs["llama-cpp-python in process"] = {"single": []}
+        direct_single(llm, 10_000)  # warm up every side once
     runs["ping_ms"] = {s.name: [] for s in sides if s.pinger is not None}
     base = 0
-    direct_single(llm, 10_000)  # warm up every side once
     for s in sides:
         s.single(10_001)
     for rep in range(args.reps):
         print(f"round {rep + 1}/{args.reps}", file=sys.stderr)
         order = sides if rep % 2 == 0 else list(reversed(sides))
-        runs["llama-cpp-python in process"]["single"].append(direct_single(llm, base))
-        base += 1
+        if singles:
+            runs["llama-cpp-python in process"]["single"].append(direct_single(llm, base))
+            base += 1
         for s in order:
-            if s.streaming:
+            if s.streaming and singles:
                 runs[s.name]["single"].append(s.single(base))
                 base += 1
             res, rtts = s.concurrent(base)
@@ -574,7 +675,11 @@ def measure(args: argparse.Namespace, llm: Any, sides: list[Side]) -> dict[str, 
             runs[s.name]["clients"].append(res)
             runs[s.name]["rss"].append(s.rss())
             if rtts:
-                runs["ping_ms"][s.name] += rtts
+                runs["ping_ms"][s.name].append(rtts)
+            if rtts:
+                print(f"  {s.name}: {res['aggregate_tokens_per_s']:.1f} tok/s, ping p50 "
+                      f"{statistics.median(rtts):.1f} p90 {pct(rtts, 0.9):.1f} p99 "
+                      f"{p99(rtts):.1f} ms", file=sys.stderr)
     return runs
 
 
@@ -618,8 +723,10 @@ def report(runs: dict[str, Any]) -> dict[str, Any]:
     # llama-server: GET /health): both sides carry the same pinger, so their throughput is
     # measured under the same extra load.
     out["ping_ms_under_8_streams"] = {
-        name: {"p50": statistics.median(xs), "p99": p99(xs), "n": len(xs)}
-        for name, xs in runs["ping_ms"].items() if xs}
+        name: {"p50": statistics.median(xs), "p90": pct(xs, 0.9), "p99": p99(xs),
+               "n": len(xs), "p99_per_round": [round(p99(r), 2) for r in rounds]}
+        for name, rounds in runs["ping_ms"].items()
+        if (xs := [x for r in rounds for x in r])}
     if "stall" in runs:
         out["stall"] = {name: {"max_gap_s": max(x["max_gap_s"] for x in xs),
                                "long_prompt_ttft_s": statistics.median(
@@ -654,9 +761,11 @@ def print_table(r: dict[str, Any]) -> None:
     if "llama_bench_tg64" in r:
         print(f"| llama-bench tg{r['tokens']} (no server) | {r['llama_bench_tg64']:.1f} | | | | |")
     for name, p in r.get("ping_ms_under_8_streams", {}).items():
-        what = "`ping`" if name == "infernod" else "`GET /health`"
+        what = "`GET /health`" if name == "llama-server" else "`ping`"
+        rounds = ", ".join(f"{x:.1f}" for x in p["p99_per_round"])
         print(f"\n{name} {what} while its {r['clients']} streams run: p50 {p['p50']:.1f} ms, "
-              f"p99 {p['p99']:.1f} ms ({p['n']} pings)")
+              f"p90 {p['p90']:.1f} ms, p99 {p['p99']:.1f} ms ({p['n']} pings; p99 per "
+              f"round: {rounds})")
     if "stall" in r:
         print(f"\n| {STALL_PROMPT_TOKENS}-token prompt arrives while {STALL_STREAMS} streams run "
               "| longest gap in the streams, s | the long prompt's TTFT, s |")

@@ -3,6 +3,7 @@ Prometheus exposition. No GPU needed: ``tests/fake_pynvml.py`` replays the recor
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import re
@@ -23,9 +24,11 @@ from fake_pynvml import TRACE_PATH, FakePynvml, load_trace
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from infernod.config import Config
 from infernod.telemetry.nvml import GPU_FIELDS, NvmlReader
 from infernod.telemetry.prometheus import build_registry, start_exporter
 from infernod.telemetry.sampler import TelemetrySampler
+from infernod.telemetry.service import TelemetryService
 from infernod.telemetry.stats import LatencyStats
 from infernod.telemetry.system import SystemReader
 
@@ -478,3 +481,35 @@ def test_prometheus_http_endpoint_on_loopback(trace, system):
         assert "inferno_gpu_power_watts" in body
     finally:
         exporter.close()
+
+
+async def test_the_stats_summary_is_built_off_the_event_loop():
+    """The summary takes ~20 ms of CPU with a few models: on the loop it would hold up every
+    reply (a ping) that long, every stats_interval_s. The loop records while it is built."""
+    class Publisher:
+        def __init__(self) -> None:
+            self.published: list[tuple[str, dict]] = []
+
+        def publish(self, topic: str, type_: str, body: dict) -> int:
+            self.published.append((topic, body))
+            return 0
+
+    loop = asyncio.get_running_loop()
+    pub = Publisher()
+    svc = TelemetryService(Config(), pub, loop)  # type: ignore[arg-type]
+    stats = svc.stats
+    for i in range(50):
+        stats.record("ttft_ms", float(i), {"model": "m", "priority": "normal"}, now=1.0)
+    threads: list[int] = []
+    summary = stats.summary
+
+    def spy(now: float) -> dict:
+        threads.append(threading.get_ident())
+        stats.record("ttft_ms", 1.0, now=now)  # another thread may record meanwhile
+        return summary(now)
+
+    stats.summary = spy  # type: ignore[method-assign]
+    got = await svc.stats_summary_async()
+    assert threads and threads[0] != threading.get_ident()
+    assert got["overall"]["ttft_ms"]["all"]["count"] == 51
+    assert got["by_model"]["m"]["ttft_ms"]["all"]["count"] == 50

@@ -15,7 +15,7 @@ class TelemetryHandlers:
         self.telemetry = telemetry
 
     async def stats(self, req: Call) -> dict[str, Any]:
-        return self.telemetry.stats_summary()
+        return await self.telemetry.stats_summary_async()
 
     async def profiles_recent(self, req: Call) -> dict[str, Any]:
         return self.telemetry.recent(req.body.get("n") or DEFAULT_RECENT)

@@ -130,6 +130,17 @@ class ModelsConfig:
                                    "prefix), e.g. [\"numactl\", \"--cpunodebind=0\"] or "
                                    "[\"taskset\", \"-c\", \"0-7\"]; [] = none. Applies to "
                                    "runners started after a reload", items=str)
+    runner_nice: int = opt(10, "niceness every model runner adds to the daemon's own: its CPU "
+                               "threads then yield the cores to the daemon, which answers "
+                               "requests while they decode; 0 = the daemon's niceness. "
+                               "Applies to runners started after a reload", min=0, max=19)
+    runner_sched: str = opt("batch", "Linux scheduling policy of every model runner: 'batch' "
+                                     "(SCHED_BATCH: the kernel treats its threads as CPU-bound "
+                                     "and never lets their wake-ups preempt the daemon), "
+                                     "'normal', or 'idle' (SCHED_IDLE: CPU time only when "
+                                     "nothing else wants it, even a niced program). Applies to "
+                                     "runners started after a reload",
+                            choices=("normal", "batch", "idle"))
 
 
 @dataclass(frozen=True)

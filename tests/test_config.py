@@ -33,6 +33,9 @@ def test_example_file_is_generated_from_the_declarations():
     ("[models]\nslot = 8", "models.slot", ["models.slots"]),
     ("[security]\noperators = [1.5]", "security.operators", ["1.5"]),
     ("models = 3", "models", ["table"]),
+    ("[models]\nrunner_nice = 20", "models.runner_nice", ["20", "0 .. 19"]),
+    ("[models]\nrunner_nice = -5", "models.runner_nice", ["-5", "0 .. 19"]),
+    ("[models]\nrunner_sched = 'fifo'", "models.runner_sched", ["'fifo'", "'batch'"]),
 ])
 def test_bad_values_name_key_value_and_range(tmp_path, toml, key, words):
     p = tmp_path / "c.toml"

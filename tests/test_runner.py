@@ -219,3 +219,38 @@ def test_two_models_stream_at_once_in_two_runners(daemon_factory, default_model_
         wait_for(lambda: model_row(c)["state"] == "failed", 5, "the model to show failed")
         assert "".join(c.generate("second-model", "Hello", max_tokens=4, temperature=0.0))
         assert runner_pid(c, "second-model") in pids
+
+
+def thread_priorities(pid: int) -> set[tuple[int, int]]:
+    """(niceness, scheduling policy) of every thread of ``pid``, from /proc/<pid>/task/*/stat
+    (fields 19 and 41; the command name in parentheses may hold spaces)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # a thread that ended meanwhile
+        out.add((int(fields[16]), int(fields[38])))
+    return out
+
+
+@pytest.mark.parametrize("settings, nice, policy", [
+    ({}, 10, os.SCHED_BATCH),  # the defaults
+    ({"runner_nice": 3, "runner_sched": "idle"}, 3, os.SCHED_IDLE),
+    ({"runner_nice": 0, "runner_sched": "normal"}, 0, os.SCHED_OTHER),
+])
+def test_runner_threads_run_nicer_than_the_daemon_which_keeps_its_priority(
+        daemon_factory, settings, nice, policy):
+    """models.runner_nice and models.runner_sched reach every thread of the runner (its
+    llama.cpp CPU threads included: they start with the first decode), never the daemon."""
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    d = daemon_factory({"models": settings})
+    with d.client(timeout=30) as c:
+        c.load(MODEL)
+        assert "".join(c.generate(MODEL, "Hello", max_tokens=4, temperature=0.0))
+        pid = runner_pid(c)
+        runner = thread_priorities(pid)
+        assert len(os.listdir(f"/proc/{pid}/task")) > 2  # zmq's and llama.cpp's threads too
+        assert runner == {(min(19, ours + nice), policy)}, runner
+        assert thread_priorities(d.pid) == {(ours, os.SCHED_OTHER)}
+        assert c.ping()  # and the daemon answers as before

@@ -422,9 +422,11 @@ class ModelManager:
                   "intra_op_threads": o.intra_op_threads,
                   "inter_op_threads": o.inter_op_threads,
                   "graph_optimization": o.graph_optimization, "max_batch": o.max_batch}
-        return await self.runners.start(name, kwargs, wrapper=list(self.cfg.models.runner_wrapper),
+        m = self.cfg.models
+        return await self.runners.start(name, kwargs, wrapper=list(m.runner_wrapper),
                                         sink=None, on_exit=self._runner_exited,
-                                        proxy=OnnxRunnerEngine)
+                                        proxy=OnnxRunnerEngine, nice=m.runner_nice,
+                                        sched=m.runner_sched)
 
     async def _start_runner(self, lm: LoadedModel, info: ModelInfo) -> RunnerEngine:
         """Start a runner process for a GGUF model, with the model's own load settings
@@ -448,8 +450,8 @@ class ModelManager:
                   "park_slots": park_count(p["slots"], m.park_slots),
                   "host_cache_bytes": m.host_cache_mib << 20}
         return await self.runners.start(name, kwargs, wrapper=list(m.runner_wrapper),
-                                        sink=self.user,
-                                        on_exit=self._runner_exited)
+                                        sink=self.user, on_exit=self._runner_exited,
+                                        nice=m.runner_nice, sched=m.runner_sched)
 
     def _record_crash(self, name: str, reason: str, sig: str) -> CrashRecord:
         now = time.monotonic()

@@ -8,6 +8,10 @@ main thread through an eventfd, once per decode step (events outside a step, suc
 cancel's finish, wake it at once). The main thread sends everything buffered as one message.
 An ONNX runner's worker thread hands each run's result or error to the same buffer.
 
+It runs nicer than the daemon (``models.runner_nice``) and, by default, as SCHED_BATCH
+(``models.runner_sched``), so its CPU threads, which keep both cores busy while they decode,
+give way whenever the daemon wakes up to answer a request.
+
 It never outlives the daemon: PR_SET_PDEATHSIG=SIGKILL (set first thing), and every half
 second it checks that its parent is unchanged, that the daemon's pid still exists and that
 the daemon's socket is still connected.
@@ -45,6 +49,29 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError) as e:  # not Linux: the parent checks still apply
         log.warning("PR_SET_PDEATHSIG unavailable: %s", e)
+
+
+SCHED_POLICIES = {"normal": "SCHED_OTHER", "batch": "SCHED_BATCH", "idle": "SCHED_IDLE"}
+
+
+def set_cpu_priority(nice: int, sched: str) -> None:
+    """``models.runner_nice`` and ``models.runner_sched``, applied before this process starts
+    a thread: on Linux both belong to each thread, and threads inherit them from the one
+    that starts them (ZeroMQ's I/O thread, llama.cpp's CPU threads). The daemon keeps its
+    own: only this process changes. A refusal (a system that forbids the policy) is logged,
+    and the runner runs as it is."""
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError as e:
+            log.warning("could not add %d to the runner's niceness: %s", nice, e)
+    policy = getattr(os, SCHED_POLICIES.get(sched, ""), None)
+    if sched == "normal" or policy is None:  # normal: as started; no such policy: not Linux
+        return
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError as e:
+        log.warning("could not set the runner's scheduling policy to %s: %s", sched, e)
 
 
 def pid_alive(pid: int) -> bool:
@@ -326,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemon-pid", type=int, required=True)
     parser.add_argument("--model", default="?")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--nice", type=int, default=0, help="added to the niceness")
+    parser.add_argument("--sched", default="normal", choices=sorted(SCHED_POLICIES))
     args = parser.parse_args(argv)
     # the daemon's format, one tag added: its stderr is the daemon's (the journal)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(levelname)s runner[{args.model}] %(name)s: %(message)s")
+    set_cpu_priority(args.nice, args.sched)  # before any thread starts: they inherit it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the daemon,
     # which drains and then closes its runners
     if not pid_alive(args.daemon_pid):

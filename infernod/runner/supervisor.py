@@ -408,9 +408,12 @@ class RunnerSupervisor:
 
     async def start(self, model: str, kwargs: dict[str, Any], *, wrapper: list[str],
                     sink: EngineSink | None, on_exit: ExitCallback,
-                    proxy: type[RunnerEngine] = RunnerEngine) -> RunnerEngine:
+                    proxy: type[RunnerEngine] = RunnerEngine, nice: int = 0,
+                    sched: str = "normal") -> RunnerEngine:
         """Spawn a runner for ``model`` and wait until it has loaded (or failed to).
-        ``proxy``: RunnerEngine (a GGUF engine, events to ``sink``) or OnnxRunnerEngine."""
+        ``proxy``: RunnerEngine (a GGUF engine, events to ``sink``) or OnnxRunnerEngine;
+        ``nice`` (added to ours) and ``sched`` (a policy of runner/main.SCHED_POLICIES):
+        the runner applies them to itself before it starts a thread."""
         if self.sock is None:
             self.bind()
         runner_id = f"r{next(self._ids)}"
@@ -418,7 +421,7 @@ class RunnerSupervisor:
         self.runners[runner_id] = engine
         argv = [*wrapper, sys.executable, "-m", "infernod.runner", "--endpoint", self.endpoint,
                 "--id", runner_id, "--daemon-pid", str(os.getpid()), "--model", model,
-                "--log-level", self.log_level]
+                "--log-level", self.log_level, "--nice", str(nice), "--sched", sched]
         try:
             engine.spawn(argv)
             await engine.ready

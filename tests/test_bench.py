@@ -115,3 +115,22 @@ def test_compare_skips_absent_binaries_and_measures_gaps_and_process_trees(tmp_p
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_compare_variants_and_percentiles():
+    """bench/compare.py --variant NAME:KEY=VALUE,...: typed values, sections (bare keys are
+    models.*), env for another checkout, lists kept whole; p90/p99 by rank."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import compare
+
+    name, v = compare.parse_variant(
+        'nice0:runner_nice=0,runner_sched=batch,daemon.log_level=debug,'
+        'runner_wrapper=["taskset","-c","0"],env.PYTHONPATH=/tmp/old,swa_full=true')
+    assert name == "nice0"
+    assert v == {"models": {"runner_nice": 0, "runner_sched": "batch",
+                            "runner_wrapper": ["taskset", "-c", "0"], "swa_full": True},
+                 "daemon": {"log_level": "debug"}, "env": {"PYTHONPATH": "/tmp/old"}}
+    with pytest.raises(SystemExit):
+        compare.parse_variant("bad:runner_nice")
+    xs = [float(i) for i in range(1, 101)]
+    assert compare.pct(xs, 0.9) == 90.0 and compare.p99(xs) == 99.0

@@ -2,10 +2,14 @@
 
 Interleaves reps of 64-token completions: plain greedy (the path every request without
 logprobs takes), greedy with ``logprobs`` (0 and 20 alternatives: a log-softmax over the
-whole vocabulary per token) and sampling under a grammar (a JSON object schema). Prints the
-median decode tok/s of each and its ratio to plain, and the process's CPU time per generated
-token (prompt included), which a busy machine disturbs less than wall-clock rates. Absolute
-numbers depend on the machine's load; the ratios come from the same run.
+whole vocabulary per token) and a JSON object schema, greedy and sampled, each two ways: the
+grammar checking the chosen token and masking every candidate only when it refuses it
+(``checked``, what the engine does, as llama-server does) and the grammar masking every
+candidate at every step (``grammar-first``, the engine's old way). Prints the median decode
+tok/s of each and its ratio to plain, the process's CPU time per generated token (prompt
+included), which a busy machine disturbs less than wall-clock rates, and how often the
+grammar refused the first choice. Absolute numbers depend on the machine's load; the ratios
+come from the same run.
 
     .venv/bin/python bench/structured_bench.py [--model PATH] [--reps 5] [--threads 2]
 """
@@ -63,13 +67,16 @@ def main() -> None:
     eng.start()
     grammar = schema_to_gbnf(SCHEMA)
     greedy = SamplingParams(temperature=0.0)
+    sampled = SamplingParams(temperature=0.8, seed=1)
     cases: dict[str, dict[str, Any]] = {
         "plain": {"sampling": greedy, "ignore_eos": True},
         "logprobs=0": {"sampling": greedy, "ignore_eos": True, "logprobs": 0},
         "logprobs=20": {"sampling": greedy, "ignore_eos": True, "logprobs": 20},
-        "json_schema": {"sampling": SamplingParams(temperature=0.8, seed=1),
-                        "grammar": grammar},
     }
+    for mode in ("checked", "grammar-first"):
+        cases[f"json_schema greedy {mode}"] = {"sampling": greedy, "grammar": grammar}
+        cases[f"json_schema T=0.8 {mode}"] = {"sampling": sampled, "grammar": grammar}
+    refused: dict[str, list[int]] = {k: [0, 0] for k in cases}
     rates: dict[str, list[float]] = {k: [] for k in cases}
     cpu_ms: dict[str, list[float]] = {k: [] for k in cases}
     n = 0
@@ -78,12 +85,17 @@ def main() -> None:
             for name, kw in cases.items():
                 n += 1
                 rid = f"{name}-{rep}"
+                gs = eng.grammar_sampling  # switched while the engine is idle
+                gs.grammar_first = name.endswith("grammar-first")
+                checked0, resampled0 = gs.checked, gs.resampled
                 cpu0 = time.process_time()
                 eng.submit(GenerationRequest(rid, prompt=f"{n} Once upon a time", max_tokens=64,
                                              **kw))
                 with sink.cv:
                     sink.cv.wait_for(lambda rid=rid: rid in sink.done, 300)  # type: ignore[misc]
                 stats = sink.done[rid]
+                refused[name][0] += gs.resampled - resampled0
+                refused[name][1] += gs.checked - checked0
                 if stats.get("completion_tokens"):
                     cpu_ms[name].append((time.process_time() - cpu0) * 1000
                                         / stats["completion_tokens"])
@@ -93,12 +105,15 @@ def main() -> None:
         eng.close()
     base = statistics.median(rates["plain"])
     base_cpu = statistics.median(cpu_ms["plain"])
-    print("| case | decode tok/s (median) | vs plain | CPU ms/token | vs plain |\n"
-          "| --- | --- | --- | --- | --- |")
+    print("| case | decode tok/s (median) | vs plain | CPU ms/token | vs plain | refused |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for name, r in rates.items():
         med = statistics.median(r) if r else float("nan")
         cpu = statistics.median(cpu_ms[name]) if cpu_ms[name] else float("nan")
-        print(f"| {name} | {med:.1f} | {med / base:.3f} | {cpu:.1f} | {cpu / base_cpu:.3f} |")
+        n_refused, n_checked = refused[name]
+        share = f"{n_refused}/{n_checked}" if n_checked else "-"
+        print(f"| {name} | {med:.1f} | {med / base:.3f} | {cpu:.1f} | {cpu / base_cpu:.3f} "
+              f"| {share} |")
 
 
 if __name__ == "__main__":

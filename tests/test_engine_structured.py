@@ -169,6 +169,52 @@ def test_any_object_and_a_bad_grammar(engine: Any, sink: Recorder) -> None:
     assert sink.run(engine, ok)[0] == "length"  # the engine kept serving
 
 
+CHECKED_CASES = [  # (prompt, schema): prose prompts make the grammar refuse first choices
+    ("Here is a person as JSON:", PERSON),
+    ("Once upon a time", PERSON),
+    ("{", {"type": "object"}),
+    ("Three numbers:", {"type": "array", "items": {"type": "integer"}, "maxItems": 3}),
+    ("The colour of the sky is", {"enum": ["red", "blue", "green"]}),
+]
+
+
+@pytest.mark.model
+def test_checked_grammar_picks_the_greedy_tokens_of_grammar_first(
+        default_model_path: Path) -> None:
+    """The chosen token is checked against the grammar (llama-server's way) and resampled
+    under the full grammar only when refused: greedy output is token for token what
+    masking every candidate first gives, and the refusals really happen on the way."""
+    from infernod.backends.gguf import GgufEngine
+
+    outputs: dict[bool, list[list[int]]] = {}
+    resampled = 0
+    for grammar_first in (False, True):
+        rec = Recorder()
+        eng = GgufEngine(default_model_path, n_ctx=256, n_slots=2, prefill_chunk=64, sink=rec,
+                         grammar_first=grammar_first)
+        eng.start()
+        try:
+            outputs[grammar_first] = []
+            for i, (prompt, schema) in enumerate(CHECKED_CASES):
+                rid = f"c{i}"
+                reason, stats = rec.run(eng, GenerationRequest(
+                    rid, prompt=prompt, max_tokens=40, sampling=SamplingParams(temperature=0),
+                    grammar=schema_to_gbnf(schema)))
+                assert reason in ("eos", "length"), stats
+                if reason == "eos":
+                    json.loads(rec.text(rid))
+                outputs[grammar_first].append(stats["generated_tokens"])
+            if not grammar_first:
+                resampled = eng.grammar_sampling.resampled
+                assert eng.grammar_sampling.checked > resampled
+            else:
+                assert eng.grammar_sampling.checked == 0
+        finally:
+            eng.close()
+    assert outputs[False] == outputs[True]
+    assert resampled > 0  # the fallback was taken, so it was compared too
+
+
 def test_schemas_the_converter_cannot_handle_are_refused() -> None:
     for bad in ({"type": "foo"}, {"$ref": "#/defs/missing"},
                 {"type": "object", "properties": {"a": {"$ref": "https://example.com/x"}}}):

@@ -29,6 +29,7 @@ from infernod.backends.base import EngineSink, GenerationRequest, GuardedSink
 from infernod.backends.cells import KvPlacement
 from infernod.backends.gguf_embed import MAX_LENGTH as EMBED_MAX_TOKENS
 from infernod.backends.gguf_embed import EmbedRuns
+from infernod.backends.grammar_sampling import GrammarSampling
 from infernod.backends.hostcache import HostCache
 from infernod.backends.logprobs import token_logprobs
 from infernod.backends.onnx_engine import RunDone
@@ -60,6 +61,7 @@ class GgufEngine:
         flash_attn: str = "off",  # "auto" | "on" | "off": the daemon passes models.flash_attn
         park_slots: int | None = None,
         host_cache_bytes: int = 256 << 20,
+        grammar_first: bool = False,  # True: a grammar masks every candidate (bench, tests)
     ) -> None:
         if n_slots < 1 or n_ctx < 16 or prefill_chunk < 1:
             raise InfernoError("config_error", "need n_slots >= 1, n_ctx >= 16, prefill_chunk >= 1")
@@ -98,6 +100,7 @@ class GgufEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._piece = native.Pieces()
+        self.grammar_sampling = GrammarSampling(0, grammar_first)
 
     # ---- public, thread-safe -------------------------------------------------------------
 
@@ -214,6 +217,7 @@ class GgufEngine:
             self._vocab = llama.llama_model_get_vocab(self._model)
             self._piece = native.Pieces(self._vocab)
             self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
+            self.grammar_sampling.n_vocab = self._n_vocab
             self.n_swa = int(llama.llama_model_n_swa(self._model))
             rss0 = native.rss_bytes()
             self._ctx = self._create_context()
@@ -259,7 +263,7 @@ class GgufEngine:
         self._embeds.close()
         for slot in self._slots:
             if slot.run is not None:
-                llama.llama_sampler_free(slot.run.sampler)
+                _free_samplers(slot.run)
                 slot.run = None
         if self._batch is not None:
             llama.llama_batch_free(self._batch)
@@ -355,11 +359,12 @@ class GgufEngine:
             self._finish_without_slot(req, "length")
             return
         try:
-            sampler = native.make_sampler(self._n_vocab, req.sampling, tokens, vocab=self._vocab,
-                                          grammar=req.grammar, resume=req.resume_tokens)
+            grammar = (None if req.grammar is None else
+                       native.make_grammar(self._vocab, req.grammar, req.resume_tokens))
         except InfernoError as e:
             self._reject(req, e.code, e.message, e.hint)
             return
+        sampler = native.make_sampler(self._n_vocab, req.sampling, tokens)
         slot, cached, shared = self._cells.pick_slot(tokens)
         self._parks.make_room(len(tokens) - cached, self._slots, self.n_ctx * self.n_slots)
         run = Run(
@@ -368,7 +373,8 @@ class GgufEngine:
             tokens=tokens,
             n_resume=len(req.resume_tokens),
             sampler=sampler,
-            greedy=native.plain_greedy(req.sampling) and req.grammar is None,
+            greedy=native.plain_greedy(req.sampling),
+            grammar=grammar,
             text=TextStream(req.stop),
             n_done=cached,
             cached=cached,
@@ -424,7 +430,10 @@ class GgufEngine:
         for idx, slot in outputs:
             run = slot.run
             assert run is not None
-            if run.greedy:
+            if run.grammar is not None:
+                token = self.grammar_sampling.sample(self._ctx, idx, run.grammar,
+                                                     None if run.greedy else run.sampler)
+            elif run.greedy:
                 token = native.argmax_token(self._ctx, idx, self._n_vocab)
             else:
                 token = int(llama.llama_sampler_sample(run.sampler, self._ctx, idx))
@@ -572,7 +581,7 @@ class GgufEngine:
         llama = native.bindings()
         run = slot.run
         assert run is not None
-        llama.llama_sampler_free(run.sampler)
+        _free_samplers(run)
         slot.run = None
         slot.released_ns = time.perf_counter_ns()
         if not keep_cells:
@@ -597,3 +606,10 @@ class GgufEngine:
 
     def _emit_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
         self.sink.on_error(request_id, code, message, hint if hint is not None else CODES[code])
+
+
+def _free_samplers(run: Run) -> None:
+    llama = native.bindings()
+    llama.llama_sampler_free(run.sampler)
+    if run.grammar is not None:
+        llama.llama_sampler_free(run.grammar)

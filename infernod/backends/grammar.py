@@ -1,9 +1,9 @@
 """Structured output: a request's ``json_schema`` (or raw ``grammar``) as a llama.cpp GBNF grammar.
 
 The daemon converts a JSON Schema at admission, so a schema the converter cannot handle is
-refused (``bad_schema``) before anything is queued; the runner puts the grammar first in the
-request's sampler chain (llama_native.make_sampler), so every sampled token keeps the output
-a prefix of a document that parses and matches the schema.
+refused (``bad_schema``) before anything is queued; the runner checks every sampled token
+against the grammar (grammar_sampling.py), so the output stays a prefix of a document that
+parses and matches the schema.
 
 The converter is llama-cpp-python's ``llama_grammar.json_schema_to_gbnf`` (a port of
 llama.cpp's json_schema_to_grammar.py). That module is plain Python, but importing it as

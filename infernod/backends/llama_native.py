@@ -197,33 +197,35 @@ def argmax_token(ctx: Any, idx: int, n_vocab: int) -> int:
     return int(logits_row(ctx, idx, n_vocab).argmax())
 
 
-def make_sampler(n_vocab: int, sp: SamplingParams, context: list[int], *, vocab: Any = None,
-                 grammar: str | None = None, resume: list[int] | None = None) -> Any:
-    """A C sampler chain for one request: grammar (if any) -> penalties -> greedy when
-    temperature is 0, else top_k -> top_p -> min_p -> temperature -> seeded dist. Penalties
-    see the prompt tail; the grammar sees only ``resume`` (tokens generated before a
-    preemption, already matched against it). Raises ``bad_schema`` when llama.cpp refuses
-    the grammar."""
+def make_grammar(vocab: Any, grammar: str, resume: list[int]) -> Any:
+    """llama.cpp's grammar sampler for one request, past ``resume`` (tokens generated before
+    a preemption, already matched against it). The engine asks it about each chosen token
+    (grammar_sampling.py) rather than putting it in the chain. Raises ``bad_schema`` when
+    llama.cpp refuses the grammar."""
+    llama = bindings()
+    g = llama.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not g:
+        raise InfernoError("bad_schema", "llama.cpp could not parse the grammar (the "
+                           "daemon log has its reason)", "check the GBNF grammar: "
+                           "https://github.com/ggml-org/llama.cpp/blob/master/grammars/"
+                           "README.md")
+    for tok in resume:
+        llama.llama_sampler_accept(g, tok)
+    return g
+
+
+def make_sampler(n_vocab: int, sp: SamplingParams, context: list[int]) -> Any:
+    """A C sampler chain for one request: penalties -> greedy when temperature is 0, else
+    top_k -> top_p -> min_p -> temperature -> seeded dist. Penalties see the prompt tail."""
     llama = bindings()
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     add = llama.llama_sampler_chain_add
-    if grammar is not None:
-        g = llama.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-        if not g:
-            llama.llama_sampler_free(chain)
-            raise InfernoError("bad_schema", "llama.cpp could not parse the grammar (the "
-                               "daemon log has its reason)", "check the GBNF grammar: "
-                               "https://github.com/ggml-org/llama.cpp/blob/master/grammars/"
-                               "README.md")
-        for tok in resume or []:
-            llama.llama_sampler_accept(g, tok)
-        add(chain, g)  # first: every later sampler sees only what the grammar allows
     if _penalised(sp):
         pen = llama.llama_sampler_init_penalties(
             n_vocab, sp.repeat_last_n, sp.repeat_penalty, sp.frequency_penalty,
             sp.presence_penalty)
         for tok in context[-max(sp.repeat_last_n, 0) :] if sp.repeat_last_n else []:
-            llama.llama_sampler_accept(pen, tok)  # the penalties only: never the grammar
+            llama.llama_sampler_accept(pen, tok)
         add(chain, pen)
     if sp.temperature <= 0.0:
         add(chain, llama.llama_sampler_init_greedy())

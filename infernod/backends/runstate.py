@@ -29,6 +29,7 @@ class Run:
     sampler: Any
     text: TextStream
     greedy: bool = False  # plain greedy: the step takes the argmax, not the sampler chain
+    grammar: Any = None  # llama.cpp grammar sampler (grammar_sampling.py), or None
     n_done: int = 0  # how many of ``tokens`` are in the KV cache
     checkpoint_at: list[int] = field(default_factory=list)  # ascending, see checkpoints.plan
     cached: int = 0

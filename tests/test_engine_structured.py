@@ -215,6 +215,40 @@ def test_checked_grammar_picks_the_greedy_tokens_of_grammar_first(
     assert resampled > 0  # the fallback was taken, so it was compared too
 
 
+BOUNDED = {"type": "object", "properties": {
+    "age": {"type": "integer", "exclusiveMinimum": 199, "maximum": 210},
+    "debt": {"type": "integer", "minimum": -5, "exclusiveMaximum": -1},
+    "nick": {"type": ["string", "null"], "maxLength": 3},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 2, "maxItems": 3},
+    "kind": {"const": "person"}},
+    "required": ["age", "debt", "nick", "tags", "kind"], "additionalProperties": False}
+
+
+def valid_bounded(doc: Any) -> bool:
+    """BOUNDED by hand: the model left to itself writes ages like 25 and debts >= 0."""
+    return (isinstance(doc, dict) and set(doc) == {"age", "debt", "nick", "tags", "kind"}
+            and type(doc["age"]) is int and 200 <= doc["age"] <= 210
+            and type(doc["debt"]) is int and -5 <= doc["debt"] <= -2
+            and (doc["nick"] is None or (isinstance(doc["nick"], str) and len(doc["nick"]) <= 3))
+            and isinstance(doc["tags"], list) and 2 <= len(doc["tags"]) <= 3
+            and set(doc["tags"]) <= {"a", "b"} and doc["kind"] == "person")
+
+
+@pytest.mark.model
+def test_integer_bounds_and_a_type_lists_keywords_are_enforced(engine: Any,
+                                                               sink: Recorder) -> None:
+    grammar = request_grammar({"json_schema": BOUNDED})
+    for i, sampling in enumerate((SamplingParams(temperature=0),
+                                  SamplingParams(temperature=1.0, seed=11),
+                                  SamplingParams(temperature=1.0, seed=12))):
+        rid = f"bounded{i}"
+        reason, _ = sink.run(engine, GenerationRequest(
+            rid, prompt="A person, 25 years old, as JSON:", max_tokens=90, sampling=sampling,
+            grammar=grammar))
+        assert reason == "eos", sink.text(rid)
+        assert valid_bounded(json.loads(sink.text(rid))), sink.text(rid)
+
+
 def test_schemas_the_converter_cannot_handle_are_refused() -> None:
     for bad in ({"type": "foo"}, {"$ref": "#/defs/missing"},
                 {"type": "object", "properties": {"a": {"$ref": "https://example.com/x"}}}):

@@ -10,6 +10,12 @@ llama.cpp's json_schema_to_grammar.py). That module is plain Python, but importi
 ``llama_cpp.llama_grammar`` would run the package's ``__init__`` and load libllama into the
 daemon, which never loads native inference code: it is loaded from its file under a private
 name instead. Remote ``$ref`` fetching stays off (the converter's ``allow_fetch=False``).
+
+The converter silently drops keywords it does not understand; schema_subset.check refuses
+a schema with one of those first (``bad_schema``), and two of them are enforced here on top
+of the converter: integer bounds (minimum/maximum, exclusive too: schema_subset's integer
+ranges) and the other keywords of a schema whose ``type`` is a list (the converter keeps
+only the types).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from infernod.backends import schema_subset
 from infernod.protocol.errors import InfernoError
 
 _MODULE = "infernod._llama_grammar"
@@ -46,10 +53,45 @@ def _converter() -> ModuleType:
     return mod
 
 
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_BRANCHES_FIRST = ("$ref", "oneOf", "anyOf")  # the converter's order
+_VALUES = ("const", "enum")
+
+
+def _to_gbnf(schema_json: str) -> str:
+    """The converter's json_schema_to_gbnf, with a SchemaConverter that enforces integer
+    bounds and keeps a type list's sibling keywords (const and enum included)."""
+    mod = _converter()
+
+    class Converter(mod.SchemaConverter):  # type: ignore[name-defined]
+        def visit(self, schema: Any, name: str) -> str:
+            if isinstance(schema, dict) and not any(k in schema for k in _BRANCHES_FIRST):
+                t = schema.get("type")
+                rule_name = name + "-" if name in mod.RESERVED_NAMES else name or "root"
+                values = any(k in schema for k in _VALUES)
+                if isinstance(t, list) and values:  # the values decide, not the types
+                    schema = {k: v for k, v in schema.items() if k != "type"}
+                elif isinstance(t, list):
+                    alts = [{**schema, "type": one} for one in t]
+                    return str(self._add_rule(rule_name, self._generate_union_rule(name, alts)))
+                elif t == "integer" and not values and any(k in schema for k in _BOUNDS):
+                    lo, hi = schema_subset.integer_bounds(schema)
+                    rule = f"({schema_subset.int_range_rule(lo, hi)}) space"
+                    return str(self._add_rule(rule_name, rule))
+            return str(super().visit(schema, name))
+
+    schema = json.loads(schema_json)
+    converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    schema = converter.resolve_refs(schema, "stdin")
+    converter.visit(schema, "")
+    return str(converter.format_grammar())
+
+
 @functools.lru_cache(maxsize=64)
 def _convert(schema_json: str) -> str:
     try:
-        gbnf: str = _converter().json_schema_to_gbnf(schema_json)
+        schema_subset.check(json.loads(schema_json))
+        gbnf = _to_gbnf(schema_json)
     except InfernoError:
         raise
     except RecursionError as e:

@@ -67,6 +67,33 @@ def test_schema_the_converter_cannot_handle_is_400_bad_schema(oai: openai.OpenAI
     assert body["param"] == "response_format"
 
 
+AGED = {"type": "object",
+        "properties": {"age": {"type": "integer", "exclusiveMinimum": 199, "maximum": 210},
+                       "debt": {"type": "integer", "minimum": -5, "exclusiveMaximum": -1}},
+        "required": ["age", "debt"], "additionalProperties": False}
+
+
+def test_integer_bounds_hold_and_an_unenforceable_bound_is_400(oai: openai.OpenAI) -> None:
+    got = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "A person, 25 years old, as JSON."}],
+        max_tokens=40, temperature=0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "aged", "schema": AGED, "strict": True}})
+    text = got.choices[0].message.content or ""
+    assert got.choices[0].finish_reason == "stop", text
+    doc = json.loads(text)
+    assert 200 <= doc["age"] <= 210 and -5 <= doc["debt"] <= -2, text
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "price", "schema": {
+                "type": "object", "properties": {"price": {"type": "number", "maximum": 9}},
+                "required": ["price"]}}})
+    body = e.value.body
+    assert isinstance(body, dict) and body["code"] == "bad_schema"
+    assert "maximum" in body["message"] and body["param"] == "response_format"
+
+
 def test_chat_logprobs_non_streaming(oai: openai.OpenAI) -> None:
     got = oai.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=6,

@@ -95,6 +95,33 @@ def test_json_schema_and_grammar_through_the_daemon(daemon, tmp_path, capsys) ->
             assert valid_person(json.loads(item["text"])), item["text"]
 
 
+AGED = {"type": "object",
+        "properties": {"age": {"type": "integer", "exclusiveMinimum": 199, "maximum": 210},
+                       "debt": {"type": "integer", "minimum": -5, "exclusiveMaximum": -1}},
+        "required": ["age", "debt"], "additionalProperties": False}
+
+
+@pytest.mark.model
+def test_integer_bounds_through_the_daemon(daemon) -> None:
+    """The converter alone let the model write the 25 the prompt suggests; the grammar now
+    keeps it in 200..210. A bound it cannot enforce (on a number) is refused by name."""
+    with daemon.client() as c:
+        for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 21}):
+            s = c.generate(MODEL, "A person, 25 years old, as JSON:", max_tokens=40,
+                           json_schema=AGED, **kw)
+            out = "".join(s)
+            assert s.stats["finish_reason"] == "eos", out
+            doc = json.loads(out)
+            assert set(doc) == {"age", "debt"}, out
+            assert 200 <= doc["age"] <= 210 and -5 <= doc["debt"] <= -2, out
+        with pytest.raises(InfernoError) as e:
+            c.generate(MODEL, "x", json_schema={"type": "object", "properties": {
+                "price": {"type": "number", "minimum": 0}}, "required": ["price"]})
+        assert e.value.code == "bad_schema"
+        assert "minimum" in e.value.message and "/properties/price" in e.value.message
+        assert e.value.hint and "integer minimum/maximum" in e.value.hint
+
+
 @pytest.mark.model
 def test_seed_penalties_and_stop_through_the_daemon(daemon) -> None:
     with daemon.client() as c:

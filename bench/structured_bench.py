@@ -8,8 +8,11 @@ grammar checking the chosen token and masking every candidate only when it refus
 candidate at every step (``grammar-first``, the engine's old way). Prints the median decode
 tok/s of each and its ratio to plain, the process's CPU time per generated token (prompt
 included), which a busy machine disturbs less than wall-clock rates, and how often the
-grammar refused the first choice. Absolute numbers depend on the machine's load; the ratios
-come from the same run.
+grammar refused the first choice, and the decode thread's CPU time inside the grammar
+sampling per token (thread CPU time: what the grammar itself costs, apart from the matrix
+work, whose OpenMP threads a busy machine slows far more). Absolute numbers depend on the
+machine's load; the ratios come from the same run. ``--threads 1`` keeps OpenMP's spinning
+out of a busy machine's numbers.
 
     .venv/bin/python bench/structured_bench.py [--model PATH] [--reps 5] [--threads 2]
 """
@@ -55,6 +58,23 @@ class Sink:
             self.cv.notify_all()
 
 
+class SampleClock:
+    """Wraps the engine's GrammarSampling.sample (called on the decode thread) and adds up
+    the thread CPU time spent in it."""
+
+    def __init__(self, eng: GgufEngine) -> None:
+        self.ns = 0
+        self._sample = eng.grammar_sampling.sample
+        setattr(eng.grammar_sampling, "sample", self)  # noqa: B010 (an instance's method)
+
+    def __call__(self, *args: Any) -> int:
+        t0 = time.thread_time_ns()
+        try:
+            return self._sample(*args)
+        finally:
+            self.ns += time.thread_time_ns() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -65,6 +85,7 @@ def main() -> None:
     eng = GgufEngine(args.model, n_ctx=512, n_slots=1, n_threads=args.threads,
                      n_threads_batch=args.threads, sink=sink)
     eng.start()
+    clock = SampleClock(eng)
     grammar = schema_to_gbnf(SCHEMA)
     greedy = SamplingParams(temperature=0.0)
     sampled = SamplingParams(temperature=0.8, seed=1)
@@ -77,6 +98,7 @@ def main() -> None:
         cases[f"json_schema greedy {mode}"] = {"sampling": greedy, "grammar": grammar}
         cases[f"json_schema T=0.8 {mode}"] = {"sampling": sampled, "grammar": grammar}
     refused: dict[str, list[int]] = {k: [0, 0] for k in cases}
+    grammar_us: dict[str, list[float]] = {k: [] for k in cases}
     rates: dict[str, list[float]] = {k: [] for k in cases}
     cpu_ms: dict[str, list[float]] = {k: [] for k in cases}
     n = 0
@@ -87,7 +109,7 @@ def main() -> None:
                 rid = f"{name}-{rep}"
                 gs = eng.grammar_sampling  # switched while the engine is idle
                 gs.grammar_first = name.endswith("grammar-first")
-                checked0, resampled0 = gs.checked, gs.resampled
+                checked0, resampled0, clock0 = gs.checked, gs.resampled, clock.ns
                 cpu0 = time.process_time()
                 eng.submit(GenerationRequest(rid, prompt=f"{n} Once upon a time", max_tokens=64,
                                              **kw))
@@ -96,6 +118,9 @@ def main() -> None:
                 stats = sink.done[rid]
                 refused[name][0] += gs.resampled - resampled0
                 refused[name][1] += gs.checked - checked0
+                if stats.get("completion_tokens") and "grammar" in kw:
+                    grammar_us[name].append((clock.ns - clock0) / 1000
+                                            / stats["completion_tokens"])
                 if stats.get("completion_tokens"):
                     cpu_ms[name].append((time.process_time() - cpu0) * 1000
                                         / stats["completion_tokens"])
@@ -105,15 +130,16 @@ def main() -> None:
         eng.close()
     base = statistics.median(rates["plain"])
     base_cpu = statistics.median(cpu_ms["plain"])
-    print("| case | decode tok/s (median) | vs plain | CPU ms/token | vs plain | refused |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+    print("| case | decode tok/s (median) | vs plain | CPU ms/token | vs plain "
+          "| grammar CPU µs/token | refused |\n| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rates.items():
         med = statistics.median(r) if r else float("nan")
         cpu = statistics.median(cpu_ms[name]) if cpu_ms[name] else float("nan")
         n_refused, n_checked = refused[name]
         share = f"{n_refused}/{n_checked}" if n_checked else "-"
+        g_us = f"{statistics.median(grammar_us[name]):.0f}" if grammar_us[name] else "-"
         print(f"| {name} | {med:.1f} | {med / base:.3f} | {cpu:.1f} | {cpu / base_cpu:.3f} "
-              f"| {share} |")
+              f"| {g_us} | {share} |")
 
 
 if __name__ == "__main__":

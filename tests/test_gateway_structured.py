@@ -36,13 +36,17 @@ def _matches_person(doc: Any) -> bool:
             and isinstance(doc["age"], int) and not isinstance(doc["age"], bool))
 
 
-def test_json_schema_output_parses_and_matches(oai: openai.OpenAI) -> None:
+def _greedy_structured(oai: openai.OpenAI, content: str, name: str, schema: dict[str, Any],
+                       max_tokens: int) -> Any:
     got = oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}],
-        max_tokens=48, temperature=0,
-        response_format={"type": "json_schema",
-                         "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
-    choice = got.choices[0]
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {
+            "name": name, "schema": schema, "strict": True}})
+    return got.choices[0]
+
+
+def test_json_schema_output_parses_and_matches(oai: openai.OpenAI) -> None:
+    choice = _greedy_structured(oai, "Describe a person as JSON.", "person", PERSON, 48)
     assert choice.finish_reason == "stop", choice
     assert _matches_person(json.loads(choice.message.content or "")), choice.message.content
 
@@ -74,13 +78,9 @@ AGED = {"type": "object",
 
 
 def test_integer_bounds_hold_and_an_unenforceable_bound_is_400(oai: openai.OpenAI) -> None:
-    got = oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "A person, 25 years old, as JSON."}],
-        max_tokens=40, temperature=0,
-        response_format={"type": "json_schema",
-                         "json_schema": {"name": "aged", "schema": AGED, "strict": True}})
-    text = got.choices[0].message.content or ""
-    assert got.choices[0].finish_reason == "stop", text
+    choice = _greedy_structured(oai, "A person, 25 years old, as JSON.", "aged", AGED, 40)
+    text = choice.message.content or ""
+    assert choice.finish_reason == "stop", text
     doc = json.loads(text)
     assert 200 <= doc["age"] <= 210 and -5 <= doc["debt"] <= -2, text
     with pytest.raises(openai.BadRequestError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,31 @@ def test_integer_bounds_and_a_type_lists_keywords_are_enforced(engine: Any,
             grammar=grammar))
         assert reason == "eos", sink.text(rid)
         assert valid_bounded(json.loads(sink.text(rid))), sink.text(rid)
+
+
+PATTERNED = {"type": "object", "properties": {
+    "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+    "quote": {"type": "string", "pattern": "^.{1,30}$"},
+    "site": {"type": "string", "pattern": "^[a-z]+\\.com$"}},
+    "required": ["code", "quote", "site"]}
+
+
+@pytest.mark.model
+def test_patterns_hold_and_the_document_still_parses(engine: Any, sink: Recorder) -> None:
+    """A regex's escaped dot used to be a GBNF escape llama.cpp refused, and its . could
+    be a raw quote that ended the string early."""
+    grammar = request_grammar({"json_schema": PATTERNED})
+    for i, sampling in enumerate((SamplingParams(temperature=0),
+                                  SamplingParams(temperature=1.0, seed=5))):
+        rid = f"pattern{i}"
+        reason, _ = sink.run(engine, GenerationRequest(
+            rid, prompt='She said "hello" to me. As JSON:', max_tokens=90,
+            sampling=sampling, grammar=grammar))
+        assert reason == "eos", (reason, sink.text(rid))
+        doc = json.loads(sink.text(rid))
+        assert re.fullmatch(r"[A-Z]{3}-[0-9]{2}", doc["code"]), doc
+        assert 1 <= len(doc["quote"]) <= 30 and "\n" not in doc["quote"], doc
+        assert re.fullmatch(r"[a-z]+\.com", doc["site"]), doc
 
 
 def test_schemas_the_converter_cannot_handle_are_refused() -> None:

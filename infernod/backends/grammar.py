@@ -15,7 +15,8 @@ The converter silently drops keywords it does not understand; schema_subset.chec
 a schema with one of those first (``bad_schema``), and two of them are enforced here on top
 of the converter: integer bounds (minimum/maximum, exclusive too: schema_subset's integer
 ranges) and the other keywords of a schema whose ``type`` is a list (the converter keeps
-only the types).
+only the types); a ``pattern``'s character classes (``.`` too) are narrowed to what a JSON
+string holds unescaped.
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def _to_gbnf(schema_json: str) -> str:
                     rule = f"({schema_subset.int_range_rule(lo, hi)}) space"
                     return str(self._add_rule(rule_name, rule))
             return str(super().visit(schema, name))
+
+        def _visit_pattern(self, pattern: Any, name: str) -> str:
+            schema_subset.check_pattern(pattern)
+            before = dict(self._rules)
+            rule_name = super()._visit_pattern(pattern, name)
+            for key, rule in list(self._rules.items()):  # the rules this pattern added
+                if before.get(key) != rule:
+                    self._rules[key] = schema_subset.json_safe_classes(rule)
+            return str(rule_name)
 
     schema = json.loads(schema_json)
     converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)

@@ -21,6 +21,7 @@ Pure: no I/O, no native code.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -264,3 +265,126 @@ def _same_length(a: str, b: str) -> str:
     if not hi_full:
         parts.append(f'"{b[0]}" ({_same_length("0" * n, b[1:])})')
     return " | ".join(parts)
+
+
+# ---- pattern character classes ------------------------------------------------------------
+
+# What may not stand unescaped inside a JSON string: control characters, '"' and '\'.
+_NOT_IN_JSON = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]
+_SIMPLE_ESCAPES = {"t": 0x09, "n": 0x0A, "r": 0x0D, "\\": 0x5C, "]": 0x5D, "[": 0x5B,
+                   '"': 0x22, "-": 0x2D, "^": 0x5E, "/": 0x2F, ".": 0x2E}
+_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
+_GBNF_ESCAPES = frozenset('xuUtrn\\"[]')  # what a GBNF literal may escape
+_REGEX_PUNCT = frozenset(".^$/-{}()|*+?")  # escaped in a regex, plain in a GBNF literal
+
+
+def check_pattern(pattern: Any) -> None:
+    """Refuse a pattern whose literal text has a ``"`` or a backslash: the converter writes
+    them raw into the string, which is then no longer JSON."""
+    if not isinstance(pattern, str):
+        raise InfernoError("bad_schema", "json_schema pattern must be a string")
+    outside = re.sub(r"\[(?:\\.|[^\]\\])*\]", "", pattern)  # character classes removed
+    if '"' in outside or "\\\\" in outside:
+        raise InfernoError("bad_schema", f"json_schema pattern {pattern!r}: a double quote or "
+                           "backslash outside a character class is not supported",
+                           "a JSON string holds them only escaped, which the grammar does "
+                           "not write: drop them from the pattern")
+
+
+def json_safe_classes(rule: str) -> str:
+    """``rule`` (GBNF the converter made from a ``pattern``) with every character class
+    narrowed to characters a JSON string holds unescaped: the converter copies a regex's
+    ``.`` and ``[^...]`` as they are, which let the model close the string early with a
+    raw ``"`` or write a raw backslash or control character, and the document no longer
+    parsed. In literals, a regex's escaped punctuation (``\\.``) becomes the character, which
+    GBNF would refuse to parse; ``bad_schema`` for a class escape (``\\d``, ``\\w``...)."""
+    out: list[str] = []
+    i = 0
+    while i < len(rule):
+        c = rule[i]
+        if c == '"':  # a literal: regex escapes GBNF does not know become the character
+            j = i + 1
+            lit = []
+            while j < len(rule) and rule[j] != '"':
+                if rule[j] == "\\":
+                    e = rule[j + 1 : j + 2]
+                    if e not in _GBNF_ESCAPES and e not in _REGEX_PUNCT:
+                        raise InfernoError(
+                            "bad_schema", f"json_schema pattern: \\{e} is not supported",
+                            "spell it as a class, e.g. [0-9] for \\d, [a-zA-Z0-9_] for \\w")
+                    lit.append(e if e in _REGEX_PUNCT else rule[j : j + 2])
+                    j += 2
+                else:
+                    lit.append(rule[j])
+                    j += 1
+            out.append('"' + "".join(lit) + '"')
+            i = j + 1
+        elif c == "[":
+            ranges, negated, i = _parse_class(rule, i + 1)
+            out.append(_emit_class(ranges, negated))
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _parse_class(rule: str, i: int) -> tuple[list[tuple[int, int]], bool, int]:
+    negated = rule.startswith("^", i)
+    i += negated
+    ranges: list[tuple[int, int]] = []
+    while i < len(rule) and rule[i] != "]":
+        lo, i = _class_char(rule, i)
+        hi = lo
+        if rule.startswith("-", i) and i + 1 < len(rule) and rule[i + 1] != "]":
+            hi, i = _class_char(rule, i + 1)
+        ranges.append((lo, hi))
+    if i >= len(rule):
+        raise InfernoError("bad_schema", "json_schema pattern has an unclosed [")
+    return ranges, negated, i + 1
+
+
+def _class_char(rule: str, i: int) -> tuple[int, int]:
+    if rule[i] != "\\":
+        return ord(rule[i]), i + 1
+    e = rule[i + 1] if i + 1 < len(rule) else ""
+    if e in _SIMPLE_ESCAPES:
+        return _SIMPLE_ESCAPES[e], i + 2
+    n = _HEX_DIGITS.get(e, 0)
+    try:
+        if n:
+            return int(rule[i + 2 : i + 2 + n], 16), i + 2 + n
+    except ValueError:
+        pass
+    raise InfernoError("bad_schema", f"json_schema pattern: the escape \\{e} is not supported "
+                       "in a character class", "spell the class out, e.g. [0-9] for \\d")
+
+
+def _emit_class(ranges: list[tuple[int, int]], negated: bool) -> str:
+    if negated:  # exclude what JSON forbids raw as well
+        return "[^" + "".join(_emit_range(r) for r in ranges + _NOT_IN_JSON) + "]"
+    kept: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        for blo, bhi in _NOT_IN_JSON:  # cut every forbidden span out of [lo, hi]
+            if lo <= bhi and blo <= hi:
+                if lo < blo:
+                    kept.append((lo, blo - 1))
+                lo = bhi + 1
+        if lo <= hi:
+            kept.append((lo, hi))
+    if not kept:
+        raise InfernoError("bad_schema", "json_schema pattern has a character class of only "
+                           "characters a JSON string must escape")
+    return "[" + "".join(_emit_range(r) for r in kept) + "]"
+
+
+def _emit_range(r: tuple[int, int]) -> str:
+    lo, hi = r
+    return _emit_char(lo) if lo == hi else f"{_emit_char(lo)}-{_emit_char(hi)}"
+
+
+def _emit_char(cp: int) -> str:
+    if 0x20 < cp < 0x7F and chr(cp) not in '"\\]-^[':
+        return chr(cp)
+    if cp <= 0xFF:
+        return f"\\x{cp:02X}"
+    return f"\\u{cp:04X}" if cp <= 0xFFFF else f"\\U{cp:08X}"

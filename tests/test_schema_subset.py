@@ -159,3 +159,11 @@ def test_pattern_classes_hold_only_what_a_json_string_holds_raw() -> None:
     g = schema_to_gbnf({"type": "string", "pattern": "^[^@]+@[ -~]+\\.com$"})
     assert '[^@\\x00-\\x1F\\x22\\x5C]+ "@" [\\x20-!#-\\x5B\\x5D-~]+ ".com"' in g, g
     assert json_safe_classes('"\\"" [a"\\\\]' + " space") == '"\\"" [a] space'
+
+
+def test_a_strings_characters_are_never_raw_control_characters() -> None:
+    """The converter's [^"\\\\] let a raw newline into a string: json.loads refuses that."""
+    g = schema_to_gbnf({"type": "object", "properties": {"a": {"type": "string"}}})
+    char = re.search(r"^char ::= \[\^(.*?)\] \|", g, re.M)
+    assert char is not None, g
+    assert "\\x00-\\x1F" in char.group(1), g

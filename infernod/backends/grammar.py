@@ -16,7 +16,7 @@ a schema with one of those first (``bad_schema``), and two of them are enforced 
 of the converter: integer bounds (minimum/maximum, exclusive too: schema_subset's integer
 ranges) and the other keywords of a schema whose ``type`` is a list (the converter keeps
 only the types); a ``pattern``'s character classes (``.`` too) are narrowed to what a JSON
-string holds unescaped.
+string holds unescaped; so is a string's character (no raw control characters).
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def _converter() -> ModuleType:
     return mod
 
 
+# The converter's string character is [^"\\] or an escape: a raw newline or tab passed, and
+# a JSON parser (Python's json.loads, JavaScript's JSON.parse) refuses the document.
+JSON_CHAR = (r'[^"\\\x00-\x1F\x7F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] '
+             r"[0-9a-fA-F] [0-9a-fA-F])")
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _BRANCHES_FIRST = ("$ref", "oneOf", "anyOf")  # the converter's order
 _VALUES = ("const", "enum")
@@ -94,6 +98,8 @@ def _to_gbnf(schema_json: str) -> str:
     converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     schema = converter.resolve_refs(schema, "stdin")
     converter.visit(schema, "")
+    if "char" in converter._rules:  # a string's character: never a raw control character
+        converter._rules["char"] = JSON_CHAR
     return str(converter.format_grammar())
 
 

@@ -1,7 +1,7 @@
 """Chat: streaming Markdown, conversations in SQLite, settings, stop and regenerate.
 
-Tokens are shown as plain text while they stream (``StreamingText``: finished lines never
-repaint, the last line at most 10 times a second, the view follows in jumps), then the
+Tokens are shown as plain text while they stream (``StreamingText``: only the cells that
+changed repaint, at most 10 times a second; the view follows in jumps), then the
 message is rendered as Markdown once: over SSH that is ~30x fewer bytes than re-rendering
 Markdown per token.
 """
@@ -78,10 +78,11 @@ class MessageView(Vertical):
         """What the body shows: the streamed text while it streams, then the Markdown."""
         return self._live.shown if self._live is not None else self._body.source
 
-    async def start_streaming(self, reserve: int) -> StreamingText:
+    async def start_streaming(self, reserve: int, max_height: int) -> StreamingText:
         """Show text as it arrives, cheaply (see widgets/streaming.py), until
         :meth:`finish_streaming` renders the whole message as Markdown once."""
-        live = self._live = StreamingText(reserve=reserve, classes="message-body")
+        live = self._live = StreamingText(reserve=reserve, max_height=max_height,
+                                          classes="message-body")
         self._body.display = False
         await self.mount(live, before=self._body)
         return live
@@ -308,7 +309,9 @@ class ChatScreen(InfernoScreen):
         log = self.query_one("#chat-log", VerticalScroll)
         await log.mount(view)
         log.scroll_end(animate=False)
-        live = await view.start_streaming(reserve=max(4, log.size.height // 2))
+        # up to the log's height under this message's header line
+        live = await view.start_streaming(reserve=max(4, log.size.height // 2),
+                                          max_height=log.size.height - 1)
         bottom = log.max_scroll_y
         try:
             if client is None:

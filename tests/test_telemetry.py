@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infernod.config import Config
+from infernod.daemon.requests import Kind, Request
 from infernod.telemetry.nvml import GPU_FIELDS, NvmlReader
 from infernod.telemetry.prometheus import build_registry, start_exporter
 from infernod.telemetry.sampler import TelemetrySampler
@@ -483,9 +484,9 @@ def test_prometheus_http_endpoint_on_loopback(trace, system):
         exporter.close()
 
 
-async def test_the_stats_summary_is_built_off_the_event_loop():
-    """The summary takes ~20 ms of CPU with a few models: on the loop it would hold up every
-    reply (a ping) that long, every stats_interval_s. The loop records while it is built."""
+async def test_the_statistics_are_built_off_the_event_loop():
+    """A summary takes ~20 ms of CPU with a few models, a finished request's profile ~1.5 ms:
+    on the loop they would hold up every reply (a ping) that long."""
     class Publisher:
         def __init__(self) -> None:
             self.published: list[tuple[str, dict]] = []
@@ -513,3 +514,24 @@ async def test_the_stats_summary_is_built_off_the_event_loop():
     assert threads and threads[0] != threading.get_ident()
     assert got["overall"]["ttft_ms"]["all"]["count"] == 51
     assert got["by_model"]["m"]["ttft_ms"]["all"]["count"] == 50
+
+    # A finished request's profile: kept at once (profiles.recent), its 64 inter-token gaps
+    # recorded in the statistics' thread, before any summary asked for after it.
+    gen = Request(request_id="s.1", kind=Kind.GENERATE, session="s", model="m", body={},
+                  priority="normal", submitted=0.0, deadline=None, timeout_s=60.0)
+    gen.itl_gaps_ms = [5.0] * 64
+    recorded: list[int] = []
+    record = svc.profiler.record
+
+    def record_spy(*args: Any) -> None:
+        recorded.append(threading.get_ident())
+        record(*args)
+
+    svc.profiler.record = record_spy  # type: ignore[method-assign]
+    svc.on_profile(gen, "length", {"completion_tokens": 65})
+    assert [p.request_id for p in svc.profiler.recent()] == ["s.1"]  # at once
+    assert pub.published[-1][0] == "profiles"
+    got = await svc.stats_summary_async()
+    assert recorded and recorded[0] != threading.get_ident()
+    assert got["overall"]["itl_ms"]["all"]["count"] == 64
+    await svc.close()

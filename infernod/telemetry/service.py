@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from infernod.config import Config
@@ -58,6 +59,9 @@ class TelemetryService:
         self.exporter: PrometheusExporter | None = None
         self._starts: dict[str, dict[str, Any]] = {}  # request id -> readings at run start
         self._closed = False
+        # The statistics' costly work, off the event loop (whose every reply it would hold
+        # up), in one thread: a summary sees every profile recorded before it was asked for.
+        self._stats_worker = ThreadPoolExecutor(1, thread_name_prefix="infernod-stats")
 
     def runs_open(self) -> int:
         """Requests whose run-start readings wait for their end (one per running request)."""
@@ -82,15 +86,16 @@ class TelemetryService:
             from infernod.telemetry.prometheus import start_exporter
 
             try:
-                self.exporter = start_exporter(port, self._latest_wire, self.stats_summary)
+                self.exporter = start_exporter(port, self._latest_wire,
+                                               self._summary_after_records)
             except OSError as e:  # port taken: inference matters more than the exporter
                 log.error("Prometheus exporter not started on 127.0.0.1:%d: %s", port, e)
 
     async def run_stats_loop(self) -> None:
         """Publish the statistics summary every ``telemetry.stats_interval_s``. It is built
-        in a worker thread (LatencyStats is thread-safe): with a few models and priorities
-        it takes ~20 ms of CPU, a stall of the loop (and of every reply) that long; from a
-        thread, the loop takes the GIL back within the switch interval."""
+        in the statistics' thread (LatencyStats is thread-safe): with a few models and
+        priorities it takes ~20 ms of CPU, a stall of the loop (and of every reply) that
+        long; from a thread, the loop takes the GIL back within the switch interval."""
         while True:
             await asyncio.sleep(self.cfg.telemetry.stats_interval_s)
             self.publisher.publish("stats", "stats", await self.stats_summary_async())
@@ -102,6 +107,7 @@ class TelemetryService:
             await self.loop.run_in_executor(None, exporter.close)
         if self.sampler is not None:
             await self.loop.run_in_executor(None, self.sampler.stop)
+        self._stats_worker.shutdown(wait=False, cancel_futures=True)
 
     def apply_config(self, cfg: Config) -> None:
         """SIGHUP: stats interval and anomaly factor apply at once; the sample rate from the
@@ -153,16 +159,27 @@ class TelemetryService:
         if not gen.itl_gaps_ms and isinstance(final.get("itl_ms"), dict) \
                 and final["itl_ms"].get("mean") is not None:
             profile.itl_ms = dict(final["itl_ms"])  # an engine without raw gaps: its summary
-        self.profiler.finish(profile, now, itl_samples_ms=gen.itl_gaps_ms or None)
+        gaps = gen.itl_gaps_ms or None
+        self.profiler.keep(profile, gaps)  # profiles.recent has it once the done event is out
+        self._stats_worker.submit(self.profiler.record, profile, now, gaps)
         self.publisher.publish("profiles", "profile", to_wire(profile.to_dict()))
 
     # -- queries ----------------------------------------------------------------------------
     def stats_summary(self) -> dict[str, Any]:
         return self.stats.summary(time.monotonic())
 
+    def _summary_after_records(self) -> dict[str, Any]:
+        """``stats_summary`` for another thread (the Prometheus exporter's): built after the
+        profiles recorded before it, as the ``stats`` request's is."""
+        try:
+            return self._stats_worker.submit(self.stats_summary).result(timeout=30)
+        except RuntimeError:  # the worker was shut down: the daemon is stopping
+            return self.stats_summary()
+
     async def stats_summary_async(self) -> dict[str, Any]:
-        """``stats_summary`` built in a worker thread, off the event loop."""
-        return await self.loop.run_in_executor(None, self.stats_summary)
+        """``stats_summary`` built in the statistics' thread, off the event loop, after the
+        profiles recorded before it."""
+        return await self.loop.run_in_executor(self._stats_worker, self.stats_summary)
 
     def recent(self, n: int) -> dict[str, Any]:
         return {"profiles": [p.to_dict() for p in self.profiler.recent(n)],

@@ -124,6 +124,22 @@ def test_cached_window_merges_see_new_and_late_values():
     assert m["1m"]["count"] == 52 and m["1m"]["max"] == 30.0
 
 
+def test_a_value_recorded_after_a_later_summary_is_counted():
+    """The statistics' thread may take a summary at a later ``now`` than a profile it
+    records next (its time was read on the loop first): that value lands in the bucket the
+    summary had closed and cached, and still counts, in every window."""
+    stats = LatencyStats()
+    stats.record("ttft_ms", 10.0, now=5.0)
+    assert stats.metric("ttft_ms", 10.5)["1m"]["count"] == 1  # bucket 0 closed and cached
+    stats.record("ttft_ms", 20.0, now=9.9)  # the latest bucket there is, but a closed one
+    m = stats.metric("ttft_ms", 10.6)
+    assert m["1m"]["count"] == m["5m"]["count"] == m["all"]["count"] == 2, m
+    stats.record("ttft_ms", 30.0, now=59.9)  # coarse: the 1 h window's closed minute
+    assert stats.metric("ttft_ms", 60.5)["1h"]["count"] == 3
+    stats.record("ttft_ms", 40.0, now=59.95)
+    assert stats.metric("ttft_ms", 60.6)["1h"]["count"] == 4
+
+
 def test_none_nan_and_inf_are_ignored():
     stats = LatencyStats()
     stats.record("prefill_ms", None, now=1.0)

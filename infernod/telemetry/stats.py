@@ -187,6 +187,13 @@ class LatencyStats:
             if buckets and i < max(buckets):
                 series.version += 1  # late value in a closed bucket: cached merges are stale
             agg.add(value)
+        # A value older than a cached merge's current bucket (a summary taken at a later
+        # ``now`` than this record's, e.g. in another thread) lands in a closed bucket too.
+        for key, (current, _, _) in series.cache.items():
+            if current > (fine_i if WINDOWS.get(key, (0.0, COARSE_S))[1] == FINE_S
+                          else coarse_i):
+                series.version += 1
+                break
         if series.total is None:
             series.total = self._agg()
         series.total.add(value)

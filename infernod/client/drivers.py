@@ -258,6 +258,11 @@ class Client(_Base, _Requests):
         return stream
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class AsyncClient(_Base, _Requests):
     """asyncio client with the same API as :class:`Client` (methods are coroutines)."""
 
@@ -339,18 +344,21 @@ class AsyncClient(_Base, _Requests):
     def _wake_events(self) -> None:
         waiters, self._event_waiters = self._event_waiters, []
         for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+            _resolve(fut)
 
     async def next_event_batch(self, timeout: float) -> None:
-        """Wait until new events arrived (or timeout)."""
+        """Wait until new events arrived (or timeout). A timer resolves the same future
+        the reader does: no ``wait_for`` wrapper, whose extra future and callback cost a
+        loop turn on every token of every stream."""
         self._ensure_reader()
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._event_waiters.append(fut)
+        timer = loop.call_later(timeout, _resolve, fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
+            await fut
+        finally:
+            timer.cancel()
 
     async def event_batch(self, timeout: float) -> list[Event | Notice]:
         """As :meth:`Client.event_batch`."""

@@ -18,11 +18,19 @@ greedy completions (``ignore_eos``, a distinct prompt per request so no side reu
 prefix), one client, then 8 concurrent clients. Every round measures every side, the order
 rotating from round to round, so a busy machine's drift hits all sides; the gateway/ZeroMQ
 ratios are taken within a round and the table shows their median. TTFT is request sent to
-first text received; single-stream tok/s is the decode rate after the first token; the
+first text received (the first SSE chunk with text, the first text the client library
+yields); the gateway's TTFT overhead comes from ``--ttft-pairs`` short completions per round
+sent in turns through the gateway and the ZeroMQ client, the median of the pairwise
+differences (a single slow moment of a shared machine then moves one pair, not the result); single-stream tok/s is the decode rate after the first token; the
 8-client figure is all tokens over the wall time of the round. The load average is recorded
 before and after.
 
     .venv/bin/python bench/gateway_bench.py [--rounds 3] [--json out.json]
+
+``--vip REPS`` measures instead the goal "with all slots busy, a vip request's TTFT stays
+within 2x its idle TTFT" through the gateway: a 4-token ``priority: vip`` completion alone,
+then again while 8 ``normal`` streams hold all 8 slots (each already streaming), the order
+alternating, REPS times; it prints both medians and their ratio.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from infernod.client import AsyncClient  # noqa: E402
 
 MODEL = "gemma3-270m"
 TOKENS = 64  # per completion (--max-tokens)
+TTFT_TOKENS = 2  # the short completions the TTFT overhead is measured with
 CLIENTS = 8
 N_CTX = 512  # per slot, on every server: prompt + 64 tokens fit with room
 THREADS = os.cpu_count() or 2
@@ -160,6 +169,7 @@ class Side:
         self.single_rate: list[float] = []
         self.multi: list[Run] = []
         self.multi_rate: list[float] = []
+        self.ttft: list[list[float]] = []  # per round: the short requests' TTFTs (ms)
 
 
 async def http_side(name: str, url: str, extra: dict[str, Any]) -> Side:
@@ -210,6 +220,18 @@ async def measure_round(side: Side, base: int, singles: int) -> None:
     side.multi_rate.append(sum(r["tokens"] for r in runs) / wall)
 
 
+async def measure_ttft(pair: list[Side], base: int, n: int) -> None:
+    """``n`` short completions on each side of ``pair``, one after the other and in turns
+    (who goes first alternates), so the two sides' k-th requests meet the same moment of
+    a busy machine: their TTFTs are compared pairwise."""
+    for side in pair:
+        side.ttft.append([])
+    for k in range(n):
+        for side in (pair if k % 2 == 0 else pair[::-1]):
+            r = await side.one(0, base + 2 * k + (side is pair[1]), TTFT_TOKENS)
+            side.ttft[-1].append(r["ttft_ms"])
+
+
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
@@ -231,19 +253,29 @@ def ratios(gw: Side, zmq: Side, singles: int) -> dict[str, Any]:
     """gateway / zmq within each round, then the median over rounds."""
     single = [g / z for g, z in zip(gw.single_rate, zmq.single_rate, strict=True)]
     multi = [g / z for g, z in zip(gw.multi_rate, zmq.multi_rate, strict=True)]
-    # TTFT overhead: per round, the median single-stream TTFT through the gateway minus the
-    # ZeroMQ client's in the same round
-    over = []
-    for k in range(len(gw.single_rate)):
-        g = statistics.median(r["ttft_ms"] for r in gw.single[k * singles:(k + 1) * singles])
-        z = statistics.median(r["ttft_ms"] for r in zmq.single[k * singles:(k + 1) * singles])
-        over.append(g - z)
+    # TTFT overhead: the gateway's TTFT minus the ZeroMQ client's, for each pair of short
+    # requests sent back to back (measure_ttft); the median over every pair of every round,
+    # and each round's median beside it
+    pairs = [[g - z for g, z in zip(gr, zr, strict=True)]
+             for gr, zr in zip(gw.ttft, zmq.ttft, strict=True)]
+    over = [statistics.median(p) for p in pairs]
+    # the earlier estimate, kept to compare: per round, the median TTFT of the few 64-token
+    # single-stream requests through the gateway minus the ZeroMQ client's
+    singles_over = [
+        statistics.median(r["ttft_ms"] for r in gw.single[k * singles:(k + 1) * singles])
+        - statistics.median(r["ttft_ms"] for r in zmq.single[k * singles:(k + 1) * singles])
+        for k in range(len(gw.single_rate))]
     return {"single_tokens_per_s": statistics.median(single),
             "clients8_tokens_per_s": statistics.median(multi),
-            "ttft_overhead_ms_p50": statistics.median(over),
+            "ttft_overhead_ms_p50": statistics.median(d for p in pairs for d in p),
+            "ttft_pairs": sum(len(p) for p in pairs),
+            "gateway_ttft_ms_p50": statistics.median(t for r in gw.ttft for t in r),
+            "zmq_ttft_ms_p50": statistics.median(t for r in zmq.ttft for t in r),
             "rounds_single": [round(x, 3) for x in single],
             "rounds_clients8": [round(x, 3) for x in multi],
-            "rounds_ttft_overhead_ms": [round(x, 2) for x in over]}
+            "rounds_ttft_overhead_ms": [round(x, 2) for x in over],
+            "ttft_overhead_ms_from_singles": statistics.median(singles_over),
+            "rounds_ttft_overhead_ms_from_singles": [round(x, 2) for x in singles_over]}
 
 
 # -- starting the servers -------------------------------------------------------------------
@@ -329,6 +361,9 @@ async def run(args: argparse.Namespace, urls: dict[str, str], endpoint: str) -> 
             for s in order:
                 await measure_round(s, base, args.singles)
                 base += per_round
+            await measure_ttft(sides[:2] if rnd % 2 == 0 else sides[1::-1], base,
+                               args.ttft_pairs)
+            base += 2 * args.ttft_pairs
             print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
                 f"{s.name} {s.single_rate[-1]:.0f}/{s.multi_rate[-1]:.0f} tok/s"
                 for s in sides), flush=True)
@@ -338,6 +373,76 @@ async def run(args: argparse.Namespace, urls: dict[str, str], endpoint: str) -> 
     by = {s.name: s for s in sides}
     return {"sides": {s.name: summary(s) for s in sides},
             "gateway_vs_zmq": ratios(by["gateway"], by["zmq"], args.singles)}
+
+
+# -- a vip's TTFT with every slot busy (--vip) ------------------------------------------------
+VIP_BUSY_TOKENS = 2000  # the normal streams that fill the slots outlast any measurement
+
+
+async def _queue_empty(client: AsyncClient, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while (await client.queue_list())["items"]:
+        if time.monotonic() > end:
+            raise RuntimeError("the daemon still runs requests the bench left")
+        await asyncio.sleep(0.05)
+
+
+async def vip_run(reps: int, url: str, endpoint: str) -> dict[str, Any]:
+    """A ``vip`` request's TTFT through the gateway, idle and with all slots busy with
+    ``normal`` streams (each already streaming), alternating idle and busy ``reps`` times;
+    the busy streams are dropped after each busy measurement (the gateway cancels them).
+    The vip's prompt is as long as the others' and distinct each time."""
+    timeout = aiohttp.ClientTimeout(total=600)
+    watcher = AsyncClient(endpoint, timeout=60, name="gateway-bench")
+    await watcher.wait_welcome(timeout=30)
+    vip_session = aiohttp.ClientSession(timeout=timeout)
+    idle: list[float] = []
+    busy: list[float] = []
+    base = 20000
+    try:
+        await http_stream(vip_session, url, base, {"priority": "vip"}, 4)  # warm
+        for rep in range(reps):
+            for state in (("idle", "busy") if rep % 2 == 0 else ("busy", "idle")):
+                base += CLIENTS + 1
+                if state == "idle":
+                    r = await http_stream(vip_session, url, base, {"priority": "vip"}, 4)
+                    idle.append(r["ttft_ms"])
+                    continue
+                started = [asyncio.get_running_loop().create_future() for _ in range(CLIENTS)]
+                fillers = [asyncio.ensure_future(_filler(url, base + 1 + c, started[c], timeout))
+                           for c in range(CLIENTS)]
+                try:
+                    await asyncio.wait_for(asyncio.gather(*started), 300)
+                    r = await http_stream(vip_session, url, base, {"priority": "vip"}, 4)
+                    busy.append(r["ttft_ms"])
+                finally:
+                    for f in fillers:
+                        f.cancel()
+                    await asyncio.gather(*fillers, return_exceptions=True)
+                    await _queue_empty(watcher)
+            print(f"vip rep {rep + 1}/{reps}: idle {idle[-1]:.1f} ms, busy {busy[-1]:.1f} ms",
+                  flush=True)
+    finally:
+        await vip_session.close()
+        watcher.close()
+    return {"reps": reps, "busy_slots": CLIENTS,
+            "idle_ttft_ms_p50": statistics.median(idle),
+            "busy_ttft_ms_p50": statistics.median(busy),
+            "busy_over_idle": statistics.median(busy) / statistics.median(idle),
+            "idle_ttft_ms": [round(x, 1) for x in idle],
+            "busy_ttft_ms": [round(x, 1) for x in busy]}
+
+
+async def _filler(url: str, i: int, started: asyncio.Future[None],
+                  timeout: aiohttp.ClientTimeout) -> None:
+    """A long ``normal`` stream on its own connection; ``started`` once its first text came."""
+    body = {"model": MODEL, "prompt": prompt(i), "max_tokens": VIP_BUSY_TOKENS,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    async with aiohttp.ClientSession(timeout=timeout) as s, \
+            s.post(url + "/v1/completions", json=body) as resp:
+        async for raw in resp.content:
+            if b'"text":"' in raw and b'"text":""' not in raw and not started.done():
+                started.set_result(None)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -352,7 +457,9 @@ def table(result: dict[str, Any]) -> str:
     rows.append("")
     rows.append(f"gateway / ZeroMQ client (median of rounds): single stream "
                 f"{r['single_tokens_per_s']:.3f}, 8 clients {r['clients8_tokens_per_s']:.3f}, "
-                f"TTFT overhead p50 {r['ttft_overhead_ms_p50']:+.2f} ms")
+                f"TTFT overhead p50 {r['ttft_overhead_ms_p50']:+.2f} ms (over "
+                f"{r['ttft_pairs']} pairs of {TTFT_TOKENS}-token requests: gateway "
+                f"{r['gateway_ttft_ms_p50']:.1f} ms, ZeroMQ {r['zmq_ttft_ms_p50']:.1f} ms)")
     if "llama-server" in result["sides"]:
         ls, gw = result["sides"]["llama-server"], result["sides"]["gateway"]
         rows.append(f"gateway / llama-server: single stream "
@@ -373,6 +480,12 @@ def main() -> int:
                     "build bench/compare.py --build-llama makes under ~/.cache/inferno/bench)")
     ap.add_argument("--python-server", default=sys.executable, metavar="PYTHON",
                     help="python to run llama_cpp.server with (default: this one)")
+    ap.add_argument("--ttft-pairs", type=int, default=10,
+                    help="per round, short requests through the gateway and the ZeroMQ "
+                    "client in turns, for the TTFT overhead (default 10 of each)")
+    ap.add_argument("--vip", type=int, default=0, metavar="REPS",
+                    help="only measure a vip request's TTFT through the gateway, idle and "
+                    "with all 8 slots busy, alternating REPS times (no other side)")
     ap.add_argument("--json", type=Path, help="write the full result here")
     args = ap.parse_args()
     TOKENS = args.max_tokens
@@ -400,6 +513,8 @@ def main() -> int:
         with daemon.client(timeout=300) as c:
             c.load(MODEL)
         gateway = GatewayProcess(daemon.endpoint, work / "gateway.log").start()
+        if args.vip:
+            return vip_main(args, gateway.url, daemon.endpoint, load_before, t_start)
         urls = {"gateway": gateway.url}
         binary = llama_bin(args.llama_bin) / "llama-server"
         if binary.is_file():
@@ -436,6 +551,22 @@ def main() -> int:
     print()
     print(table(result))
     print(f"\nload average (1/5/15 min) before {result['load_average_before']}, after "
+          f"{result['load_average_after']} on {os.cpu_count()} CPUs; {result['wall_s']} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def vip_main(args: argparse.Namespace, url: str, endpoint: str,
+             load_before: tuple[float, float, float], t_start: float) -> int:
+    result = asyncio.run(vip_run(args.vip, url, endpoint))
+    result.update({"load_average_before": [round(x, 2) for x in load_before],
+                   "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                   "wall_s": round(time.monotonic() - t_start, 1), "cpus": os.cpu_count()})
+    print(f"\nvip TTFT through the gateway (median of {args.vip}): idle "
+          f"{result['idle_ttft_ms_p50']:.1f} ms, all {CLIENTS} slots busy "
+          f"{result['busy_ttft_ms_p50']:.1f} ms: {result['busy_over_idle']:.2f}x (goal <= 2x)")
+    print(f"load average (1/5/15 min) before {result['load_average_before']}, after "
           f"{result['load_average_after']} on {os.cpu_count()} CPUs; {result['wall_s']} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

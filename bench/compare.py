@@ -9,8 +9,10 @@ Sides (each one skipped, with a message, when its binary or Python is absent):
   speed (``tg64``) as a ceiling;
 * infernod through the client library (8 slots, like ``-np 8``);
 * llama-cpp-python in process (``Llama``, streaming): single stream only;
-* optionally llama-cpp-python's OpenAI-compatible server (``--llama-server-python``, a Python
-  that has ``llama-cpp-python[server]``): aggregate tok/s with 1 and 8 clients.
+* llama-cpp-python's OpenAI-compatible server (``python -m llama_cpp.server``, one request
+  at a time, same model, threads and context per request) from the bench's own venv
+  (bench/lcp_venv.py makes it once) or ``--llama-server-python``: aggregate tok/s with 1
+  and 8 clients; skipped with the reason when neither can run it.
 
 Every round measures every server in turn, the order alternating from round to round, so
 drift hits all sides; ratios to ``llama-server`` are taken within a round, and the table
@@ -412,13 +414,25 @@ def llama_bin(args: argparse.Namespace) -> Path:
 def start_python_server(python: str, model: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(model),
-                             "--n_ctx", "2048", "--n_threads", str(THREADS),
+                             "--n_ctx", str(N_CTX), "--n_threads", str(THREADS),
                              "--n_threads_batch", str(THREADS), "--host", "127.0.0.1",
                              "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(proc, url + "/v1/models", "llama-cpp-python's server")
     return proc, url
+
+
+def python_server(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The python that runs llama_cpp.server: --llama-server-python, else the bench venv
+    (bench/lcp_venv.py, made on first use); (None, why) if neither can."""
+    if args.llama_server_python:
+        return str(args.llama_server_python), ""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lcp_venv import server_python
+
+    python, why = server_python()
+    return (str(python) if python is not None else None), why
 
 
 def start_example_server(python: str, model: Path,
@@ -542,7 +556,10 @@ def main() -> int:
     ap.add_argument("--build-llama", action="store_true",
                     help="build llama-server and llama-bench first if not cached (~10 min)")
     ap.add_argument("--llama-server-python", help="python with llama-cpp-python[server] "
-                    "(its llama_cpp.server, which serialises requests)")
+                    "(its llama_cpp.server, which serialises requests; default: the bench's "
+                    "own venv, made once by bench/lcp_venv.py)")
+    ap.add_argument("--no-llama-cpp-python", action="store_true",
+                    help="leave llama-cpp-python's server out")
     ap.add_argument("--example-server-python", help="python that runs llama-cpp-python's "
                     "batched example server (examples/server in its sdist)")
     ap.add_argument("--daemon-threads", type=int, default=0,
@@ -607,8 +624,12 @@ def main() -> int:
             daemons.append(d)
             sides.append(daemon_side(name, d))
         daemon = daemons[0]
-        if args.llama_server_python and not ping_only:
-            proc, purl = start_python_server(args.llama_server_python, model)
+        lcp_python, why = (None, "") if ping_only else (
+            (None, "--no-llama-cpp-python") if args.no_llama_cpp_python else python_server(args))
+        if why:
+            result["skipped"]["llama-cpp-python server"] = why
+        if lcp_python is not None:
+            proc, purl = start_python_server(lcp_python, model)
             procs.append(proc)
             sides.append(Side("llama-cpp-python server",
                               lambda i, b, **kw: python_server_one(purl, i, b), proc.pid,

@@ -8,9 +8,11 @@ Sides, all on this machine, all with the default model (Gemma 3 270M Q4_K_M):
 * ``llama-server``: llama.cpp's server built from the llama.cpp that llama-cpp-python vendors
   (``bench/compare.py --build-llama`` builds it; ``--llama-bin DIR`` points elsewhere), with
   ``-np 8`` and the same context per slot, same ``/v1/completions`` request;
-* ``llama-cpp-python``: its OpenAI-compatible server (``python -m llama_cpp.server``), when
-  that Python has its extra dependencies (``llama-cpp-python[server]``); skipped with the
-  reason otherwise.
+* ``llama-cpp-python``: its OpenAI-compatible server (``python -m llama_cpp.server``, which
+  serves one request at a time), with the same model, threads and context, from the bench's
+  own venv (bench/lcp_venv.py makes it once: the same portable wheel plus
+  ``llama-cpp-python[server]``'s dependencies, never the product's) or ``--python-server``;
+  skipped with the reason when neither can run it.
 
 The HTTP sides share one load generator (aiohttp, one kept-alive connection per client, SSE
 parsed as it arrives); the ZeroMQ side runs in the same process and event loop. Work: 64-token
@@ -306,16 +308,6 @@ def start_llama_server(binary: Path, model: Path, log: Path) -> tuple[subprocess
     return proc, url
 
 
-def python_server_missing(python: str) -> str | None:
-    r = subprocess.run([python, "-c", "import llama_cpp.server.app"], capture_output=True,
-                       text=True, timeout=120)
-    if r.returncode == 0:
-        return None
-    last = (r.stderr.strip().splitlines() or ["?"])[-1]
-    return f"python -m llama_cpp.server cannot start here ({last}); it needs " \
-           "llama-cpp-python[server] (fastapi, uvicorn, sse-starlette, ...)"
-
-
 def start_python_server(python: str, model: Path, log: Path) -> tuple[subprocess.Popen[bytes],
                                                                        str]:
     port = free_port()
@@ -478,8 +470,9 @@ def main() -> int:
                     help="single-stream requests per side per round (default 2)")
     ap.add_argument("--llama-bin", help="folder with llama-server (default: the portable "
                     "build bench/compare.py --build-llama makes under ~/.cache/inferno/bench)")
-    ap.add_argument("--python-server", default=sys.executable, metavar="PYTHON",
-                    help="python to run llama_cpp.server with (default: this one)")
+    ap.add_argument("--python-server", metavar="PYTHON",
+                    help="python to run llama_cpp.server with (default: the bench's own venv, "
+                         "made once by bench/lcp_venv.py)")
     ap.add_argument("--ttft-pairs", type=int, default=10,
                     help="per round, short requests through the gateway and the ZeroMQ "
                     "client in turns, for the TTFT overhead (default 10 of each)")
@@ -524,12 +517,18 @@ def main() -> int:
         else:
             skipped["llama-server"] = f"no {binary} (build it with bench/compare.py " \
                                       "--build-llama, or pass --llama-bin)"
-        missing = python_server_missing(args.python_server)
+        from lcp_venv import runs_server, server_python
+
+        if args.python_server:
+            python, missing = args.python_server, runs_server(Path(args.python_server))
+        else:
+            venv_python, missing = server_python()
+            python = str(venv_python)
         if missing:
             skipped["llama-cpp-python"] = missing
         else:
             proc, urls["llama-cpp-python"] = start_python_server(
-                args.python_server, model, work / "llama-cpp-python.log")
+                python, model, work / "llama-cpp-python.log")
             procs.append(proc)
         for name, why in skipped.items():
             print(f"skipped {name}: {why}", flush=True)

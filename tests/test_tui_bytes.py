@@ -7,6 +7,8 @@ models screen (the status bar repainted 4 times a second), 2.7-3.7 KB/s on the G
 and while streaming 1.2-1.8 KB per token (Markdown re-rendered per token, a scroll per line,
 the input's blinking cursor alone 1.7 KB/s), then 16-24.5 KB/s at 60 tok/s (about 420 bytes
 per token: each new line was a widget mounted, and a mount repaints the screen).
+The model streams here at whatever rate this machine gives it; bench/tui_bytes.py measures
+the same chat screen fed at a set rate (60 tok/s) for the README.
 """
 
 from __future__ import annotations

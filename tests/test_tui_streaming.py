@@ -3,6 +3,8 @@ added, and past the log's height one jump of its own lines, never a layout per l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
 from textual.geometry import Region
@@ -87,3 +89,17 @@ async def test_past_its_height_it_jumps_its_own_lines_at_most_once_per_move() ->
         live.flush()  # nothing new arrived: the waiting lines still come
         await pilot.pause()
         assert "line 29" in _screen_lines(live)
+
+
+async def test_the_bytes_bench_runs_the_chat_screen() -> None:
+    """bench/tui_bytes.py (the chat screen fed at a set token rate) still measures: a reply
+    streamed, its terminal bytes counted."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "bench" / "tui_bytes.py"
+    spec = importlib.util.spec_from_file_location("tui_bytes_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = await bench.one_run(bench.TEXTS["list"], 40.0, 3.0)  # a jump is 2 s at most
+    assert result["tok_s"] > 0 and result["bytes_per_s"] > 0, result

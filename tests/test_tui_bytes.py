@@ -25,12 +25,13 @@ import pytest
 from inferno_tui.store import ChatSettings, ChatStore
 
 TMUX = shutil.which("tmux")
-pytestmark = [pytest.mark.slow, pytest.mark.model,
+pytestmark = [pytest.mark.slow, pytest.mark.model, pytest.mark.timeout(600),
               pytest.mark.skipif(TMUX is None, reason="tmux not installed (apt-get install tmux)")]
 MODEL = "gemma3-270m"
 IDLE_S = 6.0
 STREAM_S = 10.0  # at least, and until the reply has scrolled
 STREAM_MAX_S = 90.0
+FILL_MAX_S = 240.0  # the reply outgrows the log after ~70 tokens: at 0.5 tok/s, 140 s
 # Short lines: the reply scrolls the log soon even on a busy machine, and often (the case
 # that costs most: a scroll repaints the whole log).
 PROMPT = "List one hundred animals, numbered, one per line."
@@ -76,7 +77,9 @@ def a_full_conversation(data_home: Path) -> None:
     """A conversation whose earlier messages already fill the chat log, so the reply
     streamed next scrolls it as it grows (the costly case)."""
     store = ChatStore(data_home / "inferno" / "chats.sqlite3")
-    conv = store.create("bytes", ChatSettings(model=MODEL, max_tokens=600))
+    # greedy: the same reply every run, and this model then lists the days again and again
+    # until max_tokens, so the reply always outgrows the log
+    conv = store.create("bytes", ChatSettings(model=MODEL, max_tokens=600, temperature=0.0))
     store.add_message(conv.id, "user", "Name the days of the week, one per line.")
     store.add_message(conv.id, "assistant", "\n".join(
         f"- {d}" for d in ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday",
@@ -125,7 +128,7 @@ def test_console_writes_little_to_the_terminal(daemon, tmp_path: Path) -> None:
             end = time.monotonic() + 120
             while tokens() < 2 and time.monotonic() < end:
                 time.sleep(0.2)
-            end = time.monotonic() + STREAM_MAX_S
+            end = time.monotonic() + FILL_MAX_S
             while "generating" not in log_rows()[0] and PROMPT in pane.cap():
                 assert tokens() >= 0, "the reply ended before it filled the log"
                 assert time.monotonic() < end, pane.cap()

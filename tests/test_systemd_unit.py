@@ -64,3 +64,21 @@ def test_exposure_score_below_threshold(tmp_path):
     score = float(m.group(1))
     print(f"systemd-analyze security exposure: {score}")
     assert score <= EXPOSURE_MAX
+
+
+def test_runners_under_the_unit_can_lower_their_priority_and_end_at_normal():
+    """Runners lower their own priority (models.runner_nice, runner_sched) with setpriority
+    and sched_setscheduler, both in @resources, which the unit denies: without the allow line
+    they got EPERM and ran at the daemon's priority. The daemon starts at Nice=-10 so that its
+    runners, at the default runner_nice, end at 0, level with the host's other programs."""
+    from infernod.config import ModelsConfig
+
+    lines = [line.strip() for line in UNIT.read_text().splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    filters = [line.split("=", 1)[1].split() for line in lines
+               if line.startswith("SystemCallFilter=")]
+    denied = next(i for i, f in enumerate(filters) if f[0].startswith("~"))
+    allowed_after = {name for f in filters[denied + 1:] if not f[0].startswith("~") for name in f}
+    assert {"setpriority", "sched_setscheduler"} <= allowed_after, filters
+    nice = int(dict(line.split("=", 1) for line in lines if "=" in line)["Nice"])
+    assert nice + ModelsConfig().runner_nice == 0, nice

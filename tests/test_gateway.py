@@ -237,3 +237,35 @@ def test_the_daemon_refuses_a_label_with_a_newline(
         c.generate(MODEL, "Hi", max_tokens=2, client="bob\r\nx")
     assert e.value.code == "bad_request" and "generate.client" in e.value.message
     assert "printable" in e.value.message
+
+
+def test_done_and_the_end_of_the_body_leave_in_one_write() -> None:
+    """``[DONE]`` and the chunked body's terminator go out together: a client that stops
+    reading at ``[DONE]`` finds the body complete and keeps its connection (aiohttp's
+    client, like others, closes one whose body has not ended)."""
+    import asyncio
+    from unittest import mock
+
+    from aiohttp.http_writer import StreamWriter
+    from aiohttp.test_utils import make_mocked_request
+
+    from infernod.gateway import sse
+
+    async def stream() -> list[bytes]:
+        writes: list[bytes] = []
+        transport = mock.Mock(is_closing=lambda: False)  # a socket that records each write
+        transport.write = lambda b: writes.append(bytes(b))
+        transport.writelines = lambda bs: writes.append(b"".join(bytes(x) for x in bs))
+        protocol = mock.Mock(transport=transport, _reading_paused=False,
+                             _drain_helper=mock.AsyncMock())
+        writer = StreamWriter(protocol, asyncio.get_running_loop())
+        req = make_mocked_request("POST", "/v1/completions", writer=writer, protocol=protocol,
+                                  transport=transport)
+        resp = await sse.open_stream(req, {})
+        await sse.send(resp, {"a": 1})
+        await sse.done(resp)
+        return writes
+
+    writes = asyncio.run(stream())
+    assert writes[-2] == b'f\r\ndata: {"a":1}\n\n\r\n'
+    assert writes[-1] == b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"

@@ -31,5 +31,7 @@ async def send(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
 
 
 async def done(resp: web.StreamResponse) -> None:
-    await resp.write(DONE)
-    await resp.write_eof()
+    """``[DONE]`` and the end of the chunked body in one write: a client that stops reading
+    at ``[DONE]`` (many do) then finds the body complete and keeps the connection for its
+    next request, instead of closing it because the terminator had not arrived yet."""
+    await resp.write_eof(DONE)

@@ -130,7 +130,7 @@ async def _http_stream(session: aiohttp.ClientSession, url: str, i: int,
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
-                break
+                continue  # read on to the body's end, as SDKs do: the connection is kept
             ev = json.loads(data)
             if ev.get("usage"):
                 usage = int(ev["usage"].get("completion_tokens") or 0) or usage

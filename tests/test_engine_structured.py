@@ -180,40 +180,44 @@ CHECKED_CASES = [  # (prompt, schema): prose prompts make the grammar refuse fir
 
 
 @pytest.mark.model
+@pytest.mark.timeout(900)  # three engines, one masking every step: slow on a busy machine
 def test_checked_grammar_picks_the_greedy_tokens_of_grammar_first(
-        default_model_path: Path) -> None:
-    """The chosen token is checked against the grammar (llama-server's way) and resampled
-    under the full grammar only when refused: greedy output is token for token what
-    masking every candidate first gives, and the refusals really happen on the way."""
+        default_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chosen token is checked against the grammar (llama-server's way); after a refusal
+    greedy asks about the next likely tokens one by one, or masks the whole vocabulary when
+    none of the top few passes (forced here with TOP_TRIES = 1). Both give token for token
+    what masking every candidate first gives, and the refusals really happen on the way."""
+    from infernod.backends import grammar_sampling
     from infernod.backends.gguf import GgufEngine
 
-    outputs: dict[bool, list[list[int]]] = {}
-    resampled = 0
-    for grammar_first in (False, True):
+    outputs: dict[str, list[list[int]]] = {}
+    for mode, top_tries in (("checked", grammar_sampling.TOP_TRIES), ("checked-mask", 1),
+                            ("grammar-first", grammar_sampling.TOP_TRIES)):
+        monkeypatch.setattr(grammar_sampling, "TOP_TRIES", top_tries)
         rec = Recorder()
         eng = GgufEngine(default_model_path, n_ctx=256, n_slots=2, prefill_chunk=64, sink=rec,
-                         grammar_first=grammar_first)
+                         grammar_first=mode == "grammar-first")
         eng.start()
         try:
-            outputs[grammar_first] = []
+            outputs[mode] = []
             for i, (prompt, schema) in enumerate(CHECKED_CASES):
                 rid = f"c{i}"
                 reason, stats = rec.run(eng, GenerationRequest(
-                    rid, prompt=prompt, max_tokens=40, sampling=SamplingParams(temperature=0),
+                    rid, prompt=prompt, max_tokens=32, sampling=SamplingParams(temperature=0),
                     grammar=schema_to_gbnf(schema)))
                 assert reason in ("eos", "length"), stats
                 if reason == "eos":
                     json.loads(rec.text(rid))
-                outputs[grammar_first].append(stats["generated_tokens"])
-            if not grammar_first:
-                resampled = eng.grammar_sampling.resampled
-                assert eng.grammar_sampling.checked > resampled
-            else:
-                assert eng.grammar_sampling.checked == 0
+                outputs[mode].append(stats["generated_tokens"])
+            gs = eng.grammar_sampling
+            if mode == "grammar-first":
+                assert gs.checked == 0
+            else:  # the fallback was taken, so it was compared too
+                assert gs.checked > gs.resampled > 0
         finally:
             eng.close()
-    assert outputs[False] == outputs[True]
-    assert resampled > 0  # the fallback was taken, so it was compared too
+    assert outputs["checked"] == outputs["grammar-first"]
+    assert outputs["checked-mask"] == outputs["grammar-first"]
 
 
 BOUNDED = {"type": "object", "properties": {

@@ -11,7 +11,9 @@ candidate array to test a token, and accepts the final token into the grammar (a
 chain: penalties count only what was kept).
 
 Greedy picks the same token either way: if the unconstrained argmax passes the grammar it is
-also the argmax of what the grammar allows (ties go to the lower id in both). Sampling draws
+also the argmax of what the grammar allows (ties go to the lower id in both). When it does
+not, greedy asks about the next most likely tokens one at a time (the first allowed is the
+allowed argmax) and masks the whole vocabulary only if none of the top few passes. Sampling draws
 from the same distribution without truncation (rejection sampling); with top-k/top-p the
 truncation is computed before the grammar instead of after, as llama-server does.
 
@@ -26,6 +28,7 @@ from typing import Any
 
 from infernod.backends import llama_native as native
 
+TOP_TRIES = 32  # greedy: how many likely tokens are asked alone before masking them all
 _TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data, 12 bytes
 
 
@@ -58,7 +61,9 @@ class GrammarSampling:
                 token = self._apply_chain(self._fill(ctx, idx), chain)
             if not self.allows(grammar, token):
                 self.resampled += 1
-                token = self._sample_all(ctx, idx, grammar, chain)
+                first = self._first_allowed(ctx, idx, grammar) if chain is None else None
+                token = first if first is not None else self._sample_all(ctx, idx, grammar,
+                                                                         chain)
         llama.llama_sampler_accept(grammar, token)
         if chain is not None:
             llama.llama_sampler_accept(chain, token)
@@ -76,6 +81,21 @@ class GrammarSampling:
         arr.size, arr.selected, arr.sorted = 1, -1, False
         llama.llama_sampler_apply(grammar, ctypes.byref(arr))
         return bool(one.logit != -math.inf)
+
+    def _first_allowed(self, ctx: Any, idx: int, grammar: Any) -> int | None:
+        """Greedy after a refusal: the most likely tokens in order (ties: lower id first),
+        each asked alone, and the first the grammar allows: the argmax of what it allows,
+        for a few single-token checks instead of the whole vocabulary. None when none of
+        the :data:`TOP_TRIES` most likely (strictly above the next one's logit) is allowed."""
+        import numpy as np
+
+        row = native.logits_row(ctx, idx, self.n_vocab)
+        top = np.argpartition(row, -TOP_TRIES)[-TOP_TRIES:]
+        cand = top[row[top] > row[top].min()]  # a tie across the cut could hide a lower id
+        for tok in cand[np.lexsort((cand, -row[cand]))]:
+            if self.allows(grammar, int(tok)):
+                return int(tok)
+        return None
 
     def _sample_all(self, ctx: Any, idx: int, grammar: Any, chain: Any | None) -> int:
         """The grammar over every candidate, then the chain (or the argmax)."""

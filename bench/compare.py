@@ -435,6 +435,20 @@ def python_server(args: argparse.Namespace) -> tuple[str | None, str]:
     return (str(python) if python is not None else None), why
 
 
+def default_example_python(lcp_python: str | None) -> str | None:
+    """The bench venv's python for the batched example server, when it has the server's
+    imports and the sdist (unpacked by --build-llama) holds the script."""
+    import llama_cpp
+
+    script = CACHE / f"llama_cpp_python-{llama_cpp.__version__}" / "examples" / "server"
+    if lcp_python is None or not (script / "server.py").is_file():
+        return None
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lcp_venv import runs_example
+
+    return lcp_python if runs_example(Path(lcp_python)) is None else None
+
+
 def start_example_server(python: str, model: Path,
                          workdir: Path) -> tuple[subprocess.Popen, str]:
     """llama-cpp-python's batched example server (its sdist's examples/server/server.py),
@@ -634,10 +648,11 @@ def main() -> int:
             sides.append(Side("llama-cpp-python server",
                               lambda i, b, **kw: python_server_one(purl, i, b), proc.pid,
                               streaming=False))
+        example_python = args.example_server_python or default_example_python(lcp_python)
         if ping_only:
             pass
-        elif args.example_server_python:
-            proc, eurl = start_example_server(args.example_server_python, model,
+        elif example_python:
+            proc, eurl = start_example_server(example_python, model,
                                               Path(daemon.base))
             procs.append(proc)
             sides.append(Side("llama-cpp-python example server",
@@ -645,8 +660,9 @@ def main() -> int:
                               streaming=False))
         else:
             result["skipped"]["llama-cpp-python example server"] = (
-                "no --example-server-python given (a Python with fastapi, uvicorn, openai, "
-                "jinja2, safetensors, websockets and llama-cpp-python)")
+                "no --example-server-python given and the bench venv cannot run it (it "
+                "needs fastapi, uvicorn, openai, jinja2, safetensors, websockets and "
+                "llama-cpp-python, and the sdist --build-llama unpacks)")
         for why in result["skipped"].values():
             print(f"skipped: {why}", file=sys.stderr)
         runs = measure(args, llm, sides, singles=not ping_only)

@@ -20,6 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "inferno" / "bench"
 WHEELS = Path.home() / ".cache" / "inferno" / "wheels"
+# What the sdist's batched example server (examples/server/server.py) imports beyond
+# llama-cpp-python[server]: compare.py runs it from the same venv.
+EXAMPLE_EXTRAS = ("openai", "jinja2", "safetensors", "websockets")
 
 
 def venv_dir(version: str) -> Path:
@@ -36,6 +39,20 @@ def runs_server(python: Path) -> str | None:
         return None
     last = (r.stderr.strip().splitlines() or ["?"])[-1]
     return f"{python} cannot import llama_cpp.server.app ({last})"
+
+
+def runs_example(python: Path) -> str | None:
+    """None when ``python`` has what the batched example server imports, else why not."""
+    r = subprocess.run([str(python), "-c", "import " + ", ".join(EXAMPLE_EXTRAS)],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode == 0:
+        return None
+    last = (r.stderr.strip().splitlines() or ["?"])[-1]
+    return f"{python} lacks the example server's imports ({last})"
+
+
+def ready(python: Path) -> bool:
+    return runs_server(python) is None and runs_example(python) is None
 
 
 def portable_wheel(version: str) -> Path | None:
@@ -58,7 +75,7 @@ def server_python(create: bool = True) -> tuple[Path | None, str]:
     version = llama_cpp.__version__
     venv = venv_dir(version)
     python = venv / "bin" / "python"
-    if runs_server(python) is None:
+    if ready(python):
         return python, ""
     if not create:
         return None, f"no {venv} (make it with bench/lcp_venv.py)"
@@ -69,14 +86,14 @@ def server_python(create: bool = True) -> tuple[Path | None, str]:
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two benches starting at once make it once
-        if runs_server(python) is None:
+        if ready(python):
             return python, ""
         print(f"making {venv} (llama-cpp-python[server] from {wheel.name}) ...",
               file=sys.stderr)
         steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
                  [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                   "--find-links", str(wheel.parent), "--only-binary", "llama-cpp-python",
-                  f"llama-cpp-python[server]=={version}"]]
+                  f"llama-cpp-python[server]=={version}", *EXAMPLE_EXTRAS]]
         for cmd in steps:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if r.returncode != 0:

@@ -220,7 +220,13 @@ class GgufEngine:
             self.grammar_sampling.n_vocab = self._n_vocab
             self.n_swa = int(llama.llama_model_n_swa(self._model))
             rss0 = native.rss_bytes()
-            self._ctx = self._create_context()
+            # one context for all slots: unified KV of n_ctx per slot; parks are extra
+            # sequence ids without extra cells (a sliding window grows by one per id, though)
+            self._ctx = native.create_context(
+                self._model, n_cells=self.n_ctx * self.n_slots,
+                n_seq_max=self.n_slots + self.park_slots, n_batch=self._n_batch,
+                n_threads=(self.n_threads, self.n_threads_batch), swa_full=self.swa_full,
+                flash_attn=self.flash_attn)
             self._mem = llama.llama_get_memory(self._ctx)
             self._parks.attach(self._mem)
             self._cells.attach(self._ctx, self._mem, 0 if self.swa_full else self.n_swa)
@@ -241,29 +247,12 @@ class GgufEngine:
             "total_bytes": model_bytes + context_bytes,
         }
 
-    def _create_context(self) -> Any:
-        """One context for all slots: unified KV of n_ctx per slot; parks are extra sequence
-        ids without extra cells (a sliding-window cache grows by one window per id, though)."""
-        ctx = native.create_context(
-            self._model, n_cells=self.n_ctx * self.n_slots,
-            n_seq_max=self.n_slots + self.park_slots, n_batch=self._n_batch,
-            n_threads=(self.n_threads, self.n_threads_batch), swa_full=self.swa_full,
-            flash_attn=self.flash_attn,
-        )
-        if not ctx:
-            raise InfernoError(
-                "insufficient_memory",
-                f"llama.cpp could not create a context of {self.n_ctx * self.n_slots} cells",
-                "lower n_ctx or n_slots for this model",
-            )
-        return ctx
-
     def _free_native(self) -> None:
         llama = native.bindings()
         self._embeds.close()
         for slot in self._slots:
             if slot.run is not None:
-                _free_samplers(slot.run)
+                native.free_samplers(slot.run.sampler, slot.run.grammar)
                 slot.run = None
         if self._batch is not None:
             llama.llama_batch_free(self._batch)
@@ -581,7 +570,7 @@ class GgufEngine:
         llama = native.bindings()
         run = slot.run
         assert run is not None
-        _free_samplers(run)
+        native.free_samplers(run.sampler, run.grammar)
         slot.run = None
         slot.released_ns = time.perf_counter_ns()
         if not keep_cells:
@@ -607,9 +596,3 @@ class GgufEngine:
     def _emit_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
         self.sink.on_error(request_id, code, message, hint if hint is not None else CODES[code])
 
-
-def _free_samplers(run: Run) -> None:
-    llama = native.bindings()
-    llama.llama_sampler_free(run.sampler)
-    if run.grammar is not None:
-        llama.llama_sampler_free(run.grammar)

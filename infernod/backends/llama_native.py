@@ -92,7 +92,7 @@ def create_context(
     """A context with a unified KV cache of ``n_cells`` cells shared by ``n_seq_max`` sequence
     ids; one ubatch per batch; outputs capped at one per sequence id (llama.cpp reserves that
     many; the logits buffer for a full prompt batch of a 262k vocab would be ~250 MiB).
-    Returns NULL (falsy) when llama.cpp cannot allocate it."""
+    ``insufficient_memory`` when llama.cpp cannot allocate it."""
     llama = bindings()
     p = llama.llama_context_default_params()
     p.n_ctx = n_cells
@@ -106,7 +106,20 @@ def create_context(
     p.flash_attn_type = {"auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,  # on where the backend can
                          "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                          "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
-    return llama.llama_init_from_model(model, p)
+    ctx = llama.llama_init_from_model(model, p)
+    if not ctx:
+        raise InfernoError("insufficient_memory",
+                           f"llama.cpp could not create a context of {n_cells} cells",
+                           "lower n_ctx or n_slots for this model")
+    return ctx
+
+
+def free_samplers(*samplers: Any) -> None:
+    """A run's sampler chain and its grammar (None where it has none)."""
+    llama = bindings()
+    for sampler in samplers:
+        if sampler is not None:
+            llama.llama_sampler_free(sampler)
 
 
 def seq_state(mem: Any, seq_id: int, kv: list[int], request_id: str | None) -> dict[str, Any]:

@@ -162,6 +162,7 @@ def test_a_failing_sink_is_logged_and_never_reaches_the_decode_thread(
 ANY_ALLOWED = {
     ("infernod/telemetry/nvml.py", "NvmlReader", "nvml_module"),  # pynvml (no types) or a fake
     ("infernod/backends/runstate.py", "Run", "sampler"),  # a llama.cpp sampler pointer
+    ("infernod/backends/runstate.py", "Run", "grammar"),  # ... its grammar sampler's
     # llama.cpp model and vocabulary pointers (ctypes, from the lazily imported bindings)
     ("infernod/backends/gguf_embed.py", "GgufEmbedder", "model"),
     ("infernod/backends/gguf_embed.py", "GgufEmbedder", "vocab"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infernod.gateway.errors import bad_request
-from infernod.protocol.messages import MAX_LABEL_CHARS
+from infernod.protocol.messages import MAX_LABEL_CHARS, valid_label
 from infernod.protocol.vocabulary import PRIORITIES
 
 
@@ -209,7 +209,7 @@ def user_label(body: dict[str, Any]) -> str | None:
         return None
     if not isinstance(user, str):
         raise bad_request("'user' must be a string", "user")
-    if len(user) > MAX_LABEL_CHARS or not user.isprintable():
+    if not valid_label(user):
         what = f"{len(user)} characters" if user.isprintable() else "control characters"
         raise bad_request(f"'user' must be at most {MAX_LABEL_CHARS} printable characters, "
                           f"not {what}: send a short id, e.g. a hash of the account", "user")

@@ -307,11 +307,15 @@ def validate_body(
     return body
 
 
+def valid_label(label: str) -> bool:
+    """A label goes into queue rows, profiles and log lines: 1-MAX_LABEL_CHARS characters,
+    none of them a control character (a newline would forge a log line)."""
+    return 0 < len(label) <= MAX_LABEL_CHARS and label.isprintable()
+
+
 def _validate_label(type_: str, body: dict[str, Any]) -> None:
-    """A label goes into queue rows, profiles and log lines: no control characters (a
-    newline would forge a log line) and not empty."""
     label = body.get("client")
-    if label is not None and (not label or not label.isprintable()):
+    if label is not None and not valid_label(label):
         raise InfernoError("bad_request", f"{type_}.client must be 1-{MAX_LABEL_CHARS} "
                            "printable characters (no newlines or other control characters)",
                            "send a name or an opaque id, e.g. a hash of the user's account")

@@ -595,4 +595,3 @@ class GgufEngine:
 
     def _emit_error(self, request_id: str, code: str, message: str, hint: str | None) -> None:
         self.sink.on_error(request_id, code, message, hint if hint is not None else CODES[code])
-

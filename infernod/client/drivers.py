@@ -40,6 +40,7 @@ from infernod.client.stream import AsyncStream, Stream
 from infernod.paths import Endpoints
 from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
+from infernod.zmqio import FdWatch, plain_socket, recv_frames
 
 __all__ = ["AsyncClient", "AsyncStream", "Client", "ClientCore", "CurveKeys",
            "DaemonUnavailable", "Event", "InfernoError", "Notice", "Stream", "decode_array",
@@ -273,15 +274,18 @@ class AsyncClient(_Base, _Requests):
         super().__init__(endpoint, timeout, name, curve, rcvbuf_bytes, session)
         self.ctx = zmq.asyncio.Context.instance()
         self.dealer = self.ctx.socket(zmq.DEALER)
-        self.sub = self.ctx.socket(zmq.SUB)
+        # The events socket is a plain one, drained by a callback on its descriptor
+        # (_drain_events): no poller, Future or task per token (infernod.zmqio).
+        self.sub = plain_socket(self.ctx, zmq.SUB)
+        self._waiters: dict[str, asyncio.Future[list[bytes]]] = {}
+        self._event_waiters: list[asyncio.Future[None]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._watch: FdWatch | None = None  # the sub's descriptor on the running loop
         try:
             self._setup(self.dealer, self.sub, topics)
         except Exception:
             self.close()
             raise
-        self._waiters: dict[str, asyncio.Future[list[bytes]]] = {}
-        self._event_waiters: list[asyncio.Future[None]] = []
-        self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -292,6 +296,9 @@ class AsyncClient(_Base, _Requests):
     def close(self) -> None:
         if self._reader_task is not None:
             self._reader_task.cancel()
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.close()
         waiters, self._waiters = getattr(self, "_waiters", {}), {}
         for fut in waiters.values():  # a request still waiting ends now, not at its timeout
             if not fut.done():
@@ -306,40 +313,55 @@ class AsyncClient(_Base, _Requests):
         return getattr(self, "_reader", None)
 
     def _ensure_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        if self._watch is None or self._watch.loop is not loop:
+            if self._watch is not None:
+                self._watch.close()  # an earlier loop's (asyncio.run twice): gone or unused
+            self._watch = FdWatch(self.sub, self._drain_events, tick_s=STOOD_STILL_S,
+                                  on_tick=self._on_tick)
+        if self._reader is None or self._reader.done() or self._reader.get_loop() is not loop:
+            self._reader = loop.create_task(self._read())
+
+    def _on_tick(self) -> None:
+        """Every STOOD_STILL_S: a timer that fires late means the loop (or the process)
+        stood still, which is not the daemon's silence (ClientCore.listened); then a
+        drain, in case the events socket's descriptor missed an edge (infernod.zmqio)."""
+        self.core.listened(waited_s=STOOD_STILL_S)
+        self._drain_events()
+
+    def _drain_events(self) -> None:
+        """Every event waiting on the events socket, up to 1000 a turn (the rest on the
+        next turn, after the loop's other work)."""
+        sub, core = self.sub, self.core
+        got = False
+        for _ in range(1000):
+            try:
+                frames = recv_frames(sub)
+            except zmq.Again:
+                break
+            got = True
+            try:
+                ev = decode_event(frames)
+            except InfernoError:
+                continue
+            if ev is not None:
+                core.on_event(ev)
+        else:
+            if self._watch is not None:
+                self._watch.kick()
+        if got:
+            self._wake_events()
 
     async def _read(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self.dealer, zmq.POLLIN)
-        poller.register(self.sub, zmq.POLLIN)
+        """The replies on the control socket (one per request: pyzmq's own future)."""
+        dealer, core = self.dealer, self.core
         while True:
-            self.core.listened()
-            socks = dict(await poller.poll(500))
-            self.core.listened(waited_s=0.5)
-            if self.sub in socks:
-                for _ in range(1000):
-                    try:
-                        frames = await self.sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        ev = decode_event(frames)
-                    except InfernoError:
-                        continue
-                    if ev is not None:
-                        self.core.on_event(ev)
-                self._wake_events()
-            if self.dealer in socks:
-                try:
-                    frames = await self.dealer.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    continue
-                self.core.saw_life()  # any reply (see ClientCore.saw_life)
-                re_ = ClientCore.reply_to(frames)
-                fut = self._waiters.pop(re_, None) if re_ is not None else None
-                if fut is not None and not fut.done():
-                    fut.set_result(frames)
+            frames = await dealer.recv_multipart()
+            core.saw_life()  # any reply (see ClientCore.saw_life)
+            re_ = ClientCore.reply_to(frames)
+            fut = self._waiters.pop(re_, None) if re_ is not None else None
+            if fut is not None and not fut.done():
+                fut.set_result(frames)
 
     def _wake_events(self) -> None:
         waiters, self._event_waiters = self._event_waiters, []
@@ -427,8 +449,8 @@ class AsyncClient(_Base, _Requests):
         late = False
         try:
             while True:
-                # Time we stood still is not the daemon's: it moves the end (the reader
-                # task measures it, see _read).
+                # Time we stood still is not the daemon's: it moves the end (the loop's
+                # tick measures it, see _on_tick).
                 left = end + (self.stood_still_s - wait.stood_still_s) - time.monotonic()
                 if left <= 0 and not late:
                     raise DaemonUnavailable(f"no reply to '{type_}' within {limit:.1f}s",
@@ -523,6 +545,8 @@ class AsyncClient(_Base, _Requests):
         """As :meth:`Client.attach`."""
         self.core.follow(request_id)
         self.sub.setsockopt(zmq.SUBSCRIBE, f"tokens.{request_id}".encode())
+        if self._watch is not None:
+            self._watch.kick()  # the subscription may have taken in the descriptor's edge
         await self.wait_welcome()
         stream = AsyncStream(self, request_id, {"request_id": request_id})
         stream.backlog += await stream.fetch_missing()

@@ -48,6 +48,7 @@ import zmq
 
 from infernod.daemon.ratelimit import KeyedBuckets
 from infernod.protocol.codec import MAGIC, PROTOCOL_VERSION, packb
+from infernod.zmqio import send_frames
 
 log = logging.getLogger("infernod.daemon.publisher")
 
@@ -111,9 +112,11 @@ class Claim:
 
 
 class Publisher:
-    def __init__(self, sock: zmq.Socket, boot_id: str, *, stream_limit: int = 65536,
+    def __init__(self, sock: zmq.Socket[bytes], boot_id: str, *, stream_limit: int = 65536,
                  stream_retention_s: float = 300.0) -> None:
-        self.sock = sock
+        self.sock = sock  # a plain socket (infernod.zmqio): one send per token
+        # Called after each send: the events loop's FdWatch.kick (infernod.zmqio).
+        self.after_send: Callable[[], None] | None = None
         self.boot_id = boot_id
         self.stream_limit = stream_limit
         self.stream_retention_s = stream_retention_s
@@ -157,11 +160,12 @@ class Publisher:
 
     def _send(self, topic: str, header: dict, body: dict) -> None:
         try:
-            self.sock.send_multipart([topic.encode(), MAGIC, packb(header), packb(body)],
-                                     flags=zmq.NOBLOCK)
+            send_frames(self.sock, (topic.encode(), MAGIC, packb(header), packb(body)))
             self.sent += 1
         except zmq.Again:  # XPUB drops per subscriber at HWM; Again means nobody could take it
             pass
+        if self.after_send is not None:
+            self.after_send()
 
     # -- streams ----------------------------------------------------------------------------
     def open_stream(self, request_id: str, owner: str, via: str = "") -> str:

@@ -46,6 +46,7 @@ from infernod.protocol.messages import (
     validate_body,
     validate_header,
 )
+from infernod.zmqio import FdWatch, plain_socket
 
 log = logging.getLogger("infernod")
 
@@ -218,7 +219,8 @@ class Daemon:
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.SNDHWM, 10000)
         self.control.setsockopt(zmq.RCVHWM, CONTROL_RCVHWM)
-        self.events = self.ctx.socket(zmq.XPUB)
+        # Plain, not asyncio: every token is published on it (infernod.zmqio).
+        self.events = plain_socket(self.ctx, zmq.XPUB)
         # Every (un)subscription comes to us and none applies until we say so (_events_loop):
         # a principal's streams are its own (publisher.Publisher.decide).
         self.events.setsockopt(zmq.XPUB_MANUAL, 1)
@@ -400,60 +402,63 @@ class Daemon:
         and applied with setsockopt to the pipe it came from, which libzmq remembers only
         until the next receive: so receive, decide and apply happen with no await between.
 
-        A flood must not starve the loop: messages are taken without waiting (a plain
-        socket sharing the asyncio one's libzmq socket), at most EVENTS_BATCH or
+        A flood must not starve the loop: messages are taken without waiting (the socket is
+        a plain one, watched by an infernod.zmqio.FdWatch), at most EVENTS_BATCH or
         EVENTS_SLICE_S at a time, then the loop runs everything else before the next batch.
         Waiting welcomes go out after each batch, as their principals' rate allows."""
-        sock: zmq.Socket[bytes] = zmq.Socket.shadow(self.events.underlying)
+        sock = self.events
         since_trim = 0
         publisher = self.publisher
         security = self.security
         principal_of = security.principal_of
-        while True:
-            try:
-                # pyzmq's _future.pyi gives the socket the Poller's poll() (no flags, a list)
-                ready = await self.events.poll(timeout=250, flags=zmq.POLLIN)  # type: ignore[call-arg]
-            except asyncio.CancelledError:
-                raise
-            except zmq.ZMQError as e:
-                if e.errno == zmq.ETERM:
-                    return
-                continue
-            if not ready and since_trim > TRIM_IDLE_FRAMES:
-                # Quiet for 250 ms after a smaller burst, or after a flooder left (libzmq
-                # frees its pipe and sends us its unsubscribes): hand the pieces back too.
-                since_trim = 0
-                asyncio.get_running_loop().run_in_executor(None, _trim_heap)
-                continue
-            start = time.monotonic()
-            for _ in range(EVENTS_BATCH):
-                try:
-                    frame = sock.recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    if since_trim > TRIM_AFTER_FRAMES:
-                        # libzmq took the burst in ahead of us (XPUB keeps what it has read
-                        # in its own list) and freed it in small pieces: give them back.
-                        since_trim = 0
-                        asyncio.get_running_loop().run_in_executor(None, _trim_heap)
-                    break
-                except zmq.ZMQError as e:
-                    if e.errno == zmq.ETERM:
-                        return
-                    break
-                since_trim += 1
-                data = frame.bytes
-                now = time.monotonic()
-                principal = principal_of(frame)
-                if publisher.decide(data, principal, now,
-                                    functools.partial(security.role_of_principal, principal,
-                                                      frame)):
-                    option = zmq.SUBSCRIBE if data[0] == 1 else zmq.UNSUBSCRIBE
-                    sock.setsockopt(option, data[1:])
-                if now - start > EVENTS_SLICE_S:
-                    break
-            if publisher.welcomes_waiting():
-                publisher.flush_welcomes(time.monotonic())
-            await asyncio.sleep(0)  # a burst must not starve heartbeats and replies
+        # Each publish may take in the descriptor's edge (infernod.zmqio): it kicks the watch.
+        watch = FdWatch(sock)
+        publisher.after_send = watch.kick
+        try:
+            while True:
+                ready = await watch.wait(0.25)
+                if not ready and since_trim > TRIM_IDLE_FRAMES:
+                    # Quiet for 250 ms after a smaller burst, or after a flooder left (libzmq
+                    # frees its pipe and sends us its unsubscribes): hand the pieces back too.
+                    since_trim = 0
+                    asyncio.get_running_loop().run_in_executor(None, _trim_heap)
+                    continue
+                start = time.monotonic()
+                drained = False
+                for _ in range(EVENTS_BATCH):
+                    try:
+                        frame = sock.recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        drained = True
+                        if since_trim > TRIM_AFTER_FRAMES:
+                            # libzmq took the burst in ahead of us (XPUB keeps what it has read
+                            # in its own list) and freed it in small pieces: give them back.
+                            since_trim = 0
+                            asyncio.get_running_loop().run_in_executor(None, _trim_heap)
+                        break
+                    except zmq.ZMQError as e:
+                        if e.errno == zmq.ETERM:
+                            return
+                        break
+                    since_trim += 1
+                    data = frame.bytes
+                    now = time.monotonic()
+                    principal = principal_of(frame)
+                    if publisher.decide(data, principal, now,
+                                        functools.partial(security.role_of_principal, principal,
+                                                          frame)):
+                        option = zmq.SUBSCRIBE if data[0] == 1 else zmq.UNSUBSCRIBE
+                        sock.setsockopt(option, data[1:])
+                    if now - start > EVENTS_SLICE_S:
+                        break
+                if not drained:
+                    watch.kick()  # the rest of the burst, after the loop's other work
+                if publisher.welcomes_waiting():
+                    publisher.flush_welcomes(time.monotonic())
+                await asyncio.sleep(0)  # a burst must not starve heartbeats and replies
+        finally:
+            publisher.after_send = None
+            watch.close()
 
     async def _heartbeat_loop(self) -> None:
         interval = self.cfg.daemon.heartbeat_interval_s

@@ -1,9 +1,9 @@
 """The daemon side of runner processes: spawn, talk to, and bury them.
 
-Everything here runs on the event-loop thread: the ROUTER socket (its own zmq.asyncio
-context, bound in a 0700 directory of the runtime dir), the spawns (PR_SET_PDEATHSIG is
-tied to the thread that forked the runner, so it must be the loop's, which lives as long as
-the daemon) and the pidfd readers that notice a runner's death at once.
+Everything here runs on the event-loop thread: the ROUTER socket (its own ZeroMQ context,
+bound in a 0700 directory of the runtime dir; a plain socket drained from a callback on its
+descriptor, infernod.zmqio), the spawns (PR_SET_PDEATHSIG is tied to the thread that
+forked the runner, so it must be the loop's, which lives as long as the daemon) and the pidfd readers that notice a runner's death at once.
 """
 
 from __future__ import annotations
@@ -21,17 +21,19 @@ from typing import Any
 
 import psutil
 import zmq
-import zmq.asyncio
 
 from infernod.backends.base import EngineSink, GenerationRequest
 from infernod.backends.onnx_engine import RunDone
 from infernod.protocol.errors import InfernoError
 from infernod.runner import wire
+from infernod.zmqio import FdWatch, plain_socket, recv_frames, send_frames
 
 log = logging.getLogger("infernod.runner")
 
 CLOSE_TIMEOUT_S = 10.0  # a runner asked to close gets this long before SIGKILL
 POLL_EXIT_S = 0.2  # without pidfd_open: how often to look for a dead runner
+RUNNER_BATCH = 1000  # runner messages per loop turn; the rest after the loop's other work
+RUNNER_TICK_S = 0.25  # the runners' socket is drained this often anyway (infernod.zmqio)
 CRASH_HINT = ("the model's running requests were ended; it is loaded again on the next "
               "request (after a short backoff). 'inferno models' shows the reason, the "
               "daemon log llama.cpp's last words")
@@ -356,8 +358,11 @@ class RunnerSupervisor:
         self._gpu_bytes = gpu_bytes
         self.runners: dict[str, RunnerEngine] = {}
         self._ids = itertools.count(1)
-        self.ctx: zmq.asyncio.Context | None = None
-        self.sock: zmq.asyncio.Socket | None = None
+        self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        # Plain, not asyncio: every token comes through it (infernod.zmqio).
+        self.sock: zmq.Socket[bytes] | None = None
+        self._watch: FdWatch | None = None
+        self._served: asyncio.Future[None] | None = None
         self.endpoint = ""
 
     def bind(self) -> None:
@@ -366,26 +371,40 @@ class RunnerSupervisor:
         path = self.dir / "runners.sock"
         path.unlink(missing_ok=True)
         self.endpoint = f"ipc://{path}"
-        self.ctx = zmq.asyncio.Context(1)
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.bind(self.endpoint)
+        self.ctx = zmq.Context(1)
+        self.sock = sock = plain_socket(self.ctx, zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.bind(self.endpoint)
 
     async def serve(self) -> None:
-        """Receive every runner's messages and hand them to its RunnerEngine."""
-        while True:
-            sock = self.sock
-            if sock is None:
-                return  # closed (the daemon is stopping)
+        """Receive every runner's messages and hand them to its RunnerEngine, from a
+        callback on the socket's descriptor (:meth:`_drain`), until :meth:`close`."""
+        if self.sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._served = loop.create_future()
+        self._watch = FdWatch(self.sock, self._drain, tick_s=RUNNER_TICK_S)
+        try:
+            await self._served
+        finally:
+            self._watch.close()
+            self._watch = None
+
+    def _drain(self) -> None:
+        """Up to RUNNER_BATCH messages, then the rest on the next loop turn."""
+        sock = self.sock
+        if sock is None:
+            return
+        for _ in range(RUNNER_BATCH):
             try:
-                frames = await sock.recv_multipart()
-            except (zmq.ZMQError, asyncio.CancelledError):
-                if self.sock is None:  # closed under us by close(): a normal end
-                    return
-                raise
+                frames = recv_frames(sock)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed under us by close(): a normal end
+                return
             if len(frames) != 2:
                 continue
             runner = self.runners.get(frames[0].decode(errors="replace"))
@@ -395,10 +414,14 @@ class RunnerSupervisor:
                 runner.on_message(wire.unpack(frames[1]))
             except Exception:
                 log.exception("bad message from %s's runner", runner.model)
+        if self._watch is not None:
+            self._watch.kick()
 
     def send(self, runner_id: str, body: bytes) -> None:
         assert self.sock is not None
-        self.sock.send_multipart([runner_id.encode(), body], flags=zmq.NOBLOCK)
+        send_frames(self.sock, (runner_id.encode(), body))
+        if self._watch is not None:
+            self._watch.kick()  # the send may have taken in the descriptor's edge
 
     def forget(self, runner: RunnerEngine) -> None:
         self.runners.pop(runner.runner_id, None)
@@ -436,6 +459,10 @@ class RunnerSupervisor:
     async def close(self) -> None:
         for runner in list(self.runners.values()):
             await runner.aclose()
+        if self._watch is not None:
+            self._watch.close()
+        if self._served is not None and not self._served.done():
+            self._served.set_result(None)
         if self.sock is not None:
             sock, self.sock = self.sock, None
             sock.close(0)

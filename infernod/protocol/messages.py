@@ -302,7 +302,7 @@ def validate_body(
         _validate_generate(body)
     if "stop" in schema:
         _validate_stop(type_, body)
-    if schema.get("client") is _LABEL["client"]:
+    if "client" in schema and type_ != "hello":  # hello's: the program's name
         _validate_label(type_, body)
     return body
 

@@ -18,14 +18,17 @@ The HTTP sides share one load generator (aiohttp, one kept-alive connection per 
 parsed as it arrives); the ZeroMQ side runs in the same process and event loop. Work: 64-token
 greedy completions (``ignore_eos``, a distinct prompt per request so no side reuses a cached
 prefix), one client, then 8 concurrent clients. Every round measures every side, the order
-rotating from round to round, so a busy machine's drift hits all sides; the gateway/ZeroMQ
-ratios are taken within a round and the table shows their median. TTFT is request sent to
-first text received (the first SSE chunk with text, the first text the client library
-yields); the gateway's TTFT overhead comes from ``--ttft-pairs`` short completions per round
-sent in turns through the gateway and the ZeroMQ client, the median of the pairwise
-differences (a single slow moment of a shared machine then moves one pair, not the result); single-stream tok/s is the decode rate after the first token; the
-8-client figure is all tokens over the wall time of the round. The load average is recorded
-before and after.
+rotating from round to round, so a busy machine's drift hits all sides. One-client requests
+go in turns (``--singles`` per side and round: every side one request, then every side the
+next, who goes first rotating), and the one-stream ratios (gateway / ZeroMQ, gateway /
+llama-server) are the median of the request-by-request ratios: a slow moment of a shared
+machine then moves one pair, not the result. The 8-client ratios are taken within a round
+and the table shows their median. TTFT is request sent to first text received (the first
+SSE chunk with text, the first text the client library yields); the gateway's TTFT overhead
+comes from ``--ttft-pairs`` short completions per round sent in turns through the gateway
+and the ZeroMQ client, the median of the pairwise differences; single-stream tok/s is the
+decode rate after the first token; the 8-client figure is all tokens over the wall time of
+the round. The load average is recorded before and after.
 
     .venv/bin/python bench/gateway_bench.py [--rounds 3] [--json out.json]
 
@@ -209,17 +212,33 @@ def decode_rate(r: Run) -> float:
     return (r["tokens"] - 1) / (r["end"] - r["first"]) if r["end"] > r["first"] else 0.0
 
 
-async def measure_round(side: Side, base: int, singles: int) -> None:
-    rates = []
+async def measure_singles(sides: list[Side], base: int, singles: int) -> None:
+    """``singles`` one-client requests per side, in turns (who goes first rotates), so the
+    k-th request of every side meets the same moment of a busy machine: their decode rates
+    are compared pairwise (:func:`pair_ratios`)."""
+    rates: dict[str, list[float]] = {s.name: [] for s in sides}
     for k in range(singles):
-        r = await side.one(0, base + k, 0)
-        side.single.append(r)
-        rates.append(decode_rate(r))
-    side.single_rate.append(statistics.median(rates))
-    runs = await asyncio.gather(*(side.one(c, base + singles + c, 0) for c in range(CLIENTS)))
+        for i, side in enumerate(sides[k % len(sides):] + sides[:k % len(sides)]):
+            r = await side.one(0, base + k * len(sides) + i, 0)
+            side.single.append(r)
+            rates[side.name].append(decode_rate(r))
+    for side in sides:
+        side.single_rate.append(statistics.median(rates[side.name]))
+
+
+async def measure_clients(side: Side, base: int) -> None:
+    runs = await asyncio.gather(*(side.one(c, base + c, 0) for c in range(CLIENTS)))
     side.multi.extend(runs)
     wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
     side.multi_rate.append(sum(r["tokens"] for r in runs) / wall)
+
+
+def pair_ratios(a: Side, b: Side, singles: int) -> tuple[float, list[float]]:
+    """``a``'s single-stream decode rate over ``b``'s, request by request (measured in
+    turns): the median over every pair, and each round's median."""
+    pairs = [decode_rate(x) / decode_rate(y) for x, y in zip(a.single, b.single, strict=True)]
+    rounds = [statistics.median(pairs[k:k + singles]) for k in range(0, len(pairs), singles)]
+    return statistics.median(pairs), [round(x, 3) for x in rounds]
 
 
 async def measure_ttft(pair: list[Side], base: int, n: int) -> None:
@@ -252,8 +271,9 @@ def summary(side: Side) -> dict[str, Any]:
 
 
 def ratios(gw: Side, zmq: Side, singles: int) -> dict[str, Any]:
-    """gateway / zmq within each round, then the median over rounds."""
-    single = [g / z for g, z in zip(gw.single_rate, zmq.single_rate, strict=True)]
+    """gateway / zmq: one stream request by request (pairs measured in turns), 8 clients
+    within each round; the medians."""
+    single_median, single = pair_ratios(gw, zmq, singles)
     multi = [g / z for g, z in zip(gw.multi_rate, zmq.multi_rate, strict=True)]
     # TTFT overhead: the gateway's TTFT minus the ZeroMQ client's, for each pair of short
     # requests sent back to back (measure_ttft); the median over every pair of every round,
@@ -267,13 +287,13 @@ def ratios(gw: Side, zmq: Side, singles: int) -> dict[str, Any]:
         statistics.median(r["ttft_ms"] for r in gw.single[k * singles:(k + 1) * singles])
         - statistics.median(r["ttft_ms"] for r in zmq.single[k * singles:(k + 1) * singles])
         for k in range(len(gw.single_rate))]
-    return {"single_tokens_per_s": statistics.median(single),
+    return {"single_tokens_per_s": single_median,
             "clients8_tokens_per_s": statistics.median(multi),
             "ttft_overhead_ms_p50": statistics.median(d for p in pairs for d in p),
             "ttft_pairs": sum(len(p) for p in pairs),
             "gateway_ttft_ms_p50": statistics.median(t for r in gw.ttft for t in r),
             "zmq_ttft_ms_p50": statistics.median(t for r in zmq.ttft for t in r),
-            "rounds_single": [round(x, 3) for x in single],
+            "rounds_single": single,
             "rounds_clients8": [round(x, 3) for x in multi],
             "rounds_ttft_overhead_ms": [round(x, 2) for x in over],
             "ttft_overhead_ms_from_singles": statistics.median(singles_over),
@@ -345,14 +365,15 @@ async def run(args: argparse.Namespace, urls: dict[str, str], endpoint: str) -> 
             await s.one(0, 9000, 8)
             await asyncio.gather(*(s.one(c, 9001 + c, 8) for c in range(CLIENTS)))
         base = 0
-        per_round = args.singles + CLIENTS
         for rnd in range(args.rounds):
             order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]
             if rnd % 2:
                 order.reverse()
+            await measure_singles(order, base, args.singles)
+            base += len(order) * args.singles
             for s in order:
-                await measure_round(s, base, args.singles)
-                base += per_round
+                await measure_clients(s, base)
+                base += CLIENTS
             await measure_ttft(sides[:2] if rnd % 2 == 0 else sides[1::-1], base,
                                args.ttft_pairs)
             base += 2 * args.ttft_pairs
@@ -363,8 +384,19 @@ async def run(args: argparse.Namespace, urls: dict[str, str], endpoint: str) -> 
         for s in sides:
             await s.close()
     by = {s.name: s for s in sides}
-    return {"sides": {s.name: summary(s) for s in sides},
-            "gateway_vs_zmq": ratios(by["gateway"], by["zmq"], args.singles)}
+    result = {"sides": {s.name: summary(s) for s in sides},
+              "gateway_vs_zmq": ratios(by["gateway"], by["zmq"], args.singles)}
+    if "llama-server" in by:
+        gw, ls = by["gateway"], by["llama-server"]
+        single, rounds = pair_ratios(gw, ls, args.singles)
+        multi = [g / x for g, x in zip(gw.multi_rate, ls.multi_rate, strict=True)]
+        result["gateway_vs_llama_server"] = {
+            "single_tokens_per_s": single, "rounds_single": rounds,
+            "clients8_tokens_per_s": statistics.median(multi),
+            "rounds_clients8": [round(x, 3) for x in multi]}
+        single, rounds = pair_ratios(by["zmq"], ls, args.singles)
+        result["zmq_vs_llama_server"] = {"single_tokens_per_s": single, "rounds_single": rounds}
+    return result
 
 
 # -- a vip's TTFT with every slot busy (--vip) ------------------------------------------------
@@ -452,11 +484,17 @@ def table(result: dict[str, Any]) -> str:
                 f"TTFT overhead p50 {r['ttft_overhead_ms_p50']:+.2f} ms (over "
                 f"{r['ttft_pairs']} pairs of {TTFT_TOKENS}-token requests: gateway "
                 f"{r['gateway_ttft_ms_p50']:.1f} ms, ZeroMQ {r['zmq_ttft_ms_p50']:.1f} ms)")
-    if "llama-server" in result["sides"]:
-        ls, gw = result["sides"]["llama-server"], result["sides"]["gateway"]
-        rows.append(f"gateway / llama-server: single stream "
-                    f"{gw['single_tokens_per_s'] / ls['single_tokens_per_s']:.3f}, 8 clients "
-                    f"{gw['clients8_tokens_per_s'] / ls['clients8_tokens_per_s']:.3f}")
+    v = result.get("gateway_vs_llama_server")
+    if v:
+        rows.append(f"gateway / llama-server: single stream {v['single_tokens_per_s']:.3f} "
+                    f"(rounds {v['rounds_single']}), 8 clients "
+                    f"{v['clients8_tokens_per_s']:.3f} (rounds {v['rounds_clients8']})")
+    z = result.get("zmq_vs_llama_server")
+    if z:
+        rows.append(f"ZeroMQ client / llama-server: single stream "
+                    f"{z['single_tokens_per_s']:.3f} (rounds {z['rounds_single']})")
+    rows.append(f"gateway / ZeroMQ rounds: single stream {r['rounds_single']}, 8 clients "
+                f"{r['rounds_clients8']}")
     return "\n".join(rows)
 
 
@@ -466,8 +504,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--max-tokens", type=int, default=TOKENS,
                     help=f"tokens per completion (default {TOKENS})")
-    ap.add_argument("--singles", type=int, default=2,
-                    help="single-stream requests per side per round (default 2)")
+    ap.add_argument("--singles", type=int, default=4,
+                    help="single-stream requests per side per round, in turns (default 4)")
     ap.add_argument("--llama-bin", help="folder with llama-server (default: the portable "
                     "build bench/compare.py --build-llama makes under ~/.cache/inferno/bench)")
     ap.add_argument("--python-server", metavar="PYTHON",

@@ -337,7 +337,7 @@ class AsyncClient(_Base, _Requests):
         for _ in range(1000):
             try:
                 frames = recv_frames(sub)
-            except zmq.Again:
+            except zmq.ZMQError:  # Again: drained; anything else: the socket is going away
                 break
             got = True
             try:

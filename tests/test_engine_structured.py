@@ -279,6 +279,28 @@ def test_patterns_hold_and_the_document_still_parses(engine: Any, sink: Recorder
         assert re.fullmatch(r"[a-z]+\.com", doc["site"]), doc
 
 
+ESCAPED = {"type": "object", "properties": {
+    "phone": {"type": "string", "pattern": "^\\d{3}-\\d{4}$"},
+    "name": {"type": "string", "pattern": "^\\w{1,8}\\s\\w{1,8}$"}},
+    "required": ["phone", "name"]}
+
+
+@pytest.mark.model
+def test_class_escapes_in_patterns_hold(engine: Any, sink: Recorder) -> None:
+    """\\d, \\w and \\s were refused as unsupported; JSON Schema users write them."""
+    grammar = request_grammar({"json_schema": ESCAPED})
+    for i, sampling in enumerate((SamplingParams(temperature=0),
+                                  SamplingParams(temperature=1.0, seed=9))):
+        rid = f"escaped{i}"
+        reason, _ = sink.run(engine, GenerationRequest(
+            rid, prompt="Call Ann Lee at 555-0199. As JSON:", max_tokens=60,
+            sampling=sampling, grammar=grammar))
+        assert reason == "eos", (reason, sink.text(rid))
+        doc = json.loads(sink.text(rid))
+        assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", doc["phone"]), doc
+        assert re.fullmatch(r"[A-Za-z0-9_]{1,8} [A-Za-z0-9_]{1,8}", doc["name"]), doc
+
+
 def test_schemas_the_converter_cannot_handle_are_refused() -> None:
     for bad in ({"type": "foo"}, {"$ref": "#/defs/missing"},
                 {"type": "object", "properties": {"a": {"$ref": "https://example.com/x"}}}):

@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 
 from infernod.backends.grammar import schema_to_gbnf
-from infernod.backends.schema_subset import int_range_rule, integer_bounds, json_safe_classes
+from infernod.backends.schema_subset import (
+    expand_class_escapes,
+    int_range_rule,
+    integer_bounds,
+    json_safe_classes,
+)
 from infernod.protocol.errors import InfernoError
 
 
@@ -105,7 +110,8 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
                                {"type": "integer"}]}, "allOf"),
     ("composition", {"$ref": "#/$defs/a", "maxLength": 2,
                      "$defs": {"a": {"type": "string"}}}, "maxLength"),
-    ("pattern", {"type": "string", "pattern": "^\\d+$"}, "\\d"),
+    ("pattern", {"type": "string", "pattern": "^a\\bc$"}, "\\b"),
+    ("pattern", {"type": "string", "pattern": "^[\\D]$"}, "\\D"),
     ("pattern", {"type": "string", "pattern": '^say "hi"$'}, "double quote"),
     ("pattern", {"type": "string", "pattern": "^a\\\\b$"}, "backslash"),
     ("nested", {"type": "object", "properties": {"x": {"type": "array", "items": {
@@ -141,6 +147,7 @@ ACCEPTED: list[dict[str, Any]] = [
         "b": {"type": "boolean"}}}], "$defs": {"a": {"type": "object", "properties": {
             "a": {"type": "integer", "minimum": 1}}}}},
     {"type": "string", "pattern": "^[a-z]{2,4}$"},
+    {"type": "string", "pattern": "^\\d{3}-\\w+\\s\\S[\\d.]*\\D\\W$"},
     {"type": "string", "enum": ["a", "b"]},
     {"type": ["integer", "null"], "const": None},
 ]
@@ -167,3 +174,20 @@ def test_a_strings_characters_are_never_raw_control_characters() -> None:
     char = re.search(r"^char ::= \[\^(.*?)\] \|", g, re.M)
     assert char is not None, g
     assert "\\x00-\\x1F" in char.group(1), g
+
+
+@pytest.mark.parametrize(("pattern", "matches", "misses"), [
+    ("^\\d{3}-\\d{4}$", ["555-1234"], ["55-1234", "555-12a4", "５５５-1234"]),
+    ("^\\w+$", ["ab_9Z"], ["a-b", "", "a b"]),
+    ("^\\S+\\s\\S+$", ["a b"], ["ab", "a  b", "a\tb"]),  # \s: a space in a JSON string
+    ("^[\\d.]+$", ["1.5"], ["1,5"]),
+    ("^\\D\\W$", ["a-"], ["1-", "ab"]),
+    ("^a\\.b\\\\d$", ["a.b\\d"], ["a.b5"]),  # an escaped backslash, then a plain d
+])
+def test_class_escapes_become_the_classes_they_stand_for(
+        pattern: str, matches: list[str], misses: list[str]) -> None:
+    rx = re.compile(expand_class_escapes(pattern).replace(" \\t\\n\\r", " "))
+    for m in matches:
+        assert rx.fullmatch(m), (pattern, m)
+    for m in misses:
+        assert not rx.fullmatch(m), (pattern, m)

@@ -87,6 +87,7 @@ def _to_gbnf(schema_json: str) -> str:
 
         def _visit_pattern(self, pattern: Any, name: str) -> str:
             schema_subset.check_pattern(pattern)
+            pattern = schema_subset.expand_class_escapes(pattern)
             before = dict(self._rules)
             rule_name = super()._visit_pattern(pattern, name)
             for key, rule in list(self._rules.items()):  # the rules this pattern added

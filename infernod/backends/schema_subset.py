@@ -278,6 +278,43 @@ _GBNF_ESCAPES = frozenset('xuUtrn\\"[]')  # what a GBNF literal may escape
 _REGEX_PUNCT = frozenset(".^$/-{}()|*+?")  # escaped in a regex, plain in a GBNF literal
 
 
+_CLASS_ESCAPES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n\\r"}
+
+
+def expand_class_escapes(pattern: str) -> str:
+    """``\\d``, ``\\w``, ``\\s`` and their negations ``\\D``, ``\\W``, ``\\S`` written as the
+    character classes they stand for (inside a class, the first three as its ranges), which
+    the converter copies and :func:`json_safe_classes` narrows. ``\\s`` then means a space:
+    tabs and newlines stand in a JSON string only escaped, which the grammar does not write."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            body = _CLASS_ESCAPES.get(e.lower())
+            if body is None:
+                out.append(pattern[i:i + 2])
+            elif in_class and e.isupper():
+                raise InfernoError("bad_schema", f"json_schema pattern {pattern!r}: \\{e} "
+                                   "inside a character class is not supported",
+                                   "write that class out, e.g. [^0-9] for [\\D]")
+            elif in_class:
+                out.append(body)
+            else:
+                out.append(("[^" if e.isupper() else "[") + body + "]")
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def check_pattern(pattern: Any) -> None:
     """Refuse a pattern whose literal text has a ``"`` or a backslash: the converter writes
     them raw into the string, which is then no longer JSON."""
@@ -297,7 +334,8 @@ def json_safe_classes(rule: str) -> str:
     ``.`` and ``[^...]`` as they are, which let the model close the string early with a
     raw ``"`` or write a raw backslash or control character, and the document no longer
     parsed. In literals, a regex's escaped punctuation (``\\.``) becomes the character, which
-    GBNF would refuse to parse; ``bad_schema`` for a class escape (``\\d``, ``\\w``...)."""
+    GBNF would refuse to parse; ``bad_schema`` for an escape it cannot take (``\\b``...): the
+    class escapes are expanded before (:func:`expand_class_escapes`)."""
     out: list[str] = []
     i = 0
     while i < len(rule):
@@ -311,7 +349,8 @@ def json_safe_classes(rule: str) -> str:
                     if e not in _GBNF_ESCAPES and e not in _REGEX_PUNCT:
                         raise InfernoError(
                             "bad_schema", f"json_schema pattern: \\{e} is not supported",
-                            "spell it as a class, e.g. [0-9] for \\d, [a-zA-Z0-9_] for \\w")
+                            "spell it out as a class or a literal (\\d, \\w and \\s, and their "
+                            "negations, are understood)")
                     lit.append(e if e in _REGEX_PUNCT else rule[j : j + 2])
                     j += 2
                 else:

@@ -261,19 +261,28 @@ PATTERNED = {"type": "object", "properties": {
     "required": ["code", "quote", "site"]}
 
 
+def _decode_both_ways(engine: Any, sink: Recorder, schema: dict[str, Any], prompt: str,
+                      max_tokens: int, seed: int) -> list[dict[str, Any]]:
+    """The schema's document, greedy and sampled (T=1): each must end by itself (eos) and
+    parse."""
+    grammar = request_grammar({"json_schema": schema})
+    docs = []
+    for i, sampling in enumerate((SamplingParams(temperature=0),
+                                  SamplingParams(temperature=1.0, seed=seed))):
+        rid = f"doc{seed}-{i}"
+        reason, _ = sink.run(engine, GenerationRequest(
+            rid, prompt=prompt, max_tokens=max_tokens, sampling=sampling, grammar=grammar))
+        assert reason == "eos", (reason, sink.text(rid))
+        docs.append(json.loads(sink.text(rid)))
+    return docs
+
+
 @pytest.mark.model
 def test_patterns_hold_and_the_document_still_parses(engine: Any, sink: Recorder) -> None:
     """A regex's escaped dot used to be a GBNF escape llama.cpp refused, and its . could
     be a raw quote that ended the string early."""
-    grammar = request_grammar({"json_schema": PATTERNED})
-    for i, sampling in enumerate((SamplingParams(temperature=0),
-                                  SamplingParams(temperature=1.0, seed=5))):
-        rid = f"pattern{i}"
-        reason, _ = sink.run(engine, GenerationRequest(
-            rid, prompt='She said "hello" to me. As JSON:', max_tokens=90,
-            sampling=sampling, grammar=grammar))
-        assert reason == "eos", (reason, sink.text(rid))
-        doc = json.loads(sink.text(rid))
+    for doc in _decode_both_ways(engine, sink, PATTERNED, 'She said "hello" to me. As JSON:',
+                                 90, seed=5):
         assert re.fullmatch(r"[A-Z]{3}-[0-9]{2}", doc["code"]), doc
         assert 1 <= len(doc["quote"]) <= 30 and "\n" not in doc["quote"], doc
         assert re.fullmatch(r"[a-z]+\.com", doc["site"]), doc
@@ -288,15 +297,8 @@ ESCAPED = {"type": "object", "properties": {
 @pytest.mark.model
 def test_class_escapes_in_patterns_hold(engine: Any, sink: Recorder) -> None:
     """\\d, \\w and \\s were refused as unsupported; JSON Schema users write them."""
-    grammar = request_grammar({"json_schema": ESCAPED})
-    for i, sampling in enumerate((SamplingParams(temperature=0),
-                                  SamplingParams(temperature=1.0, seed=9))):
-        rid = f"escaped{i}"
-        reason, _ = sink.run(engine, GenerationRequest(
-            rid, prompt="Call Ann Lee at 555-0199. As JSON:", max_tokens=60,
-            sampling=sampling, grammar=grammar))
-        assert reason == "eos", (reason, sink.text(rid))
-        doc = json.loads(sink.text(rid))
+    for doc in _decode_both_ways(engine, sink, ESCAPED, "Call Ann Lee at 555-0199. As JSON:",
+                                 60, seed=9):
         assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", doc["phone"]), doc
         assert re.fullmatch(r"[A-Za-z0-9_]{1,8} [A-Za-z0-9_]{1,8}", doc["name"]), doc
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -35,6 +35,7 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
 Sock = zmq.Socket[Any]
+T = TypeVar("T")
 
 
 def plain_socket(ctx: zmq.Context[Any], kind: int) -> Sock:
@@ -59,7 +60,8 @@ def recv_frames(sock: Sock) -> list[bytes]:
     return frames
 
 
-def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+def resolve(fut: asyncio.Future[T], value: T) -> None:
+    """``fut``'s result, unless something (a timer, a wake-up) got there first."""
     if not fut.done():
         fut.set_result(value)
 
@@ -68,7 +70,7 @@ class FdWatch:
     """Calls ``on_ready()`` on the running loop whenever ``sock`` may have messages: its
     descriptor woke the loop, :meth:`kick` was called, or ``tick_s`` passed (then
     ``on_tick()`` when given, instead). ``on_ready`` must drain the socket until
-    ``zmq.Again``, or call :meth:`kick` for the rest. Without ``on_ready``, :meth:`wait`
+    ``zmq.Again``, or call :meth:`kick` for the rest: :meth:`drain` does both. Without ``on_ready``, :meth:`wait`
     waits for the next of those, for a coroutine that drains in its own loop.
 
     Loop thread only, like the socket; :meth:`close` before the socket closes."""
@@ -96,6 +98,19 @@ class FdWatch:
         if not self._kicked and not self.closed:
             self._kicked = True
             self.loop.call_soon(self._kicked_ready)
+
+    def drain(self, handle: Callable[[list[bytes]], None], batch: int) -> int:
+        """Hand each waiting message to ``handle`` until ``zmq.Again`` (or another error:
+        the socket is going away), or ``batch`` of them and a :meth:`kick` for the rest, on
+        the next loop turn after the loop's other work. How many were handed."""
+        for n in range(batch):
+            try:
+                frames = recv_frames(self.sock)
+            except zmq.ZMQError:
+                return n
+            handle(frames)
+        self.kick()
+        return batch
 
     def _kicked_ready(self) -> None:
         self._kicked = False
@@ -129,7 +144,7 @@ class FdWatch:
             return True
         fut: asyncio.Future[bool] = self.loop.create_future()
         self._waiter = fut
-        timer = self.loop.call_later(timeout, _resolve, fut, False)
+        timer = self.loop.call_later(timeout, resolve, fut, False)
         try:
             return await fut
         finally:

@@ -193,3 +193,29 @@ def test_close_stops_every_callback_and_ends_a_wait(pair: Pair) -> None:
 
     ended, n = asyncio.run(main())
     assert ended and n == 0
+
+
+def test_drain_hands_a_batch_per_turn_and_kicks_for_the_rest(pair: Pair) -> None:
+    pull, push = pair
+
+    async def main() -> tuple[list[int], list[int]]:
+        got: list[int] = []
+        counts: list[int] = []
+        watch: FdWatch | None = None
+
+        def ready() -> None:
+            assert watch is not None
+            counts.append(watch.drain(lambda f: got.append(int(f[0])), 10))
+        watch = FdWatch(pull, ready)
+        try:
+            for i in range(25):
+                send_frames(push, (str(i).encode(),))
+            assert await until(lambda: len(got) == 25)
+            await asyncio.sleep(0.05)
+        finally:
+            watch.close()
+        return got, counts
+
+    got, counts = asyncio.run(main())
+    assert got == list(range(25))  # all of them, once, in order
+    assert counts[:3] == [10, 10, 5]  # a batch per loop turn, the rest after a kick

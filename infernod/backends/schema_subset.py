@@ -395,7 +395,7 @@ def _class_char(rule: str, i: int) -> tuple[int, int]:
     except ValueError:
         pass
     raise InfernoError("bad_schema", f"json_schema pattern: the escape \\{e} is not supported "
-                       "in a character class", "spell the class out, e.g. [0-9] for \\d")
+                       "in a character class", "spell the characters out, or as \\xHH")
 
 
 def _emit_class(ranges: list[tuple[int, int]], negated: bool) -> str:

@@ -40,7 +40,7 @@ from infernod.client.stream import AsyncStream, Stream
 from infernod.paths import Endpoints
 from infernod.protocol.arrays import decode_array, encode_array
 from infernod.protocol.errors import DaemonUnavailable, InfernoError
-from infernod.zmqio import FdWatch, plain_socket, recv_frames
+from infernod.zmqio import FdWatch, plain_socket, resolve
 
 __all__ = ["AsyncClient", "AsyncStream", "Client", "ClientCore", "CurveKeys",
            "DaemonUnavailable", "Event", "InfernoError", "Notice", "Stream", "decode_array",
@@ -259,11 +259,6 @@ class Client(_Base, _Requests):
         return stream
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 class AsyncClient(_Base, _Requests):
     """asyncio client with the same API as :class:`Client` (methods are coroutines)."""
 
@@ -332,25 +327,16 @@ class AsyncClient(_Base, _Requests):
     def _drain_events(self) -> None:
         """Every event waiting on the events socket, up to 1000 a turn (the rest on the
         next turn, after the loop's other work)."""
-        sub, core = self.sub, self.core
-        got = False
-        for _ in range(1000):
-            try:
-                frames = recv_frames(sub)
-            except zmq.ZMQError:  # Again: drained; anything else: the socket is going away
-                break
-            got = True
-            try:
-                ev = decode_event(frames)
-            except InfernoError:
-                continue
-            if ev is not None:
-                core.on_event(ev)
-        else:
-            if self._watch is not None:
-                self._watch.kick()
-        if got:
+        if self._watch is not None and self._watch.drain(self._on_event_frames, 1000):
             self._wake_events()
+
+    def _on_event_frames(self, frames: list[bytes]) -> None:
+        try:
+            ev = decode_event(frames)
+        except InfernoError:
+            return
+        if ev is not None:
+            self.core.on_event(ev)
 
     async def _read(self) -> None:
         """The replies on the control socket (one per request: pyzmq's own future)."""
@@ -366,7 +352,7 @@ class AsyncClient(_Base, _Requests):
     def _wake_events(self) -> None:
         waiters, self._event_waiters = self._event_waiters, []
         for fut in waiters:
-            _resolve(fut)
+            resolve(fut, None)
 
     async def next_event_batch(self, timeout: float) -> None:
         """Wait until new events arrived (or timeout). A timer resolves the same future
@@ -376,7 +362,7 @@ class AsyncClient(_Base, _Requests):
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._event_waiters.append(fut)
-        timer = loop.call_later(timeout, _resolve, fut)
+        timer = loop.call_later(timeout, resolve, fut, None)
         try:
             await fut
         finally:

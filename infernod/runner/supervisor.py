@@ -3,7 +3,8 @@
 Everything here runs on the event-loop thread: the ROUTER socket (its own ZeroMQ context,
 bound in a 0700 directory of the runtime dir; a plain socket drained from a callback on its
 descriptor, infernod.zmqio), the spawns (PR_SET_PDEATHSIG is tied to the thread that
-forked the runner, so it must be the loop's, which lives as long as the daemon) and the pidfd readers that notice a runner's death at once.
+forked the runner, so it must be the loop's, which lives as long as the daemon) and the
+pidfd readers that notice a runner's death at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from infernod.backends.base import EngineSink, GenerationRequest
 from infernod.backends.onnx_engine import RunDone
 from infernod.protocol.errors import InfernoError
 from infernod.runner import wire
-from infernod.zmqio import FdWatch, plain_socket, recv_frames, send_frames
+from infernod.zmqio import FdWatch, plain_socket, send_frames
 
 log = logging.getLogger("infernod.runner")
 
@@ -395,27 +396,19 @@ class RunnerSupervisor:
 
     def _drain(self) -> None:
         """Up to RUNNER_BATCH messages, then the rest on the next loop turn."""
-        sock = self.sock
-        if sock is None:
+        if self.sock is not None and self._watch is not None:
+            self._watch.drain(self._dispatch, RUNNER_BATCH)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
             return
-        for _ in range(RUNNER_BATCH):
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:  # closed under us by close(): a normal end
-                return
-            if len(frames) != 2:
-                continue
-            runner = self.runners.get(frames[0].decode(errors="replace"))
-            if runner is None:
-                continue
-            try:
-                runner.on_message(wire.unpack(frames[1]))
-            except Exception:
-                log.exception("bad message from %s's runner", runner.model)
-        if self._watch is not None:
-            self._watch.kick()
+        runner = self.runners.get(frames[0].decode(errors="replace"))
+        if runner is None:
+            return
+        try:
+            runner.on_message(wire.unpack(frames[1]))
+        except Exception:
+            log.exception("bad message from %s's runner", runner.model)
 
     def send(self, runner_id: str, body: bytes) -> None:
         assert self.sock is not None
